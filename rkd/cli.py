@@ -1,0 +1,110 @@
+"""The ``rkd`` command line.
+
+User errors (a bad spec, a missing file, a label line that does not parse, a
+teacher below ``min_map``) print one clear message and exit with code 2;
+tracebacks are for rkd's own bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rkd import __version__
+from rkd.errors import RkdError
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from rkd.search.runner import run_search
+    from rkd.train.spec import load_spec
+
+    spec = load_spec(args.spec)
+    if args.trials is not None:
+        spec.search["trials"] = args.trials
+    if args.output_dir is not None:
+        spec.output_dir = Path(args.output_dir).resolve()
+    run_search(spec)
+    return 0
+
+
+def _cmd_flops(args: argparse.Namespace) -> int:
+    from rkd.data.dataset import class_names
+    from rkd.models import build_detector
+    from rkd.models.flops import count_flops
+    from rkd.train.spec import load_spec
+
+    spec = load_spec(args.spec)
+    size = int(spec.data["input_size"])
+    k = len(class_names(spec.data))
+    for role, cfg in (("teacher", spec.teacher), ("student", spec.student)):
+        report = count_flops(build_detector(cfg.model, k), size)
+        print(f"{role:8s} {report.gflops:9.3f} GFLOPs  {report.params / 1e6:7.3f} M params  at {size}x{size}")
+    return 0
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    import json
+
+    import pyarrow.parquet as pq
+
+    from rkd.search.results import front_rows, knee, format_table
+    from rkd.search.runner import FRONT_COLUMNS
+
+    run = Path(args.run)
+    path = run / "trials.parquet"
+    if not path.is_file():
+        raise RkdError(f"{path}: no trials table here; is {run} a search run folder (runs/<name>)?")
+    rows = pq.read_table(path).to_pylist()
+    front = front_rows(rows)
+    summary_path = run / "summary.json"
+    if summary_path.is_file():
+        teacher = json.loads(summary_path.read_text())["teacher"]
+        print(f"teacher: mAP50 {teacher['map50']:.3f}, {teacher['gflops']:.3f} GFLOPs")
+    counts = {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})}
+    print(f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    print(format_table(front, FRONT_COLUMNS) if front else "(no complete trial on the front)")
+    best = knee(front)
+    if best:
+        print(f"knee point: {best['trial_id']} (mAP50 {best['map50']:.3f}, {best['gflops']:.3f} GFLOPs)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rkd", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"rkd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("search", help="train/load the teacher, search KD methods and students, write the Pareto front")
+    p.add_argument("spec", help="the run spec (YAML)")
+    p.add_argument("--trials", type=int, help="override search.trials")
+    p.add_argument("--output-dir", help="where runs/<name> goes (default: ./runs, or the spec's output_dir)")
+    p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("flops", help="GFLOPs and parameters of the spec's teacher and student")
+    p.add_argument("spec")
+    p.set_defaults(func=_cmd_flops)
+
+    p = sub.add_parser("results", help="print the Pareto front and knee point of a finished search")
+    p.add_argument("run", help="the run folder, runs/<name>")
+    p.set_defaults(func=_cmd_results)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Ray's own chatter is not what a user of rkd needs to read.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    try:
+        return args.func(args)
+    except RkdError as err:
+        print(f"rkd: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("rkd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""From a spec's ``data:`` section to batches: validation, datasets, collation, fingerprints.
+
+``data_spec`` is the validated dict of a spec's ``data:`` section::
+
+    {format: synthetic|ucas|dota, root: str|None, train_split, val_split, input_size,
+     classes: list[str]|None, num_train, num_val, num_classes, seed, on_error: raise|skip}
+
+File formats read labels eagerly (a bad line fails at start with ``file:line``)
+and images lazily; the synthetic set renders its images on access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from rkd.data.dota import read_dota
+from rkd.data.sample import DetectionRecord, ReadReport, Sample
+from rkd.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
+from rkd.data.synthetic import SyntheticAerial
+from rkd.data.transforms import letterbox, random_flip
+from rkd.data.ucas import read_ucas
+from rkd.errors import DataError, SpecError
+from rkd.outputs import Targets
+
+# ImageNet statistics: the pretrained backbones expect them, and they keep inputs near zero.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+Reader = Callable[..., tuple[list[DetectionRecord], list[str], ReadReport]]
+READERS: dict[str, Reader] = {"ucas": read_ucas, "dota": read_dota}
+FORMATS = ("synthetic", *READERS)
+DATA_KEYS = {
+    "format",
+    "root",
+    "train_split",
+    "val_split",
+    "input_size",
+    "classes",
+    "num_train",
+    "num_val",
+    "num_classes",
+    "seed",
+    "on_error",
+}
+
+
+def _int(d: dict[str, Any], key: str, default: int, low: int) -> int:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(key, f"expected an integer, got {value!r}")
+    if value < low:
+        raise SpecError(key, f"must be >= {low}, got {value}")
+    return value
+
+
+def validate_data_spec(d: dict[str, Any] | None) -> dict[str, Any]:
+    """Fill defaults and check every entry; errors are :class:`SpecError` relative to ``data``.
+
+    >>> validate_data_spec({"format": "synthetic", "input_size": 128})["num_classes"]
+    3
+    >>> validate_data_spec({"format": "synthetic", "input_size": 300})
+    Traceback (most recent call last):
+    ...
+    rkd.errors.SpecError: input_size: must be a positive multiple of 32, got 300
+    """
+    if not isinstance(d, dict):
+        raise SpecError("", f"expected a mapping, got {d!r}")
+    for key in d:
+        if key not in DATA_KEYS:
+            raise SpecError(str(key), f"unknown key; allowed: {', '.join(sorted(DATA_KEYS))}")
+    fmt = d.get("format")
+    if fmt not in FORMATS:
+        raise SpecError("format", f"expected one of {list(FORMATS)}, got {fmt!r}")
+    size = d.get("input_size", 512)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 32:
+        raise SpecError("input_size", f"must be a positive multiple of 32, got {size!r}")
+    on_error = d.get("on_error", "raise")
+    if on_error not in ("raise", "skip"):
+        raise SpecError("on_error", f"expected 'raise' or 'skip', got {on_error!r}")
+    classes = d.get("classes")
+    if classes is not None and (
+        not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes)
+    ):
+        raise SpecError("classes", f"expected a non-empty list of class names, got {classes!r}")
+    if classes is not None and len(set(classes)) != len(classes):
+        raise SpecError("classes", f"class names repeat: {classes}")
+    out = {
+        "format": fmt,
+        "root": None,
+        "train_split": str(d.get("train_split", "train")),
+        "val_split": str(d.get("val_split", "val")),
+        "input_size": size,
+        "classes": classes,
+        "num_train": _int(d, "num_train", 64, 1),
+        "num_val": _int(d, "num_val", 16, 1),
+        "num_classes": _int(d, "num_classes", len(classes) if classes else 3, 1),
+        "seed": _int(d, "seed", 0, 0),
+        "on_error": on_error,
+    }
+    if fmt == "synthetic":
+        if out["num_classes"] > len(SYNTHETIC_CLASSES):
+            raise SpecError("num_classes", f"the synthetic set has at most {len(SYNTHETIC_CLASSES)} classes")
+        if classes is not None and classes != SYNTHETIC_CLASSES[: len(classes)]:
+            raise SpecError("classes", f"the synthetic classes are {SYNTHETIC_CLASSES}; omit 'classes' or use a prefix")
+        return out
+    root = d.get("root")
+    if not isinstance(root, str) or not root:
+        raise SpecError("root", f"a {fmt} dataset needs 'root', the folder that holds it")
+    if not Path(root).is_dir():
+        raise SpecError("root", f"folder does not exist: {root}")
+    out["root"] = str(Path(root))
+    return out
+
+
+def class_names(data_spec: dict[str, Any]) -> list[str]:
+    """The class names of the dataset, in label order."""
+    if data_spec["format"] == "synthetic":
+        return SYNTHETIC_CLASSES[: data_spec["num_classes"]]
+    if data_spec.get("classes"):
+        return list(data_spec["classes"])
+    _, names, _ = _read(data_spec, "train")
+    return names
+
+
+def _read(data_spec: dict[str, Any], split: str) -> tuple[list[DetectionRecord], list[str], ReadReport]:
+    split_name = data_spec["train_split"] if split == "train" else data_spec["val_split"]
+    reader = READERS[data_spec["format"]]
+    return reader(Path(data_spec["root"]), split_name, data_spec.get("classes"), on_error=data_spec["on_error"])
+
+
+class DetectionDataset(Dataset):
+    """Letterboxed samples of a list of records (random flips when ``train``)."""
+
+    def __init__(self, records: list[DetectionRecord], input_size: int, train: bool, class_names: list[str]) -> None:
+        self.records, self.input_size, self.train = records, input_size, train
+        self.class_names = list(class_names)
+        self.report: ReadReport | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        sample, _ = letterbox(self.records[index].load(), self.input_size)
+        return random_flip(sample) if self.train else sample
+
+
+def build_dataset(data_spec: dict[str, Any], split: str, train: bool) -> DetectionDataset:
+    """The ``"train"`` or ``"val"`` split of a validated data spec."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if data_spec["format"] == "synthetic":
+        # The two splits draw from different seeds so val images are never training images.
+        n = data_spec["num_train"] if split == "train" else data_spec["num_val"]
+        seed = data_spec["seed"] * 2 + (0 if split == "train" else 1)
+        source = SyntheticAerial(n, data_spec["input_size"], data_spec["num_classes"], seed=seed)
+        return DetectionDataset(source.records, data_spec["input_size"], train, source.class_names)
+    records, names, report = _read(data_spec, split)
+    if not records:
+        raise DataError(f"{data_spec['root']}: split {split!r} holds no images")
+    dataset = DetectionDataset(records, data_spec["input_size"], train, names)
+    dataset.report = report
+    return dataset
+
+
+def collate_detection(samples: list[Sample]) -> tuple[Tensor, Targets, list[dict[str, Any]]]:
+    """``(images (B,3,S,S) float normalised, Targets, metas)`` of letterboxed samples."""
+    images = torch.stack([s.image for s in samples]).float().div_(255.0)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    images = (images - mean) / std
+    size = (images.shape[-2], images.shape[-1])
+    targets = Targets([s.boxes.float() for s in samples], [s.labels.long() for s in samples], size)
+    metas = [
+        {"image_id": s.image_id, "scale": s.scale, "orig_size": s.orig_size, "difficult": s.difficult} for s in samples
+    ]
+    return images, targets, metas
+
+
+def dataset_fingerprint(data_spec: dict[str, Any]) -> str:
+    """A stable hash of the spec and, for file formats, of every file's name, size and mtime."""
+    h = hashlib.sha256(json.dumps(data_spec, sort_keys=True, default=str).encode())
+    if data_spec.get("root"):
+        for path in sorted(Path(data_spec["root"]).rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                h.update(f"{path.relative_to(data_spec['root'])}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,8 @@
+"""Deployment: export a searched student, run it on images, submit searches to a Ray cluster.
+
+* :mod:`rkd.deploy.export` - ``rkd export``: one student of a finished search as
+  safetensors (+ spec), ONNX and TorchScript, with a model card.
+* :mod:`rkd.deploy.predict` - ``rkd predict``: an exported student on images
+  (letterboxed, optionally tiled), DOTA-format detections.
+* :mod:`rkd.deploy.submit` - ``rkd submit/status/logs``: ``rkd search`` as a Ray Job.
+"""

@@ -1,0 +1,117 @@
+"""The deployment subcommands of ``rkd``: export, predict, submit, status, logs.
+
+``rkd.cli`` calls :func:`add_commands`; each handler returns an exit code and
+raises :class:`~rkd.errors.RkdError` for bad input (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from rkd.deploy.export import export_student, parse_formats
+
+    result = export_student(
+        Path(args.run),
+        Path(args.out),
+        pick=args.pick,
+        formats=parse_formats(args.format),
+        min_map=args.min_map,
+        max_gflops=args.max_gflops,
+        latency_runs=args.latency_runs,
+    )
+    m = result.card["metrics"]
+    print(
+        f"exported trial {result.trial['trial_id']} (mAP50 {m['map50']:.3f}, {m['gflops']:.3f} GFLOPs, "
+        f"{m['params'] / 1e6:.3f} M params, {m['latency_ms']:.1f} ms CPU) to {result.out}: "
+        + ", ".join(sorted(result.card["files"].values()))
+    )
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from rkd.deploy.predict import predict_files
+
+    counts = predict_files(
+        Path(args.exported), Path(args.images), Path(args.out), score=args.score, tile=args.tile,
+        overlap=args.overlap, nms_iou=args.nms_iou,
+    )
+    print(f"{sum(counts.values())} detections in {len(counts)} images, written to {args.out}")
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from rkd.deploy.submit import submit
+
+    submit(Path(args.spec), args.address, storage=args.storage, wait=not args.no_wait,
+           runtime_env_file=Path(args.runtime_env) if args.runtime_env else None)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from rkd.deploy.submit import job_status
+
+    status = job_status(args.address, args.job)
+    print(json.dumps(status, indent=2) if args.json else f"{status['job_id']}: {status['status']}"
+          + (f" ({status['message']})" if status["message"] else ""))
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from rkd.deploy.submit import finish, follow_logs, job_logs
+
+    if args.follow:
+        follow_logs(args.address, args.job)
+        finish(args.address, args.job)
+    else:
+        print(job_logs(args.address, args.job), end="")
+    return 0
+
+
+def _address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", required=True, help="the Ray job server (dashboard) of the head, http://HEAD:8265")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export one student of a finished search (safetensors, ONNX, TorchScript)")
+    p.add_argument("run", help="the run folder, runs/<name>")
+    p.add_argument("--pick", default="best", help="best (highest mAP50 on the front), knee, or a trial id")
+    p.add_argument("--min-map", type=float, help="only trials with at least this val mAP50")
+    p.add_argument("--max-gflops", type=float, help="only trials with at most this many GFLOPs")
+    p.add_argument("--format", default="safetensors,onnx,torchscript", help="comma-separated formats to write")
+    p.add_argument("--out", required=True, help="the export folder to create (must not exist, or be empty)")
+    p.add_argument("--latency-runs", type=int, default=20, help="runs of the CPU latency median (default 20)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("predict", help="run an exported student on an image or a folder; DOTA-format output")
+    p.add_argument("exported", help="a folder written by rkd export (needs model.safetensors)")
+    p.add_argument("images", help="an image file or a folder of images")
+    p.add_argument("--out", default="predictions", help="folder for <image_id>.txt files (default: predictions)")
+    p.add_argument("--score", type=float, default=0.3, help="minimum score (default 0.3)")
+    p.add_argument("--tile", type=int, help="cut images larger than this into windows of this many pixels")
+    p.add_argument("--overlap", type=int, default=200, help="pixels shared by neighbouring windows (default 200)")
+    p.add_argument("--nms-iou", type=float, default=0.1, help="rotated IoU of class-wise NMS (default 0.1)")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("submit", help="run 'rkd search SPEC' as a Ray Job on a cluster")
+    p.add_argument("spec", help="the run spec (YAML); it and its search space are uploaded")
+    _address(p)
+    p.add_argument("--storage", help="the run's output_dir on the cluster, shared by all nodes (required if >1 node)")
+    p.add_argument("--runtime-env", help="runtime_env YAML (default: clusters/runtime_env.yaml if present)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return instead of streaming logs")
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("status", help="status of a submitted job")
+    p.add_argument("job", help="the job id printed by rkd submit")
+    _address(p)
+    p.add_argument("--json", action="store_true", help="print status, message, entrypoint and metadata as JSON")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("logs", help="logs of a submitted job")
+    p.add_argument("job", help="the job id printed by rkd submit")
+    _address(p)
+    p.add_argument("--follow", action="store_true", help="stream until the job ends (exit 1 if it fails)")
+    p.set_defaults(func=_cmd_logs)

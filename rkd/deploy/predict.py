@@ -1,0 +1,175 @@
+"""``rkd predict``: an exported student on image files, DOTA-format detections out.
+
+Each image is letterboxed to the model's input size exactly as in training,
+detected, and its boxes are mapped back to the file's pixels. Scenes larger
+than the tile size are cut into overlapping square windows of ``tile`` file
+pixels (each window letterboxed to the input size on its own). A window keeps
+only the detections whose centre lies in the part of it that it *owns* - its
+inner edges are moved in by half the overlap, image edges stay - so an object
+near a window edge is taken from the neighbouring window that sees it whole
+(objects up to ``overlap / 2`` from an inner edge); the kept detections of all
+windows then go through class-wise rotated NMS.
+
+Output: ``<out>/<image_id>.txt``, one line per detection,
+``x1 y1 x2 y2 x3 y3 x4 y4 class score`` (corners of the oriented box in file
+pixels, clipped to the image; ``class`` is the class name).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rkd.data.images import IMAGE_SUFFIXES, find_images, read_image
+from rkd.data.sample import Sample
+from rkd.data.transforms import letterbox
+from rkd.errors import RkdError
+from rkd.geometry import batched_rotated_nms, obb_to_poly
+from rkd.geometry.boxes import hbb_to_obb
+from rkd.train.checkpoint import atomic_write_text
+
+Detections = dict[str, Tensor]  # boxes (M, 5) le90 in file pixels, scores (M,), labels (M,)
+DetectFn = Callable[[Tensor], Detections]
+
+
+def normalize(image: Tensor, input_cfg: dict[str, Any]) -> Tensor:
+    """uint8 ``(3, H, W)`` RGB -> the float network input the card describes."""
+    mean = torch.tensor(input_cfg["mean"], dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(input_cfg["std"], dtype=torch.float32).view(3, 1, 1)
+    return (image.float() * float(input_cfg.get("scale", 1 / 255)) - mean) / std
+
+
+def model_detector(
+    model: torch.nn.Module, input_size: int, input_cfg: dict[str, Any], score: float, nms_iou: float = 0.1
+) -> DetectFn:
+    """``image (3, H, W) uint8 -> detections in that image's pixels`` for a loaded detector."""
+
+    @torch.no_grad()
+    def detect(image: Tensor) -> Detections:
+        h, w = image.shape[-2:]
+        empty = torch.zeros(0, 5)
+        sample = Sample(image, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool), "", (h, w))
+        boxed, scale = letterbox(sample, input_size)
+        det = model.predict(normalize(boxed.image, input_cfg)[None], score_threshold=score, nms_iou=nms_iou)[0]
+        boxes = det["boxes"].float()
+        if boxes.shape[-1] == 4:  # a horizontal-box model: write its boxes as angle-0 rectangles
+            boxes = hbb_to_obb(boxes)
+        boxes = boxes.clone()
+        boxes[:, :4] /= scale
+        # Drop what was found on the letterbox padding, outside the image.
+        inside = (boxes[:, 0] >= 0) & (boxes[:, 0] < w) & (boxes[:, 1] >= 0) & (boxes[:, 1] < h)
+        return {"boxes": boxes[inside], "scores": det["scores"][inside].float(), "labels": det["labels"][inside]}
+
+    return detect
+
+
+def window_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of windows of ``tile`` pixels covering ``length`` with at least ``overlap`` shared.
+
+    >>> window_starts(1000, 400, 100)
+    [0, 300, 600]
+    >>> window_starts(300, 400, 100)
+    [0]
+    """
+    if length <= tile:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, length - tile, step))
+    return starts + [length - tile]
+
+
+def _owned(lo: int, hi: int, length: int, inner_lo: int, inner_hi: int) -> tuple[float, float]:
+    return (lo if lo == 0 else lo + inner_lo / 2, hi if hi == length else hi - inner_hi / 2)
+
+
+def detect_tiled(detect: DetectFn, image: Tensor, tile: int | None, overlap: int, nms_iou: float = 0.1) -> Detections:
+    """Detections of the whole image, from windows when it is larger than ``tile`` (see module doc)."""
+    h, w = image.shape[-2:]
+    if tile is None or (h <= tile and w <= tile):
+        return detect(image)
+    if not 0 <= overlap < tile:
+        raise RkdError(f"--overlap {overlap} must be >= 0 and smaller than --tile {tile}")
+    ys, xs = window_starts(h, tile, overlap), window_starts(w, tile, overlap)
+    boxes, scores, labels = [], [], []
+    for iy, y0 in enumerate(ys):
+        for ix, x0 in enumerate(xs):
+            y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+            det = detect(image[:, y0:y1, x0:x1])
+            b = det["boxes"].clone()
+            b[:, 0] += x0
+            b[:, 1] += y0
+            # The actual overlap with each neighbour (the last window may overlap more).
+            left = xs[ix - 1] + tile - x0 if ix > 0 else 0
+            right = x1 - xs[ix + 1] if ix + 1 < len(xs) else 0
+            top = ys[iy - 1] + tile - y0 if iy > 0 else 0
+            bottom = y1 - ys[iy + 1] if iy + 1 < len(ys) else 0
+            ox0, ox1 = _owned(x0, x1, w, left, right)
+            oy0, oy1 = _owned(y0, y1, h, top, bottom)
+            keep = (b[:, 0] >= ox0) & (b[:, 0] < ox1) & (b[:, 1] >= oy0) & (b[:, 1] < oy1)
+            boxes.append(b[keep])
+            scores.append(det["scores"][keep])
+            labels.append(det["labels"][keep])
+    boxes_t, scores_t, labels_t = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+    keep = batched_rotated_nms(boxes_t, scores_t, labels_t, nms_iou) if len(boxes_t) else torch.zeros(0, dtype=torch.long)
+    keep = keep[scores_t[keep].argsort(descending=True)]
+    return {"boxes": boxes_t[keep], "scores": scores_t[keep], "labels": labels_t[keep]}
+
+
+def dota_lines(det: Detections, class_names: list[str], size: tuple[int, int]) -> list[str]:
+    """DOTA lines ``x1 y1 ... x4 y4 class score``, corners clipped to the ``(H, W)`` image."""
+    h, w = size
+    poly = obb_to_poly(det["boxes"].double()).view(-1, 4, 2)
+    poly[..., 0].clamp_(0, w)
+    poly[..., 1].clamp_(0, h)
+    lines = []
+    for corners, label, score in zip(poly.reshape(-1, 8).tolist(), det["labels"].tolist(), det["scores"].tolist()):
+        coords = " ".join(f"{c:.1f}" for c in corners)
+        lines.append(f"{coords} {class_names[label]} {score:.4f}")
+    return lines
+
+
+def list_images(source: Path) -> dict[str, Path]:
+    """``{image_id: path}`` of one image file or of the images directly in a folder."""
+    if source.is_file():
+        if source.suffix.lower() not in IMAGE_SUFFIXES:
+            raise RkdError(f"{source}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
+        return {source.stem: source}
+    if not source.is_dir():
+        raise RkdError(f"{source}: no such image or folder")
+    images = find_images(source)
+    if not images:
+        raise RkdError(f"{source}: no images in this folder ({', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+def predict_files(
+    exported: Path,
+    source: Path,
+    out: Path,
+    score: float = 0.3,
+    tile: int | None = None,
+    overlap: int = 200,
+    nms_iou: float = 0.1,
+    log: Callable[[str], None] = print,
+) -> dict[str, int]:
+    """Run the exported student on ``source`` (an image or a folder); returns detections per image id."""
+    from rkd.deploy.export import load_exported
+
+    if tile is not None and tile < 32:
+        raise RkdError(f"--tile {tile}: use at least 32 pixels")
+    images = list_images(Path(source))
+    model, spec = load_exported(Path(exported))
+    detect = model_detector(model, int(spec["input_size"]), spec["input"], score, nms_iou)
+    counts = {}
+    for image_id, path in images.items():
+        image = read_image(path)
+        det = detect_tiled(detect, image, tile, overlap, nms_iou)
+        lines = dota_lines(det, spec["class_names"], tuple(image.shape[-2:]))
+        atomic_write_text(Path(out) / f"{image_id}.txt", "".join(f"{line}\n" for line in lines))
+        counts[image_id] = len(lines)
+        log(f"{path.name}: {len(lines)} detections")
+    return counts

@@ -1,0 +1,204 @@
+"""``rkd submit / status / logs``: ``rkd search`` as a Ray Job on a running cluster.
+
+The job's working directory is a temporary folder holding a copy of the spec
+and of the search-space file it names (rewritten to a relative path), so a spec
+written on a laptop is uploaded with the job. In the copy,
+``resources.ray_address`` is ``auto`` (the job's driver joins the cluster it
+runs on) and ``output_dir`` is the ``--storage`` location.
+
+Storage rule: trial checkpoints are written by Train workers on any node and
+the results by the driver on the head, so every node must see the same
+folder. A cluster with more than one node therefore needs ``--storage``: an
+absolute path mounted at the same place on every node (NFS, EFS, Filestore, a
+bucket mounted with s3fs/gcsfuse). On a single-node cluster ``--storage`` may
+be left out; the run then goes to ``~/rkd-runs`` on the head node.
+Paths inside the spec (``data.root``, ``teacher.checkpoint``) are read on the
+cluster, so they must be valid there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import shlex
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rkd.errors import RkdError
+
+DEFAULT_RUNTIME_ENV = Path("clusters") / "runtime_env.yaml"
+SPEC_NAME = "spec.yaml"
+SPACE_NAME = "search_space.yaml"
+SINGLE_NODE_OUTPUT = "$HOME/rkd-runs"
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class JobFailed(RkdError):
+    """The job ran and did not succeed (exit code 1: not a problem with the command's input)."""
+
+    exit_code = 1
+
+
+def client(address: str) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # ConnectionError, or a malformed address
+        raise RkdError(
+            f"cannot reach the Ray job server at {address} ({type(exc).__name__}: {exc}); "
+            "pass the dashboard address of the head node, e.g. --address http://HEAD:8265"
+        ) from None
+
+
+def alive_nodes(address: str) -> int | None:
+    """How many nodes of the cluster are alive, or None if the state API cannot tell."""
+    from ray.util.state import list_nodes
+
+    try:
+        return len(list_nodes(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False))
+    except Exception:
+        return None
+
+
+def check_storage(storage: str | None, nodes: int | None) -> str | None:
+    """The run's ``output_dir`` on the cluster (see the module doc for the rule)."""
+    if storage is None:
+        if nodes == 1:
+            return None
+        count = "more than one node" if nodes else "an unknown number of nodes"
+        raise RkdError(
+            f"the cluster has {count}: pass --storage, a folder mounted at the same path on every node "
+            "(trial checkpoints are written on the workers' nodes and must be readable on the head)"
+        )
+    if "://" in storage:
+        raise RkdError(
+            f"--storage {storage}: rkd search writes its results with file-system calls, so object-store URIs "
+            "are not usable yet; mount the bucket on every node (s3fs, gcsfuse) and pass the mount path"
+        )
+    if not storage.startswith("/"):
+        raise RkdError(f"--storage {storage}: give an absolute path (it is a path on the cluster's nodes)")
+    return storage
+
+
+def prepare_working_dir(spec_path: Path, folder: Path, storage: str | None) -> dict[str, Any]:
+    """Write the spec copy (and its search space) into ``folder``; returns the copy's document."""
+    from rkd.search.runner import parse_search
+    from rkd.train.spec import load_spec
+
+    spec = load_spec(spec_path)  # validate here: errors name the user's file and line
+    space = parse_search(spec).space_path
+    if not space.is_file():
+        raise RkdError(f"{spec_path}: search.space: {space} not found")
+    doc = copy.deepcopy(yaml.safe_load(Path(spec_path).read_text()))
+    doc.setdefault("search", {})["space"] = SPACE_NAME
+    doc.setdefault("resources", {})["ray_address"] = "auto"
+    doc["name"] = spec.name
+    if storage is not None:
+        doc["output_dir"] = storage
+    else:
+        doc.pop("output_dir", None)
+    shutil.copyfile(space, folder / SPACE_NAME)
+    (folder / SPEC_NAME).write_text(yaml.safe_dump(doc, sort_keys=False))
+    return doc
+
+
+def load_runtime_env(path: Path | None) -> dict[str, Any]:
+    """The runtime_env mapping from ``path`` (default: ``clusters/runtime_env.yaml`` if present)."""
+    if path is None:
+        if not DEFAULT_RUNTIME_ENV.is_file():
+            return {}
+        path = DEFAULT_RUNTIME_ENV
+    if not Path(path).is_file():
+        raise RkdError(f"{path}: runtime_env file not found")
+    try:
+        env = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RkdError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(env, dict):
+        raise RkdError(f"{path}: expected a mapping of runtime_env fields (env_vars, pip, ...)")
+    if "working_dir" in env:
+        raise RkdError(f"{path}: working_dir is set by rkd submit (the uploaded spec); remove it from the file")
+    return env
+
+
+def submit(
+    spec_path: Path,
+    address: str,
+    storage: str | None = None,
+    wait: bool = True,
+    runtime_env_file: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> str:
+    """Submit ``rkd search`` of ``spec_path`` to the cluster at ``address``; returns the job id."""
+    spec_path = Path(spec_path)
+    runtime_env = load_runtime_env(runtime_env_file)
+    jobs = client(address)
+    output_dir = check_storage(storage, alive_nodes(address))
+    with tempfile.TemporaryDirectory(prefix="rkd-submit-") as tmp:
+        doc = prepare_working_dir(spec_path, Path(tmp), output_dir)
+        entrypoint = f"python -m rkd.cli search {SPEC_NAME}"
+        if output_dir is None:
+            entrypoint += f' --output-dir "{SINGLE_NODE_OUTPUT}"'
+        job_id = f"rkd-{doc['name']}-{uuid.uuid4().hex[:8]}"
+        jobs.submit_job(
+            entrypoint=entrypoint,
+            submission_id=job_id,
+            runtime_env={**runtime_env, "working_dir": tmp},
+            metadata={"rkd_spec": str(spec_path.resolve()), "rkd_run": doc["name"]},
+        )
+    where = f"{output_dir}/{doc['name']}" if output_dir else f"{SINGLE_NODE_OUTPUT}/{doc['name']} on the head node"
+    log(f"submitted job {job_id} to {address}; results will be in {where}")
+    log(f"  follow it with: rkd logs {job_id} --address {shlex.quote(address)} --follow")
+    if wait:
+        follow_logs(address, job_id, log)
+        finish(address, job_id)
+    return job_id
+
+
+def follow_logs(address: str, job_id: str, log: Callable[[str], None] = print) -> None:
+    """Print the job's logs as they come, until the job ends."""
+    jobs = client(address)
+
+    async def tail() -> None:
+        async for chunk in jobs.tail_job_logs(job_id):
+            log(chunk.rstrip("\n"))
+
+    asyncio.run(tail())
+
+
+def finish(address: str, job_id: str) -> str:
+    """The final status of a job that ended; a job that did not succeed raises :class:`JobFailed`."""
+    info = client(address).get_job_info(job_id)
+    status = str(getattr(info.status, "value", info.status))
+    if status != "SUCCEEDED":
+        raise JobFailed(f"job {job_id} {status}: {info.message or 'see rkd logs'}")
+    return status
+
+
+def job_status(address: str, job_id: str) -> dict[str, Any]:
+    jobs = client(address)
+    try:
+        info = jobs.get_job_info(job_id)
+    except RuntimeError as exc:  # the SDK's "job does not exist" (and HTTP errors)
+        raise RkdError(f"job {job_id} at {address}: {exc}") from None
+    return {
+        "job_id": job_id,
+        "status": str(getattr(info.status, "value", info.status)),
+        "message": info.message,
+        "entrypoint": info.entrypoint,
+        "metadata": info.metadata or {},
+    }
+
+
+def job_logs(address: str, job_id: str) -> str:
+    try:
+        return client(address).get_job_logs(job_id)
+    except RuntimeError as exc:
+        raise RkdError(f"job {job_id} at {address}: {exc}") from None

@@ -1,0 +1,168 @@
+"""The interface every KD component implements, its parameter declarations and the registry.
+
+A component is a small ``nn.Module``: it owns its learnable parts (adapters,
+filters, ...), which train with the student and are dropped at export, and
+computes named loss terms from a student and a teacher
+:class:`~rkd.outputs.DetectorOutput` plus the batch :class:`~rkd.outputs.Targets`.
+The arithmetic of each loss is a plain function of tensors next to the class.
+
+Each component declares its hyperparameters as :class:`Param` objects:
+defaults for a single run, ranges for the search. A search-space YAML refers
+to them by name (``fitnet: {weight: default}``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from rkd.outputs import DetectorInfo, DetectorOutput, Targets
+
+
+@dataclass(frozen=True)
+class Param:
+    """A typed hyperparameter with its default and search range.
+
+    ``kind`` is ``float``, ``int``, ``bool`` or ``choice``. Numeric kinds use
+    ``low``/``high`` (and ``log``); ``choice`` uses ``choices``; ``bool`` has
+    choices ``(False, True)`` implicitly.
+    """
+
+    kind: str
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("float", "int", "bool", "choice"):
+            raise ValueError(f"Param kind must be float, int, bool or choice, not {self.kind!r}")
+        if self.kind in ("float", "int"):
+            if self.low is None or self.high is None or not self.low <= self.high:
+                raise ValueError(f"numeric Param needs low <= high, got {self.low}, {self.high}")
+            if self.log and self.low <= 0:
+                raise ValueError("a log-scaled Param needs low > 0")
+        if self.kind == "choice" and not self.choices:
+            raise ValueError("a choice Param needs choices")
+
+    def validate(self, value: Any, where: str) -> Any:
+        """Return ``value`` coerced to this parameter's type, or raise ``ValueError``."""
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: expected true/false, got {value!r}")
+            return value
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise ValueError(f"{where}: expected one of {list(self.choices)}, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        if self.kind == "int":
+            if float(value) != int(value):
+                raise ValueError(f"{where}: expected an integer, got {value!r}")
+            value = int(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: expected a finite number, got {value!r}")
+        return float(value) if self.kind == "float" else value
+
+
+class KDComponent(nn.Module):
+    """Base class of distillation components.
+
+    Subclasses set ``name`` (through :func:`register`), ``params`` and
+    ``requires`` and implement :meth:`forward`, returning a dict of named,
+    already weighted loss terms. ``requires`` lists the output fields the
+    component needs beyond features and logits: ``"angle"`` (oriented boxes),
+    ``"angle_bins"`` (an angle classification branch, ``DetectorInfo.angle_bins > 0``),
+    ``"centerness"``, ``"assignment"``. :func:`check_compatible` refuses a
+    model that lacks them before any training starts; a component with further
+    conditions overrides :meth:`check_models`.
+    """
+
+    name: ClassVar[str] = ""
+    params: ClassVar[dict[str, Param]] = {}
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, student: DetectorInfo, teacher: DetectorInfo, **hparams: Any) -> None:
+        super().__init__()
+        self.student_info = student
+        self.teacher_info = teacher
+        self.hparams = resolve_hparams(type(self), hparams)
+
+    @classmethod
+    def check_models(cls, student: DetectorInfo, teacher: DetectorInfo, hparams: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if these models cannot be distilled with these (resolved) hparams."""
+
+    def forward(
+        self, student: DetectorOutput, teacher: DetectorOutput, targets: Targets, epoch: float = 0.0
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    # A component that needs a stage of its own before distillation (DS2D2's high-frequency
+    # amplifier is trained on the teacher alone) overrides these; the training layer runs that
+    # stage once, caches ``prior_state_dict()`` by content hash and reuses it across trials.
+    has_prior_stage: ClassVar[bool] = False
+
+    def prior_stage_loss(self, teacher: DetectorOutput, targets: Targets) -> Tensor:
+        raise NotImplementedError(f"{self.name} has no prior stage")
+
+    def prior_stage_modules(self) -> nn.Module | None:
+        """The modules trained (and cached) by the prior stage; frozen during distillation."""
+        return None
+
+
+KD_METHODS: dict[str, type[KDComponent]] = {}
+
+
+def register(name: str):
+    """Class decorator adding a component to :data:`KD_METHODS` under ``name``."""
+
+    def wrap(cls: type[KDComponent]) -> type[KDComponent]:
+        if name in KD_METHODS:
+            raise ValueError(f"KD method {name!r} is registered twice")
+        cls.name = name
+        KD_METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def resolve_hparams(cls: type[KDComponent], given: dict[str, Any], where: str | None = None) -> dict[str, Any]:
+    """Defaults of ``cls.params`` overridden by ``given``; unknown names raise ``ValueError``."""
+    where = where or cls.name
+    unknown = sorted(set(given) - set(cls.params))
+    if unknown:
+        raise ValueError(f"{where}: unknown parameter(s) {unknown}; {cls.name} has {sorted(cls.params)}")
+    return {k: p.validate(given[k], f"{where}.{k}") if k in given else p.default for k, p in cls.params.items()}
+
+
+def check_compatible(
+    cls: type[KDComponent], student: DetectorInfo, teacher: DetectorInfo, hparams: dict[str, Any] | None = None
+) -> None:
+    """Raise ``ValueError`` if the models lack what the component requires.
+
+    ``hparams`` (resolved) are passed to :meth:`KDComponent.check_models` when given.
+    """
+    for info, role in ((student, "student"), (teacher, "teacher")):
+        if "angle" in cls.requires and not info.oriented:
+            raise ValueError(f"KD method {cls.name!r} needs oriented boxes, but the {role} predicts horizontal boxes")
+        if "angle_bins" in cls.requires and info.angle_bins <= 0:
+            raise ValueError(
+                f"KD method {cls.name!r} needs an angle classification branch (angle_bins > 0), "
+                f"which the {role} lacks"
+            )
+        if "centerness" in cls.requires and not info.has_centerness:
+            raise ValueError(f"KD method {cls.name!r} needs a centerness branch, which the {role} lacks")
+    if student.num_classes != teacher.num_classes:
+        raise ValueError(
+            f"student and teacher disagree on the number of classes ({student.num_classes} vs {teacher.num_classes})"
+        )
+    if len(student.strides) != len(teacher.strides):
+        raise ValueError("student and teacher have different numbers of FPN levels")
+    if hparams is not None:
+        cls.check_models(student, teacher, hparams)

@@ -1,0 +1,89 @@
+"""Pure loss functions of tensors shared by KD components (no modules, no state).
+
+Every function takes the student tensor first and the teacher tensor second and never
+needs gradients through the teacher: callers pass detached teacher tensors, and the
+functions detach again defensively.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def mse(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean squared error over all elements.
+
+    >>> mse(torch.ones(2, 3), torch.zeros(2, 3)).item()
+    1.0
+    """
+    return F.mse_loss(student, teacher.detach(), reduction="mean")
+
+
+def sigmoid_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-class binary KD for sigmoid (dense-detector) classifiers.
+
+    ``T^2 * mean(BCE(sigmoid(z_s / T), sigmoid(z_t / T)))`` over all elements, the teacher's
+    tempered probability being the soft target. Its gradient equals that of the binary KL;
+    the value includes the teacher's (constant) binary entropy.
+
+    >>> z = torch.zeros(1, 4)
+    >>> round(sigmoid_kd(z, z, 2.0).item(), 4)  # 4 * ln 2
+    2.7726
+    """
+    t = temperature
+    target = torch.sigmoid(teacher_logits.detach() / t)
+    return F.binary_cross_entropy_with_logits(student_logits / t, target, reduction="mean") * t * t
+
+
+def softmax_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Hinton KD: ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` over the last dim, mean over the rest.
+
+    >>> z = torch.randn(3, 5)
+    >>> softmax_kd(z, z, 4.0).abs().item() < 1e-6
+    True
+    """
+    t = temperature
+    log_p_s = F.log_softmax(student_logits / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach() / t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return kl.mean() * t * t
+
+
+def masked_sq_error(student: Tensor, teacher: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum((s - t)^2 * mask), sum(mask))``; ``mask`` ``(B, 1, H, W)`` broadcasts over channels.
+
+    The second value counts locations (not location x channel), as NSD's and FGD's
+    normalisers do.
+
+    >>> masked_sq_error(torch.ones(1, 2, 1, 2), torch.zeros(1, 2, 1, 2), torch.tensor([[[[1.0, 0.0]]]]))
+    (tensor(2.), tensor(1.))
+    """
+    return ((student - teacher.detach()) ** 2 * mask).sum(), mask.sum()
+
+
+def non_target_kd(
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, temperature: float
+) -> Tensor:
+    """Per-sample non-target-class KD (NCKD of decoupled KD), summed over classes, ``T^2`` included.
+
+    ``KL(p_t^ || p_s^) * T^2`` where ``p^`` is the softmax of ``z/T`` over the classes other
+    than ``target`` (``target`` ``(N,)`` long, or ``None``/``-1`` entries for "no target": all
+    classes). Returns ``(N,)``; the caller weights and reduces.
+
+    >>> z = torch.randn(4, 6)
+    >>> non_target_kd(z, z, torch.tensor([0, 1, -1, 5]), 4.0).abs().max().item() < 1e-6
+    True
+    """
+    t = temperature
+    zs, zt = student_logits / t, teacher_logits.detach() / t
+    if target is not None:
+        k = zs.shape[-1]
+        hide = F.one_hot(target.clamp(min=0), k).bool() & (target >= 0)[:, None]
+        # Large negative (not -inf) keeps the KL terms of masked classes at exactly 0 * finite.
+        zs = zs.masked_fill(hide, -1e4)
+        zt = zt.masked_fill(hide, -1e4)
+    log_p_s = F.log_softmax(zs, dim=-1)
+    log_p_t = F.log_softmax(zt, dim=-1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * t * t

@@ -1,0 +1,356 @@
+"""IFKD: information fusion knowledge distillation (ACM MM 2024, ``papers/002_*.txt``).
+
+``L = L_GT + alpha * L_feat + beta * L_head`` (eq. 14), per FPN level ``l`` with ``N_l = B*H*W``
+locations and adapted student features ``s = phi_adapt(F^s)`` (a 1x1 conv per level)::
+
+    L_feat = sum_l 1/N_l sum_ij M_HSM(ij) sum_c (phi_EDE + phi_FDR(F^t) - s)^2_ijc            (eq. 12)
+    L_head = sum_l 1/N_l sum_ij M_HSM(ij) sum_c BCE(sigmoid(y^s_ijc), sigmoid(y^t_ijc))       (eq. 13)
+
+``y`` are the classification logits of the student's and the teacher's own heads
+(``A*K`` channels); BCE takes the teacher's probability as a soft target, so ``L_head`` keeps
+the teacher's binary entropy as a constant (its gradient vanishes when ``y^s = y^t``).
+
+EDE (eq. 1-2): ``phi_EDE = Resize(sigmoid(E(x)))`` from a frozen prior encoder ``E``
+(:mod:`rkd.distill.priors`: ``builtin``, ``module``, ``sam``) on ``teacher.inputs``, resized
+bilinearly to each level. Channels: an encoder with the teacher's channel count (SAM's 256 and
+a 256-channel FPN) adds channel by channel; a 1-channel encoder broadcasts over channels; any
+other count is averaged to one channel and broadcast (a fixed projection; a learned one would
+be trained against its own target and is therefore not offered). ``ede_mode="released"``
+follows the released code instead: ``F^t' = F^t + g(F^t * M)`` with ``M`` that map and ``g`` a
+learnable conv3x3-ReLU-conv3x3 (last conv zero-initialised, so ``F^t' = F^t`` at the start) on
+the deeper levels (all but the finest, an rkd reading of "deeper"); FDR then acts on ``F^t'``.
+
+FDR (eq. 3-8, Alg. 1), applied with probability ``p`` per training step (identity otherwise
+and in eval): ``F = fftshift(FFT2(f))`` per channel; ``M_bin = 1`` where
+``max(|u - H//2|, |v - W//2|) <= r min(H, W) / 2`` (``H//2`` is the zero frequency after
+``fftshift``, the paper's ``H/2`` for even sizes); ``f_l = IFFT(M_bin F)`` (real: the mask is
+symmetric); ``f_l' = f_l * M_FRS`` with ``M_FRS`` the teacher's max-class sigmoid score map;
+``f' = IFFT((F_h + FFT(f_l')) * W_filter)``, real part (default) or magnitude. ``W_filter`` is a
+learnable complex filter per channel and frequency, stored on a fixed ``16 x 16`` centred
+frequency grid and resized bilinearly to each level's spectrum (feature sizes vary with the
+input; a filter constant over frequencies would reduce to a real per-channel scale).
+Init "small" (N(0, 0.02^2) real and imaginary parts, the released code's global-filter init,
+default) or "identity" (1 + 0j).
+
+HSM (eq. 9-11): teacher features ``F^t`` and adapted student features at each location are
+mapped into the Poincare ball of curvature ``c`` (exp map at 0, default, or scaling by the
+image's largest norm), kept inside it (norm <= (1 - eps)/sqrt(c)), and
+``M_HSM = d_c(f_t, f_s) = 2/sqrt(c) artanh(sqrt(c) |(-f_t) (+)_c f_s|)`` (eq. 10) with
+Mobius addition (eq. 9), detached and divided by its mean over the image's locations (an
+image where all distances are 0 gets a uniform mask of 1).
+
+Defaults: the paper's ``alpha = 0.06``, ``beta = 0.5`` (the normalisation above is the paper's;
+the released code uses 1e-4 / 1e-3 with a different one), ``r = 0.1``, ``p = 0.5``, ``c = 1``.
+Terms: ``feat``, ``head``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rkd.distill.base import KDComponent, Param, register
+from rkd.distill.priors import build_prior
+from rkd.outputs import DetectorInfo, DetectorOutput, Targets
+
+FILTER_GRID = 16
+FILTER_INIT_STD = 0.02
+
+
+def _ball_eps(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float64 else 4e-3
+
+
+# ----------------------------------------------------------------------------- hyperbolic geometry
+
+
+def mobius_add(x: Tensor, y: Tensor, c: float) -> Tensor:
+    """Mobius addition in the Poincare ball of curvature ``c`` over the last dim (eq. 9).
+
+    >>> x = torch.tensor([0.3, 0.1])
+    >>> torch.allclose(mobius_add(x, torch.zeros(2), 1.0), x), torch.allclose(mobius_add(-x, x, 1.0), torch.zeros(2))
+    (True, True)
+    """
+    xy = (x * y).sum(-1, keepdim=True)
+    x2 = (x * x).sum(-1, keepdim=True)
+    y2 = (y * y).sum(-1, keepdim=True)
+    num = (1 + 2 * c * xy + c * y2) * x + (1 - c * x2) * y
+    return num / (1 + 2 * c * xy + c * c * x2 * y2).clamp(min=1e-15)
+
+
+def project(x: Tensor, c: float) -> Tensor:
+    """``x`` pulled inside the ball: norm at most ``(1 - eps) / sqrt(c)``."""
+    norm = x.norm(dim=-1, keepdim=True).clamp(min=1e-15)
+    max_norm = (1 - _ball_eps(x.dtype)) / math.sqrt(c)
+    return torch.where(norm > max_norm, x / norm * max_norm, x)
+
+
+def expmap0(v: Tensor, c: float) -> Tensor:
+    """Exponential map at the origin: ``tanh(sqrt(c)|v|) v / (sqrt(c)|v|)``, projected into the ball."""
+    sc = math.sqrt(c)
+    norm = v.norm(dim=-1, keepdim=True).clamp(min=1e-15)
+    return project(torch.tanh(sc * norm) * v / (sc * norm), c)
+
+
+def poincare_distance(x: Tensor, y: Tensor, c: float) -> Tensor:
+    """``d_c(x, y) = 2/sqrt(c) artanh(sqrt(c) |(-x) (+)_c y|)`` over the last dim (eq. 10).
+
+    >>> x, y = torch.tensor([0.1, 0.2]), torch.tensor([-0.3, 0.05])
+    >>> float(poincare_distance(x, x, 1.0))
+    0.0
+    >>> round(float(poincare_distance(torch.zeros(2), torch.tensor([0.5, 0.0]), 1.0)), 6)  # 2 artanh(0.5)
+    1.098612
+    """
+    sc = math.sqrt(c)
+    arg = (sc * mobius_add(-x, y, c).norm(dim=-1)).clamp(max=1 - _ball_eps(x.dtype))
+    return 2 / sc * torch.atanh(arg)
+
+
+def hsm_mask(teacher: Tensor, student: Tensor, c: float, mode: str = "expmap") -> Tensor:
+    """``M_HSM`` ``(B, 1, H, W)`` from ``(B, C, H, W)`` features: ball distance, per-image mean 1, detached."""
+    t = teacher.detach().permute(0, 2, 3, 1)
+    s = student.detach().permute(0, 2, 3, 1)
+    if mode == "expmap":
+        t, s = expmap0(t, c), expmap0(s, c)
+    elif mode == "scale":
+        top = torch.maximum(t.norm(dim=-1).amax(dim=(1, 2)), s.norm(dim=-1).amax(dim=(1, 2))).clamp(min=1e-15)
+        factor = ((1 - _ball_eps(t.dtype)) / math.sqrt(c) / top)[:, None, None, None]
+        t, s = project(t * factor, c), project(s * factor, c)
+    else:
+        raise ValueError(f"unknown ball map {mode!r}; use 'expmap' or 'scale'")
+    d = poincare_distance(t, s, c)  # (B, H, W)
+    mean = d.mean(dim=(1, 2), keepdim=True)
+    m = torch.where(mean > 0, d / mean.clamp(min=1e-30), torch.ones_like(d))
+    return m.unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------- frequency domain
+
+
+def low_pass_mask(h: int, w: int, r: float, device: torch.device | str | None = None) -> Tensor:
+    """``M_bin`` ``(H, W)`` on the fftshift-ed grid (eq. 4).
+
+    >>> low_pass_mask(4, 4, 0.5).int().tolist()
+    [[0, 0, 0, 0], [0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1]]
+    """
+    u = (torch.arange(h, device=device) - h // 2).abs()[:, None]
+    v = (torch.arange(w, device=device) - w // 2).abs()[None, :]
+    return torch.maximum(u, v) <= r * min(h, w) / 2
+
+
+def fdr(f: Tensor, frs: Tensor, filt: Tensor, r: float, output: str = "real") -> Tensor:
+    """Frequency domain reconstruction of ``f (B, C, H, W)`` (eq. 3-8, Alg. 1).
+
+    ``frs``: ``(B, 1, H, W)`` feature-richness mask; ``filt``: complex ``(C, H, W)`` filter on
+    the fftshift-ed grid. With ``frs = 1`` and ``filt = 1`` it returns ``f``.
+
+    >>> f = torch.randn(1, 2, 5, 6, dtype=torch.float64)
+    >>> torch.allclose(fdr(f, torch.ones(1, 1, 5, 6), torch.ones(2, 5, 6, dtype=torch.complex128), 0.3), f)
+    True
+    """
+    dims = (-2, -1)
+    spec = torch.fft.fftshift(torch.fft.fft2(f), dim=dims)  # eq. 3, zero frequency centred
+    m = low_pass_mask(f.shape[-2], f.shape[-1], r, f.device)
+    low = torch.fft.ifft2(torch.fft.ifftshift(spec * m, dim=dims)).real  # eq. 5, 7
+    low = low * frs  # f_l' = f_l * M_FRS
+    low_spec = torch.fft.fftshift(torch.fft.fft2(low), dim=dims)
+    filtered = (spec * ~m + low_spec) * filt  # eq. 6, 8
+    out = torch.fft.ifft2(torch.fft.ifftshift(filtered, dim=dims))
+    if output == "real":
+        return out.real
+    if output == "abs":
+        return out.abs()
+    raise ValueError(f"unknown FDR output {output!r}; use 'real' or 'abs'")
+
+
+def frs_mask(cls_logits: Tensor) -> Tensor:
+    """``M_FRS``: the max over anchors and classes of the sigmoid scores, ``(B, 1, H, W)``."""
+    return torch.sigmoid(cls_logits.detach()).amax(dim=1, keepdim=True)
+
+
+class FrequencyFilter(nn.Module):
+    """Learnable complex filter ``(C, G, G)`` on a centred frequency grid, resized to any ``(H, W)``."""
+
+    def __init__(self, channels: int, init: str = "small", grid: int = FILTER_GRID) -> None:
+        super().__init__()
+        if init == "small":
+            weight = torch.randn(channels, 2, grid, grid) * FILTER_INIT_STD
+        elif init == "identity":
+            weight = torch.zeros(channels, 2, grid, grid)
+            weight[:, 0] = 1.0
+        else:
+            raise ValueError(f"unknown filter init {init!r}; use 'small' or 'identity'")
+        self.weight = nn.Parameter(weight)  # [:, 0] real part, [:, 1] imaginary part
+
+    def forward(self, h: int, w: int) -> Tensor:
+        wt = F.interpolate(self.weight, size=(h, w), mode="bilinear", align_corners=True)
+        return torch.complex(wt[:, 0], wt[:, 1])
+
+
+def fusion_block(channels: int) -> nn.Sequential:
+    """The released code's conv-ReLU-conv on ``F^t * M`` (last conv zero-initialised)."""
+    block = nn.Sequential(
+        nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
+    )
+    nn.init.zeros_(block[2].weight)
+    nn.init.zeros_(block[2].bias)
+    return block
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def feat_loss(target: Tensor, student: Tensor, mask: Tensor) -> Tensor:
+    """One level of eq. 12: ``mean_{b,i,j} M * sum_c (target - student)^2``."""
+    return (mask * ((target - student) ** 2).sum(dim=1, keepdim=True)).mean()
+
+
+def head_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
+    """One level of eq. 13: ``mean_{b,i,j} M * sum_c BCE(sigmoid(y_s), sigmoid(y_t))``."""
+    bce = F.binary_cross_entropy_with_logits(student_logits, torch.sigmoid(teacher_logits.detach()), reduction="none")
+    return (mask * bce.sum(dim=1, keepdim=True)).mean()
+
+
+# ----------------------------------------------------------------------------- the component
+
+
+@register("ifkd")
+class IFKD(KDComponent):
+    """Information fusion KD (EDE + FDR + HSM); terms ``feat`` and ``head``.
+
+    Besides its Params, the constructor takes ``prior`` (a registered prior-encoder kind or
+    an ``nn.Module``; default ``"builtin"``) and ``prior_options`` (passed to
+    :func:`rkd.distill.priors.build_prior`, e.g. ``{"checkpoint": path, "model_type": "vit_b"}``).
+    The encoder is built with the component (when ``ede`` is on, so a missing package or
+    checkpoint fails before training), frozen, kept out of ``state_dict`` and moved to the
+    inputs' device and dtype on use.
+    """
+
+    params = {
+        "alpha": Param("float", 0.06, 1e-5, 1.0, log=True, help="weight of L_feat (paper 0.06; released 1e-4)"),
+        "beta": Param("float", 0.5, 1e-4, 5.0, log=True, help="weight of L_head (paper 0.5; released 1e-3)"),
+        "ede": Param("bool", True, help="external disturbance enhancement from a frozen prior encoder"),
+        "ede_mode": Param("choice", "add", choices=("add", "released"),
+                          help="add: paper eq. 1-2; released: F^t + conv-ReLU-conv(F^t * M) on deeper levels"),
+        "fdr": Param("bool", True, help="frequency domain reconstruction of the teacher features"),
+        "r": Param("float", 0.1, 0.02, 0.5, help="low-pass square side as a fraction of min(H, W)"),
+        "p": Param("float", 0.5, 0.0, 1.0, help="probability of applying FDR in a training step"),
+        "fdr_output": Param("choice", "real", choices=("real", "abs"), help="real part or magnitude of the IFFT"),
+        "fdr_init": Param("choice", "small", choices=("small", "identity"), help="W_filter init"),
+        "hsm": Param("bool", True, help="hyperbolic similarity mask"),
+        "c": Param("float", 1.0, 1e-3, 2.0, log=True, help="curvature of the Poincare ball"),
+        "ball_map": Param("choice", "expmap", choices=("expmap", "scale"), help="how features enter the ball"),
+    }
+
+    @classmethod
+    def check_models(cls, student: DetectorInfo, teacher: DetectorInfo, hparams: dict[str, Any]) -> None:
+        if tuple(student.strides) != tuple(teacher.strides):
+            raise ValueError(
+                f"KD method 'ifkd' compares maps location by location, but the student's strides "
+                f"{list(student.strides)} differ from the teacher's {list(teacher.strides)}"
+            )
+        if student.num_anchors != teacher.num_anchors:
+            raise ValueError(
+                f"KD method 'ifkd' compares classification maps channel by channel, but the student has "
+                f"{student.num_anchors} anchors per location and the teacher {teacher.num_anchors}"
+            )
+
+    def __init__(self, student: DetectorInfo, teacher: DetectorInfo, *, prior: str | nn.Module = "builtin",
+                 prior_options: Mapping[str, Any] | None = None, **hparams: Any) -> None:
+        super().__init__(student, teacher, **hparams)
+        type(self).check_models(student, teacher, self.hparams)
+        hp = self.hparams
+        self.adapters = nn.ModuleList(
+            nn.Conv2d(cs, ct, 1) for cs, ct in zip(student.level_channels, teacher.level_channels)
+        )
+        self.filters = (
+            nn.ModuleList(FrequencyFilter(ct, hp["fdr_init"]) for ct in teacher.level_channels) if hp["fdr"] else None
+        )
+        self.fusion = (
+            nn.ModuleList(fusion_block(ct) for ct in teacher.level_channels[1:])
+            if hp["ede"] and hp["ede_mode"] == "released" else None
+        )
+        self._prior_spec = (prior, dict(prior_options or {}))
+        object.__setattr__(self, "_prior", None)  # not a submodule: frozen, never saved
+        if hp["ede"]:
+            self.prior_encoder()  # fail before training on a missing package or checkpoint
+
+    # -- EDE
+
+    def prior_encoder(self) -> nn.Module:
+        """The frozen prior encoder, built on first call."""
+        if self._prior is None:
+            kind, options = self._prior_spec
+            object.__setattr__(self, "_prior", build_prior(kind, **options))
+        return self._prior
+
+    def ede_maps(self, inputs: Tensor, sizes: list[tuple[int, int]], channels: list[int]) -> list[Tensor]:
+        """``phi_EDE`` per level: ``Resize(sigmoid(E(x)))`` with ``C_t``, or 1 (broadcast), channels."""
+        enc = self.prior_encoder()
+        ref = next(iter(list(enc.parameters()) + list(enc.buffers())), None)
+        if ref is not None and (ref.device != inputs.device or (ref.is_floating_point() and ref.dtype != inputs.dtype)):
+            enc.to(device=inputs.device, dtype=inputs.dtype)
+        with torch.no_grad():
+            prob = torch.sigmoid(enc(inputs).to(inputs.dtype))
+        maps = []
+        for (h, w), ct in zip(sizes, channels):
+            m = prob if prob.shape[1] in (1, ct) else prob.mean(dim=1, keepdim=True)
+            maps.append(F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False))
+        return maps
+
+    # -- distillation
+
+    def forward(
+        self, student: DetectorOutput, teacher: DetectorOutput, targets: Targets, epoch: float = 0.0
+    ) -> dict[str, Tensor]:
+        hp = self.hparams
+        t_feats = [f.detach() for f in teacher.features]
+        adapted = [a(f) for a, f in zip(self.adapters, student.features)]
+        for lvl, (s, t) in enumerate(zip(adapted, t_feats)):
+            if s.shape != t.shape:
+                raise ValueError(
+                    f"ifkd: adapted student features {tuple(s.shape)} and teacher features {tuple(t.shape)} "
+                    f"differ at level {lvl}"
+                )
+        ede = None
+        if hp["ede"]:
+            if teacher.inputs is None:
+                raise ValueError("ifkd: EDE needs teacher_output.inputs (the normalised input batch)")
+            ede = self.ede_maps(teacher.inputs.detach(), [tuple(t.shape[-2:]) for t in t_feats],
+                                [t.shape[1] for t in t_feats])
+        apply_fdr = self.filters is not None and self._fdr_now()
+        feat_terms, head_terms = [], []
+        for lvl, (s, t) in enumerate(zip(adapted, t_feats)):
+            base = t
+            if ede is not None and self.fusion is not None and lvl >= 1:
+                base = t + self.fusion[lvl - 1](t * ede[lvl])
+            if apply_fdr:
+                filt = self.filters[lvl](t.shape[-2], t.shape[-1])
+                base = fdr(base, frs_mask(teacher.cls_logits[lvl]).to(t.dtype), filt, hp["r"],
+                           hp["fdr_output"])
+            target = base + ede[lvl] if ede is not None and self.fusion is None else base
+            if hp["hsm"]:
+                mask = hsm_mask(t, s, hp["c"], hp["ball_map"])
+            else:
+                mask = torch.ones_like(t[:, :1])
+            feat_terms.append(feat_loss(target, s, mask))
+            head_terms.append(head_loss(student.cls_logits[lvl], teacher.cls_logits[lvl], mask))
+        return {"feat": hp["alpha"] * sum(feat_terms), "head": hp["beta"] * sum(head_terms)}
+
+    def _fdr_now(self) -> bool:
+        """FDR in this step: with probability ``p`` while training, never in eval."""
+        if not self.training:
+            return False
+        p = self.hparams["p"]
+        return p >= 1.0 or (p > 0.0 and bool(torch.rand(()) < p))
+
+
+__all__ = [
+    "IFKD", "FrequencyFilter", "expmap0", "fdr", "feat_loss", "frs_mask", "head_loss", "hsm_mask",
+    "low_pass_mask", "mobius_add", "poincare_distance", "project",
+]

@@ -1,0 +1,177 @@
+"""Frozen prior image encoders for IFKD's external disturbance enhancement (EDE).
+
+An encoder maps the normalised input batch ``(B, 3, H, W)`` to a prior map
+``(B, C_e, h, w)`` (any ``C_e``, any resolution); IFKD applies ``sigmoid`` and resizes it
+to each FPN level. Encoders are built on demand by :func:`build_prior`, never at import
+time, and returned frozen (``eval()``, ``requires_grad=False``):
+
+* ``builtin``: :class:`EdgeSaliencyPrior`, a small deterministic encoder with fixed,
+  analytic weights (Sobel gradient magnitude plus a centre-surround contrast, at stride 4,
+  standardised per image); no download, for tests and users without SAM.
+* ``module``: any ``torch.nn.Module`` the caller passes (``build_prior("module", module=m)``
+  or simply ``build_prior(m)``).
+* ``sam``: the image encoder of a segment-anything model (SAM ViT-B/L/H, or MobileSAM's
+  ``vit_t`` with ``package="mobile_sam"``), built with
+  ``sam_model_registry[model_type](checkpoint=checkpoint)`` from a checkpoint file the user
+  supplies. The package is imported inside :func:`sam_prior`; nothing is downloaded.
+
+New kinds are added with :func:`register_prior`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rkd.errors import RkdError
+
+PRIOR_ENCODERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_prior(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a builder of prior encoders under ``name``."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in PRIOR_ENCODERS:
+            raise ValueError(f"prior encoder {name!r} is registered twice")
+        PRIOR_ENCODERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """``module`` in eval mode with every parameter frozen (returned for chaining)."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def build_prior(kind: str | nn.Module = "builtin", **options: Any) -> nn.Module:
+    """A frozen prior encoder: a registered kind with its options, or a module as it is.
+
+    >>> enc = build_prior("builtin")
+    >>> enc(torch.zeros(1, 3, 32, 48)).shape
+    torch.Size([1, 1, 8, 12])
+    >>> build_prior("nope")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown prior encoder 'nope'; known: ['builtin', 'module', 'sam']
+    """
+    if isinstance(kind, nn.Module):
+        if options:
+            raise ValueError(f"a prior given as a module takes no options, got {sorted(options)}")
+        return freeze(kind)
+    if kind not in PRIOR_ENCODERS:
+        raise ValueError(f"unknown prior encoder {kind!r}; known: {sorted(PRIOR_ENCODERS)}")
+    return freeze(PRIOR_ENCODERS[kind](**options))
+
+
+class EdgeSaliencyPrior(nn.Module):
+    """Deterministic fixed-weight encoder: ``(B, 3, H, W) -> (B, 1, ceil(H/4), ceil(W/4))``.
+
+    ``gray = mean(rgb)``; ``e = |Sobel(gray)| + |gray - box5(gray)|`` (gradient magnitude and
+    centre-surround contrast); 4x4 average pooling; per-image standardisation (zero mean, unit
+    variance), so ``sigmoid`` of it is ~0.5 on flat background and near 1 on edges and blobs.
+    """
+
+    def __init__(self, stride: int = 4) -> None:
+        super().__init__()
+        self.stride = stride
+        sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
+        self.register_buffer("sobel", torch.stack([sobel, sobel.T]).unsqueeze(1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gray = x.mean(dim=1, keepdim=True)
+        g = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), self.sobel.to(x.dtype))
+        grad = torch.sqrt((g**2).sum(dim=1, keepdim=True) + 1e-12)
+        surround = F.avg_pool2d(F.pad(gray, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
+        e = grad + (gray - surround).abs()
+        e = F.avg_pool2d(e, self.stride, stride=self.stride, ceil_mode=True)
+        mean = e.mean(dim=(1, 2, 3), keepdim=True)
+        std = e.std(dim=(1, 2, 3), keepdim=True) if e[0].numel() > 1 else torch.ones_like(mean)
+        return (e - mean) / (std + 1e-6)
+
+
+@register_prior("builtin")
+def builtin_prior(stride: int = 4) -> nn.Module:
+    """The fixed :class:`EdgeSaliencyPrior`."""
+    return EdgeSaliencyPrior(stride)
+
+
+@register_prior("module")
+def module_prior(module: nn.Module | None = None) -> nn.Module:
+    """Any torch module mapping ``(B, 3, H, W)`` to ``(B, C_e, h, w)``."""
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"prior 'module' needs module=<a torch.nn.Module>, got {module!r}")
+    return module
+
+
+class SamImageEncoder(nn.Module):
+    """A SAM image encoder applied to a detector's input batch.
+
+    SAM normalises pixels with the ImageNet mean/std (x 255), so an ImageNet-normalised
+    detector input is already in its input space. The batch is resized so its long side is
+    ``img_size`` (1024 for SAM), zero-padded (the mean colour) to a square at the bottom/right
+    as SAM does, encoded to ``(B, 256, img_size/16, img_size/16)``, and the embedding is cropped
+    back to the image's extent.
+    """
+
+    def __init__(self, encoder: nn.Module, img_size: int = 1024, patch: int = 16) -> None:
+        super().__init__()
+        self.encoder, self.img_size, self.patch = encoder, img_size, patch
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        scale = self.img_size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+        x = F.pad(x, (0, self.img_size - nw, 0, self.img_size - nh))
+        emb = self.encoder(x)
+        return emb[..., : math.ceil(nh / self.patch), : math.ceil(nw / self.patch)]
+
+
+@register_prior("sam")
+def sam_prior(checkpoint: str | Path | None = None, model_type: str = "vit_b",
+              package: str = "segment_anything") -> nn.Module:
+    """The image encoder of ``package.sam_model_registry[model_type](checkpoint=checkpoint)``.
+
+    ``package`` is ``segment_anything`` (SAM: ``vit_b``, ``vit_l``, ``vit_h``) or ``mobile_sam``
+    (MobileSAM, the paper's encoder: ``vit_t``). Raises :class:`~rkd.errors.RkdError` when the
+    checkpoint is not given or missing, or the package is not installed.
+    """
+    if checkpoint is None:
+        raise RkdError(
+            f"the 'sam' prior needs checkpoint=<path to a {package} {model_type} checkpoint>; "
+            "rkd never downloads weights"
+        )
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise RkdError(f"the 'sam' prior's checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        mod = importlib.import_module(package)
+    except ImportError:
+        hint = "pip install segment-anything" if package == "segment_anything" else f"install the {package} package"
+        raise RkdError(f"the 'sam' prior needs the {package!r} package, which is not installed ({hint})") from None
+    registry = getattr(mod, "sam_model_registry", None)
+    if registry is None:
+        raise RkdError(f"package {package!r} has no sam_model_registry; is it segment-anything (or MobileSAM)?")
+    if model_type not in registry:
+        raise RkdError(f"unknown {package} model type {model_type!r}; choose from {sorted(registry)}")
+    sam = registry[model_type](checkpoint=str(path))
+    encoder = sam.image_encoder
+    return SamImageEncoder(encoder, int(getattr(encoder, "img_size", 1024)))
+
+
+__all__ = [
+    "PRIOR_ENCODERS", "EdgeSaliencyPrior", "SamImageEncoder", "build_prior", "builtin_prior", "freeze",
+    "module_prior", "register_prior", "sam_prior",
+]

@@ -1,0 +1,83 @@
+"""Progress lines while a search runs: trial n/N, its epochs, the best so far, elapsed time."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from ray import tune
+
+
+def _fmt_elapsed(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def describe_params(config: dict[str, Any]) -> str:
+    """A short one-line description of a trial's parameters.
+
+    >>> describe_params({"student.model.backbone.width": 0.5, "methods.fitnet": True,
+    ...                  "methods.fitnet.weight": 0.25, "methods.hinton": False})
+    'width=0.5 | fitnet(weight=0.25)'
+    """
+    student = [f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in config.items() if k.startswith("student.")]
+    methods = []
+    for key, on in config.items():
+        if key.startswith("methods.") and key.count(".") == 1 and on:
+            name = key.split(".")[1]
+            inner = [f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in config.items() if k.startswith(key + ".")]
+            methods.append(f"{name}({', '.join(inner)})" if inner else name)
+    return " ".join(student) + " | " + (" + ".join(methods) if methods else "no KD")
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+class ProgressPrinter(tune.Callback):
+    """Prints one line per trial start, per epoch and per trial end."""
+
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+        self.total = total
+        self.stream = stream or sys.stdout
+        self.start = time.perf_counter()
+        self.numbers: dict[str, int] = {}
+        self.best: tuple[float, float] | None = None  # (map50, gflops) of the best complete trial
+        self.finished = 0
+
+    def _say(self, text: str) -> None:
+        print(f"[search {_fmt_elapsed(time.perf_counter() - self.start)}] {text}", file=self.stream, flush=True)
+
+    def _n(self, trial: Any) -> str:
+        n = self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)
+        return f"trial {n}/{self.total}"
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._say(f"{self._n(trial)} started: {describe_params(trial.config)}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if "epoch" in result and "epochs" in result:
+            self._say(
+                f"{self._n(trial)} epoch {result['epoch']}/{result['epochs']} loss {result.get('loss', float('nan')):.4f}"
+                f" mAP50 {result.get('map50', float('nan')):.3f} ({result.get('images_per_s', 0):.1f} img/s)"
+            )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.finished += 1
+        last = trial.last_result or {}
+        done = last.get("epoch") == last.get("epochs") and last.get("status") != "infeasible"
+        if done and "map50" in last:
+            if self.best is None or last["map50"] > self.best[0]:
+                self.best = (last["map50"], last.get("gflops", float("nan")))
+        best = f"best mAP50 {self.best[0]:.3f} at {self.best[1]:.3f} GFLOPs" if self.best else "no complete trial yet"
+        state = "complete" if done else last.get("status", "stopped")
+        self._say(
+            f"{self._n(trial)} {state}: mAP50 {last.get('map50', float('nan')):.3f} GFLOPs "
+            f"{last.get('gflops', float('nan')):.3f} | {self.finished}/{self.total} done, {best}"
+        )
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.finished += 1
+        self._say(f"{self._n(trial)} FAILED ({self.finished}/{self.total} done); the search goes on")

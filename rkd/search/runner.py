@@ -1,0 +1,278 @@
+"""``rkd search``: teacher once, then Ray Tune + Optuna trials, each a Ray Train distillation.
+
+Every trial is a Tune function that builds a ``TorchTrainer`` for one student
+configuration and calls ``fit()``; the workers' per-epoch metrics reach Tune
+(and Optuna) through ``TuneReportCallback``. Optuna optimises two objectives:
+val mAP50 (max) and the student's GFLOPs at the spec's input size (min).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from rkd.data.dataset import build_dataset
+from rkd.data.dataset import class_names as data_class_names
+from rkd.errors import SpecError
+from rkd.models import build_detector
+from rkd.models.flops import count_flops
+from rkd.schema import Section
+from rkd.search.progress import ProgressPrinter
+from rkd.search.results import (
+    front_rows,
+    hypervolume,
+    knee,
+    format_table,
+    plot_front,
+    trials_table,
+    write_parquet,
+)
+from rkd.search.space import SearchSpace, load_space, split_params
+from rkd.train.checkpoint import atomic_write_json
+from rkd.train.loop import STUDENT_FILE, make_loop_config
+from rkd.train.runner import build_trainer, ensure_ray
+from rkd.train.spec import RunSpec, with_overrides
+from rkd.train.teacher import prepare_teacher
+
+SEARCH_KEYS = {"space", "trials", "seed", "sampler", "max_gflops", "initial_points"}
+SAMPLERS = ("tpe", "nsga2", "random")
+METRICS, MODES = ["map50", "gflops"], ["max", "min"]
+
+
+@dataclass
+class SearchConfig:
+    space_path: Path
+    trials: int
+    seed: int
+    sampler: str
+    max_gflops: float | None
+    initial_points: list[dict[str, Any]]
+
+
+def parse_search(spec: RunSpec) -> SearchConfig:
+    sec = Section(spec.search, "search")
+    sec.reject_unknown(SEARCH_KEYS)
+    try:
+        return SearchConfig(
+            space_path=sec.file_path("space", spec.spec_path.parent),
+            trials=sec.int("trials", 8, low=1),
+            seed=sec.int("seed", spec.seed, low=0),
+            sampler=sec.str("sampler", "tpe", choices=list(SAMPLERS)),
+            max_gflops=sec.float("max_gflops", None, low=0.0) if sec.raw("max_gflops", None) is not None else None,
+            initial_points=sec.raw("initial_points", []),
+        )
+    except SpecError as err:
+        raise spec.source.error(err) from None
+
+
+def load_search_space(spec: RunSpec, search: SearchConfig) -> SearchSpace:
+    """Compile the space, checking every student value it can produce against the spec."""
+    space = load_space(search.space_path, student_check=lambda overrides: with_overrides(spec.student, overrides))
+    if not isinstance(search.initial_points, list):
+        raise spec.source.error(SpecError("search.initial_points", "expected a list of {parameter: value} mappings"))
+    names = {d.name for d in space.dims}
+    for i, point in enumerate(search.initial_points):
+        where = f"search.initial_points.{i}"
+        if not isinstance(point, dict):
+            raise spec.source.error(SpecError(where, f"expected a mapping of parameter names to values, got {point!r}"))
+        for key in point:
+            if key not in names:
+                raise spec.source.error(SpecError(f"{where}.{key}", f"not a parameter of the space; it has {sorted(names)}"))
+    return space
+
+
+def first_points(space: SearchSpace, search: SearchConfig) -> list[dict[str, Any]] | None:
+    """Configurations tried first: the user's, else the student without KD (the reference every
+    distilled trial is compared to)."""
+    if search.initial_points:
+        return [dict(p) for p in search.initial_points][: search.trials]
+    return [space.baseline_point()] if space.baseline_point() else None
+
+
+def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        # A small population suits the small budgets of distillation searches.
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, trials // 3)))
+    # Conditional spaces need the joint (multivariate, grouped) TPE.
+    return optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, group=True, n_startup_trials=max(2, min(10, trials // 3))
+    )
+
+
+def distill_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One Tune trial: build the student this configuration describes and distil it on Ray Train."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    overrides, methods = split_params(config, ctx["base_methods"])
+    student = with_overrides(ctx["student"], overrides, methods)
+    flops = count_flops(build_detector(student.model, ctx["num_classes"]), ctx["input_size"])
+    extra = {"gflops": flops.gflops, "params_m": flops.params / 1e6, "trial_id": trial_id}
+    if ctx["max_gflops"] is not None and flops.gflops > ctx["max_gflops"]:
+        # Known before training: not worth a single step.
+        tune.report({**extra, "map50": 0.0, "epoch": 0, "epochs": student.epochs, "status": "infeasible"})
+        return
+    loop_config = make_loop_config(
+        ctx["data"],
+        student.to_dict(),
+        ctx["seed"],
+        ctx["resources"].cpus_per_worker,
+        teacher_checkpoint=ctx["teacher_checkpoint"] if student.methods else None,
+        extra_metrics=extra,
+    )
+    trainer = build_trainer(loop_config, ctx["resources"], ctx["storage"], f"trial-{trial_id}", [TuneReportCallback()])
+    trainer.fit()
+
+
+def _status(result: Any) -> tuple[str, str | None]:
+    metrics = result.metrics or {}
+    if result.error is not None:
+        text = f"{type(result.error).__name__}: {result.error}"
+        return ("diverged" if "DivergenceError" in text or "non-finite" in text else "failed"), text[-2000:]
+    if metrics.get("status") == "infeasible":
+        return "infeasible", "GFLOPs above search.max_gflops"
+    if metrics.get("epochs") and metrics.get("epoch") == metrics.get("epochs"):
+        return "complete", None
+    return "stopped", f"stopped after {metrics.get('epoch', 0)} of {metrics.get('epochs', '?')} epochs"
+
+
+def collect_rows(grid: Any) -> list[dict[str, Any]]:
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        status, reason = _status(result)
+        params = dict(result.config or {})
+        methods = [k.split(".")[1] for k, v in params.items() if k.startswith("methods.") and k.count(".") == 1 and v]
+        checkpoint = metrics.get("checkpoint_path")
+        rows.append(
+            {
+                "trial_id": metrics.get("trial_id") or Path(result.path).name,
+                "status": status,
+                "reason": reason,
+                "map50": _num(metrics.get("map50")),
+                "gflops": _num(metrics.get("gflops")),
+                "params_m": _num(metrics.get("params_m")),
+                "epochs_done": metrics.get("epoch"),
+                "epochs": metrics.get("epochs"),
+                "kd_methods": ",".join(sorted(methods)),
+                "wall_s": _num(metrics.get("time_total_s")),
+                "checkpoint": os.path.join(checkpoint, STUDENT_FILE) if checkpoint and status == "complete" else None,
+                "config_json": json.dumps(params, sort_keys=True, default=str),
+                "params": params,
+            }
+        )
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+FRONT_COLUMNS = [
+    ("trial_id", "trial"),
+    ("map50", "mAP50"),
+    ("gflops", "GFLOPs"),
+    ("params_m", "params(M)"),
+    ("kd_methods", "KD methods"),
+    ("checkpoint", "checkpoint"),
+]
+
+
+def write_results(spec: RunSpec, rows: list[dict[str, Any]], teacher: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    run_dir = spec.run_dir
+    front = front_rows(rows)
+    write_parquet(trials_table(rows), run_dir / "trials.parquet")
+    write_parquet(trials_table(front), run_dir / "pareto.parquet")
+    plot_front(rows, front, run_dir / "pareto.png", teacher, f"rkd search: {spec.name}")
+    ref = max([r["gflops"] for r in rows if r["gflops"] is not None] + [teacher["gflops"]]) * 1.1
+    done = [r for r in rows if r["status"] == "complete"]
+    summary = {
+        "name": spec.name,
+        "teacher": teacher,
+        "trials": len(rows),
+        "status_counts": {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})},
+        "front": [r["trial_id"] for r in front],
+        "knee": (knee(front) or {}).get("trial_id"),
+        "hypervolume": hypervolume(
+            np.array([r["map50"] for r in done], dtype=float), np.array([r["gflops"] for r in done], dtype=float), ref
+        )
+        if done
+        else 0.0,
+        "hypervolume_ref": [0.0, ref],
+        "wall_s": round(wall_s, 1),
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def run_search(spec: RunSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole search for ``spec``; returns the summary written to ``summary.json``."""
+    start = time.perf_counter()
+    search = parse_search(spec)
+    space = load_search_space(spec, search)
+    # Read every label file now: a line that does not parse must fail here, with its
+    # file:line, not inside a Ray worker after the teacher has trained.
+    for split in ("train", "val"):
+        build_dataset(spec.data, split, train=False)
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_ray(spec.resources.ray_address)
+    teacher = prepare_teacher(spec, log)
+
+    ctx = {
+        "student": spec.student,
+        "base_methods": spec.student.methods,
+        "data": spec.data,
+        "num_classes": len(data_class_names(spec.data)),
+        "input_size": int(spec.data["input_size"]),
+        "seed": spec.seed,
+        "resources": spec.resources,
+        "teacher_checkpoint": teacher.checkpoint,
+        "max_gflops": search.max_gflops,
+        "storage": str(spec.run_dir / "ray" / "trials"),
+    }
+    searcher = OptunaSearch(
+        space=space.define_by_run,
+        metric=METRICS,
+        mode=MODES,
+        sampler=make_sampler(search.sampler, search.seed, search.trials),
+        points_to_evaluate=first_points(space, search),
+    )
+    limited = ConcurrencyLimiter(searcher, max_concurrent=spec.resources.max_concurrent_trials)
+    # The trial function only launches Train workers: it holds no CPU so the workers get
+    # all of them (Tune needs a non-empty bundle, hence a little memory instead).
+    trainable = tune.with_resources(tune.with_parameters(distill_trial, ctx=ctx), {"cpu": 0, "memory": 64 * 2**20})
+    log(f"[search] {search.trials} trials, sampler {search.sampler}, space {search.space_path.name}")
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=limited, num_samples=search.trials),
+        run_config=tune.RunConfig(
+            name="search",
+            storage_path=str(spec.run_dir / "ray"),
+            callbacks=[ProgressPrinter(search.trials)],
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    grid = tuner.fit()
+    rows = collect_rows(grid)
+    summary = write_results(spec, rows, asdict(teacher), time.perf_counter() - start)
+    front = front_rows(rows)
+    log("")
+    log(f"Pareto front of {spec.name}: {len(front)} of {len(rows)} trials (teacher mAP50 {teacher.map50:.3f}, "
+        f"{teacher.gflops:.3f} GFLOPs)")
+    log(format_table(front, FRONT_COLUMNS) if front else "(no complete trial: nothing on the front)")
+    log(f"\nresults in {spec.run_dir}: trials.parquet, pareto.parquet, pareto.png, summary.json "
+        f"({summary['wall_s']:.0f}s)")
+    return summary

@@ -1,0 +1,244 @@
+"""Search spaces: a declarative YAML compiled to an Optuna define-by-run function.
+
+A space file has two sections::
+
+    student:                     # dotted paths into the spec's `student:` section
+      model.backbone.width: {choices: [0.25, 0.5, 1.0]}
+      lr: {low: 5.0e-4, high: 5.0e-3, log: true}
+    methods:                     # KD methods the search may switch on
+      fitnet:
+        weight: default          # the range the method declares for this parameter
+      hinton:
+        enabled: [true, false]   # default; `true` keeps the method always on
+        weight: {low: 0.1, high: 10.0, log: true}
+        temperature: 4           # a fixed value
+
+A method's parameters are sampled only when the method is on (conditional
+parameters, which is why TPE runs with ``multivariate=True, group=True``).
+Parameters named in the space are the searched ones; the rest keep the
+method's defaults. Entries are validated when the space is loaded: an unknown
+method, parameter or student path fails with the file and line of the entry.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import rkd.distill  # noqa: F401  (importing the package registers every method)
+from rkd.distill.base import KD_METHODS, Param
+from rkd.errors import SpecError
+from rkd.schema import join
+from rkd.yamlio import SourceMap, load_yaml
+
+METHOD_SWITCH = "enabled"
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One searched (or fixed) parameter. ``condition`` names the method switch it depends on."""
+
+    name: str
+    kind: str  # float | int | choice | fixed
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+    value: Any = None
+    condition: str | None = None
+
+    def size(self) -> float:
+        """Number of distinct values (inf for continuous ranges)."""
+        if self.kind == "fixed":
+            return 1
+        if self.kind == "choice":
+            return len(self.choices)
+        if self.kind == "int":
+            return int(self.high - self.low) // int(self.step or 1) + 1
+        return math.inf
+
+    def describe(self) -> str:
+        if self.kind == "fixed":
+            return f"= {self.value!r}"
+        if self.kind == "choice":
+            return "{" + ", ".join(repr(c) for c in self.choices) + "}"
+        scale = " log" if self.log else ""
+        return f"[{self.low:g}, {self.high:g}]{scale} {self.kind}"
+
+
+@dataclass
+class SearchSpace:
+    dims: list[Dim]
+    file: str
+
+    def define_by_run(self, trial: Any) -> dict[str, Any]:
+        """Optuna define-by-run: suggest every active dim; return the fixed ones as constants."""
+        chosen: dict[str, Any] = {}
+        constants: dict[str, Any] = {}
+        for d in self.dims:
+            if d.condition is not None and not chosen.get(d.condition, False):
+                continue
+            if d.kind == "fixed":
+                chosen[d.name] = constants[d.name] = d.value
+            elif d.kind == "choice":
+                chosen[d.name] = trial.suggest_categorical(d.name, list(d.choices))
+            elif d.kind == "int":
+                chosen[d.name] = trial.suggest_int(d.name, int(d.low), int(d.high), step=int(d.step or 1), log=d.log)
+            else:
+                chosen[d.name] = trial.suggest_float(d.name, d.low, d.high, log=d.log, step=d.step)
+        return constants
+
+    def methods(self) -> list[str]:
+        return [d.name.split(".", 1)[1] for d in self.dims if d.name.count(".") == 1 and d.name.startswith("methods.")]
+
+    def baseline_point(self) -> dict[str, Any]:
+        """Parameters of the "no KD" configuration: every switchable method off."""
+        return {d.name: False for d in self.dims if d.condition is None and d.name.startswith("methods.") and d.kind == "choice"}
+
+
+def _dim_from_entry(name: str, entry: Any, where: str, declared: Param | None, condition: str | None) -> Dim:
+    if entry == "default":
+        if declared is None:
+            raise SpecError(where, "'default' is only meaningful for a KD method's declared parameters")
+        if declared.kind in ("bool", "choice"):
+            choices = (False, True) if declared.kind == "bool" else tuple(declared.choices)
+            return Dim(name, "choice", choices=choices, condition=condition)
+        return Dim(name, declared.kind, low=declared.low, high=declared.high, log=declared.log, condition=condition)
+    if isinstance(entry, dict):
+        keys = set(entry)
+        if "choices" in keys:
+            if keys - {"choices"}:
+                raise SpecError(where, f"'choices' cannot be combined with {sorted(keys - {'choices'})}")
+            choices = entry["choices"]
+            if not isinstance(choices, list) or not choices:
+                raise SpecError(join(where, "choices"), f"expected a non-empty list, got {choices!r}")
+            return Dim(name, "choice", choices=tuple(choices), condition=condition)
+        allowed = {"low", "high", "log", "step", "type"}
+        if not keys or keys - allowed:
+            raise SpecError(where, f"expected {{choices: [...]}} or {{low, high[, log, step, type]}}, got keys {sorted(keys)}")
+        for bound in ("low", "high"):
+            if bound not in entry:
+                raise SpecError(where, f"'{bound}' is required for a range")
+            value = entry[bound]
+            if isinstance(value, str):
+                try:
+                    entry = {**entry, bound: float(value)}
+                except ValueError:
+                    raise SpecError(join(where, bound), f"expected a number, got {value!r}") from None
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SpecError(join(where, bound), f"expected a number, got {value!r}")
+        kind = entry.get("type") or ("int" if declared is not None and declared.kind == "int" else "float")
+        if kind not in ("int", "float"):
+            raise SpecError(join(where, "type"), f"expected int or float, got {kind!r}")
+        low, high, log = float(entry["low"]), float(entry["high"]), bool(entry.get("log", False))
+        if not low < high:
+            raise SpecError(where, f"needs low < high, got low={low:g}, high={high:g}")
+        if log and low <= 0:
+            raise SpecError(join(where, "log"), f"a log range needs low > 0, got {low:g}")
+        step = entry.get("step")
+        return Dim(name, kind, low=low, high=high, log=log, step=step, condition=condition)
+    if isinstance(entry, list):
+        raise SpecError(where, "a list is ambiguous here: write {choices: [...]} to search over it")
+    return Dim(name, "fixed", value=entry, condition=condition)
+
+
+def _check_value(name: str, value: Any, where: str, declared: Param | None) -> None:
+    if declared is not None:
+        try:
+            declared.validate(value, where)
+        except ValueError as err:
+            raise SpecError(where, str(err).split(": ", 1)[-1]) from None
+
+
+def compile_space(data: Any, file: str, student_check: Any = None) -> SearchSpace:
+    """Validate a parsed space document and compile it.
+
+    ``student_check(params)`` (optional) validates a student configuration
+    with the given dotted-path values applied; it is called with the ends of
+    each range and each choice so a typo in a path fails here, not in a trial.
+    """
+    if not isinstance(data, dict):
+        raise SpecError("", f"a search space is a mapping with 'student' and/or 'methods', got {type(data).__name__}")
+    unknown = set(data) - {"student", "methods"}
+    if unknown:
+        raise SpecError(sorted(unknown)[0], "unknown section; a search space has 'student' and 'methods'")
+    dims: list[Dim] = []
+    student = data.get("student") or {}
+    if not isinstance(student, dict):
+        raise SpecError("student", "expected a mapping of dotted student paths to ranges")
+    for path, entry in student.items():
+        where = join("student", str(path))
+        dim = _dim_from_entry(f"student.{path}", entry, where, None, None)
+        if student_check is not None:
+            probes = dim.choices if dim.kind == "choice" else (dim.value,) if dim.kind == "fixed" else (dim.low, dim.high)
+            for probe in probes:
+                probe = int(probe) if dim.kind == "int" else probe
+                try:
+                    student_check({str(path): probe})
+                except SpecError as err:
+                    raise SpecError(where, f"value {probe!r} gives an invalid student: {err}") from None
+        dims.append(dim)
+    methods = data.get("methods") or {}
+    if not isinstance(methods, dict):
+        raise SpecError("methods", "expected a mapping of KD method names to their parameters")
+    for method, params in methods.items():
+        where = join("methods", str(method))
+        if method not in KD_METHODS:
+            raise SpecError(where, f"unknown KD method; known: {', '.join(sorted(KD_METHODS))}")
+        params = {} if params in (None, "default") else params
+        if not isinstance(params, dict):
+            raise SpecError(where, f"expected a mapping of parameters (or 'default'), got {params!r}")
+        switch = f"methods.{method}"
+        enabled = params.get(METHOD_SWITCH, [True, False])
+        if enabled is True:
+            dims.append(Dim(switch, "fixed", value=True))
+        elif isinstance(enabled, list) and set(enabled) <= {True, False} and enabled:
+            dims.append(Dim(switch, "choice", choices=tuple(enabled)))
+        else:
+            raise SpecError(join(where, METHOD_SWITCH), f"expected true or a list like [true, false], got {enabled!r}")
+        declared = KD_METHODS[method].params
+        names = list(declared) if params == {} else [p for p in params if p != METHOD_SWITCH]
+        for pname in names:
+            pwhere = join(where, pname)
+            if pname not in declared:
+                raise SpecError(pwhere, f"unknown parameter of {method}; it has {', '.join(sorted(declared))}")
+            entry = params.get(pname, "default")
+            dim = _dim_from_entry(f"{switch}.{pname}", entry, pwhere, declared[pname], switch)
+            for probe in dim.choices if dim.kind == "choice" else (dim.value,) if dim.kind == "fixed" else ():
+                _check_value(pname, probe, pwhere, declared[pname])
+            dims.append(dim)
+    if not dims:
+        raise SpecError("", "the search space is empty")
+    return SearchSpace(dims, file)
+
+
+def load_space(path: str | Path, student_check: Any = None) -> SearchSpace:
+    data, source = load_yaml(path)
+    try:
+        return compile_space(data, str(path), student_check)
+    except SpecError as err:
+        raise source.error(err) from None
+
+
+def split_params(params: dict[str, Any], base_methods: dict[str, dict[str, Any]] | None = None):
+    """Flat trial parameters -> (student overrides by dotted path, enabled methods with their params)."""
+    student: dict[str, Any] = {}
+    methods: dict[str, dict[str, Any]] = copy.deepcopy(base_methods or {})
+    switches = {k.split(".")[1]: v for k, v in params.items() if k.startswith("methods.") and k.count(".") == 1}
+    for name, on in switches.items():
+        if on:
+            methods.setdefault(name, {})
+        else:
+            methods.pop(name, None)
+    for key, value in params.items():
+        if key.startswith("student."):
+            student[key[len("student.") :]] = value
+        elif key.startswith("methods.") and key.count(".") >= 2:
+            _, name, pname = key.split(".", 2)
+            if switches.get(name, True) and name in methods:
+                methods[name][pname] = value
+    return student, methods

@@ -1,0 +1,55 @@
+"""Validation mAP over the whole val split, also when the work is sharded over DDP ranks.
+
+Each rank predicts the images ``rank, rank + world, ...``; the detections are
+gathered so every rank scores all val images (not just its own shard) and all
+ranks report the same number.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from rkd.data.dataset import collate_detection
+from rkd.eval import MapResult, evaluate_detections
+
+
+@torch.no_grad()
+def predict_shard(model: nn.Module, dataset: Dataset, rank: int, world: int, batch_size: int) -> list[tuple[int, Any]]:
+    """``[(dataset index, detections dict, ground-truth dict), ...]`` for this rank's shard."""
+    indices = list(range(rank, len(dataset), world))
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=collate_detection)
+    was_training = model.training
+    model.eval()
+    out: list[tuple[int, Any]] = []
+    pos = 0
+    device = next(model.parameters()).device
+    for images, targets, metas in loader:
+        detections = model.predict(images.to(device))
+        for det, boxes, labels, meta in zip(detections, targets.boxes, targets.labels, metas):
+            gt = {"boxes": boxes, "labels": labels, "difficult": meta.get("difficult")}
+            out.append((indices[pos], ({k: v.cpu() for k, v in det.items()}, gt)))
+            pos += 1
+    model.train(was_training)
+    return out
+
+
+def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int = 8) -> MapResult:
+    """mAP50 of ``model`` on ``dataset``, gathering shards when a process group is up."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    # DDP wraps the model; prediction needs the plain module.
+    plain = model.module if hasattr(model, "module") else model
+    shard = predict_shard(plain, dataset, rank, world, batch_size)
+    if distributed:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, shard)
+        shard = [item for part in gathered for item in part]
+    shard.sort(key=lambda item: item[0])
+    detections = [pair[0] for _, pair in shard]
+    truths = [pair[1] for _, pair in shard]
+    return evaluate_detections(detections, truths, num_classes=num_classes, iou_threshold=0.5)

@@ -1,0 +1,410 @@
+"""DS2D2 against float64 references written from the paper's equations, plus golden values."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pywt
+import torch
+from torch import nn
+
+from rkd.distill import build_distiller
+from rkd.distill.ds2d2 import DS2D2, amplifier_loss, disw_map, explicit_loss
+from rkd.outputs import DetectorInfo, DetectorOutput, Targets
+
+GOLDEN = Path(__file__).parent / "fixtures" / "kd_golden_spectral.json"
+
+
+# ----------------------------------------------------------------------------- float64 references
+
+
+def ref_flatten(m: np.ndarray, a: int) -> np.ndarray:
+    """(B, A*D, H, W) -> (B, H*W*A, D): location-major, then anchor."""
+    b, ad, h, w = m.shape
+    d = ad // a
+    out = np.zeros((b, h * w * a, d))
+    for y in range(h):
+        for x in range(w):
+            for k in range(a):
+                out[:, (y * w + x) * a + k, :] = m[:, k * d : (k + 1) * d, y, x]
+    return out
+
+
+def ref_disw(boxes: np.ndarray, feat_hw: tuple[int, int], stride: float, wavelet: str) -> np.ndarray:
+    """W = 1 + sum_b [cell in box b or nearest its centre] / max(1, w_b h_b), one box and cell at a time."""
+    length = pywt.Wavelet(wavelet).dec_len
+    ny, nx = [(n + length - 1) // 2 for n in feat_hw]
+    cx = [(2 * k + 2 - length / 2) * stride for k in range(nx)]
+    cy = [(2 * k + 2 - length / 2) * stride for k in range(ny)]
+    w_map = np.ones((ny, nx))
+    for bx, by, bw, bh, ang in boxes:
+        ax, ay = math.cos(ang), math.sin(ang)  # w-axis; h-axis is (-ay, ax)
+        corners = [
+            (bx + sx * bw / 2 * ax - sy * bh / 2 * ay, by + sx * bw / 2 * ay + sy * bh / 2 * ax)
+            for sx, sy in ((-1, -1), (1, -1), (1, 1), (-1, 1))
+        ]
+        near = (int(np.argmin([abs(c - by) for c in cy])), int(np.argmin([abs(c - bx) for c in cx])))
+        area = max(1.0, (bw / (2 * stride)) * (bh / (2 * stride)))
+        for i in range(ny):
+            for j in range(nx):
+                px, py = cx[j], cy[i]
+                crosses = [
+                    (corners[(e + 1) % 4][0] - corners[e][0]) * (py - corners[e][1])
+                    - (corners[(e + 1) % 4][1] - corners[e][1]) * (px - corners[e][0])
+                    for e in range(4)
+                ]
+                inside = all(c >= 0 for c in crosses) or all(c <= 0 for c in crosses)
+                if inside or (i, j) == near:
+                    w_map[i, j] += 1.0 / area
+    return w_map
+
+
+def ref_explicit(s: np.ndarray, t: np.ndarray, w: np.ndarray | None, wavelet: str) -> tuple[float, float]:
+    ls, hs = pywt.dwt2(s, wavelet, mode="zero")
+    lt, ht = pywt.dwt2(t, wavelet, mode="zero")
+    ww = 1.0 if w is None else w[:, None]  # (B, 1, H', W') over channels
+    low = np.mean((ls - lt) ** 2 * ww)
+    high = np.mean([np.mean((a - b) ** 2 * ww) for a, b in zip(hs, ht)])  # equal-sized bands
+    return float(low), float(high)
+
+
+def ref_amplifier(cs: np.ndarray, bs: np.ndarray, ct: np.ndarray, bt: np.ndarray, beta: float) -> float:
+    sig = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
+    p, q = sig(ct), sig(cs)
+    log_q, log_1mq = -np.logaddexp(0.0, -cs), -np.logaddexp(0.0, cs)  # log sigmoid(s), log(1 - sigmoid(s))
+    bce = -(p * log_q + (1 - p) * log_1mq)
+    score = p.max(axis=-1)
+    num = np.sum(bce * np.abs(q - p) ** beta) + np.sum(score * np.abs(bs - bt).sum(-1))
+    return float(num / max(1.0, score.sum()))
+
+
+def ref_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """'same' cross-correlation, x (B, C, H, W), w (O, C, k, k)."""
+    k = w.shape[-1]
+    p = k // 2
+    xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+    h, wd = x.shape[-2:]
+    out = np.zeros((x.shape[0], w.shape[0], h, wd)) + b[None, :, None, None]
+    for i in range(k):
+        for j in range(k):
+            out += np.einsum("oc,bchw->bohw", w[:, :, i, j], xp[:, :, i : i + h, j : j + wd])
+    return out
+
+
+def ref_resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear, half-pixel centres, edge-clamped (align_corners=False)."""
+
+    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = np.floor(src).astype(int)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, src - i0
+
+    y0, y1, ly = axis(x.shape[-2], size[0])
+    x0, x1, lx = axis(x.shape[-1], size[1])
+    top = x[..., y0, :] * (1 - ly)[:, None] + x[..., y1, :] * ly[:, None]
+    return top[..., x0] * (1 - lx) + top[..., x1] * lx
+
+
+def ref_high_band(f: np.ndarray, wavelet: str) -> np.ndarray:
+    _, (lh, hl, hh) = pywt.dwt2(f, wavelet, mode="zero")
+    return ref_resize(lh + hl + hh, f.shape[-2:])
+
+
+def ref_hf_head(f: np.ndarray, p: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    h = np.maximum(ref_conv(f, p["trunk.0.weight"], p["trunk.0.bias"]), 0)
+    h = np.maximum(ref_conv(h, p["trunk.2.weight"], p["trunk.2.bias"]), 0)
+    return ref_conv(h, p["cls.weight"], p["cls.bias"]), ref_conv(h, p["box.weight"], p["box.bias"])
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+class TinyHead(nn.Module):
+    """A frozen 1x1-conv detection head shared over levels."""
+
+    def __init__(self, c: int, a: int, k: int, d: int) -> None:
+        super().__init__()
+        self.cls = nn.Conv2d(c, a * k, 1)
+        self.box = nn.Conv2d(c, a * d, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [self.cls(f) for f in feats], [self.box(f) for f in feats]
+
+
+def make_info(c: int, k: int = 3, a: int = 2, d: int = 5) -> DetectorInfo:
+    return DetectorInfo(level_channels=(c, c), strides=(8, 16), num_classes=k, num_anchors=a, box_dim=d)
+
+
+def make_output(info: DetectorInfo, feats: list[torch.Tensor], head: TinyHead, image_size=(64, 56)) -> DetectorOutput:
+    cls, box = head(feats)
+    anchors = [torch.zeros(f.shape[-2] * f.shape[-1] * info.num_anchors, info.box_dim) for f in feats]
+    return DetectorOutput(info, feats, cls, box, anchors, image_size, head_fn=head)
+
+
+def case(seed: int = 0, cs: int = 6, ct: int = 4, wavelet_sizes=((8, 7), (4, 4))):
+    """Student/teacher outputs, targets and numpy copies, all float64, from a numpy seed."""
+    rng = np.random.default_rng(seed)
+    t_info, s_info = make_info(ct), make_info(cs)
+    t_np = [rng.standard_normal((2, ct, h, w)) for h, w in wavelet_sizes]
+    s_np = [rng.standard_normal((2, cs, h, w)) for h, w in wavelet_sizes]
+    head = TinyHead(ct, 2, 3, 5).double().requires_grad_(False)
+    head_np = {
+        "cls_w": rng.standard_normal((6, ct)) * 0.5, "cls_b": rng.standard_normal(6) - 2.0,
+        "box_w": rng.standard_normal((10, ct)) * 0.5, "box_b": rng.standard_normal(10) * 0.1,
+    }
+    with torch.no_grad():
+        head.cls.weight.copy_(torch.from_numpy(head_np["cls_w"])[:, :, None, None])
+        head.cls.bias.copy_(torch.from_numpy(head_np["cls_b"]))
+        head.box.weight.copy_(torch.from_numpy(head_np["box_w"])[:, :, None, None])
+        head.box.bias.copy_(torch.from_numpy(head_np["box_b"]))
+    teacher = make_output(t_info, [torch.from_numpy(x) for x in t_np], head)
+    s_feats = [torch.from_numpy(x).requires_grad_(True) for x in s_np]
+    student = make_output(s_info, s_feats, TinyHead(cs, 2, 3, 5).double())
+    boxes = [
+        np.array([[20.0, 30.0, 40.0, 17.0, 0.4], [41.0, 12.0, 9.0, 5.0, -1.2], [30.0, 50.0, 30.0, 30.0, -math.pi / 2]]),
+        np.zeros((0, 5)),
+    ]
+    targets = Targets([torch.from_numpy(b) for b in boxes], [torch.zeros(len(b), dtype=torch.long) for b in boxes],
+                      (64, 56))
+    return student, teacher, targets, s_np, t_np, head_np, boxes, rng
+
+
+def ref_head(f: np.ndarray, hp: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    cls = np.einsum("kc,bchw->bkhw", hp["cls_w"], f) + hp["cls_b"][None, :, None, None]
+    box = np.einsum("kc,bchw->bkhw", hp["box_w"], f) + hp["box_b"][None, :, None, None]
+    return cls, box
+
+
+def ref_ds2d2_terms(comp: DS2D2, s_np, t_np, head_np, boxes, strides=(8, 16)) -> dict[str, float]:
+    hp = comp.hparams
+    wav = hp["wavelet"]
+    adapters = [a.weight.detach().numpy()[:, :, 0, 0] for a in comp.adapters]
+    adapted = [np.einsum("oc,bchw->bohw", w, s) for w, s in zip(adapters, s_np)]
+    low = high = 0.0
+    for s, t, stride in zip(adapted, t_np, strides):
+        w = np.stack([ref_disw(b, s.shape[-2:], stride, wav) for b in boxes]) if hp["disw"] else None
+        lo, hi = ref_explicit(s, t, w, wav)
+        low, high = low + lo, high + hi
+    terms = {"low": hp["w_low"] * low, "high": hp["w_high"] * high}
+    flat = lambda maps, a=2: np.concatenate([ref_flatten(m, a) for m in maps], axis=1)  # noqa: E731
+    t_out = [ref_head(t, head_np) for t in t_np]
+    ct, bt = flat([o[0] for o in t_out]), flat([o[1] for o in t_out])
+    if hp["ff_amplifier"]:
+        s_out = [ref_head(s, head_np) for s in adapted]
+        amp = ref_amplifier(flat([o[0] for o in s_out]), flat([o[1] for o in s_out]), ct, bt, hp["beta"])
+        terms["ff"] = hp["ff_weight"] * amp
+    if hp["hf_amplifier"]:
+        p = {k: v.detach().numpy() for k, v in comp.hf_head.state_dict().items()}
+        s_out = [ref_hf_head(ref_high_band(s, wav), p) for s in adapted]
+        t_out = [ref_hf_head(ref_high_band(t, wav), p) for t in t_np]
+        amp = ref_amplifier(
+            flat([o[0] for o in s_out]), flat([o[1] for o in s_out]),
+            flat([o[0] for o in t_out]), flat([o[1] for o in t_out]), hp["beta"],
+        )
+        terms["hf"] = hp["hf_weight"] * amp
+    return terms
+
+
+def golden_component(**hparams) -> tuple[DS2D2, tuple]:
+    """The golden case: every weight of the component drawn from a numpy seed."""
+    student, teacher, targets, s_np, t_np, head_np, boxes, rng = case(seed=7)
+    comp = DS2D2(student.info, teacher.info, **hparams).double()
+    with torch.no_grad():
+        for p in comp.parameters():
+            p.copy_(torch.from_numpy(rng.standard_normal(tuple(p.shape)) * 0.15))
+    return comp, (student, teacher, targets, s_np, t_np, head_np, boxes)
+
+
+GOLDEN_HP = {"wavelet": "db2", "w_low": 0.5, "w_high": 2.0, "beta": 1.5, "ff_weight": 0.7, "hf_weight": 1.3}
+
+
+def golden_reference() -> dict[str, float]:
+    comp, (_, _, _, s_np, t_np, head_np, boxes) = golden_component(**GOLDEN_HP)
+    return ref_ds2d2_terms(comp, s_np, t_np, head_np, boxes)
+
+
+# ----------------------------------------------------------------------------- DISW
+
+
+def test_disw_single_box_adds_exactly_one_over_its_footprint() -> None:
+    # haar, stride 8: wavelet cells are 16 px, centres at 8, 24, 40, ...; a 64 x 32 px box = 4 x 2 cells
+    box = torch.tensor([[48.0, 48.0, 64.0, 32.0, 0.0]])
+    w = disw_map([box], (10, 12), 8.0, "haar")[0, 0]
+    assert torch.isclose(w.sum() - w.numel(), torch.tensor(1.0))
+    assert int((w > 1).sum()) == 8 and torch.allclose(w[w > 1], torch.tensor(1.125))
+    assert (w[2:4, 1:5] == 1.125).all()  # rows centred at 40, 56; columns at 24..72
+    # the same box standing upright (angle -pi/2 turns the w-axis onto -y): 2 x 4 cells, still 1 in total
+    up = disw_map([torch.tensor([[48.0, 48.0, 64.0, 32.0, -math.pi / 2]])], (10, 12), 8.0, "haar")[0, 0]
+    assert torch.isclose(up.sum() - up.numel(), torch.tensor(1.0)) and (up[1:5, 2:4] == 1.125).all()
+
+
+def test_disw_small_box_adds_one_on_the_cell_at_its_centre() -> None:
+    w = disw_map([torch.tensor([[100.0, 37.0, 6.0, 3.0, 0.3]])], (8, 8), 32.0, "haar")[0, 0]
+    assert float(w.sum() - w.numel()) == pytest.approx(1.0)
+    assert float(w.max()) == pytest.approx(2.0)
+    iy, ix = divmod(int(w.argmax()), w.shape[1])
+    assert (iy, ix) == (0, 1)  # cell centres 32, 96, 160, ... : nearest to (100, 37)
+
+
+@pytest.mark.parametrize("wavelet", ["haar", "db2", "coif1"])
+def test_disw_matches_reference(wavelet: str) -> None:
+    rng = np.random.default_rng(1)
+    boxes = []
+    for n in (7, 0, 3):
+        b = np.column_stack([rng.uniform(0, 128, n), rng.uniform(0, 96, n), rng.uniform(20, 70, n),
+                             rng.uniform(5, 20, n), rng.uniform(-math.pi / 2, math.pi / 2, n)])
+        boxes.append(b)
+    got = disw_map([torch.from_numpy(b) for b in boxes], (12, 16), 8.0, wavelet, torch.float64)
+    for g, b in zip(got, boxes):
+        np.testing.assert_allclose(g[0].numpy(), ref_disw(b, (12, 16), 8.0, wavelet), rtol=1e-5)
+
+
+def test_disw_accepts_xyxy_boxes() -> None:
+    xyxy = torch.tensor([[16.0, 32.0, 80.0, 64.0]])
+    rot = torch.tensor([[48.0, 48.0, 64.0, 32.0, 0.0]])
+    assert torch.equal(disw_map([xyxy], (8, 8), 8.0, "haar"), disw_map([rot], (8, 8), 8.0, "haar"))
+
+
+# ----------------------------------------------------------------------------- pure losses
+
+
+def test_explicit_loss_matches_reference() -> None:
+    rng = np.random.default_rng(2)
+    s, t = rng.standard_normal((2, 3, 9, 6)), rng.standard_normal((2, 3, 9, 6))
+    w = 1 + rng.uniform(0, 2, (2, 8, 6))  # db4 (L=8) grid: floor((9+7)/2) x floor((6+7)/2)
+    got = explicit_loss(torch.from_numpy(s), torch.from_numpy(t), torch.from_numpy(w)[:, None], "db4")
+    ref = ref_explicit(s, t, w, "db4")
+    np.testing.assert_allclose([float(g) for g in got], ref, rtol=1e-12)
+    got = explicit_loss(torch.from_numpy(s), torch.from_numpy(t), None, "sym4")
+    np.testing.assert_allclose([float(g) for g in got], ref_explicit(s, t, None, "sym4"), rtol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [1.0, 1.5])
+def test_amplifier_loss_matches_reference(beta: float) -> None:
+    rng = np.random.default_rng(4)
+    cs, ct = rng.standard_normal((2, 30, 4)) * 2, rng.standard_normal((2, 30, 4)) * 2 - 1
+    bs, bt = rng.standard_normal((2, 30, 5)), rng.standard_normal((2, 30, 5))
+    got = amplifier_loss(*(torch.from_numpy(x) for x in (cs, bs, ct, bt)), beta=beta)
+    assert float(got) == pytest.approx(ref_amplifier(cs, bs, ct, bt, beta), rel=1e-12)
+    # below one soft positive the normaliser is 1
+    got = amplifier_loss(*(torch.from_numpy(x) for x in (cs[:, :1], bs[:, :1], ct[:, :1] - 20, bt[:, :1])), beta=beta)
+    assert float(got) == pytest.approx(ref_amplifier(cs[:, :1], bs[:, :1], ct[:, :1] - 20, bt[:, :1], beta), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- the component
+
+
+def test_forward_matches_reference_and_golden() -> None:
+    comp, (student, teacher, targets, s_np, t_np, head_np, boxes) = golden_component(**GOLDEN_HP)
+    terms = comp(student, teacher, targets)
+    ref = ref_ds2d2_terms(comp, s_np, t_np, head_np, boxes)
+    golden = json.loads(GOLDEN.read_text())["ds2d2"]
+    assert golden["hparams"] == GOLDEN_HP
+    assert sorted(terms) == sorted(ref) == sorted(golden["terms"]) == ["ff", "hf", "high", "low"]
+    for name in terms:
+        assert terms[name].item() == pytest.approx(ref[name], rel=1e-9), name
+        assert terms[name].item() == pytest.approx(golden["terms"][name], rel=1e-9), name
+
+
+def test_forward_haar_defaults_match_reference() -> None:
+    student, teacher, targets, s_np, t_np, head_np, boxes, _ = case(seed=3)
+    comp = DS2D2(student.info, teacher.info).double()
+    terms = comp(student, teacher, targets)
+    ref = ref_ds2d2_terms(comp, s_np, t_np, head_np, boxes)
+    for name in ref:
+        assert terms[name].item() == pytest.approx(ref[name], rel=1e-9), name
+
+
+def test_terms_vanish_when_student_equals_teacher() -> None:
+    student, teacher, targets, *_ = case(seed=5, cs=4, ct=4)
+    comp = DS2D2(student.info, teacher.info, w_low=1.0, w_high=1.0).double()
+    with torch.no_grad():
+        for a in comp.adapters:
+            a.weight.copy_(torch.eye(4, dtype=torch.float64)[:, :, None, None])
+    same = make_output(student.info, [f.clone() for f in teacher.features], TinyHead(4, 2, 3, 5).double())
+    terms = comp(same, teacher, targets)
+    assert set(terms) == {"low", "high", "ff", "hf"}
+    for name, value in terms.items():
+        assert abs(value.item()) < 1e-12, name
+    # and they do not vanish otherwise
+    assert all(v.item() > 1e-6 for v in comp(student, teacher, targets).values())
+
+
+def test_gradients_reach_student_and_adapters_never_teacher_or_frozen_heads() -> None:
+    student, teacher, targets, *_ = case(seed=6)
+    t_feats = [f.clone().requires_grad_(True) for f in teacher.features]
+    teacher.features = t_feats
+    comp = DS2D2(student.info, teacher.info, w_low=1.0, w_high=1.0).double()
+    sum(comp(student, teacher, targets).values()).backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in student.features)
+    assert all(a.weight.grad is not None and a.weight.grad.abs().sum() > 0 for a in comp.adapters)
+    assert all(f.grad is None for f in t_feats)
+    assert all(p.grad is None for p in teacher.head_fn.parameters())  # frozen teacher head
+    assert all(p.grad is None for p in comp.hf_head.parameters())  # frozen during distillation
+    # each amplifier alone sends gradient through its head to the student
+    for only in ("ff", "hf"):
+        s2, t2, tg, *_ = case(seed=6)
+        c2 = DS2D2(s2.info, t2.info).double()
+        c2(s2, t2, tg)[only].backward()
+        assert all(f.grad.abs().sum() > 0 for f in s2.features), only
+
+
+def test_prior_stage_trains_the_hf_head_only() -> None:
+    torch.manual_seed(0)
+    _, teacher, targets, *_ = case(seed=8)
+    t_feats = [f.clone().requires_grad_(True) for f in teacher.features]
+    teacher.features = t_feats
+    comp = DS2D2(make_info(6), teacher.info).double()
+    assert comp.has_prior_stage and comp.prior_stage_modules() is comp.hf_head
+    opt = torch.optim.Adam(comp.prior_stage_modules().parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = comp.prior_stage_loss(teacher, targets)
+        opt.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        assert all(p.grad is not None for p in comp.hf_head.parameters())
+        opt.step()
+    assert losses[-1] < 0.8 * losses[0] and np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert all(f.grad is None for f in t_feats)
+    assert all(a.weight.grad is None for a in comp.adapters)
+
+
+def test_params_switches_and_errors() -> None:
+    p = DS2D2.params
+    assert (p["wavelet"].default, p["w_low"].default, p["w_high"].default) == ("haar", 1e-5, 1e-5)
+    assert (p["ff_weight"].default, p["hf_weight"].default, p["disw"].default) == (1.0, 1.0, True)
+    assert p["w_low"].log and p["w_low"].low < 1e-5 < p["w_low"].high
+    assert {"haar", "db2", "db4", "sym4", "coif1", "bior2.2"} <= set(p["wavelet"].choices)
+    student, teacher, targets, *_ = case(seed=9)
+    off = DS2D2(student.info, teacher.info, hf_amplifier=False, ff_amplifier=False).double()
+    assert not off.has_prior_stage and off.prior_stage_modules() is None and off.hf_head is None
+    teacher.head_fn = None
+    assert set(off(student, teacher, targets)) == {"low", "high"}
+    ff = DS2D2(student.info, teacher.info, hf_amplifier=False).double()
+    with pytest.raises(ValueError, match="head_fn"):
+        ff(student, teacher, targets)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        DS2D2(student.info, teacher.info, w_mid=1.0)
+    with pytest.raises(ValueError, match="expected one of"):
+        DS2D2(student.info, teacher.info, wavelet="morl")
+    odd = DetectorInfo(level_channels=(4, 8), strides=(8, 16), num_classes=3, num_anchors=2, box_dim=5)
+    with pytest.raises(ValueError, match="equal channels"):
+        DS2D2(student.info, odd)
+    DS2D2(student.info, odd, hf_amplifier=False)  # fine without the shared HF head
+    moved = DetectorInfo(level_channels=(4, 4), strides=(4, 8), num_classes=3, num_anchors=2, box_dim=5)
+    with pytest.raises(ValueError, match="strides"):
+        DS2D2(moved, teacher.info)
+
+
+def test_built_through_the_distiller() -> None:
+    student, teacher, targets, *_ = case(seed=10)
+    d = build_distiller({"ds2d2": {"wavelet": "sym4", "disw": False}}, student.info, teacher.info).double()
+    terms = d(student, teacher, targets)
+    assert sorted(terms) == ["ds2d2.ff", "ds2d2.hf", "ds2d2.high", "ds2d2.low"]
+    assert list(d.prior_stage_components()) == ["ds2d2"]

@@ -1,0 +1,253 @@
+"""`rkd export`: trial picking, and round trips of the exported student (safetensors, ONNX, TorchScript).
+
+A real run folder: students saved with ``save_detector`` where a search puts
+them, a ``trials.parquet`` written by ``rkd.search.results`` and a ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rkd.cli
+from rkd.deploy.export import (
+    CARD_FILE,
+    ONNX_FILE,
+    TORCHSCRIPT_FILE,
+    WEIGHTS_FILE,
+    RawNetwork,
+    export_student,
+    load_exported,
+    output_names,
+    pick_trial,
+)
+from rkd.errors import RkdError
+from rkd.models import build_detector
+from rkd.search.results import trials_table, write_parquet
+from rkd.train.checkpoint import atomic_torch_save, save_detector
+
+SIZE = 128
+CLASSES = ["ship", "plane"]
+
+
+def model_spec(width: float, kind: str = "retinanet") -> dict:
+    return {
+        "kind": kind,
+        "boxes": "obb",
+        "backbone": {"name": "convnet", "width": width, "depth": 1},
+        "neck": {"channels": 16},
+        "head": {"convs": 1},
+    }
+
+
+def rkd_main(argv: list[str]) -> int:
+    """``rkd.cli.main``, or the deploy commands alone until the lead wires them into rkd.cli."""
+    if "add_commands" in inspect.getsource(rkd.cli):
+        return rkd.cli.main(argv)
+    import argparse
+
+    from rkd.deploy.cli import add_commands
+
+    parser = argparse.ArgumentParser(prog="rkd")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except RkdError as err:
+        print(f"rkd: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+# (trial id, status, mAP50, GFLOPs, width, kind); c and d are dominated or not complete
+TRIALS = [
+    ("t_small", "complete", 0.30, 0.10, 0.25, "retinanet"),
+    ("t_mid", "complete", 0.50, 0.20, 0.5, "fcos"),
+    ("t_big", "complete", 0.60, 0.40, 0.75, "retinanet"),
+    ("t_dominated", "complete", 0.20, 0.30, 0.5, "retinanet"),
+    ("t_failed", "failed", None, 0.15, 0.5, "retinanet"),
+]
+
+
+def make_run(root: Path) -> Path:
+    run = root / "runs" / "demo"
+    rows = []
+    torch.manual_seed(0)
+    teacher_ckpt = run / "teacher" / "teacher.pt"
+    save_detector(teacher_ckpt, build_detector(model_spec(1.0), 2), model_spec(1.0), CLASSES, SIZE)
+    for trial_id, status, map50, gflops, width, kind in TRIALS:
+        ckpt = run / "ray" / "trials" / f"trial-{trial_id}" / "checkpoint_000000" / "student.pt"
+        model = build_detector(model_spec(width, kind), len(CLASSES))
+        save_detector(ckpt, model, model_spec(width, kind), CLASSES, SIZE, meta={"map50": map50})
+        # the KD-only parts a distilled student leaves beside it
+        atomic_torch_save({"adapters.0.weight": torch.randn(16, 16, 1, 1)}, ckpt.parent / "kd_parts.pt")
+        params = {"student.model.backbone.width": width, "methods.fitnet": True, "methods.fitnet.weight": 2.0}
+        rows.append({
+            "trial_id": trial_id, "status": status, "reason": None if status == "complete" else "boom",
+            "map50": map50, "gflops": gflops, "params_m": 0.1, "epochs_done": 1, "epochs": 1,
+            "kd_methods": "fitnet", "wall_s": 1.0,
+            "checkpoint": str(ckpt) if status == "complete" else None,
+            "config_json": json.dumps(params, sort_keys=True), "params": params,
+        })
+    write_parquet(trials_table(rows), run / "trials.parquet")
+    summary = {"name": "demo", "teacher": {"checkpoint": str(teacher_ckpt), "map50": 0.7, "gflops": 1.5,
+                                          "params": 1, "source": "trained", "config_hash": "abc", "wall_s": 1.0}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "best"
+    assert rkd_main(["export", str(run), "--pick", "t_mid", "--out", str(out), "--latency-runs", "3"]) == 0
+    return out
+
+
+def rows_of(run: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(run / "trials.parquet").to_pylist()
+
+
+def test_pick_best_and_knee_honour_constraints(run):
+    rows = rows_of(run)
+    assert pick_trial(rows, "best")["trial_id"] == "t_big"
+    assert pick_trial(rows, "best", max_gflops=0.25)["trial_id"] == "t_mid"
+    assert pick_trial(rows, "best", min_map=0.25, max_gflops=0.15)["trial_id"] == "t_small"
+    assert pick_trial(rows, "knee")["trial_id"] == "t_mid"
+    assert pick_trial(rows, "t_dominated")["trial_id"] == "t_dominated"  # an explicit id may be off the front
+
+
+def test_pick_errors_name_the_problem(run):
+    rows = rows_of(run)
+    with pytest.raises(RkdError, match=r"satisfies mAP50 >= 0.55 and GFLOPs <= 0.3.*t_big \(mAP50 0.600"):
+        pick_trial(rows, "best", min_map=0.55, max_gflops=0.3)
+    with pytest.raises(RkdError, match="t_failed is failed"):
+        pick_trial(rows, "t_failed")
+    with pytest.raises(RkdError, match="no such trial"):
+        pick_trial(rows, "t_nope")
+    with pytest.raises(RkdError, match="t_big .* does not satisfy GFLOPs <= 0.2"):
+        pick_trial(rows, "t_big", max_gflops=0.2)
+
+
+def test_cli_reports_unqualified_pick_and_writes_nothing(run, tmp_path, capsys):
+    out = tmp_path / "none"
+    code = rkd_main(["export", str(run), "--min-map", "0.9", "--out", str(out)])
+    assert code == 2
+    assert "no complete trial on the Pareto front satisfies mAP50 >= 0.9" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_a_non_empty_out_and_bad_formats(run, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("x")
+    assert rkd_main(["export", str(run), "--out", str(tmp_path / "taken")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert rkd_main(["export", str(run), "--out", str(tmp_path / "o"), "--format", "onnx,tflite"]) == 2
+    assert "--format 'onnx,tflite'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temp folder left
+
+
+def test_export_rejects_weights_with_kd_parts(run, tmp_path):
+    rows = rows_of(run)
+    # A student checkpoint that (wrongly) carries an adapter: export must not pass it on.
+    import rkd.train.checkpoint as ck
+
+    bad_run = tmp_path / "bad"
+    bad_run.mkdir()
+    ckpt = ck.read_checkpoint(Path(rows[0]["checkpoint"]))
+    ckpt["state_dict"]["distiller.adapters.0.weight"] = torch.zeros(1)
+    ck.atomic_torch_save(ckpt, bad_run / "student.pt")
+    row = {**rows[0], "checkpoint": str(bad_run / "student.pt")}
+    row["params"] = json.loads(row["config_json"])
+    write_parquet(trials_table([row]), bad_run / "trials.parquet")
+    with pytest.raises(RkdError, match="distiller.adapters.0.weight"):
+        export_student(bad_run, tmp_path / "out", pick=row["trial_id"], latency_runs=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_exported_files_and_card(exported, run):
+    names = {p.name for p in exported.iterdir()}
+    assert names == {WEIGHTS_FILE, ONNX_FILE, TORCHSCRIPT_FILE, CARD_FILE, "model_spec.json"}
+    card = json.loads((exported / CARD_FILE).read_text())
+    assert card["trial"]["id"] == "t_mid" and card["trial"]["on_front"] is True
+    assert card["classes"] == CLASSES and card["input"]["shape"] == [1, 3, SIZE, SIZE]
+    assert card["input"]["mean"] == [0.485, 0.456, 0.406] and card["boxes"]["convention"] == "le90"
+    assert card["metrics"]["map50"] == 0.5 and card["metrics"]["latency_ms"] > 0
+    assert card["metrics"]["params"] == sum(p.numel() for p in build_detector(model_spec(0.5, "fcos"), 2).parameters())
+    assert card["trial"]["params"]["methods.fitnet.weight"] == 2.0 and card["trial"]["kd_methods"] == ["fitnet"]
+    teacher = Path(card["teacher"]["checkpoint"])
+    import hashlib
+
+    assert card["teacher"]["sha256"] == hashlib.sha256(teacher.read_bytes()).hexdigest()
+    assert card["teacher"]["map50"] == 0.7 and card["rkd_version"] == rkd.__version__
+    # an FCOS head: centerness outputs follow the box maps
+    assert [o["name"] for o in card["outputs"]][-3:] == ["centerness_0", "centerness_1", "centerness_2"]
+
+
+def test_safetensors_hold_the_student_alone(exported, run):
+    state = load_file(str(exported / WEIGHTS_FILE))
+    expected = build_detector(model_spec(0.5, "fcos"), 2).state_dict()
+    assert set(state) == set(expected)
+    kd_keys = torch.load(Path(rows_of(run)[1]["checkpoint"]).parent / "kd_parts.pt", weights_only=True)
+    assert not set(kd_keys) & set(state)
+    assert not any("adapter" in k or "distill" in k for k in state)
+
+
+@pytest.fixture(scope="module")
+def reference(run):
+    """The original student and its raw outputs on a fixed batch."""
+    from rkd.train.checkpoint import load_detector
+
+    model, _ = load_detector(Path(rows_of(run)[1]["checkpoint"]))
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        outs = RawNetwork(model.eval())(images)
+    return model, images, outs
+
+
+def test_safetensors_round_trip_is_exact(exported, reference):
+    model, images, outs = reference
+    loaded, spec = load_exported(exported)
+    assert spec["class_names"] == CLASSES and spec["input_size"] == SIZE
+    with torch.no_grad():
+        again = RawNetwork(loaded)(images)
+    assert len(again) == len(outs)
+    for a, b in zip(again, outs):
+        assert torch.equal(a, b)
+    p, q = model.predict(images, score_threshold=0.0), loaded.predict(images, score_threshold=0.0)
+    assert all(torch.equal(x["boxes"], y["boxes"]) and torch.equal(x["scores"], y["scores"]) for x, y in zip(p, q))
+
+
+def test_onnx_matches_torch(exported, reference):
+    import onnx
+    import onnxruntime as ort
+
+    model, images, outs = reference
+    proto = onnx.load(str(exported / ONNX_FILE))
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    session = ort.InferenceSession(str(exported / ONNX_FILE), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == output_names(model.info)
+    got = session.run(None, {"images": images.numpy()})  # batch 2: the batch axis is dynamic
+    for a, b in zip(got, outs):
+        np.testing.assert_allclose(a, b.numpy(), atol=1e-4, rtol=0)
+
+
+def test_torchscript_matches_torch(exported, reference):
+    _, images, outs = reference
+    scripted = torch.jit.load(str(exported / TORCHSCRIPT_FILE))
+    with torch.no_grad():
+        got = scripted(images)
+    for a, b in zip(got, outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -1,0 +1,137 @@
+"""The search-space compiler: conditionality, ranges, fixed values and errors with file:line."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+
+from rkd.errors import SpecError
+from rkd.search.space import compile_space, load_space, split_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def sample(space, n: int, seed: int = 0) -> list[dict]:
+    """Real Optuna trials drawn through the define-by-run function (params + constants)."""
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=seed))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        constants = space.define_by_run(trial)
+        out.append({**trial.params, **constants})
+        study.tell(trial, [0.0, 0.0])
+    return out
+
+
+def test_method_parameters_exist_only_when_the_method_is_on():
+    space = compile_space(
+        {
+            "student": {"model.backbone.width": {"choices": [0.25, 0.5]}},
+            "methods": {"fitnet": {"weight": "default"}, "hinton": {"weight": {"low": 0.1, "high": 10, "log": True}}},
+        },
+        "s.yaml",
+    )
+    trials = sample(space, 40)
+    seen_on = seen_off = False
+    for params in trials:
+        for method in ("fitnet", "hinton"):
+            on = params[f"methods.{method}"]
+            has_params = any(k.startswith(f"methods.{method}.") for k in params)
+            assert has_params == on, params
+            seen_on |= on
+            seen_off |= not on
+        assert params["student.model.backbone.width"] in (0.25, 0.5)
+        if params["methods.hinton"]:
+            assert 0.1 <= params["methods.hinton.weight"] <= 10
+    assert seen_on and seen_off
+
+
+def test_default_uses_the_declared_range_and_fixed_values_are_constants():
+    from rkd.distill.base import KD_METHODS
+
+    declared = KD_METHODS["hinton"].params["temperature"]
+    space = compile_space({"methods": {"hinton": {"enabled": True, "temperature": "default", "weight": 2.5}}}, "s.yaml")
+    dims = {d.name: d for d in space.dims}
+    assert dims["methods.hinton"].kind == "fixed" and dims["methods.hinton"].value is True
+    temp = dims["methods.hinton.temperature"]
+    assert (temp.low, temp.high, temp.log) == (declared.low, declared.high, declared.log)
+    for params in sample(space, 10):
+        assert params["methods.hinton"] is True and params["methods.hinton.weight"] == 2.5
+        assert declared.low <= params["methods.hinton.temperature"] <= declared.high
+    assert dims["methods.hinton.weight"].size() == 1 and math.isinf(temp.size()) == (temp.kind == "float")
+
+
+def test_a_method_with_no_parameters_listed_searches_all_declared_ones():
+    from rkd.distill.base import KD_METHODS
+
+    space = compile_space({"methods": {"hinton": "default"}}, "s.yaml")
+    names = {d.name for d in space.dims}
+    assert names == {"methods.hinton"} | {f"methods.hinton.{p}" for p in KD_METHODS["hinton"].params}
+
+
+def test_baseline_point_switches_every_method_off():
+    space = compile_space({"methods": {"fitnet": {}, "hinton": {"enabled": True}}}, "s.yaml")
+    # hinton is always on, so only fitnet can be switched off
+    assert space.baseline_point() == {"methods.fitnet": False}
+
+
+def test_split_params_builds_student_overrides_and_methods():
+    params = {
+        "student.model.backbone.width": 0.5,
+        "student.lr": 0.002,
+        "methods.fitnet": True,
+        "methods.fitnet.weight": 0.3,
+        "methods.hinton": False,
+    }
+    student, methods = split_params(params, base_methods={"hinton": {"weight": 1.0}})
+    assert student == {"model.backbone.width": 0.5, "lr": 0.002}
+    assert methods == {"fitnet": {"weight": 0.3}}  # the search switched the base hinton off
+
+
+@pytest.mark.parametrize(
+    "doc, path, needle",
+    [
+        ({"methods": {"fitnett": {}}}, "methods.fitnett", "unknown KD method"),
+        ({"methods": {"hinton": {"temprature": "default"}}}, "methods.hinton.temprature", "unknown parameter"),
+        ({"methods": {"hinton": {"weight": {"low": 5, "high": 1}}}}, "methods.hinton.weight", "low < high"),
+        ({"methods": {"hinton": {"weight": {"low": 0, "high": 1, "log": True}}}}, "methods.hinton.weight.log", "low > 0"),
+        ({"methods": {"hinton": {"enabled": "yes"}}}, "methods.hinton.enabled", "expected true"),
+        ({"student": {"lr": [1, 2]}}, "student.lr", "choices"),
+        ({"students": {}}, "students", "unknown section"),
+        ({}, "", "empty"),
+    ],
+)
+def test_invalid_spaces_name_the_entry(doc, path, needle):
+    with pytest.raises(SpecError) as err:
+        compile_space(doc, "s.yaml")
+    assert err.value.path == path
+    assert needle in err.value.message
+
+
+def test_errors_from_files_carry_the_line(tmp_path):
+    bad = tmp_path / "space.yaml"
+    bad.write_text("student:\n  lr: {low: 1.0e-3, high: 1.0e-2}\nmethods:\n  hinton:\n    weight: {low: 2, high: 1}\n")
+    with pytest.raises(SpecError) as err:
+        load_space(bad)
+    assert str(err.value).startswith(f"{bad}:5: methods.hinton.weight:")
+
+
+def test_student_paths_are_checked_with_every_choice():
+    def check(overrides):
+        if overrides.get("model.backbone.width", 1) <= 0:
+            raise SpecError("model.backbone.width", "must be > 0")
+
+    with pytest.raises(SpecError) as err:
+        compile_space({"student": {"model.backbone.width": {"choices": [0.5, -1]}}}, "s.yaml", student_check=check)
+    assert err.value.path == "student.model.backbone.width" and "-1" in err.value.message
+
+
+def test_shipped_skeleton_space_compiles():
+    space = load_space(REPO / "search_spaces" / "skeleton.yaml")
+    assert set(space.methods()) == {"fitnet", "hinton"}
+    assert any(d.name == "student.model.backbone.width" and len(d.choices) >= 2 for d in space.dims)
