@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.rkd-installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt torch torchvision
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,pretrained]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,pretrained,export]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -29,6 +29,22 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from rkd.data.dataset import build_dataset
+    from rkd.train.runner import ensure_ray
+    from rkd.train.spec import load_spec
+    from rkd.train.stages import run_stages
+
+    spec = load_spec(args.spec)
+    if args.output_dir is not None:
+        spec.output_dir = Path(args.output_dir).resolve()
+    for split in ("train", "val"):  # every label file is read (and checked) before Ray starts
+        build_dataset(spec.data, split, train=False)
+    ensure_ray(spec.resources.ray_address)
+    run_stages(spec, args.stage)
+    return 0
+
+
 def _cmd_flops(args: argparse.Namespace) -> int:
     from rkd.data.dataset import class_names
     from rkd.models import build_detector
@@ -82,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where runs/<name> goes (default: ./runs, or the spec's output_dir)")
     p.set_defaults(func=_cmd_search)
 
+    p = sub.add_parser("train", help="train (or load) the teacher, then distil the spec's student with its methods")
+    p.add_argument("spec", help="the run spec (YAML)")
+    p.add_argument("--stage", choices=["all", "teacher", "student"], default="all", help="default: all")
+    p.add_argument("--output-dir", help="where runs/<name> goes (default: ./runs, or the spec's output_dir)")
+    p.set_defaults(func=_cmd_train)
+
     p = sub.add_parser("flops", help="GFLOPs and parameters of the spec's teacher and student")
     p.add_argument("spec")
     p.set_defaults(func=_cmd_flops)
@@ -89,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="print the Pareto front and knee point of a finished search")
     p.add_argument("run", help="the run folder, runs/<name>")
     p.set_defaults(func=_cmd_results)
+
+    from rkd.deploy.cli import add_commands as add_deploy_commands  # export, predict, submit, status, logs
+
+    add_deploy_commands(sub)
     return parser
 
 

@@ -251,3 +251,16 @@ def test_torchscript_matches_torch(exported, reference):
         got = scripted(images)
     for a, b in zip(got, outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_a_moved_run_folder_still_exports(tmp_path):
+    # A run copied home from cluster storage: the recorded checkpoint paths no longer exist.
+    import shutil
+
+    original = make_run(tmp_path / "cluster")
+    moved = tmp_path / "home" / "demo"
+    shutil.move(str(original), moved)
+    result = export_student(moved, tmp_path / "out", pick="best", formats=["safetensors"], latency_runs=1)
+    assert result.trial["trial_id"] == "t_big"
+    model, _ = load_exported(result.out)
+    assert sum(p.numel() for p in model.parameters()) == result.card["metrics"]["params"]

@@ -56,7 +56,7 @@ def read_image(path: Path) -> Tensor:
             array = to_rgb8(im)
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read image: {e}") from e
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).contiguous()  # PIL arrays are read-only
 
 
 def find_images(folder: Path) -> dict[str, Path]:

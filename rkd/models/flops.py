@@ -52,8 +52,10 @@ FFT_FORMULAS = {aten._fft_r2c: _fft_r2c_flop, aten._fft_c2c: _fft_c2c_flop, aten
 def count_flops(model: nn.Module, input_size: int, batch: int = 1) -> FlopsReport:
     """FLOPs of ``model(images)`` for a ``(batch, 3, input_size, input_size)`` input, in eval mode.
 
-    Detectors are called without targets, so neither assignment, losses nor
-    decoding are counted. The model's train/eval mode is restored afterwards.
+    Any module taking an image batch works: detectors (one- and two-stage) and
+    classifiers alike. They are called without targets or labels, so neither
+    assignment, losses nor decoding are counted (a two-stage detector's proposal
+    selection and RoI head are part of its forward and are counted). The model's train/eval mode is restored afterwards.
 
     >>> count_flops(nn.Conv2d(3, 8, 3, padding=1, bias=False), 4)  # 2 * (4*4 out px) * 8 * 3*3*3
     FlopsReport(gflops=6.912e-06, params=216)

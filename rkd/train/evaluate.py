@@ -7,6 +7,7 @@ ranks report the same number.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,7 +39,19 @@ def predict_shard(model: nn.Module, dataset: Dataset, rank: int, world: int, bat
     return out
 
 
-def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int = 8) -> MapResult:
+@dataclass
+class Validation:
+    """The mAP of a validation pass and how many images it scored (all of them, whatever the ranks)."""
+
+    result: MapResult
+    num_images: int
+
+    @property
+    def map(self) -> float:
+        return self.result.map
+
+
+def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int = 8) -> Validation:
     """mAP50 of ``model`` on ``dataset``, gathering shards when a process group is up."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -52,4 +65,4 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
     shard.sort(key=lambda item: item[0])
     detections = [pair[0] for _, pair in shard]
     truths = [pair[1] for _, pair in shard]
-    return evaluate_detections(detections, truths, num_classes=num_classes, iou_threshold=0.5)
+    return Validation(evaluate_detections(detections, truths, num_classes=num_classes, iou_threshold=0.5), len(detections))

@@ -8,6 +8,7 @@ DDP: it has no trainable parameters, so nothing of it is synchronised.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -31,6 +33,7 @@ from rkd.train.evaluate import evaluate
 
 STUDENT_FILE = "student.pt"
 KD_PARTS_FILE = "kd_parts.pt"
+TRAIN_STATE_FILE = "train_state.pt"
 MAX_NONFINITE_STEPS = 5
 
 
@@ -65,8 +68,13 @@ def make_loop_config(
     threads: int,
     teacher_checkpoint: str | None = None,
     extra_metrics: dict[str, Any] | None = None,
+    progress_file: str | None = None,
 ) -> dict[str, Any]:
-    """The config :func:`train_loop` takes (plain data only, so Ray can ship it)."""
+    """The config :func:`train_loop` takes (plain data only, so Ray can ship it).
+
+    ``progress_file``: rank 0 appends one JSON line of metrics per epoch to it, for
+    the driver to show (workers' stdout is not forwarded: Ray's own logs drown it).
+    """
     return {
         "data": data,
         "train": train,
@@ -74,6 +82,7 @@ def make_loop_config(
         "threads": threads,
         "teacher_checkpoint": teacher_checkpoint,
         "extra_metrics": extra_metrics or {},
+        "progress_file": progress_file,
     }
 
 
@@ -134,10 +143,28 @@ def train_loop(cfg: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, max(1, warmup)))
     eval_every = int(train_cfg.get("eval_every", 0))
 
-    step, nonfinite_steps, map50 = 0, 0, 0.0
-    for epoch in range(epochs):
+    step, nonfinite_steps, map50, start_epoch, val_images = 0, 0, 0.0, 0, 0
+    history: list[dict[str, Any]] = []
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        # Continue a killed or failed run where its last checkpoint left it.
+        with resumed.as_directory() as folder:
+            state = torch.load(Path(folder) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+            student.load_state_dict(torch.load(Path(folder) / STUDENT_FILE, map_location="cpu", weights_only=True)["state_dict"])
+        if distiller is not None and state.get("kd_parts"):
+            distiller.load_state_dict(state["kd_parts"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step, map50 = int(state["epoch"]), int(state["step"]), float(state["map50"])
+        nonfinite_steps, history = int(state["nonfinite_steps"]), list(state["history"])
+        generator.set_state(state["sampler_rng"])
+        torch.set_rng_state(state["torch_rng"])
+
+    for epoch in range(start_epoch, epochs):
+        shard: list[int] = []
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
+            shard = list(sampler)  # deterministic for a given epoch: the order the loader will use
         model.train()
         sums: dict[str, float] = {}
         seen, start = 0, time.perf_counter()
@@ -173,32 +200,91 @@ def train_loop(cfg: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - start
         last = epoch + 1 == epochs
         if last or (eval_every and (epoch + 1) % eval_every == 0):
-            map50 = evaluate(student, val_set, len(class_names), batch_size).map
-        metrics = {k: v / max(1, seen) for k, v in sums.items()}
+            scored = evaluate(student, val_set, len(class_names), batch_size)
+            map50, val_images = scored.map, scored.num_images
+        metrics = _reduce_means(sums, seen, world)
+        if world > 1:
+            metrics.update(_shard_coverage(shard, world))
         metrics.update(
             epoch=epoch + 1,
             epochs=epochs,
             map50=float(map50),
+            val_images=val_images,
             images_per_s=seen * world / max(elapsed, 1e-9),
             lr=optimizer.param_groups[0]["lr"],
             nonfinite_steps=nonfinite_steps,
+            epoch_s=elapsed,
+            start_epoch=start_epoch,  # > 0 when this process resumed from a checkpoint
             **cfg.get("extra_metrics", {}),
         )
-        _report(metrics, rank, last, student, distiller, train_cfg, class_names, data_spec)
+        history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+        if rank == 0 and cfg.get("progress_file"):
+            _append_line(Path(cfg["progress_file"]), history[-1])
+        state = {
+            "epoch": epoch + 1,
+            "step": step,
+            "map50": float(map50),
+            "nonfinite_steps": nonfinite_steps,
+            "history": history,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "sampler_rng": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "kd_parts": {k: v.detach().cpu() for k, v in distiller.state_dict().items()} if distiller else {},
+        }
+        _report(metrics, rank, student, distiller, state, train_cfg, class_names, data_spec)
+    if start_epoch >= epochs and history:
+        # Resumed a run whose training had already finished: report its last state again
+        # so the caller gets the final metrics and checkpoint.
+        ray.train.report(history[-1], checkpoint=resumed if rank == 0 else None)
+
+
+def _reduce_means(sums: dict[str, float], seen: int, world: int) -> dict[str, float]:
+    """Per-image means of the loss terms over the images of ALL ranks (not just rank 0's)."""
+    keys = sorted(sums)
+    if world == 1:
+        return {k: sums[k] / max(1, seen) for k in keys}
+    packed = torch.tensor([sums[k] for k in keys] + [float(seen)], dtype=torch.float64)
+    torch.distributed.all_reduce(packed)
+    return {k: float(packed[i] / max(1.0, float(packed[-1]))) for i, k in enumerate(keys)}
+
+
+def _shard_coverage(shard: list[int], world: int) -> dict[str, int]:
+    """How the epoch's training images were spread over ranks (and ranks over nodes)."""
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, (ray.get_runtime_context().get_node_id(), shard))
+    seen = [i for _, part in gathered for i in part]
+    return {
+        "shard_unique": len(set(seen)),
+        "shard_total": len(seen),
+        "shard_overlap": len(seen) - len(set(seen)),
+        "nodes": len({node for node, _ in gathered}),
+    }
+
+
+def _append_line(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
 
 
 def _report(
     metrics: dict[str, Any],
     rank: int,
-    last: bool,
     student: nn.Module,
     distiller: Distiller | None,
+    state: dict[str, Any],
     train_cfg: dict[str, Any],
     class_names: list[str],
     data_spec: dict[str, Any],
 ) -> None:
-    """Every rank reports (Train needs the same number of calls); rank 0 adds the checkpoint."""
-    if not (last and rank == 0):
+    """Every rank reports each epoch (Train needs the same number of calls); rank 0 adds a checkpoint.
+
+    A checkpoint holds the student alone (``student.pt``, what export reads), the
+    learnable KD parts apart (``kd_parts.pt``) and the training state needed to
+    resume (``train_state.pt``: optimizer, scheduler, epoch, RNG, metrics history).
+    """
+    if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,8 +294,9 @@ def _report(
             train_cfg["model"],
             class_names,
             int(data_spec["input_size"]),
-            meta={"map50": metrics["map50"], "epochs": metrics["epochs"]},
+            meta={"map50": metrics["map50"], "epoch": metrics["epoch"], "epochs": metrics["epochs"]},
         )
         if distiller is not None:
-            atomic_torch_save({k: v.detach().cpu() for k, v in distiller.state_dict().items()}, Path(tmp) / KD_PARTS_FILE)
+            atomic_torch_save(state["kd_parts"], Path(tmp) / KD_PARTS_FILE)
+        atomic_torch_save(state, Path(tmp) / TRAIN_STATE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

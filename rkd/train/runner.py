@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -65,10 +67,48 @@ def build_trainer(
             name=name,
             storage_path=str(storage_path),
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),  # the last two: resume survives a torn latest
             callbacks=callbacks or [],
         ),
     )
+
+
+class ProgressTail:
+    """Calls ``on_row`` for each JSON line appended to ``path`` while a run trains (a thread)."""
+
+    def __init__(self, path: Path, on_row: Callable[[dict[str, Any]], None], interval_s: float = 1.0) -> None:
+        self.path, self.on_row, self.interval_s = path, on_row, interval_s
+        self._offset = path.stat().st_size if path.exists() else 0  # only this run's lines
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ProgressTail:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._drain()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._drain()
+
+    def _drain(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open("r", encoding="utf-8") as fh:
+            fh.seek(self._offset)
+            while True:
+                line = fh.readline()
+                if not line.endswith("\n"):  # a line still being written: read it next time
+                    break
+                self._offset += len(line.encode("utf-8"))
+                try:
+                    self.on_row(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
 
 
 def run_training(
@@ -77,8 +117,33 @@ def run_training(
     storage_path: Path | str,
     name: str,
     callbacks: list[Any] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainOutcome:
-    """Run the training loop to the end and return its last metrics and checkpoint folder."""
-    result = build_trainer(loop_config, resources, storage_path, name, callbacks).fit()
+    """Run the training loop to the end and return its last metrics and checkpoint folder.
+
+    ``on_epoch(metrics)`` is called in the driver after each epoch (from the run's progress file).
+    """
+    progress = Path(storage_path) / name / "progress.jsonl" if on_epoch is not None else None
+    config = {**loop_config, "progress_file": str(progress) if progress else None}
+    trainer = build_trainer(config, resources, storage_path, name, callbacks)
+    if progress is None:
+        result = trainer.fit()
+    else:
+        with ProgressTail(progress, on_epoch):
+            result = trainer.fit()
     checkpoint = result.checkpoint.path if result.checkpoint else None
     return TrainOutcome(metrics=dict(result.metrics or {}), checkpoint_dir=checkpoint)
+
+
+def epoch_line(label: str) -> Callable[[dict[str, Any]], None]:
+    """An ``on_epoch`` that prints one line per epoch under ``label``."""
+
+    def show(m: dict[str, Any]) -> None:
+        print(
+            f"[{label}] epoch {m.get('epoch')}/{m.get('epochs')} loss {m.get('loss', float('nan')):.4f} "
+            f"val mAP50 {m.get('map50', float('nan')):.3f} ({m.get('images_per_s', 0.0):.1f} img/s, "
+            f"{m.get('epoch_s', 0.0):.0f}s/epoch)",
+            flush=True,
+        )
+
+    return show

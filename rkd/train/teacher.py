@@ -10,7 +10,6 @@ another search on the same data) reuses it.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,10 +18,11 @@ from typing import Callable
 from rkd.data.dataset import build_dataset, dataset_fingerprint
 from rkd.errors import RkdError, TeacherError
 from rkd.models.flops import count_flops
+from rkd.train.artifacts import collect_stage
 from rkd.train.checkpoint import atomic_write_json, load_detector
 from rkd.train.evaluate import evaluate
-from rkd.train.loop import make_loop_config
-from rkd.train.runner import run_training
+from rkd.train.loop import STUDENT_FILE, make_loop_config
+from rkd.train.runner import epoch_line, run_training
 from rkd.train.spec import RunSpec, config_hash
 
 
@@ -73,15 +73,16 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
         report = TeacherReport(**cached)
     else:
         log(f"[teacher] training {spec.teacher.epochs} epochs on {spec.resources.workers} worker(s)")
-        loop_config = make_loop_config(spec.data, spec.teacher.to_dict(), spec.seed, spec.resources.cpus_per_worker)
-        outcome = run_training(loop_config, spec.resources, spec.run_dir / "ray", f"teacher-{digest}")
-        if outcome.student_path is None:
-            raise RkdError("teacher training finished without a checkpoint")
-        folder.mkdir(parents=True, exist_ok=True)
+        loop_config = make_loop_config(
+            spec.data, spec.teacher.to_dict(), spec.seed, spec.resources.cpus_per_worker
+        )
+        # The Ray run is named by the config hash: re-running after a crash resumes it.
+        outcome = run_training(
+        loop_config, spec.resources, spec.run_dir / "ray", f"teacher-{digest}", on_epoch=epoch_line("teacher")
+    )
+        collect_stage(outcome, folder)
         target = folder / "teacher.pt"
-        tmp = folder / ".teacher.pt.tmp"
-        shutil.copyfile(outcome.student_path, tmp)
-        tmp.replace(target)
+        (folder / STUDENT_FILE).replace(target)
         model, _ = load_detector(target)
         flops = count_flops(model, int(spec.data["input_size"]))
         report = TeacherReport(

@@ -1,0 +1,89 @@
+"""Every shipped search space compiles against the quickstart student, and every
+configuration it can produce is a valid student with KD methods its teacher supports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+import rkd.distill  # noqa: F401  (registers the methods)
+from rkd.distill.base import KD_METHODS
+from rkd.distill.distiller import build_distiller
+from rkd.models import build_detector
+from rkd.search.space import load_space, split_params
+from rkd.train.spec import load_spec, with_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+SPACES = REPO / "search_spaces"
+SHIPPED = ["nsd", "ds2d2", "ifkd", "cid", "baselines", "combined"]
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def quickstart():
+    spec = load_spec(REPO / "examples" / "quickstart.yaml")
+    num_classes = int(spec.data["num_classes"])
+    teacher_info = build_detector(spec.teacher.model, num_classes).info
+    return spec.student, teacher_info, num_classes
+
+
+def compile_shipped(name: str, student):
+    return load_space(SPACES / f"{name}.yaml", student_check=lambda overrides: with_overrides(student, overrides))
+
+
+def test_every_shipped_space_is_listed_here():
+    # A new space file must be added to SHIPPED, so it is compiled and sampled below.
+    assert sorted(p.stem for p in SPACES.glob("*.yaml")) == sorted(SHIPPED + ["skeleton"])
+
+
+def test_the_spaces_cover_every_registered_method(quickstart):
+    student, _, _ = quickstart
+    combined = compile_shipped("combined", student)
+    assert sorted(combined.methods()) == sorted(KD_METHODS)
+    per_method = set()
+    for name in SHIPPED[:-1]:
+        per_method |= set(compile_shipped(name, student).methods())
+    assert per_method == set(KD_METHODS)
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_space_samples_valid_conditional_students(name, quickstart):
+    student, teacher_info, num_classes = quickstart
+    space = compile_shipped(name, student)
+    dims = {d.name: d for d in space.dims}
+    # The student architecture is searched so FLOPs vary along the front.
+    for path in ("student.model.backbone.width", "student.model.neck.channels"):
+        assert path in dims and dims[path].size() > 1, path
+    switchable = [m for m in space.methods() if dims[f"methods.{m}"].kind == "choice"]
+    assert switchable == space.methods(), "shipped spaces let the search switch every method off (no-KD baseline)"
+
+    # The sampler the runner uses: joint TPE over the conditional groups, after 10 random trials.
+    sampler = optuna.samplers.TPESampler(seed=1, multivariate=True, group=True, n_startup_trials=10)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    seen = {m: set() for m in space.methods()}
+    for _ in range(30):
+        trial = study.ask()
+        constants = space.define_by_run(trial)
+        params = {**trial.params, **constants}
+        for method in space.methods():
+            on = params[f"methods.{method}"]
+            seen[method].add(on)
+            method_params = [k for k in params if k.startswith(f"methods.{method}.")]
+            # A method's parameters are present iff it is on.
+            assert bool(method_params) == on, (method, params)
+            if on:
+                declared = {d.name for d in space.dims if d.condition == f"methods.{method}"}
+                assert set(method_params) == declared
+        # The configuration builds: a valid student spec, a detector, and KD methods that
+        # accept this student and the quickstart teacher.
+        overrides, methods = split_params(params)
+        config = with_overrides(student, overrides, methods)
+        info = build_detector(config.model, num_classes).info
+        build_distiller(config.methods, info, teacher_info)
+        # Varied objectives so TPE splits good from bad trials as in a real search.
+        study.tell(trial, [len(methods) + trial.number % 7 / 7, float(overrides["model.backbone.width"])])
+    assert all(s == {True, False} for s in seen.values()), seen

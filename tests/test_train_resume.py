@@ -1,0 +1,72 @@
+"""`rkd train`: SIGKILL the driver mid-run, run the same command again, and it resumes.
+
+Real processes, a real embedded Ray in each run, real checkpoints on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 4
+
+
+def spec(out: Path) -> dict:
+    model = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": 16}, "head": {"convs": 1}}
+    return {
+        "name": "resume",
+        "data": {"format": "synthetic", "num_classes": 2, "num_train": 24, "num_val": 4, "input_size": 128, "seed": 1},
+        "teacher": {"model": model, "epochs": EPOCHS, "batch_size": 4, "lr": 3e-3},
+        "student": {"model": model, "epochs": 1},
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+        "output_dir": str(out),
+    }
+
+
+def rkd_train(spec_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "rkd.cli", "train", str(spec_path), "--stage", "teacher"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: SIGKILL takes the embedded Ray down too
+    )
+
+
+def test_sigkill_then_rerun_resumes_and_completes(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec(tmp_path / "runs")))
+    ray_dir = tmp_path / "runs" / "resume" / "ray"
+
+    first = rkd_train(spec_path)
+    deadline = time.time() + 400
+    try:
+        # Wait for the first epoch's checkpoint, then kill everything mid-run.
+        while time.time() < deadline and not list(ray_dir.glob("teacher-*/checkpoint_*/train_state.pt")):
+            assert first.poll() is None, first.stdout.read()
+            time.sleep(0.5)
+        assert list(ray_dir.glob("teacher-*/checkpoint_*/train_state.pt")), "no checkpoint appeared in time"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert not (tmp_path / "runs" / "resume" / "teacher" / "teacher.pt").exists()  # it really died mid-run
+
+    second = rkd_train(spec_path)
+    out, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, out
+    metrics = pq.read_table(tmp_path / "runs" / "resume" / "teacher" / "metrics.parquet").to_pylist()
+    # every epoch exactly once, and the second run started after the first one's checkpoint
+    assert [m["epoch"] for m in metrics] == list(range(1, EPOCHS + 1))
+    assert metrics[-1]["start_epoch"] >= 1
+    assert metrics[0]["start_epoch"] == 0
+    assert (tmp_path / "runs" / "resume" / "teacher" / "teacher.pt").is_file()
