@@ -67,8 +67,8 @@ def run(name: str, model_spec: dict, data_spec: dict, args: argparse.Namespace) 
         last = trained >= args.budget
         line = f"{epoch:5d}  {trained:7.0f}  {sum(losses) / max(len(losses), 1):.4f}"
         if epoch % args.eval_every == 0 or last:
-            result = evaluate(model, val_set, num_classes=len(data_spec["classes"]), batch_size=4)
-            line += f"   {result.map:.4f}  {dict((k, round(v, 3)) for k, v in result.per_class.items())}"
+            result = evaluate(model, val_set, num_classes=len(data_spec["classes"]), batch_size=4).result
+            line += f"   {result.map:.4f}  per class {dict((k, round(v, 3)) for k, v in result.per_class.items())}"
         print(line, flush=True)
     print(f"final {name}: val mAP50 {result.map:.4f} after {epoch} epochs ({step} steps, {trained:.0f} s)", flush=True)
     return result.map

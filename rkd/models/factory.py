@@ -247,8 +247,8 @@ def build_backbone(section: dict[str, Any]) -> torch.nn.Module:
     if section.get("weights"):
         try:
             state = torch.load(section["weights"], map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as e:
-            raise SpecError("backbone.weights", f"cannot load {section['weights']}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - a torn or foreign file fails in many ways inside the unpickler
+            raise SpecError("backbone.weights", f"cannot load {section['weights']}: {type(e).__name__}: {e}") from e
         try:
             backbone.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
         except (RuntimeError, AttributeError) as e:

@@ -41,14 +41,15 @@ class ProgressPrinter(tune.Callback):
 
     def __init__(self, total: int, stream: TextIO | None = None) -> None:
         self.total = total
-        self.stream = stream or sys.stdout
+        self.stream = stream  # None: sys.stdout at print time (Tune pickles callbacks; streams do not pickle)
         self.start = time.perf_counter()
         self.numbers: dict[str, int] = {}
         self.best: tuple[float, float] | None = None  # (map50, gflops) of the best complete trial
         self.finished = 0
 
     def _say(self, text: str) -> None:
-        print(f"[search {_fmt_elapsed(time.perf_counter() - self.start)}] {text}", file=self.stream, flush=True)
+        stream = self.stream or sys.stdout
+        print(f"[search {_fmt_elapsed(time.perf_counter() - self.start)}] {text}", file=stream, flush=True)
 
     def _n(self, trial: Any) -> str:
         n = self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from rkd.data.dataset import build_dataset
 from rkd.data.dataset import class_names as data_class_names
-from rkd.errors import SpecError
+from rkd.errors import RkdError, SpecError
 from rkd.models import build_detector
 from rkd.models.flops import count_flops
 from rkd.schema import Section
@@ -44,7 +45,7 @@ from rkd.train.runner import build_trainer, ensure_ray
 from rkd.train.spec import RunSpec, with_overrides
 from rkd.train.teacher import prepare_teacher
 
-SEARCH_KEYS = {"space", "trials", "seed", "sampler", "max_gflops", "initial_points"}
+SEARCH_KEYS = {"space", "trials", "seed", "sampler", "max_gflops", "initial_points", "scheduler", "stop"}
 SAMPLERS = ("tpe", "nsga2", "random")
 METRICS, MODES = ["map50", "gflops"], ["max", "min"]
 
@@ -57,6 +58,8 @@ class SearchConfig:
     sampler: str
     max_gflops: float | None
     initial_points: list[dict[str, Any]]
+    scheduler: dict[str, Any] | None  # {kind: asha, grace_period, reduction_factor}
+    stop: dict[str, Any] | None  # {after_epochs, below_map}
 
 
 def parse_search(spec: RunSpec) -> SearchConfig:
@@ -70,9 +73,52 @@ def parse_search(spec: RunSpec) -> SearchConfig:
             sampler=sec.str("sampler", "tpe", choices=list(SAMPLERS)),
             max_gflops=sec.float("max_gflops", None, low=0.0) if sec.raw("max_gflops", None) is not None else None,
             initial_points=sec.raw("initial_points", []),
+            scheduler=_scheduler(sec.section("scheduler")) if sec.raw("scheduler", None) is not None else None,
+            stop=_stop(sec.section("stop")) if sec.raw("stop", None) is not None else None,
         )
     except SpecError as err:
         raise spec.source.error(err) from None
+
+
+def _scheduler(sec: Section) -> dict[str, Any]:
+    sec.reject_unknown({"kind", "grace_period", "reduction_factor"})
+    return {
+        "kind": sec.str("kind", "asha", choices=["asha"]),
+        "grace_period": sec.int("grace_period", 1, low=1),
+        "reduction_factor": sec.float("reduction_factor", 2.0, low=1.01),
+    }
+
+
+def _stop(sec: Section) -> dict[str, Any]:
+    sec.reject_unknown({"after_epochs", "below_map"})
+    return {"after_epochs": sec.int("after_epochs", low=1), "below_map": sec.float("below_map", low=0.0, high=1.0)}
+
+
+class FloorStopper(tune.Stopper):
+    """Stops a trial whose val mAP50 is still below ``below_map`` after ``after_epochs`` epochs."""
+
+    def __init__(self, after_epochs: int, below_map: float) -> None:
+        self.after_epochs, self.below_map = after_epochs, below_map
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        epoch, epochs = result.get("epoch", 0), result.get("epochs", 0)
+        return self.after_epochs <= epoch < epochs and result.get("map50", 0.0) < self.below_map
+
+    def stop_all(self) -> bool:
+        return False
+
+
+class ParetoOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna a trial stopped early is *pruned*, not complete.
+
+    Tune reports a stopped trial's last (truncated) metrics as its result; Optuna
+    would take them as the configuration's value and bias the sampler.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and result.get("status") != "infeasible" and result.get("epoch") != result.get("epochs"):
+            result = None  # no value + no error = PRUNED in OptunaSearch
+        super().on_trial_complete(trial_id, result=result, error=error)
 
 
 def load_search_space(spec: RunSpec, search: SearchConfig) -> SearchSpace:
@@ -111,13 +157,27 @@ def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampl
     )
 
 
+class TrialError(RuntimeError):
+    """A configuration the search produced cannot be trained; the message says why."""
+
+
 def distill_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """One Tune trial: build the student this configuration describes and distil it on Ray Train."""
+    try:
+        _distill_trial(config, ctx)
+    except RkdError as err:
+        # Tune keeps only the root cause of a chained exception; keep rkd's message instead.
+        raise TrialError(f"{type(err).__module__}.{type(err).__name__}: {err}") from None
+
+
+def _distill_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
     overrides, methods = split_params(config, ctx["base_methods"])
     student = with_overrides(ctx["student"], overrides, methods)
+    if ctx["eval_each_epoch"] and student.eval_every == 0:
+        student.eval_every = 1  # early stopping compares val mAP50 between epochs
     flops = count_flops(build_detector(student.model, ctx["num_classes"]), ctx["input_size"])
     extra = {"gflops": flops.gflops, "params_m": flops.params / 1e6, "trial_id": trial_id}
     if ctx["max_gflops"] is not None and flops.gflops > ctx["max_gflops"]:
@@ -136,11 +196,32 @@ def distill_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     trainer.fit()
 
 
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$")
+
+
+def error_reason(text: str) -> str:
+    """The line of a (Ray-wrapped) traceback that says what went wrong, rkd's own errors first.
+
+    >>> error_reason("Traceback...\\nValueError: inner\\n\\nrkd.errors.SpecError: backbone.weights: cannot load x")
+    'rkd.errors.SpecError: backbone.weights: cannot load x'
+    """
+    lines = text.replace("\\n", "\n").splitlines()
+    found = [(i, m) for i, line in enumerate(lines) if (m := _ERROR_LINE.match(line))]
+    if not found:
+        return text.strip().splitlines()[-1][:500] if text.strip() else "unknown error"
+    own = [(i, m) for i, m in found if m.group(1).startswith("rkd.")]
+    i, m = (own or found)[-1]
+    message = m.group(0).strip()
+    if message.endswith(":") and i + 1 < len(lines):  # the message continues on the next line
+        message += " " + lines[i + 1].strip()
+    return message[:1000]
+
+
 def _status(result: Any) -> tuple[str, str | None]:
     metrics = result.metrics or {}
     if result.error is not None:
-        text = f"{type(result.error).__name__}: {result.error}"
-        return ("diverged" if "DivergenceError" in text or "non-finite" in text else "failed"), text[-2000:]
+        reason = error_reason(f"{type(result.error).__name__}: {result.error}")
+        return ("diverged" if "DivergenceError" in reason else "failed"), reason
     if metrics.get("status") == "infeasible":
         return "infeasible", "GFLOPs above search.max_gflops"
     if metrics.get("epochs") and metrics.get("epoch") == metrics.get("epochs"):
@@ -241,8 +322,9 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print) -> dict[str, A
         "teacher_checkpoint": teacher.checkpoint,
         "max_gflops": search.max_gflops,
         "storage": str(spec.run_dir / "ray" / "trials"),
+        "eval_each_epoch": search.scheduler is not None or search.stop is not None,
     }
-    searcher = OptunaSearch(
+    searcher = ParetoOptunaSearch(
         space=space.define_by_run,
         metric=METRICS,
         mode=MODES,
@@ -253,14 +335,26 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print) -> dict[str, A
     # The trial function only launches Train workers: it holds no CPU so the workers get
     # all of them (Tune needs a non-empty bundle, hence a little memory instead).
     trainable = tune.with_resources(tune.with_parameters(distill_trial, ctx=ctx), {"cpu": 0, "memory": 64 * 2**20})
+    scheduler = None
+    if search.scheduler is not None:
+        # Multi-fidelity on val mAP50: trials are compared at epochs grace, grace*rf, ...
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="epoch",
+            metric="map50",
+            mode="max",
+            max_t=spec.student.epochs,
+            grace_period=search.scheduler["grace_period"],
+            reduction_factor=search.scheduler["reduction_factor"],
+        )
     log(f"[search] {search.trials} trials, sampler {search.sampler}, space {search.space_path.name}")
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=limited, num_samples=search.trials),
+        tune_config=tune.TuneConfig(search_alg=limited, num_samples=search.trials, scheduler=scheduler),
         run_config=tune.RunConfig(
             name="search",
             storage_path=str(spec.run_dir / "ray"),
             callbacks=[ProgressPrinter(search.trials)],
+            stop=FloorStopper(**search.stop) if search.stop else None,
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
         ),

@@ -198,6 +198,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * images.shape[0]
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * images.shape[0]
         elapsed = time.perf_counter() - start
+        if seen == 0 and len(loader) > 0:
+            raise DivergenceError(f"no finite step in epoch {epoch + 1}: non-finite loss terms {bad}")
         last = epoch + 1 == epochs
         if last or (eval_every and (epoch + 1) % eval_every == 0):
             scored = evaluate(student, val_set, len(class_names), batch_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,37 @@ def ensure_ray(address: str | None, num_cpus: int | None = None, quiet: bool = T
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        _start_embedded(num_cpus or os.cpu_count() or 1, kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_embedded(num_cpus: int, kwargs: dict[str, Any]) -> None:
+    """Start a local Ray whose own processes know its address.
+
+    Ray's placement-group cleaner (which frees the resources of a trial Tune
+    stopped early) finds its cluster by auto-discovery, which fails when another
+    Ray runs on the machine, and the stopped trial's CPUs then stay taken. The
+    raylet and every worker it starts inherit the environment of this call, so
+    ``RAY_ADDRESS`` names this cluster for them; the driver's environment is
+    restored afterwards so a later run in this process starts afresh.
+    """
+    port = _free_port()
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    try:
+        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def build_trainer(
