@@ -113,8 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_results)
 
     from rkd.deploy.cli import add_commands as add_deploy_commands  # export, predict, submit, status, logs
+    from rkd.search.report import add_commands as add_report_commands  # report
+    from rkd.search.show import add_commands as add_space_commands  # space show
 
     add_deploy_commands(sub)
+    add_space_commands(sub)
+    add_report_commands(sub)
     return parser
 
 

@@ -236,6 +236,9 @@ def export_student(
     row = pick_trial(rows, pick, min_map, max_gflops)
     ckpt_path = resolve_checkpoint(run, row["checkpoint"])
     ckpt = read_checkpoint(ckpt_path)
+    if ckpt["model_spec"].get("kind") == "faster_rcnn":
+        # The exported network is backbone + neck + dense head; a two-stage RoI head is not in it.
+        raise RkdError(f"{ckpt_path}: exporting two-stage detectors (kind faster_rcnn) is not supported yet")
     model = build_detector(ckpt["model_spec"], ckpt["num_classes"])
     # Strict: a student checkpoint that carried adapters or other KD parts fails here.
     try:
