@@ -45,7 +45,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=30)
 
 
-def _wait(check, what: str, timeout: float = 180) -> None:
+def _wait(check, what: str, timeout: float = 300) -> None:  # a loaded 2-core machine starts nodes slowly
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
