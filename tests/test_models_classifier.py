@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from rkd.data.dataset import MEAN, STD
-from rkd.data.images import read_image
+from aid_images import AID, load_aid
 from rkd.errors import SpecError
 from rkd.models import Classifier, ClassifierOutput, build_classifier, build_detector, count_flops, validate_model_spec
 from rkd.models.efficientnet_lite import pretrained_checkpoint
-
-AID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "aid150"
-
-
-def load_aid(classes: list[str], per_class: int, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``per_class`` images (sorted names) of each class, resized and ImageNet-normalised."""
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for path in sorted((AID / split / name).glob("*.jpg"))[:per_class]:
-            images.append(read_image(path))
-            labels.append(label)
-    x = torch.stack(images).float().div(255)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    return x, torch.tensor(labels)
-
 
 def test_spec_defaults_and_errors():
     spec = validate_model_spec({"kind": "classifier", "backbone": {"name": "resnet18"}})

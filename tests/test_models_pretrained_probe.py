@@ -11,28 +11,13 @@ leave about 0.15 of slack on each side.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from rkd.data.dataset import MEAN, STD
-from rkd.data.images import read_image
+from aid_images import AID, load_aid
 from rkd.models import BACKBONES
-
-AID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "aid150"
-
-
-def load_aid(classes: list[str], per_class: int, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for path in sorted((AID / split / name).glob("*.jpg"))[:per_class]:
-            images.append(read_image(path))
-            labels.append(label)
-    x = F.interpolate(torch.stack(images).float().div(255), size=(size, size), mode="bilinear", antialias=True)
-    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1), torch.tensor(labels)
-
 
 @torch.no_grad()
 def pooled_features(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from rkd.train.loop import STUDENT_FILE, train_loop
+from rkd.train.loop import train_loop
 from rkd.train.spec import Resources
 
 # A run whose controller cannot start (e.g. resources that never free up) fails
@@ -26,10 +26,6 @@ CONTROLLER_FAILURE_LIMIT = 1
 class TrainOutcome:
     metrics: dict[str, Any]
     checkpoint_dir: str | None
-
-    @property
-    def student_path(self) -> str | None:
-        return os.path.join(self.checkpoint_dir, STUDENT_FILE) if self.checkpoint_dir else None
 
 
 def ensure_ray(address: str | None, num_cpus: int | None = None, quiet: bool = True) -> None:
