@@ -5,6 +5,7 @@ Real processes, a real embedded Ray in each run, real checkpoints on disk.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -43,6 +44,21 @@ def rkd_train(spec_path: Path) -> subprocess.Popen:
     )
 
 
+def committed_checkpoint(ray_dir: Path) -> bool:
+    """True once Ray Train has recorded a checkpoint in its manager snapshot.
+
+    A ``checkpoint_*`` folder appears before Ray commits it; a run killed in
+    between has nothing to resume from, so the test must wait for the commit.
+    """
+    for snapshot in ray_dir.glob("teacher-*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except (OSError, ValueError):  # being rewritten right now
+            pass
+    return False
+
+
 def test_sigkill_then_rerun_resumes_and_completes(tmp_path):
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec(tmp_path / "runs")))
@@ -51,11 +67,11 @@ def test_sigkill_then_rerun_resumes_and_completes(tmp_path):
     first = rkd_train(spec_path)
     deadline = time.time() + 400
     try:
-        # Wait for the first epoch's checkpoint, then kill everything mid-run.
-        while time.time() < deadline and not list(ray_dir.glob("teacher-*/checkpoint_*/train_state.pt")):
+        # Wait for the first committed checkpoint, then kill everything mid-run.
+        while time.time() < deadline and not committed_checkpoint(ray_dir):
             assert first.poll() is None, first.stdout.read()
-            time.sleep(0.5)
-        assert list(ray_dir.glob("teacher-*/checkpoint_*/train_state.pt")), "no checkpoint appeared in time"
+            time.sleep(0.2)
+        assert committed_checkpoint(ray_dir), "no checkpoint was committed in time"
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
