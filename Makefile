@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rkd-installed
 
-.PHONY: install quickstart test ucas50 clean-runs
+.PHONY: install quickstart test ucas50 aid clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ quickstart: install
 
 ucas50: install
 	$(BIN)/rkd search examples/ucas50.yaml
+
+aid: install
+	$(BIN)/rkd search examples/aid.yaml
 
 test: install
 	$(BIN)/python -m pytest

@@ -25,37 +25,36 @@ def _cmd_search(args: argparse.Namespace) -> int:
         spec.search["trials"] = args.trials
     if args.output_dir is not None:
         spec.output_dir = Path(args.output_dir).resolve()
-    run_search(spec)
+    run_search(spec, resume="fresh" if args.fresh else "resume" if args.resume else "auto")
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from rkd.data.dataset import build_dataset
     from rkd.train.runner import ensure_ray
     from rkd.train.spec import load_spec
     from rkd.train.stages import run_stages
+    from rkd.train.tasks import TASKS
 
     spec = load_spec(args.spec)
     if args.output_dir is not None:
         spec.output_dir = Path(args.output_dir).resolve()
-    for split in ("train", "val"):  # every label file is read (and checked) before Ray starts
-        build_dataset(spec.data, split, train=False)
+    TASKS[spec.task].check_data(spec.data)  # every label file is read (and checked) before Ray starts
     ensure_ray(spec.resources.ray_address)
     run_stages(spec, args.stage)
     return 0
 
 
 def _cmd_flops(args: argparse.Namespace) -> int:
-    from rkd.data.dataset import class_names
-    from rkd.models import build_detector
     from rkd.models.flops import count_flops
     from rkd.train.spec import load_spec
+    from rkd.train.tasks import TASKS
 
     spec = load_spec(args.spec)
+    task = TASKS[spec.task]
     size = int(spec.data["input_size"])
-    k = len(class_names(spec.data))
+    k = len(task.class_names(spec.data))
     for role, cfg in (("teacher", spec.teacher), ("student", spec.student)):
-        report = count_flops(build_detector(cfg.model, k), size)
+        report = count_flops(task.build_model(cfg.model, k), size)
         print(f"{role:8s} {report.gflops:9.3f} GFLOPs  {report.params / 1e6:7.3f} M params  at {size}x{size}")
     return 0
 
@@ -65,25 +64,28 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
     import pyarrow.parquet as pq
 
-    from rkd.search.results import front_rows, knee, format_table
-    from rkd.search.runner import FRONT_COLUMNS
+    from rkd.search.results import front_rows, knee, format_table, run_objectives
+    from rkd.search.runner import front_columns
 
     run = Path(args.run)
     path = run / "trials.parquet"
     if not path.is_file():
         raise RkdError(f"{path}: no trials table here; is {run} a search run folder (runs/<name>)?")
     rows = pq.read_table(path).to_pylist()
-    front = front_rows(rows)
+    objectives = run_objectives(run)
+    front = front_rows(rows, objectives)
+    accuracy = objectives[0]
+    label = "top-1" if accuracy == "top1" else "mAP50"
     summary_path = run / "summary.json"
     if summary_path.is_file():
         teacher = json.loads(summary_path.read_text())["teacher"]
-        print(f"teacher: mAP50 {teacher['map50']:.3f}, {teacher['gflops']:.3f} GFLOPs")
+        print(f"teacher: {label} {teacher[accuracy]:.3f}, {teacher['gflops']:.3f} GFLOPs")
     counts = {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})}
     print(f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    print(format_table(front, FRONT_COLUMNS) if front else "(no complete trial on the front)")
-    best = knee(front)
+    print(format_table(front, front_columns(objectives)) if front else "(no complete trial on the front)")
+    best = knee(front, accuracy)
     if best:
-        print(f"knee point: {best['trial_id']} (mAP50 {best['map50']:.3f}, {best['gflops']:.3f} GFLOPs)")
+        print(f"knee point: {best['trial_id']} ({label} {best[accuracy]:.3f}, {best['gflops']:.3f} GFLOPs)")
     return 0
 
 
@@ -96,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="the run spec (YAML)")
     p.add_argument("--trials", type=int, help="override search.trials")
     p.add_argument("--output-dir", help="where runs/<name> goes (default: ./runs, or the spec's output_dir)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the interrupted search of this spec (the default whenever there is one)")
+    again.add_argument("--fresh", action="store_true", help="discard an earlier search of this name and start over")
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("train", help="train (or load) the teacher, then distil the spec's student with its methods")
@@ -115,10 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     from rkd.deploy.cli import add_commands as add_deploy_commands  # export, predict, submit, status, logs
     from rkd.search.report import add_commands as add_report_commands  # report
     from rkd.search.show import add_commands as add_space_commands  # space show
+    from rkd.data.cli import add_commands as add_data_commands
+    from rkd.eval.cli import add_commands as add_evaluate_commands
 
     add_deploy_commands(sub)
     add_space_commands(sub)
     add_report_commands(sub)
+    add_data_commands(sub)
+    add_evaluate_commands(sub)
     return parser
 
 

@@ -159,3 +159,38 @@ def unflatten_levels(flat: Tensor, like: list[Tensor], num_anchors: int) -> list
         out.append(chunk.permute(0, 3, 4, 1, 2).reshape(b, num_anchors * d, h, w))
         start += n
     return out
+
+
+@dataclass(frozen=True)
+class ClassifierInfo:
+    """Static facts about a scene classifier that classification KD components build from.
+
+    Args:
+        level_channels: channels of each backbone feature map, finest first.
+        strides: stride of each of those maps relative to the input, finest first.
+        num_classes: number of scene classes.
+
+    >>> ClassifierInfo(level_channels=(8, 16), strides=(8, 16), num_classes=3).num_levels
+    2
+    """
+
+    level_channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    num_classes: int
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.level_channels)
+
+
+@dataclass
+class ClassifierOutput:
+    """What a scene classifier's forward returns; all a classification KD method may read.
+
+    ``losses`` holds ``{"cls": cross-entropy}`` only when labels were given.
+    """
+
+    features: list[Tensor]  # backbone outputs, finest first, (B, C_l, H_l, W_l)
+    pooled: Tensor  # (B, C_last): global average of the last feature map
+    logits: Tensor  # (B, num_classes)
+    losses: dict[str, Tensor] = field(default_factory=dict)

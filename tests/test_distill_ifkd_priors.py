@@ -65,11 +65,17 @@ def test_sam_prior_errors_name_what_is_missing(tmp_path: Path) -> None:
             build_prior("sam", checkpoint=ckpt, model_type="vit_t", package="mobile_sam")
 
 
-def test_ifkd_fails_at_construction_without_a_checkpoint() -> None:
+def test_ifkd_fails_at_construction_without_a_checkpoint(tmp_path: Path) -> None:
     info = DetectorInfo(level_channels=(4, 4), strides=(8, 16), num_classes=3, num_anchors=1, box_dim=5)
-    with pytest.raises(RkdError, match="checkpoint"):
+    with pytest.raises(RkdError, match="^prior.checkpoint: required"):
         IFKD(info, info, prior="sam")
-    IFKD(info, info, prior="sam", ede=False)  # no encoder needed without EDE
+    ckpt = tmp_path / "sam_vit_b.pth"
+    ckpt.write_bytes(b"x")
+    if importlib.util.find_spec("segment_anything") is None:
+        # the option is checked whenever it is given; the encoder is only built with EDE on
+        with pytest.raises(RkdError, match="^prior.kind: the 'sam' prior needs the 'segment_anything' package"):
+            IFKD(info, info, prior={"kind": "sam", "checkpoint": str(ckpt)}, ede=False)
+    IFKD(info, info, prior={"kind": "module", "module": nn.Conv2d(3, 1, 1)}, ede=False)
 
 
 class _TinyImageEncoder(nn.Module):
@@ -107,3 +113,109 @@ def test_sam_prior_wiring_with_a_stand_in_package(tmp_path: Path, monkeypatch: p
     x = torch.randn(1, 3, 40, 24)
     full = enc.encoder(nn.functional.pad(nn.functional.interpolate(x, size=(64, 38), mode="bilinear"), (0, 26)))
     assert torch.allclose(enc(x), full[..., :4, :3])
+
+
+# ----------------------------------------------------------------------------- the prior as a spec option
+
+
+def _spec_file(folder: Path, prior_yaml: str) -> Path:
+    model = "{kind: retinanet, backbone: {name: convnet, width: 0.25}, neck: {channels: 16}}"
+    text = (
+        "name: priors\n"
+        "data: {format: synthetic, num_classes: 2, input_size: 64}\n"
+        f"teacher:\n  model: {model}\n"
+        f"student:\n  model: {model}\n"
+        "  methods:\n"
+        "    ifkd:\n"
+        "      alpha: 0.1\n"
+        f"      prior: {prior_yaml}\n"
+    )
+    path = folder / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_spec_prior_default_and_builtin_are_resolved_at_load(tmp_path: Path) -> None:
+    from rkd.train.spec import load_spec
+
+    spec = load_spec(_spec_file(tmp_path, "{kind: builtin, stride: 8}"))
+    assert spec.student.methods["ifkd"]["prior"] == {"kind": "builtin", "stride": 8}
+    assert spec.student.methods["ifkd"]["alpha"] == 0.1
+    spec = load_spec(_spec_file(tmp_path, "default"))
+    assert spec.student.methods["ifkd"]["prior"] == {"kind": "builtin", "stride": 4}
+    info = DetectorInfo(level_channels=(4, 4), strides=(8, 16), num_classes=3, num_anchors=1, box_dim=5)
+    from rkd.distill import build_distiller
+
+    comp = build_distiller({"ifkd": {"prior": {"kind": "builtin", "stride": 8}}}, info, info).components["ifkd"]
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(comp.prior_encoder()(x), EdgeSaliencyPrior(8)(x))
+    assert comp.options == {"prior": {"kind": "builtin", "stride": 8}} and "prior" not in comp.hparams
+
+
+def test_spec_prior_module_kind_builds_the_target(tmp_path: Path) -> None:
+    from rkd.distill import build_distiller, validate_methods
+    from rkd.train.spec import load_spec
+
+    target = "{kind: module, target: 'rkd.distill.priors:EdgeSaliencyPrior', args: {stride: 2}}"
+    methods = load_spec(_spec_file(tmp_path, target)).student.methods
+    assert methods["ifkd"]["prior"] == {"kind": "module", "target": "rkd.distill.priors:EdgeSaliencyPrior",
+                                        "args": {"stride": 2}}
+    assert validate_methods(methods) == methods  # a resolved section validates to itself (workers do this)
+    info = DetectorInfo(level_channels=(4, 4), strides=(8, 16), num_classes=3, num_anchors=1, box_dim=5)
+    enc = build_distiller(methods, info, info).components["ifkd"].prior_encoder()
+    assert isinstance(enc, EdgeSaliencyPrior) and enc.stride == 2 and not enc.training
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(enc(x), EdgeSaliencyPrior(2)(x))
+
+
+@pytest.mark.parametrize(
+    ("prior", "message"),
+    [
+        ("{kind: sma}", ":10: student.methods.ifkd.prior.kind: unknown prior encoder 'sma'; known: ['builtin', 'module', 'sam']"),
+        ("{kind: builtin, strides: 2}", ":10: student.methods.ifkd.prior.strides: unknown key of a 'builtin' prior; it takes ['stride']"),
+        ("{kind: builtin, stride: 0}", ":10: student.methods.ifkd.prior.stride: expected an integer >= 1, got 0"),
+        ("[builtin]", ":10: student.methods.ifkd.prior: expected a mapping like {kind: builtin}"),
+        ("{kind: module}", ":10: student.methods.ifkd.prior.target: required: 'package.module:Name'"),
+        ("{kind: module, target: 'no_such_pkg.enc:Enc'}", ":10: student.methods.ifkd.prior.target: cannot import 'no_such_pkg.enc'"),
+        ("{kind: module, target: 'rkd.distill.priors:Nope'}", ":10: student.methods.ifkd.prior.target: module 'rkd.distill.priors' has no 'Nope'"),
+        ("{kind: sam}", ":10: student.methods.ifkd.prior.checkpoint: required: the path of a segment_anything vit_b checkpoint (rkd never downloads weights)"),
+        ("{kind: sam, checkpoint: w.pth, model_type: vit_q}", ":10: student.methods.ifkd.prior.model_type: unknown segment_anything model type 'vit_q'; choose from ['default', 'vit_b', 'vit_h', 'vit_l']"),
+    ],
+)
+def test_spec_prior_errors_name_the_field(tmp_path: Path, prior: str, message: str) -> None:
+    from rkd.errors import SpecError
+    from rkd.train.spec import load_spec
+
+    path = _spec_file(tmp_path, prior)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert str(err.value).startswith(f"{path}{message}"), str(err.value)
+
+
+def test_spec_sam_checkpoint_is_resolved_against_the_spec_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rkd.errors import SpecError
+    from rkd.train.spec import load_spec
+
+    path = _spec_file(tmp_path, "{kind: sam, checkpoint: weights/sam_vit_b.pth, model_type: vit_b}")
+    monkeypatch.chdir(tmp_path.parent)  # relative to the spec file, not to the working directory
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert str(err.value) == (
+        f"{path}:10: student.methods.ifkd.prior.checkpoint: file not found: {tmp_path / 'weights' / 'sam_vit_b.pth'}"
+    )
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "sam_vit_b.pth").write_bytes(b"x")
+    if importlib.util.find_spec("segment_anything") is None:
+        with pytest.raises(SpecError) as err:
+            load_spec(path)
+        assert str(err.value) == (
+            f"{path}:10: student.methods.ifkd.prior.kind: the 'sam' prior needs the 'segment_anything' package, "
+            "which is not installed (pip install segment-anything)"
+        )
+    else:  # installed: the checkpoint path is stored absolute; building it is left to a real checkpoint
+        prior = load_spec(path).student.methods["ifkd"]["prior"]
+        assert prior["checkpoint"] == str((tmp_path / "weights" / "sam_vit_b.pth").resolve())
+    with pytest.raises(SpecError, match="unknown parameter; ifkd has .*'prior'"):
+        from rkd.distill import validate_methods
+
+        validate_methods({"ifkd": {"priors": {}}})

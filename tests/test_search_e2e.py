@@ -14,6 +14,7 @@ import ray
 import yaml
 
 from rkd.cli import main
+from rkd.search.results import front_rows, hypervolume_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,7 @@ def tiny_spec(out: Path, **teacher_extra) -> dict:
         "search": {
             "space": str(REPO / "search_spaces" / "skeleton.yaml"),
             "trials": 2,
+            "objectives": ["map50", "gflops", "latency_ms"],
             # two different widths, one without and one with both KD methods
             "initial_points": [
                 {"student.model.backbone.width": 0.25, "methods.fitnet": False, "methods.hinton": False},
@@ -82,6 +84,23 @@ def test_search_writes_trials_front_and_plot(search_run, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["teacher"]["source"] == "trained" and summary["teacher"]["gflops"] > 0
     assert summary["front"] == [r["trial_id"] for r in front]
+    # latency is the third objective: measured for every trial, and the front is over all three
+    assert summary["objectives"] == ["map50", "gflops", "latency_ms"] and len(summary["hypervolume_ref"]) == 3
+    assert all(t["latency_ms"] > 0 for t in trials)
+    objectives = ("map50", "gflops", "latency_ms")
+    assert [r["trial_id"] for r in front_rows(trials, objectives)] == summary["front"]
+    assert summary["hypervolume"] == pytest.approx(hypervolume_of(trials, objectives, summary["hypervolume_ref"]))
+
+
+def test_rerunning_a_finished_search_reuses_its_trials(search_run, capsys):
+    _, tmp, spec_path = search_run
+    run = tmp / "runs" / "e2e"
+    before = pq.read_table(run / "trials.parquet").to_pylist()
+    assert main(["search", str(spec_path)]) == 0
+    assert "resuming" in capsys.readouterr().out
+    after = pq.read_table(run / "trials.parquet").to_pylist()
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
+    assert strip(after) == strip(before)  # the same trials, none trained again
 
 
 def test_checkpoint_holds_the_student_alone(search_run):

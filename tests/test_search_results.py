@@ -80,3 +80,39 @@ def test_plot_is_a_png(tmp_path):
     rows = rows_with_statuses()
     plot_front(rows, front_rows(rows), tmp_path / "p.png", {"map50": 0.8, "gflops": 6.0}, "t")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def brute_force_front_nd(points, maximise):
+    """Point i is on the front unless some j is at least as good everywhere and better somewhere."""
+    signed = np.where(maximise, -points, points)  # all minimised
+    return np.array(
+        [not any(np.all(signed[j] <= signed[i]) and np.any(signed[j] < signed[i]) for j in range(len(signed)))
+         for i in range(len(signed))]
+    )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_three_objective_front_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    rows = [
+        {"trial_id": str(i), "status": "complete", "map50": m, "gflops": g, "latency_ms": t}
+        for i, (m, g, t) in enumerate(zip(rng.integers(0, 10, 50) / 10, rng.integers(1, 8, 50) / 2.0, rng.integers(1, 8, 50) * 1.0))
+    ]
+    points = np.array([[r["map50"], r["gflops"], r["latency_ms"]] for r in rows])
+    expected = {r["trial_id"] for r, keep in zip(rows, brute_force_front_nd(points, [True, False, False])) if keep}
+    assert {r["trial_id"] for r in front_rows(rows, ("map50", "gflops", "latency_ms"))} == expected
+
+
+def test_three_objective_hypervolume_by_inclusion_exclusion():
+    from rkd.search.results import hypervolume_of
+
+    rows = [
+        {"status": "complete", "map50": 0.5, "gflops": 1.0, "latency_ms": 4.0},
+        {"status": "complete", "map50": 0.8, "gflops": 3.0, "latency_ms": 2.0},
+        {"status": "stopped", "map50": 0.9, "gflops": 0.5, "latency_ms": 1.0},  # never counted
+    ]
+    ref = [0.0, 4.0, 5.0]
+    # boxes [0,0.5]x[1,4]x[4,5] and [0,0.8]x[3,4]x[2,5], overlap [0,0.5]x[3,4]x[4,5]
+    expected = 0.5 * 3 * 1 + 0.8 * 1 * 3 - 0.5 * 1 * 1
+    assert hypervolume_of(rows, ("map50", "gflops", "latency_ms"), ref) == pytest.approx(expected)
+    assert hypervolume_of(rows, ("map50", "gflops"), [0.0, 4.0]) == pytest.approx(1.8)  # the staircase above

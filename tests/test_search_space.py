@@ -135,3 +135,89 @@ def test_shipped_skeleton_space_compiles():
     space = load_space(REPO / "search_spaces" / "skeleton.yaml")
     assert set(space.methods()) == {"fitnet", "hinton"}
     assert any(d.name == "student.model.backbone.width" and len(d.choices) >= 2 for d in space.dims)
+
+
+@pytest.mark.parametrize("name", ["tpe", "nsga2", "gp", "random"])
+def test_every_sampler_drives_a_conditional_space_and_is_seeded(name):
+    from rkd.search.runner import make_sampler
+
+    space = load_space(REPO / "search_spaces" / "combined.yaml")
+
+    def run(seed: int) -> list[dict]:
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(name, seed, trials=9))
+        for _ in range(9):
+            trial = study.ask()
+            space.define_by_run(trial)
+            # A made-up trade-off so the model-based samplers have something to fit.
+            width = float(trial.params.get("student.model.backbone.width", 0.5))
+            study.tell(trial, [width - 0.1 * len(trial.params), width**2])
+        return [t.params for t in study.trials]
+
+    first = run(seed=3)
+    assert first == run(seed=3)  # seeded: the same search twice
+    assert first != run(seed=4)
+    assert all(isinstance(p, dict) and p for p in first)
+
+
+def test_published_default_points_switch_one_method_on_at_its_declared_defaults():
+    from rkd.distill.base import KD_METHODS
+
+    space = load_space(REPO / "search_spaces" / "combined.yaml")
+    points = space.published_default_points()
+    assert set(points) == set(space.methods())
+    for method, point in points.items():
+        on = [k for k, v in point.items() if k.count(".") == 1 and v is True]
+        assert on == [f"methods.{method}"]
+        for name, value in point.items():
+            if name.startswith(f"methods.{method}."):
+                assert value == KD_METHODS[method].params[name.rsplit(".", 1)[1]].default
+        # Optuna really produces the point: enqueued, the define-by-run trial takes every given value
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+        study.enqueue_trial(point)
+        trial = study.ask()
+        space.define_by_run(trial)
+        assert {k: trial.params[k] for k in point} == point
+
+
+def test_reference_rows_are_labelled_by_their_configuration():
+    from rkd.search.runner import label_references
+
+    refs = {"no KD": {"methods.hinton": False}, "hinton defaults": {"methods.hinton": True, "methods.hinton.temperature": 4.0}}
+    rows = [
+        {"params": {"methods.hinton": False, "student.lr": 0.01}},
+        {"params": {"methods.hinton": True, "methods.hinton.temperature": 4.0}},
+        {"params": {"methods.hinton": True, "methods.hinton.temperature": 2.0}},
+    ]
+    label_references(rows, refs)
+    assert [r["reference"] for r in rows] == ["no KD", "hinton defaults", None]
+
+
+def test_a_method_option_is_a_fixed_validated_value_of_the_space(tmp_path):
+    space = compile_space({"methods": {"ifkd": {"prior": {"kind": "builtin"}, "alpha": "default"}}}, str(tmp_path / "s.yaml"))
+    prior = next(d for d in space.dims if d.name == "methods.ifkd.prior")
+    assert prior.kind == "fixed" and prior.condition == "methods.ifkd" and prior.value["kind"] == "builtin"
+    with pytest.raises(SpecError) as err:
+        compile_space({"methods": {"ifkd": {"prior": {"kind": "sam", "checkpoint": "nope.pth"}}}}, str(tmp_path / "s.yaml"))
+    assert err.value.path.startswith("methods.ifkd.prior") and "nope.pth" in str(err.value)
+
+
+def test_the_backbone_family_is_searchable_and_changes_flops():
+    from rkd.models import build_detector
+    from rkd.models.flops import count_flops
+    from rkd.train.spec import load_spec, with_overrides
+
+    student = load_spec(REPO / "examples" / "quickstart.yaml").student  # convnet with depth 1
+    space = compile_space(
+        {"student": {"model.backbone.name": {"choices": ["convnet", "mobilenet_v2", "resnet18"]}}},
+        "s.yaml",
+        student_check=lambda overrides: with_overrides(student, overrides),
+    )
+    flops = {}
+    for params in sample(space, 12):
+        overrides, _ = split_params(params)
+        cfg = with_overrides(student, overrides)
+        name = cfg.model["backbone"]["name"]
+        assert ("depth" in cfg.model["backbone"]) == (name == "convnet")  # convnet's own key does not carry over
+        assert cfg.model["backbone"]["width"] == student.model["backbone"]["width"]  # a shared key does
+        flops[name] = count_flops(build_detector(cfg.model, 3), 128).gflops
+    assert len(flops) == 3 and len(set(flops.values())) == 3

@@ -36,7 +36,32 @@ def compile_shipped(name: str, student):
 
 def test_every_shipped_space_is_listed_here():
     # A new space file must be added to SHIPPED, so it is compiled and sampled below.
-    assert sorted(p.stem for p in SPACES.glob("*.yaml")) == sorted(SHIPPED + ["skeleton"])
+    assert sorted(p.stem for p in SPACES.glob("*.yaml")) == sorted(SHIPPED + ["skeleton", "sskd"])
+
+
+def test_the_classification_space_produces_valid_classifier_students():
+    from rkd.distill.classifier_kd import CLASSIFIER_KD_METHODS, build_classifier_distiller
+    from rkd.models import build_classifier
+    from rkd.train.spec import TrainConfig
+
+    student = TrainConfig(model={"kind": "classifier", "backbone": {"name": "convnet", "width": 0.5}}, epochs=1,
+                          batch_size=4, lr=1e-3)
+    space = load_space(
+        SPACES / "sskd.yaml",
+        student_check=lambda o: with_overrides(student, o, task="classification"),
+        registry=CLASSIFIER_KD_METHODS,
+    )
+    assert set(space.methods()) == {"sskd", "dkd", "hinton"}
+    teacher_info = build_classifier({"backbone": {"width": 1.0}}, 5).info
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(12):
+        trial = study.ask()
+        params = {**space.define_by_run(trial), **trial.params}
+        overrides, methods = split_params(params)
+        cfg = with_overrides(student, overrides, methods, task="classification")
+        model = build_classifier(cfg.model, 5)
+        build_classifier_distiller(cfg.methods, model.info, teacher_info)
+        study.tell(trial, [0.0, 0.0])
 
 
 def test_the_spaces_cover_every_registered_method(quickstart):

@@ -130,3 +130,14 @@ def test_a_label_line_that_does_not_parse_names_file_and_line(tmp_path, capsys):
     code, stderr = run_cli(capsys, "search", str(write(tmp_path, spec)))
     assert code == 2 and f"{bad}:2" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("objectives", [["map50", "latency"], ["gflops"], ["map50", "gflops", "gflops"], "map50"])
+def test_bad_search_objectives_are_named_with_file_and_line(tmp_path, capsys, objectives):
+    spec = base_spec(tmp_path)
+    spec["search"]["objectives"] = objectives
+    spec_path = write(tmp_path, spec)
+    code, stderr = run_cli(capsys, "search", str(spec_path))
+    assert code == 2
+    assert stderr.startswith(f"rkd: error: {spec_path}:{line_of(spec_path, 'objectives')}: search.objectives: ")
+    assert not (tmp_path / "runs").exists()

@@ -2,8 +2,13 @@
 
 ``data_spec`` is the validated dict of a spec's ``data:`` section::
 
-    {format: synthetic|ucas|dota, root: str|None, train_split, val_split, input_size,
-     classes: list[str]|None, num_train, num_val, num_classes, seed, on_error: raise|skip}
+    {format: synthetic|ucas|dota|voc|dior|hrsc|coco, root: str|None, train_split, val_split, input_size,
+     classes: list[str]|None, num_train, num_val, num_classes, seed, on_error: raise|skip,
+     tile: {size, overlap, min_area}|None, augment: {flip, rot90, scale, color}}
+
+``tile`` cuts large scenes into overlapping patches on the fly (file formats only);
+val mAP is then measured on whole scenes, the patches' detections merged back
+(:mod:`rkd.eval.merge`). ``augment`` applies to the train split only.
 
 File formats read labels eagerly (a bad line fails at start with ``file:line``)
 and images lazily; the synthetic set renders its images on access.
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,12 +27,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from rkd.data.coco import read_coco
 from rkd.data.dota import read_dota
+from rkd.data.hrsc import read_hrsc
 from rkd.data.sample import DetectionRecord, ReadReport, Sample
 from rkd.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from rkd.data.synthetic import SyntheticAerial
-from rkd.data.transforms import letterbox, random_flip
+from rkd.data.tiling import DEFAULT_MIN_AREA_FRACTION, DEFAULT_OVERLAP, DEFAULT_SIZE, Window, tile_records, tile_windows
+from rkd.data.transforms import letterbox, random_color_jitter, random_flip, random_rot90, random_scale_crop
 from rkd.data.ucas import read_ucas
+from rkd.data.voc import read_dior, read_voc
 from rkd.errors import DataError, SpecError
 from rkd.outputs import Targets
 
@@ -35,7 +45,14 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 Reader = Callable[..., tuple[list[DetectionRecord], list[str], ReadReport]]
-READERS: dict[str, Reader] = {"ucas": read_ucas, "dota": read_dota}
+READERS: dict[str, Reader] = {
+    "ucas": read_ucas,
+    "dota": read_dota,
+    "voc": read_voc,
+    "dior": read_dior,
+    "hrsc": read_hrsc,
+    "coco": read_coco,
+}
 FORMATS = ("synthetic", *READERS)
 DATA_KEYS = {
     "format",
@@ -49,7 +66,10 @@ DATA_KEYS = {
     "num_classes",
     "seed",
     "on_error",
+    "tile",
+    "augment",
 }
+DEFAULT_AUGMENT = {"flip": True, "rot90": False, "scale": None, "color": 0.0}
 
 
 def _int(d: dict[str, Any], key: str, default: int, low: int) -> int:
@@ -59,6 +79,67 @@ def _int(d: dict[str, Any], key: str, default: int, low: int) -> int:
     if value < low:
         raise SpecError(key, f"must be >= {low}, got {value}")
     return value
+
+
+def _number(d: dict[str, Any], key: str, where: str, default: float, low: float, high: float) -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise SpecError(f"{where}.{key}", f"expected a number in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _tile(d: Any) -> dict[str, Any] | None:
+    if d is None or d is False:
+        return None
+    if d is True:
+        d = {}
+    if not isinstance(d, dict) or set(d) - {"size", "overlap", "min_area"}:
+        raise SpecError("tile", f"expected {{size, overlap, min_area}} (or true for 1024/200/0.7), got {d!r}")
+    try:
+        size = _int(d, "size", DEFAULT_SIZE, 32)
+        overlap = _int(d, "overlap", DEFAULT_OVERLAP, 0)
+    except SpecError as err:
+        raise err.within("tile") from None
+    if overlap >= size:
+        raise SpecError("tile.overlap", f"must be smaller than tile.size {size}, got {overlap}")
+    return {"size": size, "overlap": overlap, "min_area": _number(d, "min_area", "tile", DEFAULT_MIN_AREA_FRACTION, 0.0, 1.0)}
+
+
+def _augment(d: Any) -> dict[str, Any]:
+    if d is None:
+        return dict(DEFAULT_AUGMENT)
+    if not isinstance(d, dict) or set(d) - set(DEFAULT_AUGMENT):
+        raise SpecError("augment", f"expected a mapping with keys among {sorted(DEFAULT_AUGMENT)}, got {d!r}")
+    out = {**DEFAULT_AUGMENT, **d}
+    for key in ("flip", "rot90"):
+        if not isinstance(out[key], bool):
+            raise SpecError(f"augment.{key}", f"expected true or false, got {out[key]!r}")
+    scale = out["scale"]
+    if scale is not None and not (
+        isinstance(scale, list) and len(scale) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
+        and 0 < scale[0] <= scale[1]
+    ):
+        raise SpecError("augment.scale", f"expected [low, high] with 0 < low <= high (random scale crop), got {scale!r}")
+    out["color"] = _number(out, "color", "augment", 0.0, 0.0, 1.0)  # jitter amount of brightness/contrast/saturation
+    return out
+
+
+def common_entries(d: dict[str, Any], default_size: int) -> tuple[int, str, list[str] | None]:
+    """``input_size``, ``on_error`` and ``classes``, checked: the entries every data section has."""
+    size = d.get("input_size", default_size)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 32:
+        raise SpecError("input_size", f"must be a positive multiple of 32, got {size!r}")
+    on_error = d.get("on_error", "raise")
+    if on_error not in ("raise", "skip"):
+        raise SpecError("on_error", f"expected 'raise' or 'skip', got {on_error!r}")
+    classes = d.get("classes")
+    if classes is not None and (
+        not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes)
+    ):
+        raise SpecError("classes", f"expected a non-empty list of class names, got {classes!r}")
+    if classes is not None and len(set(classes)) != len(classes):
+        raise SpecError("classes", f"class names repeat: {classes}")
+    return size, on_error, classes
 
 
 def validate_data_spec(d: dict[str, Any] | None) -> dict[str, Any]:
@@ -79,19 +160,7 @@ def validate_data_spec(d: dict[str, Any] | None) -> dict[str, Any]:
     fmt = d.get("format")
     if fmt not in FORMATS:
         raise SpecError("format", f"expected one of {list(FORMATS)}, got {fmt!r}")
-    size = d.get("input_size", 512)
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 32:
-        raise SpecError("input_size", f"must be a positive multiple of 32, got {size!r}")
-    on_error = d.get("on_error", "raise")
-    if on_error not in ("raise", "skip"):
-        raise SpecError("on_error", f"expected 'raise' or 'skip', got {on_error!r}")
-    classes = d.get("classes")
-    if classes is not None and (
-        not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes)
-    ):
-        raise SpecError("classes", f"expected a non-empty list of class names, got {classes!r}")
-    if classes is not None and len(set(classes)) != len(classes):
-        raise SpecError("classes", f"class names repeat: {classes}")
+    size, on_error, classes = common_entries(d, default_size=512)
     out = {
         "format": fmt,
         "root": None,
@@ -104,7 +173,11 @@ def validate_data_spec(d: dict[str, Any] | None) -> dict[str, Any]:
         "num_classes": _int(d, "num_classes", len(classes) if classes else 3, 1),
         "seed": _int(d, "seed", 0, 0),
         "on_error": on_error,
+        "tile": _tile(d.get("tile")),
+        "augment": _augment(d.get("augment")),
     }
+    if fmt == "synthetic" and out["tile"] is not None:
+        raise SpecError("tile", "the synthetic set has no large scenes to tile; tiling is for file formats")
     if fmt == "synthetic":
         if out["num_classes"] > len(SYNTHETIC_CLASSES):
             raise SpecError("num_classes", f"the synthetic set has at most {len(SYNTHETIC_CLASSES)} classes")
@@ -137,19 +210,47 @@ def _read(data_spec: dict[str, Any], split: str) -> tuple[list[DetectionRecord],
 
 
 class DetectionDataset(Dataset):
-    """Letterboxed samples of a list of records (random flips when ``train``)."""
+    """Letterboxed samples of a list of records, augmented when ``train``.
 
-    def __init__(self, records: list[DetectionRecord], input_size: int, train: bool, class_names: list[str]) -> None:
+    A tiled dataset also keeps its ``scenes`` and, per record, ``windows[i] =
+    (scene index, window)`` so evaluation can merge patch detections into scenes.
+    """
+
+    def __init__(
+        self,
+        records: list[DetectionRecord],
+        input_size: int,
+        train: bool,
+        class_names: list[str],
+        augment: dict[str, Any] | None = None,
+    ) -> None:
         self.records, self.input_size, self.train = records, input_size, train
         self.class_names = list(class_names)
+        self.augment = dict(DEFAULT_AUGMENT if augment is None else augment)
         self.report: ReadReport | None = None
+        self.scenes: list[DetectionRecord] | None = None
+        self.windows: list[tuple[int, Window]] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> Sample:
         sample, _ = letterbox(self.records[index].load(), self.input_size)
-        return random_flip(sample) if self.train else sample
+        if not self.train:
+            return sample
+        aug = self.augment
+        if aug["scale"] is not None:
+            # Zoom in or out around the letterboxed image, then pad back to the input size.
+            sample = random_scale_crop(sample, self.input_size, tuple(aug["scale"]))
+            sample, _ = letterbox(sample, self.input_size)
+            sample = replace(sample, scale=1.0)  # the scale no longer maps back to file pixels
+        if aug["flip"]:
+            sample = random_flip(sample)
+        if aug["rot90"]:
+            sample = random_rot90(sample)
+        if aug["color"] > 0:
+            sample = random_color_jitter(sample, aug["color"], aug["color"], aug["color"])
+        return sample
 
 
 def build_dataset(data_spec: dict[str, Any], split: str, train: bool) -> DetectionDataset:
@@ -165,7 +266,20 @@ def build_dataset(data_spec: dict[str, Any], split: str, train: bool) -> Detecti
     records, names, report = _read(data_spec, split)
     if not records:
         raise DataError(f"{data_spec['root']}: split {split!r} holds no images")
-    dataset = DetectionDataset(records, data_spec["input_size"], train, names)
+    tile = data_spec.get("tile")
+    if tile is None:
+        dataset = DetectionDataset(records, data_spec["input_size"], train, names, data_spec.get("augment"))
+    else:
+        patches = tile_records(records, tile["size"], tile["overlap"], tile["min_area"])
+        dataset = DetectionDataset(patches, data_spec["input_size"], train, names, data_spec.get("augment"))
+        dataset.scenes = records
+        # tile_records emits the patches scene by scene, window by window, in this same order.
+        dataset.windows = [
+            (i, window)
+            for i, r in enumerate(records)
+            for window in tile_windows(r.image_size[0], r.image_size[1], tile["size"], tile["overlap"])
+        ]
+        assert len(dataset.windows) == len(patches)
     dataset.report = report
     return dataset
 

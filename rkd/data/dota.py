@@ -7,8 +7,9 @@ labels) and then counts as 0. Two layouts are accepted, tried in this order::
     root/<split>/images/<id>.png   root/<split>/labelTxt/<id>.txt   (as DOTA ships)
     root/images/<split>/<id>.png   root/labelTxt/<split>/<id>.txt
 
-Class names are the given list (a name not in it is a problem) or, if none is
-given, every name found in the split's labels, sorted.
+Class names are the given list (a name not in it is a problem), else the lines of
+``root/classes.txt`` when there is one (``rkd data tile`` writes it, keeping the
+source's class order), else every name found in the split's labels, sorted.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def dota_dirs(root: Path, split: str) -> tuple[Path, Path]:
     raise DataError(f"{root}: no DOTA split {split!r} (looked for image and labelTxt folders: {tried})")
 
 
+CLASS_LIST_FILE = "classes.txt"
+
+
 def read_dota(
     root: Path, split: str, class_names: list[str] | None = None, on_error: OnError = "raise"
 ) -> tuple[list[DetectionRecord], list[str], ReadReport]:
@@ -55,6 +59,9 @@ def read_dota(
     for image_id in images:
         label_path = label_dir / f"{image_id}.txt"
         parsed[image_id] = _parse_label_file(label_path, report) if label_path.is_file() else ([], [], [], [])
+    listed = root / CLASS_LIST_FILE
+    if class_names is None and listed.is_file():
+        class_names = [line.strip() for line in listed.read_text().splitlines() if line.strip()]
     if class_names is None:
         names = sorted({name for _, found, _, _ in parsed.values() for name in found})
     else:

@@ -39,7 +39,7 @@ from rkd.errors import RkdError
 from rkd.models import build_detector, count_flops, measure_latency
 from rkd.models.detector import Detector
 from rkd.outputs import DetectorInfo
-from rkd.search.results import front_rows, knee
+from rkd.search.results import DEFAULT_OBJECTIVES, front_rows, knee
 from rkd.train.checkpoint import atomic_write_json, read_checkpoint
 
 FORMATS = ("safetensors", "onnx", "torchscript")
@@ -127,7 +127,11 @@ def _describe(rows: list[dict[str, Any]]) -> str:
 
 
 def pick_trial(
-    rows: list[dict[str, Any]], pick: str = "best", min_map: float | None = None, max_gflops: float | None = None
+    rows: list[dict[str, Any]],
+    pick: str = "best",
+    min_map: float | None = None,
+    max_gflops: float | None = None,
+    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES,
 ) -> dict[str, Any]:
     """The trial to export: ``best`` (highest mAP50), ``knee``, or a trial id, within the constraints.
 
@@ -137,7 +141,7 @@ def pick_trial(
     limits = " and ".join(
         [f"mAP50 >= {min_map}"] * (min_map is not None) + [f"GFLOPs <= {max_gflops}"] * (max_gflops is not None)
     )
-    front = front_rows(rows)
+    front = front_rows(rows, objectives)
     if pick in ("best", "knee"):
         ok = [r for r in front if _within(r, min_map, max_gflops)]
         if not ok:
@@ -233,7 +237,8 @@ def export_student(
     run, out = Path(run), Path(out)
     _check_out(out)
     rows, summary = read_run(run)
-    row = pick_trial(rows, pick, min_map, max_gflops)
+    objectives = tuple(summary.get("objectives", DEFAULT_OBJECTIVES))
+    row = pick_trial(rows, pick, min_map, max_gflops, objectives)
     ckpt_path = resolve_checkpoint(run, row["checkpoint"])
     ckpt = read_checkpoint(ckpt_path)
     if ckpt["model_spec"].get("kind") == "faster_rcnn":
@@ -340,6 +345,7 @@ def model_card(
     with torch.no_grad():
         shapes = [list(t.shape) for t in network(torch.zeros(1, 3, size, size))]
     kd_config = json.loads(row.get("config_json") or "{}")
+    objectives = tuple(summary.get("objectives", DEFAULT_OBJECTIVES))
     return {
         "format": EXPORT_FORMAT_VERSION,
         "rkd_version": __version__,
@@ -380,7 +386,7 @@ def model_card(
         "trial": {
             "id": row["trial_id"],
             "run": str(run.resolve()),
-            "on_front": row["trial_id"] in {r["trial_id"] for r in front_rows(rows)},
+            "on_front": row["trial_id"] in {r["trial_id"] for r in front_rows(rows, objectives)},
             "kd_methods": [m for m in (row.get("kd_methods") or "").split(",") if m],
             "params": kd_config,
             "epochs": row.get("epochs"),

@@ -26,9 +26,11 @@ from torch import Tensor
 
 from rkd.data.images import IMAGE_SUFFIXES, find_images, read_image
 from rkd.data.sample import Sample
+from rkd.data.tiling import window_starts
 from rkd.data.transforms import letterbox
 from rkd.errors import RkdError
-from rkd.geometry import batched_rotated_nms, obb_to_poly
+from rkd.eval.merge import nms_merge
+from rkd.geometry import obb_to_poly
 from rkd.geometry.boxes import hbb_to_obb
 from rkd.train.checkpoint import atomic_write_text
 
@@ -67,21 +69,6 @@ def model_detector(
     return detect
 
 
-def window_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of windows of ``tile`` pixels covering ``length`` with at least ``overlap`` shared.
-
-    >>> window_starts(1000, 400, 100)
-    [0, 300, 600]
-    >>> window_starts(300, 400, 100)
-    [0]
-    """
-    if length <= tile:
-        return [0]
-    step = tile - overlap
-    starts = list(range(0, length - tile, step))
-    return starts + [length - tile]
-
-
 def _owned(lo: int, hi: int, length: int, inner_lo: int, inner_hi: int) -> tuple[float, float]:
     return (lo if lo == 0 else lo + inner_lo / 2, hi if hi == length else hi - inner_hi / 2)
 
@@ -113,10 +100,7 @@ def detect_tiled(detect: DetectFn, image: Tensor, tile: int | None, overlap: int
             boxes.append(b[keep])
             scores.append(det["scores"][keep])
             labels.append(det["labels"][keep])
-    boxes_t, scores_t, labels_t = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
-    keep = batched_rotated_nms(boxes_t, scores_t, labels_t, nms_iou) if len(boxes_t) else torch.zeros(0, dtype=torch.long)
-    keep = keep[scores_t[keep].argsort(descending=True)]
-    return {"boxes": boxes_t[keep], "scores": scores_t[keep], "labels": labels_t[keep]}
+    return nms_merge(torch.cat(boxes), torch.cat(scores), torch.cat(labels), nms_iou)
 
 
 def dota_lines(det: Detections, class_names: list[str], size: tuple[int, int]) -> list[str]:

@@ -8,17 +8,23 @@ The arithmetic of each loss is a plain function of tensors next to the class.
 
 Each component declares its hyperparameters as :class:`Param` objects:
 defaults for a single run, ranges for the search. A search-space YAML refers
-to them by name (``fitnet: {weight: default}``).
+to them by name (``fitnet: {weight: default}``). Settings that are not hyperparameters (a
+prior encoder and its checkpoint file, the schedule of a prior stage) are :class:`Option` objects
+in ``options``: given in the spec next to the Params, validated when the spec is loaded, never
+searched.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from rkd.errors import SpecError
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
 
 
@@ -71,6 +77,48 @@ class Param:
         return float(value) if self.kind == "float" else value
 
 
+@dataclass(frozen=True)
+class Option:
+    """A fixed, non-searchable setting of a component, given in the spec next to its Params.
+
+    ``check(value, base_dir)`` returns the value normalised (JSON-able: relative paths resolved
+    against ``base_dir``, the spec file's folder, and made absolute) or raises
+    :class:`~rkd.errors.SpecError` whose path is relative to the option (``""`` for the option
+    itself, ``"checkpoint"`` for a key inside it). It must accept its own output unchanged:
+    a resolved ``methods`` section is validated again in every worker. ``check=None`` takes any value.
+
+    >>> opt = number_option("int", 3, low=1)
+    >>> opt.check(5, None), opt.default
+    (5, 3)
+    >>> opt.check(0, None)
+    Traceback (most recent call last):
+    ...
+    rkd.errors.SpecError: expected an integer >= 1, got 0
+    """
+
+    default: Any
+    check: Callable[[Any, Path | None], Any] | None = None
+    help: str = ""
+
+    def resolve(self, value: Any, base_dir: Path | None) -> Any:
+        return value if self.check is None else self.check(value, base_dir)
+
+
+def number_option(kind: str, default: float, low: float | None = None, help: str = "") -> Option:
+    """An :class:`Option` holding an ``int`` or ``float`` not below ``low``."""
+
+    def check(value: Any, base_dir: Path | None) -> Any:
+        name = "an integer" if kind == "int" else "a number"
+        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        bad = bad or (kind == "int" and float(value) != int(value)) or (low is not None and value < low)
+        if bad:
+            bound = f" >= {low:g}" if low is not None else ""
+            raise SpecError("", f"expected {name}{bound}, got {value!r}")
+        return int(value) if kind == "int" else float(value)
+
+    return Option(default, check, help)
+
+
 class KDComponent(nn.Module):
     """Base class of distillation components.
 
@@ -86,13 +134,19 @@ class KDComponent(nn.Module):
 
     name: ClassVar[str] = ""
     params: ClassVar[dict[str, Param]] = {}
+    options: ClassVar[dict[str, Option]] = {}
     requires: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, student: DetectorInfo, teacher: DetectorInfo, **hparams: Any) -> None:
         super().__init__()
         self.student_info = student
         self.teacher_info = teacher
-        self.hparams = resolve_hparams(type(self), hparams)
+        cls = type(self)
+        given_options = {k: hparams.pop(k) for k in list(hparams) if k in cls.options}
+        # Options the caller did not give take their defaults; given ones are checked again
+        # (idempotent) so a component built in code gets the same validation as one from a spec.
+        self.options = resolve_options(cls, given_options)
+        self.hparams = resolve_hparams(cls, hparams)
 
     @classmethod
     def check_models(cls, student: DetectorInfo, teacher: DetectorInfo, hparams: dict[str, Any]) -> None:
@@ -106,7 +160,16 @@ class KDComponent(nn.Module):
     # A component that needs a stage of its own before distillation (DS2D2's high-frequency
     # amplifier is trained on the teacher alone) overrides these; the training layer runs that
     # stage once, caches ``prior_state_dict()`` by content hash and reuses it across trials.
+    # ``prior_stage_keys`` names the hparams and options that shape the prior modules or their
+    # training: with the teacher and the data they form the cache key of the stage's result.
+    # Such a component also declares the options of PRIOR_STAGE_OPTIONS (its schedule).
     has_prior_stage: ClassVar[bool] = False
+    prior_stage_keys: ClassVar[tuple[str, ...]] = ()
+
+    def prior_stage_config(self) -> dict[str, Any]:
+        """The values of ``prior_stage_keys`` (hparams and options alike)."""
+        merged = {**self.hparams, **self.options}
+        return {k: merged[k] for k in self.prior_stage_keys}
 
     def prior_stage_loss(self, teacher: DetectorOutput, targets: Targets) -> Tensor:
         raise NotImplementedError(f"{self.name} has no prior stage")
@@ -115,6 +178,11 @@ class KDComponent(nn.Module):
         """The modules trained (and cached) by the prior stage; frozen during distillation."""
         return None
 
+
+PRIOR_STAGE_OPTIONS: dict[str, Option] = {
+    "prior_epochs": number_option("int", 4, low=1, help="epochs of the prior stage over the train split"),
+    "prior_lr": number_option("float", 1e-3, low=0.0, help="Adam learning rate of the prior stage"),
+}
 
 KD_METHODS: dict[str, type[KDComponent]] = {}
 
@@ -125,6 +193,9 @@ def register(name: str):
     def wrap(cls: type[KDComponent]) -> type[KDComponent]:
         if name in KD_METHODS:
             raise ValueError(f"KD method {name!r} is registered twice")
+        clash = sorted(set(cls.params) & set(cls.options))
+        if clash:
+            raise ValueError(f"KD method {name!r} declares {clash} both as a Param and as an Option")
         cls.name = name
         KD_METHODS[name] = cls
         return cls
@@ -135,10 +206,28 @@ def register(name: str):
 def resolve_hparams(cls: type[KDComponent], given: dict[str, Any], where: str | None = None) -> dict[str, Any]:
     """Defaults of ``cls.params`` overridden by ``given``; unknown names raise ``ValueError``."""
     where = where or cls.name
-    unknown = sorted(set(given) - set(cls.params))
+    unknown = sorted(set(given) - set(cls.params) - set(cls.options))
     if unknown:
         raise ValueError(f"{where}: unknown parameter(s) {unknown}; {cls.name} has {sorted(cls.params)}")
     return {k: p.validate(given[k], f"{where}.{k}") if k in given else p.default for k, p in cls.params.items()}
+
+
+def resolve_options(cls: type[KDComponent], given: dict[str, Any], base_dir: Path | None = None) -> dict[str, Any]:
+    """Every option of ``cls``: ``given`` ones checked (``"default"`` means the default), others defaulted.
+
+    Raises :class:`~rkd.errors.SpecError` with a path relative to the method (``prior.kind``).
+    """
+    out: dict[str, Any] = {}
+    for key, opt in cls.options.items():
+        value = given.get(key, "default")
+        if isinstance(value, str) and value == "default":
+            out[key] = opt.default
+            continue
+        try:
+            out[key] = opt.resolve(value, base_dir)
+        except SpecError as err:
+            raise err.within(key) from None
+    return out
 
 
 def check_compatible(

@@ -5,7 +5,8 @@ A ``methods`` section maps registered method names to their hyperparameters::
     {"fitnet": {"weight": 0.5}, "hinton": {}}
 
 Missing hyperparameters take the component's defaults; the string ``"default"`` also
-means the default. Errors are :class:`~rkd.errors.SpecError` with a path relative to
+means the default. A method's options (:class:`~rkd.distill.base.Option`, e.g. IFKD's
+``prior``) sit next to its hyperparameters and are resolved the same way. Errors are :class:`~rkd.errors.SpecError` with a path relative to
 the section (``fitnet.weight``); callers prefix their own path with ``SpecError.within``.
 
 >>> from rkd.outputs import DetectorInfo
@@ -23,41 +24,51 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from rkd.distill.base import KD_METHODS, KDComponent, check_compatible
+from rkd.distill.base import KD_METHODS, KDComponent, check_compatible, resolve_options
 from rkd.errors import SpecError
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
 
 _DETACHED_FIELDS = ("features", "cls_logits", "box_regs", "centerness", "angle_logits")
 
 
-def validate_methods(cfg: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+def validate_methods(
+    cfg: Mapping[str, Any] | None,
+    base_dir: Path | None = None,
+    registry: Mapping[str, Any] | None = None,
+    what: str = "KD method",
+) -> dict[str, dict[str, Any]]:
     """Check a ``methods`` section without models; return it with every default filled in.
 
-    Checks method names, parameter names and value types/choices. A method given as
-    ``None`` (``fitnet:`` in YAML) takes all defaults.
+    Checks method names, parameter names and value types/choices, and the methods' options
+    (relative paths in them are resolved against ``base_dir``, the spec file's folder). A
+    method given as ``None`` (``fitnet:`` in YAML) takes all defaults. ``registry``: the
+    methods to check against (default: the detection methods).
     """
+    registry = KD_METHODS if registry is None else registry
     if cfg is None:
         return {}
     if not isinstance(cfg, Mapping):
         raise SpecError("", f"the KD methods must be a mapping of method name to parameters, got {cfg!r}")
     out: dict[str, dict[str, Any]] = {}
     for name, given in cfg.items():
-        if not isinstance(name, str) or name not in KD_METHODS:
-            raise SpecError(str(name), f"unknown KD method; known methods are {sorted(KD_METHODS)}")
-        cls = KD_METHODS[name]
+        if not isinstance(name, str) or name not in registry:
+            raise SpecError(str(name), f"unknown {what}; known methods are {sorted(registry)}")
+        cls = registry[name]
         if given is None:
             given = {}
         if not isinstance(given, Mapping):
             raise SpecError(name, f"expected a mapping of parameter name to value, got {given!r}")
         resolved: dict[str, Any] = {}
         for key in given:
-            if key not in cls.params:
-                raise SpecError(f"{name}.{key}", f"unknown parameter; {name} has {sorted(cls.params)}")
+            if key not in cls.params and key not in cls.options:
+                known = sorted({**cls.params, **cls.options})
+                raise SpecError(f"{name}.{key}", f"unknown parameter; {name} has {known}")
         for key, param in cls.params.items():
             value = given.get(key, "default")
             if isinstance(value, str) and value == "default" and not (
@@ -70,6 +81,10 @@ def validate_methods(cfg: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]
             except ValueError as exc:
                 msg = str(exc).removeprefix(f"{name}.{key}: ")
                 raise SpecError(f"{name}.{key}", msg) from None
+        try:
+            resolved.update(resolve_options(cls, {k: v for k, v in given.items() if k in cls.options}, base_dir))
+        except SpecError as err:
+            raise err.within(name) from None
         out[name] = resolved
     return out
 
@@ -95,6 +110,7 @@ class Distiller(nn.Module):
         super().__init__()
         self.components = nn.ModuleDict(dict(components))
         self.hparams = {name: dict(c.hparams) for name, c in self.components.items()}
+        self.options = {name: dict(c.options) for name, c in self.components.items() if c.options}
 
     def forward(
         self, student_out: DetectorOutput, teacher_out: DetectorOutput, targets: Targets, epoch: float = 0.0

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rkd.distill.base import KDComponent, Param, register
+from rkd.distill.base import PRIOR_STAGE_OPTIONS, KDComponent, Param, register
 from rkd.distill.masks import as_rotated, box_frame_coords
 from rkd.distill.wavelets import check_wavelet, coefficient_centres, dwt2
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets, flatten_levels
@@ -196,7 +196,11 @@ class DS2D2(KDComponent):
         "beta": Param("float", 1.0, 0.5, 2.0, help="exponent of the quality-focal factor |p_s - p_t|^beta"),
         "hf_channels": Param("int", 64, 16, 256, help="hidden channels of the high-frequency amplifier head"),
     }
+    options = dict(PRIOR_STAGE_OPTIONS)  # prior_epochs, prior_lr: the HF head's training schedule
     has_prior_stage = True
+    # What the cached HF head depends on besides the teacher and the data: its input bands
+    # (wavelet), its size (hf_channels), its loss (beta) and its schedule.
+    prior_stage_keys = ("wavelet", "hf_channels", "beta", "prior_epochs", "prior_lr")
 
     @classmethod
     def check_models(cls, student: DetectorInfo, teacher: DetectorInfo, hparams: dict[str, Any]) -> None:

@@ -47,15 +47,14 @@ Terms: ``feat``, ``head``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rkd.distill.base import KDComponent, Param, register
-from rkd.distill.priors import build_prior
+from rkd.distill.base import KDComponent, Option, Param, register
+from rkd.distill.priors import build_prior, check_prior_option
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
 
 FILTER_GRID = 16
@@ -223,12 +222,16 @@ def head_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> T
 class IFKD(KDComponent):
     """Information fusion KD (EDE + FDR + HSM); terms ``feat`` and ``head``.
 
-    Besides its Params, the constructor takes ``prior`` (a registered prior-encoder kind or
-    an ``nn.Module``; default ``"builtin"``) and ``prior_options`` (passed to
-    :func:`rkd.distill.priors.build_prior`, e.g. ``{"checkpoint": path, "model_type": "vit_b"}``).
-    The encoder is built with the component (when ``ede`` is on, so a missing package or
-    checkpoint fails before training), frozen, kept out of ``state_dict`` and moved to the
-    inputs' device and dtype on use.
+    Besides its Params it has one option, ``prior``: the EDE encoder as ``{kind: builtin}``
+    (default), ``{kind: sam, checkpoint: PATH, model_type: vit_b}``, ``{kind: module,
+    target: "pkg.mod:Name", args: {...}}`` (see :func:`rkd.distill.priors.check_prior_option`),
+    or, in code, an ``nn.Module``. The encoder is built with the component (when ``ede`` is on,
+    so a missing package or checkpoint fails before training), frozen, kept out of
+    ``state_dict`` and moved to the inputs' device and dtype on use.
+
+    >>> info = DetectorInfo(level_channels=(4, 4), strides=(8, 16), num_classes=3, num_anchors=1, box_dim=5)
+    >>> IFKD(info, info, prior={"kind": "builtin", "stride": 8}).prior_encoder().stride
+    8
     """
 
     params = {
@@ -246,6 +249,10 @@ class IFKD(KDComponent):
         "c": Param("float", 1.0, 1e-3, 2.0, log=True, help="curvature of the Poincare ball"),
         "ball_map": Param("choice", "expmap", choices=("expmap", "scale"), help="how features enter the ball"),
     }
+    options = {
+        "prior": Option({"kind": "builtin", "stride": 4}, check_prior_option,
+                        help="the frozen EDE encoder: {kind: builtin | module | sam, ...its arguments}"),
+    }
 
     @classmethod
     def check_models(cls, student: DetectorInfo, teacher: DetectorInfo, hparams: dict[str, Any]) -> None:
@@ -260,8 +267,7 @@ class IFKD(KDComponent):
                 f"{student.num_anchors} anchors per location and the teacher {teacher.num_anchors}"
             )
 
-    def __init__(self, student: DetectorInfo, teacher: DetectorInfo, *, prior: str | nn.Module = "builtin",
-                 prior_options: Mapping[str, Any] | None = None, **hparams: Any) -> None:
+    def __init__(self, student: DetectorInfo, teacher: DetectorInfo, **hparams: Any) -> None:
         super().__init__(student, teacher, **hparams)
         type(self).check_models(student, teacher, self.hparams)
         hp = self.hparams
@@ -275,7 +281,6 @@ class IFKD(KDComponent):
             nn.ModuleList(fusion_block(ct) for ct in teacher.level_channels[1:])
             if hp["ede"] and hp["ede_mode"] == "released" else None
         )
-        self._prior_spec = (prior, dict(prior_options or {}))
         object.__setattr__(self, "_prior", None)  # not a submodule: frozen, never saved
         if hp["ede"]:
             self.prior_encoder()  # fail before training on a missing package or checkpoint
@@ -285,8 +290,13 @@ class IFKD(KDComponent):
     def prior_encoder(self) -> nn.Module:
         """The frozen prior encoder, built on first call."""
         if self._prior is None:
-            kind, options = self._prior_spec
-            object.__setattr__(self, "_prior", build_prior(kind, **options))
+            prior = self.options["prior"]
+            if isinstance(prior, nn.Module):
+                encoder = build_prior(prior)
+            else:
+                args = dict(prior)
+                encoder = build_prior(args.pop("kind"), **args)
+            object.__setattr__(self, "_prior", encoder)
         return self._prior
 
     def ede_maps(self, inputs: Tensor, sizes: list[tuple[int, int]], channels: list[int]) -> list[Tensor]:

@@ -9,20 +9,27 @@ time, and returned frozen (``eval()``, ``requires_grad=False``):
   analytic weights (Sobel gradient magnitude plus a centre-surround contrast, at stride 4,
   standardised per image); no download, for tests and users without SAM.
 * ``module``: any ``torch.nn.Module`` the caller passes (``build_prior("module", module=m)``
-  or simply ``build_prior(m)``).
+  or simply ``build_prior(m)``), or, from a spec, one made by an importable callable:
+  ``{kind: module, target: "package.module:Name", args: {...}}``.
 * ``sam``: the image encoder of a segment-anything model (SAM ViT-B/L/H, or MobileSAM's
   ``vit_t`` with ``package="mobile_sam"``), built with
   ``sam_model_registry[model_type](checkpoint=checkpoint)`` from a checkpoint file the user
   supplies. The package is imported inside :func:`sam_prior`; nothing is downloaded.
 
 New kinds are added with :func:`register_prior`.
+
+In a spec the encoder is IFKD's ``prior`` option, a mapping with ``kind`` and that kind's
+builder arguments; :func:`check_prior_option` validates it when the spec is loaded (unknown
+kind or key, a missing checkpoint file, a target that does not import) and resolves relative
+paths against the spec file's folder.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +37,140 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rkd.errors import RkdError
+from rkd.errors import RkdError, SpecError
 
 PRIOR_ENCODERS: dict[str, Callable[..., nn.Module]] = {}
+# Per kind: checks a spec's builder arguments (without the "kind" key) -> normalised arguments.
+PRIOR_CHECKS: dict[str, Callable[[dict[str, Any], Path | None], dict[str, Any]]] = {}
 
 
-def register_prior(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering a builder of prior encoders under ``name``."""
+def register_prior(
+    name: str, check: Callable[[dict[str, Any], Path | None], dict[str, Any]] | None = None
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a builder of prior encoders under ``name``.
+
+    ``check(args, base_dir)`` (optional) validates the builder arguments a spec gives, raising
+    :class:`~rkd.errors.SpecError` with the argument's name as path; without it any arguments pass.
+    """
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in PRIOR_ENCODERS:
             raise ValueError(f"prior encoder {name!r} is registered twice")
         PRIOR_ENCODERS[name] = fn
+        if check is not None:
+            PRIOR_CHECKS[name] = check
         return fn
 
     return wrap
+
+
+def check_prior_option(value: Any, base_dir: Path | None = None) -> dict[str, Any] | nn.Module:
+    """Validate IFKD's ``prior`` option; return it as ``{"kind": ..., **args}`` (or the module given).
+
+    A bare kind name stands for ``{kind: name}``. Errors are :class:`~rkd.errors.SpecError`
+    with a path relative to the option.
+
+    >>> check_prior_option("builtin")
+    {'kind': 'builtin', 'stride': 4}
+    >>> check_prior_option({"kind": "sam"})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    rkd.errors.SpecError: checkpoint: required: the path of a segment_anything vit_b checkpoint ...
+    """
+    if isinstance(value, nn.Module):
+        return value
+    if isinstance(value, str):
+        value = {"kind": value}
+    if not isinstance(value, Mapping):
+        kinds = sorted(PRIOR_ENCODERS)
+        raise SpecError("", f"expected a mapping like {{kind: builtin}} (kinds: {kinds}), got {value!r}")
+    args = dict(value)
+    kind = args.pop("kind", "builtin")
+    if kind not in PRIOR_ENCODERS:
+        raise SpecError("kind", f"unknown prior encoder {kind!r}; known: {sorted(PRIOR_ENCODERS)}")
+    check = PRIOR_CHECKS.get(kind)
+    return {"kind": kind, **(check(args, base_dir) if check is not None else args)}
+
+
+def _reject_unknown(args: Mapping[str, Any], allowed: set[str], kind: str) -> None:
+    for key in args:
+        if key not in allowed:
+            raise SpecError(str(key), f"unknown key of a {kind!r} prior; it takes {sorted(allowed)}")
+
+
+def _check_builtin(args: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    _reject_unknown(args, {"stride"}, "builtin")
+    stride = args.get("stride", 4)
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise SpecError("stride", f"expected an integer >= 1, got {stride!r}")
+    return {"stride": stride}
+
+
+def import_target(target: Any) -> Callable[..., Any]:
+    """The object ``"package.module:Name"`` names (raises SpecError with path ``target``)."""
+    if not isinstance(target, str) or target.count(":") != 1 or not all(target.split(":")):
+        raise SpecError("target", f"expected 'package.module:Name', got {target!r}")
+    module_name, attr = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SpecError("target", f"cannot import {module_name!r} ({exc})") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise SpecError("target", f"module {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise SpecError("target", f"{target!r} is not callable")
+    return obj
+
+
+def _check_module(args: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    if "module" in args and isinstance(args["module"], nn.Module):  # built in code, not from a spec
+        return args
+    _reject_unknown(args, {"target", "args"}, "module")
+    if "target" not in args:
+        raise SpecError("target", "required: 'package.module:Name' of a callable returning a torch.nn.Module")
+    import_target(args["target"])
+    call_args = args.get("args", {}) or {}
+    if not isinstance(call_args, Mapping):
+        raise SpecError("args", f"expected a mapping of keyword arguments, got {call_args!r}")
+    return {"target": args["target"], "args": dict(call_args)}
+
+
+# Model types of the known SAM packages' registries (checked without importing the package).
+SAM_MODEL_TYPES = {
+    "segment_anything": ("default", "vit_b", "vit_h", "vit_l"),
+    "mobile_sam": ("default", "vit_b", "vit_h", "vit_l", "vit_t"),
+}
+
+
+def _check_sam(args: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    _reject_unknown(args, {"checkpoint", "model_type", "package"}, "sam")
+    package = args.get("package", "segment_anything")
+    if not isinstance(package, str) or not package:
+        raise SpecError("package", f"expected a package name, got {package!r}")
+    model_type = args.get("model_type", "vit_b")
+    known = SAM_MODEL_TYPES.get(package)
+    if not isinstance(model_type, str) or (known is not None and model_type not in known):
+        raise SpecError("model_type", f"unknown {package} model type {model_type!r}; choose from {list(known or ())}")
+    checkpoint = args.get("checkpoint")
+    if checkpoint is None:
+        raise SpecError(
+            "checkpoint", f"required: the path of a {package} {model_type} checkpoint (rkd never downloads weights)"
+        )
+    if not isinstance(checkpoint, (str, Path)):
+        raise SpecError("checkpoint", f"expected a file path, got {checkpoint!r}")
+    path = Path(checkpoint).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    if not path.is_file():
+        raise SpecError("checkpoint", f"file not found: {path}")
+    if importlib.util.find_spec(package) is None:
+        hint = "pip install segment-anything" if package == "segment_anything" else f"install the {package} package"
+        raise SpecError("package" if "package" in args else "kind",
+                        f"the 'sam' prior needs the {package!r} package, which is not installed ({hint})")
+    return {"checkpoint": str(path.resolve()), "model_type": model_type, "package": package}
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -101,15 +227,20 @@ class EdgeSaliencyPrior(nn.Module):
         return (e - mean) / (std + 1e-6)
 
 
-@register_prior("builtin")
+@register_prior("builtin", _check_builtin)
 def builtin_prior(stride: int = 4) -> nn.Module:
     """The fixed :class:`EdgeSaliencyPrior`."""
     return EdgeSaliencyPrior(stride)
 
 
-@register_prior("module")
-def module_prior(module: nn.Module | None = None) -> nn.Module:
-    """Any torch module mapping ``(B, 3, H, W)`` to ``(B, C_e, h, w)``."""
+@register_prior("module", _check_module)
+def module_prior(module: nn.Module | None = None, target: str | None = None,
+                 args: Mapping[str, Any] | None = None) -> nn.Module:
+    """Any torch module mapping ``(B, 3, H, W)`` to ``(B, C_e, h, w)``: given, or ``target(**args)``."""
+    if target is not None and module is None:
+        module = import_target(target)(**dict(args or {}))
+        if not isinstance(module, nn.Module):
+            raise RkdError(f"prior target {target!r} returned a {type(module).__name__}, not a torch.nn.Module")
     if not isinstance(module, nn.Module):
         raise ValueError(f"prior 'module' needs module=<a torch.nn.Module>, got {module!r}")
     return module
@@ -139,7 +270,7 @@ class SamImageEncoder(nn.Module):
         return emb[..., : math.ceil(nh / self.patch), : math.ceil(nw / self.patch)]
 
 
-@register_prior("sam")
+@register_prior("sam", _check_sam)
 def sam_prior(checkpoint: str | Path | None = None, model_type: str = "vit_b",
               package: str = "segment_anything") -> nn.Module:
     """The image encoder of ``package.sam_model_registry[model_type](checkpoint=checkpoint)``.
@@ -172,6 +303,6 @@ def sam_prior(checkpoint: str | Path | None = None, model_type: str = "vit_b",
 
 
 __all__ = [
-    "PRIOR_ENCODERS", "EdgeSaliencyPrior", "SamImageEncoder", "build_prior", "builtin_prior", "freeze",
-    "module_prior", "register_prior", "sam_prior",
+    "PRIOR_CHECKS", "PRIOR_ENCODERS", "EdgeSaliencyPrior", "SamImageEncoder", "build_prior", "builtin_prior",
+    "check_prior_option", "freeze", "import_target", "module_prior", "register_prior", "sam_prior",
 ]

@@ -12,7 +12,6 @@ Inputs are ImageNet-normalised like the detectors' (``rkd.data.dataset.MEAN`` / 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,19 +20,9 @@ from torch import Tensor, nn
 
 from rkd.errors import SpecError
 from rkd.models.factory import build_backbone, validate_model_spec
+from rkd.outputs import ClassifierInfo, ClassifierOutput
 
-
-@dataclass
-class ClassifierOutput:
-    """What a classifier's forward returns (belongs in :mod:`rkd.outputs` next to ``DetectorOutput``).
-
-    ``losses`` holds ``{"cls": cross-entropy}`` only when labels were given.
-    """
-
-    features: list[Tensor]  # backbone outputs, finest first, (B, C_l, H_l, W_l)
-    pooled: Tensor  # (B, C_last): global average of the last feature map
-    logits: Tensor  # (B, num_classes)
-    losses: dict[str, Tensor] = field(default_factory=dict)
+__all__ = ["Classifier", "ClassifierInfo", "ClassifierOutput", "build_classifier"]
 
 
 class Classifier(nn.Module):
@@ -46,6 +35,19 @@ class Classifier(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(backbone.out_channels[-1], num_classes)
         self.spec = spec or {}
+
+    @property
+    def info(self) -> ClassifierInfo:
+        """What classification KD components need to build their parts (channels, strides, classes).
+
+        >>> build_classifier({"backbone": {"width": 0.25}}, num_classes=4).info
+        ClassifierInfo(level_channels=(32, 64, 128), strides=(8, 16, 32), num_classes=4)
+        """
+        return ClassifierInfo(
+            level_channels=tuple(int(c) for c in self.backbone.out_channels),
+            strides=tuple(int(s) for s in self.backbone.out_strides),
+            num_classes=int(self.num_classes),
+        )
 
     def forward(self, images: Tensor, labels: Tensor | None = None) -> ClassifierOutput:
         features = self.backbone(images)

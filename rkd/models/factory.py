@@ -114,6 +114,17 @@ def _backbone_params(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in sig.parameters.values() if p.default is not inspect.Parameter.empty}
 
 
+def backbone_keys(name: str) -> set[str]:
+    """The keys a ``backbone:`` section of backbone ``name`` may hold.
+
+    >>> sorted(backbone_keys("convnet"))
+    ['depth', 'name', 'out_indices', 'pretrained', 'weights', 'width']
+    """
+    if name not in BACKBONES:
+        raise SpecError("backbone.name", f"unknown backbone {_type_name(name)}; known: {', '.join(sorted(BACKBONES))}")
+    return {"name", "weights", *_backbone_params(name)}
+
+
 def _backbone_value(key: str, value: Any, default: Any, path: str) -> Any:
     if key == "width":
         return _positive_float(value, path)

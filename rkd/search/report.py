@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from rkd.errors import RkdError
-from rkd.search.results import front_rows, hypervolume, knee
+from rkd.search.results import DEFAULT_OBJECTIVES, front_rows, hypervolume, knee
 from rkd.train.checkpoint import atomic_write_text
 
 W, H = 640, 380  # chart size in px
@@ -390,7 +390,7 @@ def build_html(run_dir: Path) -> str:
     rows, summary = load_run(run_dir)
     curves = read_curves(run_dir)
     teacher = summary.get("teacher")
-    front = front_rows(rows)
+    front = front_rows(rows, tuple(summary.get("objectives", DEFAULT_OBJECTIVES)))
     knee_id = (knee(front) or {}).get("trial_id")
     if summary.get("hypervolume_ref"):
         ref = float(summary["hypervolume_ref"][1])

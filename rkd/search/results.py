@@ -26,15 +26,42 @@ BASE_COLUMNS = [
     "status",
     "reason",
     "map50",
+    "top1",
     "gflops",
+    "latency_ms",
     "params_m",
     "epochs_done",
     "epochs",
     "kd_methods",
+    "reference",
     "wall_s",
     "checkpoint",
     "config_json",
 ]
+
+
+# What a search can optimise, and which way (True: maximise).
+OBJECTIVES = {"map50": True, "top1": True, "gflops": False, "latency_ms": False}
+DEFAULT_OBJECTIVES = ("map50", "gflops")
+
+
+def nondominated(points: np.ndarray, maximise: list[bool]) -> np.ndarray:
+    """Non-dominated rows of ``points`` (one column per objective); exact duplicates all stay.
+
+    >>> nondominated(np.array([[0.5, 1.0, 9.0], [0.6, 2.0, 3.0], [0.4, 1.5, 9.5]]), [True, False, False]).tolist()
+    [True, True, False]
+    """
+    if len(points) == 0:
+        return np.zeros(0, dtype=bool)
+    return np.asarray(moocore.is_nondominated(points.astype(float), maximise=maximise, keep_weakly=True), dtype=bool)
+
+
+def run_objectives(run_dir: Path) -> tuple[str, ...]:
+    """The objectives a finished search optimised (from its ``summary.json``)."""
+    summary = Path(run_dir) / "summary.json"
+    if summary.is_file():
+        return tuple(json.loads(summary.read_text()).get("objectives", DEFAULT_OBJECTIVES))
+    return DEFAULT_OBJECTIVES
 
 
 def pareto_mask(map50: np.ndarray, gflops: np.ndarray) -> np.ndarray:
@@ -43,10 +70,7 @@ def pareto_mask(map50: np.ndarray, gflops: np.ndarray) -> np.ndarray:
     >>> pareto_mask(np.array([0.5, 0.6, 0.4]), np.array([1.0, 2.0, 1.5])).tolist()
     [True, True, False]
     """
-    if len(map50) == 0:
-        return np.zeros(0, dtype=bool)
-    points = np.column_stack([map50, gflops]).astype(float)
-    return np.asarray(moocore.is_nondominated(points, maximise=[True, False], keep_weakly=True), dtype=bool)
+    return nondominated(np.column_stack([map50, gflops]), [True, False])
 
 
 def hypervolume(map50: np.ndarray, gflops: np.ndarray, ref_gflops: float) -> float:
@@ -88,21 +112,34 @@ def write_parquet(table: pa.Table, path: Path) -> None:
     atomic_write_bytes(path, write)
 
 
-def front_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The complete trials on the Pareto front, sorted by GFLOPs."""
-    done = [r for r in rows if r["status"] == "complete" and _finite(r.get("map50")) and _finite(r.get("gflops"))]
+def front_rows(rows: list[dict[str, Any]], objectives: tuple[str, ...] = DEFAULT_OBJECTIVES) -> list[dict[str, Any]]:
+    """The complete trials on the Pareto front of ``objectives``, sorted by GFLOPs."""
+    done = [r for r in rows if r["status"] == "complete" and all(_finite(r.get(k)) for k in objectives)]
     if not done:
         return []
-    mask = pareto_mask(np.array([r["map50"] for r in done]), np.array([r["gflops"] for r in done]))
-    return sorted((r for r, m in zip(done, mask) if m), key=lambda r: (r["gflops"], -r["map50"]))
+    points = np.array([[r[k] for k in objectives] for r in done], dtype=float)
+    mask = nondominated(points, [OBJECTIVES[k] for k in objectives])
+    return sorted((r for r, m in zip(done, mask) if m), key=lambda r: (r["gflops"], -r[objectives[0]]))
 
 
-def knee(front: list[dict[str, Any]]) -> dict[str, Any] | None:
+def hypervolume_of(rows: list[dict[str, Any]], objectives: tuple[str, ...], ref: list[float]) -> float:
+    """Hypervolume of the complete trials against ``ref`` (one value per objective)."""
+    done = [r for r in rows if r["status"] == "complete" and all(_finite(r.get(k)) for k in objectives)]
+    maximise = [OBJECTIVES[k] for k in objectives]
+    points = np.array([[r[k] for k in objectives] for r in done], dtype=float).reshape(-1, len(objectives))
+    # Only points better than the reference in every objective add volume.
+    inside = np.all(np.where(maximise, points >= ref, points <= ref), axis=1)
+    if not inside.any():
+        return 0.0
+    return float(moocore.hypervolume(points[inside], ref=ref, maximise=maximise))
+
+
+def knee(front: list[dict[str, Any]], accuracy: str = "map50") -> dict[str, Any] | None:
     """The front point farthest from the line joining its two ends (after normalising both axes)."""
     if len(front) < 3:
         return front[-1] if front else None
     x = np.array([r["gflops"] for r in front], dtype=float)
-    y = np.array([r["map50"] for r in front], dtype=float)
+    y = np.array([r[accuracy] for r in front], dtype=float)
     x = (x - x.min()) / max(np.ptp(x), 1e-12)
     y = (y - y.min()) / max(np.ptp(y), 1e-12)
     dx, dy = x[-1] - x[0], y[-1] - y[0]
@@ -132,8 +169,13 @@ def plot_front(
     path: Path,
     teacher: dict[str, Any] | None,
     title: str,
+    latency: bool = False,
+    accuracy: str = "map50",
 ) -> None:
-    """``pareto.png``: all complete trials, the front highlighted, teacher and no-KD students marked."""
+    """``pareto.png``: all complete trials, the front highlighted, teacher and no-KD students marked.
+
+    ``latency``: the front is over (mAP50, GFLOPs, latency); its points are coloured by latency.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,17 +185,30 @@ def plot_front(
     done = [r for r in rows if r["status"] == "complete"]
     kd = [r for r in done if r.get("kd_methods")]
     plain = [r for r in done if not r.get("kd_methods")]
-    ax.scatter([r["gflops"] for r in kd], [r["map50"] for r in kd], c="#9aa5b1", s=28, label="distilled trials")
+    ax.scatter([r["gflops"] for r in kd], [r[accuracy] for r in kd], c="#9aa5b1", s=28, label="distilled trials")
     if plain:
         ax.scatter(
-            [r["gflops"] for r in plain], [r["map50"] for r in plain], marker="s", c="#e08a00", s=42, label="student, no KD"
+            [r["gflops"] for r in plain], [r[accuracy] for r in plain], marker="s", c="#e08a00", s=42, label="student, no KD"
         )
-    if front:
-        ax.plot([r["gflops"] for r in front], [r["map50"] for r in front], "-o", c="#1f6feb", lw=1.8, ms=6, label="Pareto front")
+    if front and latency:
+        # A front over three objectives is not a curve in this plane: mark its points, coloured by latency.
+        dots = ax.scatter([r["gflops"] for r in front], [r[accuracy] for r in front], c=[r["latency_ms"] for r in front],
+                          cmap="viridis", s=48, edgecolors="#1f6feb", label="Pareto front (mAP, GFLOPs, latency)")
+        fig.colorbar(dots, ax=ax, label="latency (ms)")
+    elif front:
+        ax.plot([r["gflops"] for r in front], [r[accuracy] for r in front], "-o", c="#1f6feb", lw=1.8, ms=6, label="Pareto front")
     if teacher is not None:
-        ax.scatter([teacher["gflops"]], [teacher["map50"]], marker="*", c="#c62828", s=160, label="teacher", zorder=5)
+        ax.scatter([teacher["gflops"]], [teacher[accuracy]], marker="*", c="#c62828", s=160, label="teacher", zorder=5)
+    published = [r for r in done if (r.get("reference") or "").endswith(" defaults")]
+    if published:
+        # What the search adds over picking a published method with its paper's settings.
+        ax.scatter([r["gflops"] for r in published], [r[accuracy] for r in published], marker="D", facecolors="none",
+                   edgecolors="#6a1b9a", s=60, label="method at published defaults", zorder=4)
+        for r in published:
+            ax.annotate(r["reference"].removesuffix(" defaults"), (r["gflops"], r[accuracy]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points", color="#6a1b9a")
     ax.set_xlabel("student GFLOPs (lower is better)")
-    ax.set_ylabel("val mAP50 (higher is better)")
+    ax.set_ylabel(f"val {'top-1' if accuracy == 'top1' else 'mAP50'} (higher is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)

@@ -11,27 +11,27 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import optuna
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from rkd.data.dataset import build_dataset
-from rkd.data.dataset import class_names as data_class_names
 from rkd.errors import RkdError, SpecError
-from rkd.models import build_detector
 from rkd.models.flops import count_flops
-from rkd.schema import Section
+from rkd.models.latency import measure_latency
+from rkd.schema import Section, join
 from rkd.search.progress import ProgressPrinter
 from rkd.search.results import (
+    DEFAULT_OBJECTIVES,
+    OBJECTIVES,
+    hypervolume_of,
     front_rows,
-    hypervolume,
     knee,
     format_table,
     plot_front,
@@ -40,14 +40,17 @@ from rkd.search.results import (
 )
 from rkd.search.space import SearchSpace, load_space, split_params
 from rkd.train.checkpoint import atomic_write_json
-from rkd.train.loop import STUDENT_FILE, make_loop_config
+from rkd.train.loop import STUDENT_FILE
 from rkd.train.runner import build_trainer, ensure_ray
 from rkd.train.spec import RunSpec, with_overrides
+from rkd.train.tasks import TASKS
 from rkd.train.teacher import prepare_teacher
 
-SEARCH_KEYS = {"space", "trials", "seed", "sampler", "max_gflops", "initial_points", "scheduler", "stop"}
-SAMPLERS = ("tpe", "nsga2", "random")
-METRICS, MODES = ["map50", "gflops"], ["max", "min"]
+SEARCH_KEYS = {
+    "space", "trials", "seed", "sampler", "objectives", "max_gflops", "initial_points", "published_defaults",
+    "scheduler", "stop",
+}
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
 
 
 @dataclass
@@ -56,8 +59,10 @@ class SearchConfig:
     trials: int
     seed: int
     sampler: str
+    objectives: tuple[str, ...]  # the task's accuracy (map50 or top1) and gflops, optionally latency_ms
     max_gflops: float | None
     initial_points: list[dict[str, Any]]
+    published_defaults: bool  # also try each method of the space alone at its published defaults
     scheduler: dict[str, Any] | None  # {kind: asha, grace_period, reduction_factor}
     stop: dict[str, Any] | None  # {after_epochs, below_map}
 
@@ -71,13 +76,27 @@ def parse_search(spec: RunSpec) -> SearchConfig:
             trials=sec.int("trials", 8, low=1),
             seed=sec.int("seed", spec.seed, low=0),
             sampler=sec.str("sampler", "tpe", choices=list(SAMPLERS)),
+            objectives=_objectives(sec, TASKS[spec.task].metric),
             max_gflops=sec.float("max_gflops", None, low=0.0) if sec.raw("max_gflops", None) is not None else None,
             initial_points=sec.raw("initial_points", []),
+            published_defaults=sec.bool("published_defaults", False),
             scheduler=_scheduler(sec.section("scheduler")) if sec.raw("scheduler", None) is not None else None,
             stop=_stop(sec.section("stop")) if sec.raw("stop", None) is not None else None,
         )
     except SpecError as err:
         raise spec.source.error(err) from None
+
+
+def _objectives(sec: Section, accuracy: str) -> tuple[str, ...]:
+    given = sec.raw("objectives", [accuracy, "gflops"])
+    if not isinstance(given, list) or not all(isinstance(o, str) for o in given):
+        raise SpecError(join(sec.path, "objectives"), f"expected a list of objective names, got {given!r}")
+    if len(set(given)) != len(given) or not {accuracy, "gflops"} <= set(given) <= {accuracy, "gflops", "latency_ms"}:
+        raise SpecError(
+            join(sec.path, "objectives"),
+            f"expected {accuracy} and gflops, optionally latency_ms, each once; got {given!r}",
+        )
+    return (accuracy, *[o for o in given if o != accuracy])  # the accuracy first: the front's y axis
 
 
 def _scheduler(sec: Section) -> dict[str, Any]:
@@ -95,14 +114,14 @@ def _stop(sec: Section) -> dict[str, Any]:
 
 
 class FloorStopper(tune.Stopper):
-    """Stops a trial whose val mAP50 is still below ``below_map`` after ``after_epochs`` epochs."""
+    """Stops a trial whose val accuracy is still below ``below_map`` after ``after_epochs`` epochs."""
 
-    def __init__(self, after_epochs: int, below_map: float) -> None:
-        self.after_epochs, self.below_map = after_epochs, below_map
+    def __init__(self, after_epochs: int, below_map: float, metric: str = "map50") -> None:
+        self.after_epochs, self.below_map, self.metric = after_epochs, below_map, metric
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         epoch, epochs = result.get("epoch", 0), result.get("epochs", 0)
-        return self.after_epochs <= epoch < epochs and result.get("map50", 0.0) < self.below_map
+        return self.after_epochs <= epoch < epochs and result.get(self.metric, 0.0) < self.below_map
 
     def stop_all(self) -> bool:
         return False
@@ -123,7 +142,11 @@ class ParetoOptunaSearch(OptunaSearch):
 
 def load_search_space(spec: RunSpec, search: SearchConfig) -> SearchSpace:
     """Compile the space, checking every student value it can produce against the spec."""
-    space = load_space(search.space_path, student_check=lambda overrides: with_overrides(spec.student, overrides))
+    space = load_space(
+        search.space_path,
+        student_check=lambda overrides: with_overrides(spec.student, overrides, task=spec.task),
+        registry=TASKS[spec.task].method_registry(),
+    )
     if not isinstance(search.initial_points, list):
         raise spec.source.error(SpecError("search.initial_points", "expected a list of {parameter: value} mappings"))
     names = {d.name for d in space.dims}
@@ -137,12 +160,33 @@ def load_search_space(spec: RunSpec, search: SearchConfig) -> SearchSpace:
     return space
 
 
+def reference_points(space: SearchSpace, search: SearchConfig) -> dict[str, dict[str, Any]]:
+    """Named configurations every user wants to compare with: the student without KD and, with
+    ``published_defaults``, each method of the space alone at its published defaults."""
+    points = {"no KD": space.baseline_point()} if space.baseline_point() else {}
+    if search.published_defaults:
+        points.update({f"{m} defaults": p for m, p in space.published_default_points().items()})
+    return points
+
+
 def first_points(space: SearchSpace, search: SearchConfig) -> list[dict[str, Any]] | None:
-    """Configurations tried first: the user's, else the student without KD (the reference every
-    distilled trial is compared to)."""
+    """Configurations tried first: the user's, else the reference points."""
     if search.initial_points:
-        return [dict(p) for p in search.initial_points][: search.trials]
-    return [space.baseline_point()] if space.baseline_point() else None
+        points = [dict(p) for p in search.initial_points]
+        if search.published_defaults:
+            points += list(reference_points(space, search).values())[1:]
+    else:
+        points = list(reference_points(space, search).values())
+    return points[: search.trials] or None
+
+
+def label_references(rows: list[dict[str, Any]], references: dict[str, dict[str, Any]]) -> None:
+    """Set ``reference`` on the rows whose configuration is one of the named reference points."""
+    for row in rows:
+        params = row.get("params") or {}
+        row["reference"] = next(
+            (name for name, point in references.items() if all(params.get(k) == v for k, v in point.items())), None
+        )
 
 
 def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
@@ -151,6 +195,12 @@ def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampl
     if name == "nsga2":
         # A small population suits the small budgets of distillation searches.
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, trials // 3)))
+    if name == "gp":
+        # Gaussian-process BO: the most sample-efficient for a handful of continuous knobs; a
+        # parameter that exists only in some configurations is sampled independently.
+        return optuna.samplers.GPSampler(
+            seed=seed, n_startup_trials=max(2, min(10, trials // 3)), warn_independent_sampling=False
+        )
     # Conditional spaces need the joint (multivariate, grouped) TPE.
     return optuna.samplers.TPESampler(
         seed=seed, multivariate=True, group=True, n_startup_trials=max(2, min(10, trials // 3))
@@ -175,24 +225,41 @@ def _distill_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     overrides, methods = split_params(config, ctx["base_methods"])
-    student = with_overrides(ctx["student"], overrides, methods)
+    task = TASKS[ctx["task"]]
+    student = with_overrides(ctx["student"], overrides, methods, task=task.name)
     if ctx["eval_each_epoch"] and student.eval_every == 0:
-        student.eval_every = 1  # early stopping compares val mAP50 between epochs
-    flops = count_flops(build_detector(student.model, ctx["num_classes"]), ctx["input_size"])
+        student.eval_every = 1  # early stopping compares val accuracy between epochs
+    flops = count_flops(task.build_model(student.model, ctx["num_classes"]), ctx["input_size"])
     extra = {"gflops": flops.gflops, "params_m": flops.params / 1e6, "trial_id": trial_id}
+    if "latency_ms" in ctx["objectives"]:
+        # On this trial's driver CPU, batch 1, before training: a relative measure between
+        # trials (noisy when trials run side by side), not the latency of the target device.
+        extra["latency_ms"] = measure_latency(task.build_model(student.model, ctx["num_classes"]), ctx["input_size"])
     if ctx["max_gflops"] is not None and flops.gflops > ctx["max_gflops"]:
         # Known before training: not worth a single step.
-        tune.report({**extra, "map50": 0.0, "epoch": 0, "epochs": student.epochs, "status": "infeasible"})
+        tune.report({**extra, task.metric: 0.0, "epoch": 0, "epochs": student.epochs, "status": "infeasible"})
         return
-    loop_config = make_loop_config(
+    prior: dict[str, Any] = {}
+    if task.name == "detection":
+        from rkd.train.prior import prepare_priors
+
+        # Prior stages (DS2D2's HF amplifier): trained once, then reused from runs/<name>/priors
+        # (storage is runs/<name>/ray/trials) by every trial and `rkd train` with the same settings.
+        cache = Path(ctx["storage"]).parent.parent / "priors"
+        priors = prepare_priors(student.methods, ctx["teacher_checkpoint"], ctx["data"], cache, ctx["seed"])
+        prior["prior_states"] = {name: result.path for name, result in priors.items()}
+    loop_config = task.make_loop_config(
         ctx["data"],
         student.to_dict(),
         ctx["seed"],
         ctx["resources"].cpus_per_worker,
         teacher_checkpoint=ctx["teacher_checkpoint"] if student.methods else None,
         extra_metrics=extra,
+        **prior,
     )
-    trainer = build_trainer(loop_config, ctx["resources"], ctx["storage"], f"trial-{trial_id}", [TuneReportCallback()])
+    trainer = build_trainer(
+        loop_config, ctx["resources"], ctx["storage"], f"trial-{trial_id}", [TuneReportCallback()], loop=task.loop
+    )
     trainer.fit()
 
 
@@ -243,7 +310,9 @@ def collect_rows(grid: Any) -> list[dict[str, Any]]:
                 "status": status,
                 "reason": reason,
                 "map50": _num(metrics.get("map50")),
+                "top1": _num(metrics.get("top1")),
                 "gflops": _num(metrics.get("gflops")),
+                "latency_ms": _num(metrics.get("latency_ms")),
                 "params_m": _num(metrics.get("params_m")),
                 "epochs_done": metrics.get("epoch"),
                 "epochs": metrics.get("epochs"),
@@ -271,43 +340,119 @@ FRONT_COLUMNS = [
 ]
 
 
-def write_results(spec: RunSpec, rows: list[dict[str, Any]], teacher: dict[str, Any], wall_s: float) -> dict[str, Any]:
+def front_columns(objectives: tuple[str, ...]) -> list[tuple[str, str]]:
+    columns = list(FRONT_COLUMNS)
+    if objectives[0] == "top1":
+        columns[1] = ("top1", "top-1")
+    if "latency_ms" in objectives:
+        columns.insert(3, ("latency_ms", "latency(ms)"))
+    return columns
+
+
+def write_results(
+    spec: RunSpec,
+    rows: list[dict[str, Any]],
+    teacher: dict[str, Any],
+    wall_s: float,
+    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES,
+) -> dict[str, Any]:
     run_dir = spec.run_dir
-    front = front_rows(rows)
+    front = front_rows(rows, objectives)
     write_parquet(trials_table(rows), run_dir / "trials.parquet")
     write_parquet(trials_table(front), run_dir / "pareto.parquet")
-    plot_front(rows, front, run_dir / "pareto.png", teacher, f"rkd search: {spec.name}")
-    ref = max([r["gflops"] for r in rows if r["gflops"] is not None] + [teacher["gflops"]]) * 1.1
-    done = [r for r in rows if r["status"] == "complete"]
+    latency = "latency_ms" in objectives
+    plot_front(rows, front, run_dir / "pareto.png", teacher, f"rkd search: {spec.name}", latency=latency,
+               accuracy=objectives[0])
+    # Reference point: no accuracy, 10% above the largest cost seen (the teacher's GFLOPs included).
+    ref = {objectives[0]: 0.0}
+    for key in objectives[1:]:
+        seen = [r[key] for r in rows if r.get(key) is not None] + ([teacher[key]] if teacher.get(key) else [])
+        ref[key] = max(seen, default=1.0) * 1.1
+    ref_point = [ref[k] for k in objectives]
     summary = {
         "name": spec.name,
         "teacher": teacher,
+        "objectives": list(objectives),
         "trials": len(rows),
         "status_counts": {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})},
         "front": [r["trial_id"] for r in front],
-        "knee": (knee(front) or {}).get("trial_id"),
-        "hypervolume": hypervolume(
-            np.array([r["map50"] for r in done], dtype=float), np.array([r["gflops"] for r in done], dtype=float), ref
-        )
-        if done
-        else 0.0,
-        "hypervolume_ref": [0.0, ref],
+        "knee": (knee(front, objectives[0]) or {}).get("trial_id"),
+        "hypervolume": hypervolume_of(rows, objectives, ref_point),
+        "hypervolume_ref": ref_point,
         "wall_s": round(wall_s, 1),
     }
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
 
-def run_search(spec: RunSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole search for ``spec``; returns the summary written to ``summary.json``."""
+SEARCH_IDENTITY_FILE = "search_identity.json"
+
+
+def search_identity(spec: RunSpec, search: SearchConfig) -> dict[str, Any]:
+    """What makes two searches the same search: a rerun resumes only an identical one."""
+    identity = {
+        "data": spec.data,
+        "teacher": spec.teacher.to_dict(),
+        "student": spec.student.to_dict(),
+        "seed": spec.seed,
+        "search": {k: v for k, v in asdict(search).items() if k != "space_path"},
+        "space": search.space_path.read_text(),
+    }
+    return json.loads(json.dumps(identity, sort_keys=True, default=str))  # as it reads back from the file
+
+
+def prepare_resume(spec: RunSpec, search: SearchConfig, mode: str) -> bool:
+    """Decide whether this run continues an earlier one of the same name (``mode``: auto, resume, fresh).
+
+    Returns True to resume. A search of the same spec is resumed: an interrupted one
+    continues, a finished one just rewrites its results. A finished search of a different
+    spec is replaced. An *interrupted* search of a different spec is never discarded
+    silently: the user chooses ``--fresh`` or another ``name``.
+    """
+    experiment = spec.run_dir / "ray" / "search"
+    if mode == "fresh":
+        return False
+    earlier_path = spec.run_dir / SEARCH_IDENTITY_FILE
+    earlier = json.loads(earlier_path.read_text()) if earlier_path.is_file() else None
+    restorable = tune.Tuner.can_restore(str(experiment))
+    same = earlier == search_identity(spec, search)
+    if mode == "resume" and not restorable:
+        raise RkdError(f"--resume: there is no interrupted search to resume in {experiment}")
+    if restorable and not same and (mode == "resume" or not (spec.run_dir / "summary.json").is_file()):
+        changed = sorted(k for k, v in search_identity(spec, search).items() if earlier is None or earlier.get(k) != v)
+        raise RkdError(
+            f"{spec.run_dir} holds an interrupted search made from a different spec (changed: {', '.join(changed)}); "
+            "rerun with --fresh to discard it, or give this search another `name`"
+        )
+    return restorable and same
+
+
+def start_afresh(spec: RunSpec, search: SearchConfig) -> None:
+    """Clear what an earlier search of this name left, and record what this one is."""
+    for old in (spec.run_dir / "ray" / "search", spec.run_dir / "ray" / "trials"):
+        if old.exists():
+            shutil.rmtree(old)
+    (spec.run_dir / "summary.json").unlink(missing_ok=True)  # from now on, this search is the unfinished one
+    atomic_write_json(spec.run_dir / SEARCH_IDENTITY_FILE, search_identity(spec, search))
+
+
+def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = "auto") -> dict[str, Any]:
+    """Run the whole search for ``spec``; returns the summary written to ``summary.json``.
+
+    ``resume``: ``auto`` continues an interrupted search of the same spec (``ray/search``
+    exists), ``resume`` insists on it, ``fresh`` discards it and starts over.
+    """
     start = time.perf_counter()
     search = parse_search(spec)
     space = load_search_space(spec, search)
     # Read every label file now: a line that does not parse must fail here, with its
     # file:line, not inside a Ray worker after the teacher has trained.
-    for split in ("train", "val"):
-        build_dataset(spec.data, split, train=False)
+    TASKS[spec.task].check_data(spec.data)
     spec.run_dir.mkdir(parents=True, exist_ok=True)
+    resuming = prepare_resume(spec, search, resume)
+    # Tune saves the experiment's state (trials, searcher) at most this often; a search
+    # killed between two saves redoes at most what happened since the last one.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     ensure_ray(spec.resources.ray_address)
     teacher = prepare_teacher(spec, log)
 
@@ -315,7 +460,8 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print) -> dict[str, A
         "student": spec.student,
         "base_methods": spec.student.methods,
         "data": spec.data,
-        "num_classes": len(data_class_names(spec.data)),
+        "num_classes": len(TASKS[spec.task].class_names(spec.data)),
+        "task": spec.task,
         "input_size": int(spec.data["input_size"]),
         "seed": spec.seed,
         "resources": spec.resources,
@@ -323,11 +469,12 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print) -> dict[str, A
         "max_gflops": search.max_gflops,
         "storage": str(spec.run_dir / "ray" / "trials"),
         "eval_each_epoch": search.scheduler is not None or search.stop is not None,
+        "objectives": search.objectives,
     }
     searcher = ParetoOptunaSearch(
         space=space.define_by_run,
-        metric=METRICS,
-        mode=MODES,
+        metric=list(search.objectives),
+        mode=["max" if OBJECTIVES[o] else "min" for o in search.objectives],
         sampler=make_sampler(search.sampler, search.seed, search.trials),
         points_to_evaluate=first_points(space, search),
     )
@@ -340,33 +487,43 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print) -> dict[str, A
         # Multi-fidelity on val mAP50: trials are compared at epochs grace, grace*rf, ...
         scheduler = tune.schedulers.ASHAScheduler(
             time_attr="epoch",
-            metric="map50",
+            metric=search.objectives[0],
             mode="max",
             max_t=spec.student.epochs,
             grace_period=search.scheduler["grace_period"],
             reduction_factor=search.scheduler["reduction_factor"],
         )
-    log(f"[search] {search.trials} trials, sampler {search.sampler}, space {search.space_path.name}")
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(search_alg=limited, num_samples=search.trials, scheduler=scheduler),
-        run_config=tune.RunConfig(
-            name="search",
-            storage_path=str(spec.run_dir / "ray"),
-            callbacks=[ProgressPrinter(search.trials)],
-            stop=FloorStopper(**search.stop) if search.stop else None,
-            verbose=0,
-            failure_config=tune.FailureConfig(max_failures=0),
-        ),
-    )
+    experiment = spec.run_dir / "ray" / "search"
+    if resuming:
+        log(f"[search] resuming {experiment}: finished trials are kept, unfinished ones continue")
+        # Completed and failed trials keep their results; a trial that was running resumes
+        # its Train run from that run's last checkpoint. The searcher (Optuna study) and the
+        # scheduler come back from the experiment's own checkpoint.
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        start_afresh(spec, search)
+        log(f"[search] {search.trials} trials, sampler {search.sampler}, space {search.space_path.name}")
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=limited, num_samples=search.trials, scheduler=scheduler),
+            run_config=tune.RunConfig(
+                name=experiment.name,
+                storage_path=str(experiment.parent),
+                callbacks=[ProgressPrinter(search.trials)],
+                stop=FloorStopper(**search.stop, metric=search.objectives[0]) if search.stop else None,
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
     grid = tuner.fit()
     rows = collect_rows(grid)
-    summary = write_results(spec, rows, asdict(teacher), time.perf_counter() - start)
-    front = front_rows(rows)
+    label_references(rows, reference_points(space, search))
+    summary = write_results(spec, rows, teacher.to_dict(), time.perf_counter() - start, search.objectives)
+    front = front_rows(rows, search.objectives)
     log("")
-    log(f"Pareto front of {spec.name}: {len(front)} of {len(rows)} trials (teacher mAP50 {teacher.map50:.3f}, "
+    log(f"Pareto front of {spec.name}: {len(front)} of {len(rows)} trials (teacher {TASKS[spec.task].metric_label} {teacher.score:.3f}, "
         f"{teacher.gflops:.3f} GFLOPs)")
-    log(format_table(front, FRONT_COLUMNS) if front else "(no complete trial: nothing on the front)")
+    log(format_table(front, front_columns(search.objectives)) if front else "(no complete trial: nothing on the front)")
     log(f"\nresults in {spec.run_dir}: trials.parquet, pareto.parquet, pareto.png, summary.json "
         f"({summary['wall_s']:.0f}s)")
     return summary

@@ -66,7 +66,8 @@ def format_space(space: SearchSpace) -> str:
         # Parameters the space leaves out keep the method's defaults: show them so the
         # tree says everything the trial will run with.
         named = {d.name.rsplit(".", 1)[1] for d in params}
-        rest = [f"{p}={v.default!r}" for p, v in KD_METHODS[method].params.items() if p not in named]
+        known = KD_METHODS if space.registry is None else space.registry
+        rest = [f"{p}={v.default!r}" for p, v in known[method].params.items() if p not in named]
         if rest:
             rows.append((f"    (defaults: {', '.join(rest)})", "", ""))
     width = max(len(label) for label, r, _ in rows if r) if any(r for _, r, _ in rows) else 0
@@ -87,9 +88,11 @@ def format_space(space: SearchSpace) -> str:
     return "\n".join(lines)
 
 
-def show_space(path: str | Path) -> str:
+def show_space(path: str | Path, task: str = "detection") -> str:
     """Load (and so validate) the space at ``path`` and format it; errors carry file:line."""
-    return format_space(load_space(path))
+    from rkd.train.tasks import TASKS
+
+    return format_space(load_space(path, registry=TASKS[task].method_registry()))
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -98,11 +101,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="space_action", required=True)
     s = actions.add_parser("show", help="print a search space as a tree with its size")
     s.add_argument("file", help="the search space (YAML)")
+    s.add_argument("--task", choices=["detection", "classification"], default="detection",
+                   help="whose KD methods the space refers to (default: detection)")
     s.set_defaults(func=_cmd_show)
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    print(show_space(args.file))
+    print(show_space(args.file, args.task))
     return 0
 
 

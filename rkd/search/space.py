@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import rkd.distill  # noqa: F401  (importing the package registers every method)
-from rkd.distill.base import KD_METHODS, Param
+from rkd.distill.base import KD_METHODS, Param, resolve_options
 from rkd.errors import SpecError
 from rkd.schema import join
 from rkd.yamlio import SourceMap, load_yaml
@@ -61,6 +61,16 @@ class Dim:
             return int(self.high - self.low) // int(self.step or 1) + 1
         return math.inf
 
+    def admits(self, value: Any) -> bool:
+        """Whether ``value`` is one this dim can produce."""
+        if self.kind == "fixed":
+            return value == self.value
+        if self.kind == "choice":
+            return any(value == c and type(value) is type(c) for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return self.low <= value <= self.high and (self.kind != "int" or float(value).is_integer())
+
     def describe(self) -> str:
         if self.kind == "fixed":
             return f"= {self.value!r}"
@@ -74,6 +84,7 @@ class Dim:
 class SearchSpace:
     dims: list[Dim]
     file: str
+    registry: dict[str, Any] | None = None  # the KD methods it refers to (None: detection's)
 
     def define_by_run(self, trial: Any) -> dict[str, Any]:
         """Optuna define-by-run: suggest every active dim; return the fixed ones as constants."""
@@ -98,6 +109,26 @@ class SearchSpace:
     def baseline_point(self) -> dict[str, Any]:
         """Parameters of the "no KD" configuration: every switchable method off."""
         return {d.name: False for d in self.dims if d.condition is None and d.name.startswith("methods.") and d.kind == "choice"}
+
+    def published_default_points(self) -> dict[str, dict[str, Any]]:
+        """For each switchable method: it alone, at its declared (published) defaults.
+
+        A default the space's range excludes is left for the sampler (a partial point).
+        Parameters outside the methods (the student's size, lr, ...) are left to the sampler too.
+        """
+        base = self.baseline_point()
+        points = {}
+        for switch in base:
+            method = switch.split(".", 1)[1]
+            point = {**base, switch: True}
+            known = KD_METHODS if self.registry is None else self.registry
+            declared = known[method].params if method in known else {}
+            for d in self.dims:
+                param = d.name.rsplit(".", 1)[1]
+                if d.condition == switch and d.kind != "fixed" and param in declared and d.admits(declared[param].default):
+                    point[d.name] = declared[param].default
+            points[method] = point
+        return points
 
 
 def _dim_from_entry(name: str, entry: Any, where: str, declared: Param | None, condition: str | None) -> Dim:
@@ -154,13 +185,14 @@ def _check_value(name: str, value: Any, where: str, declared: Param | None) -> N
             raise SpecError(where, str(err).split(": ", 1)[-1]) from None
 
 
-def compile_space(data: Any, file: str, student_check: Any = None) -> SearchSpace:
+def compile_space(data: Any, file: str, student_check: Any = None, registry: dict[str, Any] | None = None) -> SearchSpace:
     """Validate a parsed space document and compile it.
 
     ``student_check(params)`` (optional) validates a student configuration
     with the given dotted-path values applied; it is called with the ends of
     each range and each choice so a typo in a path fails here, not in a trial.
     """
+    known = KD_METHODS if registry is None else registry  # classification has its own methods
     if not isinstance(data, dict):
         raise SpecError("", f"a search space is a mapping with 'student' and/or 'methods', got {type(data).__name__}")
     unknown = set(data) - {"student", "methods"}
@@ -187,8 +219,8 @@ def compile_space(data: Any, file: str, student_check: Any = None) -> SearchSpac
         raise SpecError("methods", "expected a mapping of KD method names to their parameters")
     for method, params in methods.items():
         where = join("methods", str(method))
-        if method not in KD_METHODS:
-            raise SpecError(where, f"unknown KD method; known: {', '.join(sorted(KD_METHODS))}")
+        if method not in known:
+            raise SpecError(where, f"unknown KD method; known: {', '.join(sorted(known))}")
         params = {} if params in (None, "default") else params
         if not isinstance(params, dict):
             raise SpecError(where, f"expected a mapping of parameters (or 'default'), got {params!r}")
@@ -200,10 +232,18 @@ def compile_space(data: Any, file: str, student_check: Any = None) -> SearchSpac
             dims.append(Dim(switch, "choice", choices=tuple(enabled)))
         else:
             raise SpecError(join(where, METHOD_SWITCH), f"expected true or a list like [true, false], got {enabled!r}")
-        declared = KD_METHODS[method].params
+        declared = known[method].params
         names = list(declared) if params == {} else [p for p in params if p != METHOD_SWITCH]
         for pname in names:
             pwhere = join(where, pname)
+            options = getattr(known[method], "options", {})
+            if pname in options:  # a method's option is never searched: a fixed, validated value
+                try:
+                    value = resolve_options(known[method], {pname: params[pname]}, Path(file).parent)[pname]
+                except SpecError as err:
+                    raise err.within(where) from None
+                dims.append(Dim(f"{switch}.{pname}", "fixed", value=value, condition=switch))
+                continue
             if pname not in declared:
                 raise SpecError(pwhere, f"unknown parameter of {method}; it has {', '.join(sorted(declared))}")
             entry = params.get(pname, "default")
@@ -213,13 +253,13 @@ def compile_space(data: Any, file: str, student_check: Any = None) -> SearchSpac
             dims.append(dim)
     if not dims:
         raise SpecError("", "the search space is empty")
-    return SearchSpace(dims, file)
+    return SearchSpace(dims, file, registry)
 
 
-def load_space(path: str | Path, student_check: Any = None) -> SearchSpace:
+def load_space(path: str | Path, student_check: Any = None, registry: dict[str, Any] | None = None) -> SearchSpace:
     data, source = load_yaml(path)
     try:
-        return compile_space(data, str(path), student_check)
+        return compile_space(data, str(path), student_check, registry)
     except SpecError as err:
         raise source.error(err) from None
 

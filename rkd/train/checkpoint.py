@@ -11,65 +11,38 @@ The learnable KD parts of a distilled student are saved in a separate file
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from rkd.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 from rkd.errors import RkdError
-from rkd.models import build_detector
+from rkd.models import build_classifier, build_detector
 
 FORMAT_VERSION = 1
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename over ``path``.
-
-    A crash mid-write leaves the previous file (if any) intact, never a torn one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, lambda fh: torch.save(obj, fh))
 
 
-def save_detector(
+def save_model(
     path: Path,
     model: nn.Module,
     model_spec: dict[str, Any],
     class_names: list[str],
     input_size: int,
     meta: dict[str, Any] | None = None,
+    kind: str = "detector",
 ) -> None:
+    """Write a ``kind`` (detector or classifier) checkpoint: tensors and plain values only, atomically."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save(
         {
             "format": FORMAT_VERSION,
-            "kind": "detector",
+            "kind": kind,
             "model_spec": model_spec,
             "num_classes": len(class_names),
             "class_names": list(class_names),
@@ -81,7 +54,13 @@ def save_detector(
     )
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
+def save_detector(path: Path, model: nn.Module, model_spec: dict[str, Any], class_names: list[str],
+                  input_size: int, meta: dict[str, Any] | None = None) -> None:
+    save_model(path, model, model_spec, class_names, input_size, meta, kind="detector")
+
+
+def read_checkpoint(path: Path, kind: str = "detector") -> dict[str, Any]:
+    """The checkpoint dict of a ``kind`` model; :class:`RkdError` naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise RkdError(f"{path}: checkpoint not found")
@@ -89,18 +68,61 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a torn, foreign or pickled-object file
         raise RkdError(f"{path}: not a readable rkd checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "detector" or "state_dict" not in ckpt:
-        raise RkdError(f"{path}: not an rkd detector checkpoint (missing 'kind: detector' / 'state_dict')")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind or "state_dict" not in ckpt:
+        raise RkdError(f"{path}: not an rkd {kind} checkpoint (missing 'kind: {kind}' / 'state_dict')")
     if ckpt.get("format", 0) > FORMAT_VERSION:
         raise RkdError(f"{path}: written by a newer rkd (format {ckpt['format']} > {FORMAT_VERSION})")
     return ckpt
 
 
-def load_detector(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the detector a checkpoint describes and load its weights (strictly)."""
-    ckpt = read_checkpoint(path)
-    model = build_detector(ckpt["model_spec"], ckpt["num_classes"])
+def load_model(path: Path, kind: str = "detector") -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model a ``kind`` checkpoint describes and load its weights (strictly)."""
+    ckpt = read_checkpoint(path, kind)
+    build = build_detector if kind == "detector" else build_classifier
+    model = build(ckpt["model_spec"], ckpt["num_classes"])
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise RkdError(f"{path}: weights do not fit the model spec (missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model, ckpt
+
+
+def load_detector(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the detector a checkpoint describes and load its weights (strictly)."""
+    return load_model(path, "detector")
+
+
+# --- Ray Train checkpoints of a run (resume) --------------------------------------------------
+
+
+def read_checkpoint_files(folder: Path, names: list[str]) -> dict[str, Any]:
+    """Load the named files of one checkpoint folder (tensors and plain values only).
+
+    Raises ``RkdError`` naming the file when one is missing, torn or not a torch file, so the
+    caller can fall back to an older checkpoint instead of crashing mid-resume.
+    """
+    loaded: dict[str, Any] = {}
+    for name in names:
+        path = Path(folder) / name
+        try:
+            loaded[name] = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # missing, truncated, bit-flipped, pickled objects
+            raise RkdError(f"{path}: unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
+    return loaded
+
+
+def older_checkpoints(latest: Any) -> list[Any]:
+    """The run's other ``checkpoint_*`` folders written before ``latest``, newest first.
+
+    Ray Train names checkpoint folders ``checkpoint_<date and time>``, so names sort by age.
+    The listing goes through the checkpoint's own filesystem, so it works for cloud storage too.
+    """
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    parent, own = latest.path.rstrip("/").rsplit("/", 1)
+    infos = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
+    names = sorted(
+        (i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")),
+        reverse=True,
+    )
+    return [Checkpoint(f"{parent}/{name}", filesystem=latest.filesystem) for name in names if name < own]

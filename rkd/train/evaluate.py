@@ -2,7 +2,8 @@
 
 Each rank predicts the images ``rank, rank + world, ...``; the detections are
 gathered so every rank scores all val images (not just its own shard) and all
-ranks report the same number.
+ranks report the same number. On a tiled dataset the patches' detections are
+merged back into their scenes and mAP is measured on the whole scenes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from rkd.data.dataset import collate_detection
 from rkd.eval import MapResult, evaluate_detections
+from rkd.eval.merge import merge_patches
 
 
 @torch.no_grad()
@@ -26,6 +28,7 @@ def predict_shard(model: nn.Module, dataset: Dataset, rank: int, world: int, bat
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=collate_detection)
     was_training = model.training
     model.eval()
+    in_file_pixels = getattr(dataset, "windows", None) is not None  # patches are merged in scene pixels
     out: list[tuple[int, Any]] = []
     pos = 0
     device = next(model.parameters()).device
@@ -33,7 +36,11 @@ def predict_shard(model: nn.Module, dataset: Dataset, rank: int, world: int, bat
         detections = model.predict(images.to(device))
         for det, boxes, labels, meta in zip(detections, targets.boxes, targets.labels, metas):
             gt = {"boxes": boxes, "labels": labels, "difficult": meta.get("difficult")}
-            out.append((indices[pos], ({k: v.cpu() for k, v in det.items()}, gt)))
+            det = {k: v.cpu() for k, v in det.items()}
+            if in_file_pixels:
+                det["boxes"] = det["boxes"].clone()
+                det["boxes"][:, :4] /= meta["scale"]  # letterboxing scales about the top-left corner
+            out.append((indices[pos], (det, gt)))
             pos += 1
     model.train(was_training)
     return out
@@ -65,4 +72,16 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
     shard.sort(key=lambda item: item[0])
     detections = [pair[0] for _, pair in shard]
     truths = [pair[1] for _, pair in shard]
+    if getattr(dataset, "windows", None) is not None:
+        detections, truths = merge_into_scenes(dataset, detections)
     return Validation(evaluate_detections(detections, truths, num_classes=num_classes, iou_threshold=0.5), len(detections))
+
+
+def merge_into_scenes(dataset: Any, patch_detections: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
+    """Per-scene detections (patches merged with rotated NMS) and the scenes' own ground truth."""
+    per_scene: list[list[Any]] = [[] for _ in dataset.scenes]
+    for (scene, window), det in zip(dataset.windows, patch_detections):
+        per_scene[scene].append((window, det))
+    detections = [merge_patches(patches) for patches in per_scene]
+    truths = [{"boxes": r.boxes, "labels": r.labels, "difficult": r.difficult} for r in dataset.scenes]
+    return detections, truths

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -11,10 +12,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from rkd.train.loop import train_loop
+from rkd.train.loop import SCORE_METRIC, train_loop
 from rkd.train.spec import Resources
 
 # A run whose controller cannot start (e.g. resources that never free up) fails
@@ -80,13 +81,15 @@ def build_trainer(
     name: str,
     callbacks: list[Any] | None = None,
     max_failures: int = 0,
+    loop: Callable[[dict[str, Any]], None] = train_loop,
 ) -> TorchTrainer:
+    """A ``TorchTrainer`` running ``loop`` (detection by default; classification passes its own)."""
     use_gpu = resources.gpus_per_worker > 0
     per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
     return TorchTrainer(
-        train_loop,
+        loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
@@ -94,10 +97,80 @@ def build_trainer(
             name=name,
             storage_path=str(storage_path),
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),  # the last two: resume survives a torn latest
-            callbacks=callbacks or [],
+            checkpoint_config=checkpoint_config(loop_config.get("train", {})),
+            callbacks=[*(callbacks or []), *logger_callbacks(loop_config.get("train", {}), Path(storage_path) / name)],
         ),
     )
+
+
+def checkpoint_config(train_cfg: dict[str, Any]) -> CheckpointConfig:
+    """Which checkpoints Ray keeps: the last two (default), or with ``keep: k`` the k best by val mAP50.
+
+    Either way the run resumes from the LATEST checkpoint: Train V2 hands ``get_checkpoint()``
+    its latest registered one whatever the score, and never deletes it. Epochs without an
+    evaluation report a score of -1, below every real mAP, so they are dropped first.
+    """
+    keep = int(train_cfg.get("keep", 0))
+    if keep <= 0:
+        return CheckpointConfig(num_to_keep=2)  # the last two: resume survives a torn latest
+    return CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=SCORE_METRIC, checkpoint_score_order="max")
+
+
+def logger_callbacks(train_cfg: dict[str, Any], run_dir: Path) -> list[UserCallback]:
+    """Ray Train callbacks for the loggers named in ``logging`` (validated in the spec)."""
+    chosen = train_cfg.get("logging") or {}
+    callbacks: list[UserCallback] = []
+    if chosen.get("tensorboard"):
+        callbacks.append(TensorBoardCallback(str(run_dir / "tensorboard")))
+    if chosen.get("mlflow"):
+        callbacks.append(MLflowCallback(str(run_dir.name)))
+    return callbacks
+
+
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers among rank 0's metrics (what a scalar logger can plot)."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+
+
+class TensorBoardCallback(UserCallback):
+    """Writes each epoch's metrics as TensorBoard scalars (step = epoch), from the Train controller."""
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir = log_dir
+        self._writer: Any = None
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if self._writer is None:  # made here, in the controller: a writer does not pickle
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(self.log_dir)
+        row = metrics[0] if metrics else {}
+        step = int(row.get("epoch", 0))
+        for key, value in numeric_metrics(row).items():
+            self._writer.add_scalar(key.replace(".", "/"), value, step)
+        self._writer.flush()
+
+
+class MLflowCallback(UserCallback):
+    """Logs each epoch's metrics to the MLflow tracking URI of the environment (one MLflow run)."""
+
+    def __init__(self, run_name: str) -> None:
+        self.run_name = run_name
+        self._run_id: str | None = None
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        import mlflow
+
+        if self._run_id is None:
+            self._run_id = mlflow.start_run(run_name=self.run_name).info.run_id
+            mlflow.end_run()
+        row = metrics[0] if metrics else {}
+        with mlflow.start_run(run_id=self._run_id):
+            mlflow.log_metrics(numeric_metrics(row), step=int(row.get("epoch", 0)))
 
 
 class ProgressTail:
@@ -145,6 +218,7 @@ def run_training(
     name: str,
     callbacks: list[Any] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    loop: Callable[[dict[str, Any]], None] = train_loop,
 ) -> TrainOutcome:
     """Run the training loop to the end and return its last metrics and checkpoint folder.
 
@@ -152,7 +226,7 @@ def run_training(
     """
     progress = Path(storage_path) / name / "progress.jsonl" if on_epoch is not None else None
     config = {**loop_config, "progress_file": str(progress) if progress else None}
-    trainer = build_trainer(config, resources, storage_path, name, callbacks)
+    trainer = build_trainer(config, resources, storage_path, name, callbacks, loop=loop)
     if progress is None:
         result = trainer.fit()
     else:
@@ -166,9 +240,10 @@ def epoch_line(label: str) -> Callable[[dict[str, Any]], None]:
     """An ``on_epoch`` that prints one line per epoch under ``label``."""
 
     def show(m: dict[str, Any]) -> None:
+        score = f"top-1 {m['top1']:.3f}" if "top1" in m else f"mAP50 {m.get('map50', float('nan')):.3f}"
         print(
             f"[{label}] epoch {m.get('epoch')}/{m.get('epochs')} loss {m.get('loss', float('nan')):.4f} "
-            f"val mAP50 {m.get('map50', float('nan')):.3f} ({m.get('images_per_s', 0.0):.1f} img/s, "
+            f"val {score} ({m.get('images_per_s', 0.0):.1f} img/s, "
             f"{m.get('epoch_s', 0.0):.0f}s/epoch)",
             flush=True,
         )

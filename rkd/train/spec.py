@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rkd.data.dataset import validate_data_spec
-from rkd.distill.distiller import validate_methods
 from rkd.errors import SpecError
 from rkd.models import validate_model_spec
-from rkd.schema import Section, set_dotted
+from rkd.models.factory import backbone_keys
+from rkd.schema import Section, join, set_dotted
+from rkd.train.tasks import TASKS
 from rkd.yamlio import SourceMap, load_yaml
 
-TOP_LEVEL_KEYS = {"name", "data", "teacher", "student", "resources", "search", "output_dir", "seed"}
-TRAIN_KEYS = {"model", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "eval_every", "grad_clip"}
+TOP_LEVEL_KEYS = {"name", "task", "data", "teacher", "student", "resources", "search", "output_dir", "seed"}
+# Settings of the training loop beyond the basics (issue 7); see _loop_options.
+LOOP_OPTION_KEYS = {
+    "precision", "schedule", "step_epochs", "step_gamma", "lr_reference_batch", "channels_last", "keep", "logging"
+}
+TRAIN_KEYS = {"model", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "eval_every", "grad_clip"} | LOOP_OPTION_KEYS
 TEACHER_KEYS = TRAIN_KEYS | {"checkpoint", "min_map"}
 STUDENT_KEYS = TRAIN_KEYS | {"methods"}
 RESOURCE_KEYS = {"workers", "cpus_per_worker", "gpus_per_worker", "max_concurrent_trials", "ray_address"}
@@ -43,6 +48,14 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate after the last epoch only
     grad_clip: float = 10.0
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    schedule: str = "cosine"  # after the warm-up: cosine decay, or steps at step_epochs
+    step_epochs: list[int] = field(default_factory=list)
+    step_gamma: float = 0.1
+    lr_reference_batch: int | None = None  # lr is for this many images per step; None: no scaling
+    channels_last: str | bool = "auto"  # auto: on for CUDA only
+    keep: int = 0  # 0: the last two checkpoints; k: the k best by val mAP50 (and always the latest)
+    logging: dict[str, bool] = field(default_factory=dict)  # {tensorboard: true, mlflow: true}
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self.__dict__)
@@ -71,22 +84,28 @@ class RunSpec:
     seed: int
     search: dict[str, Any]
     source: SourceMap
+    task: str = "detection"  # or "classification" (rkd.train.tasks)
 
     @property
     def run_dir(self) -> Path:
         return self.output_dir / self.name
 
 
-def _train_config(sec: Section, allowed: set[str], defaults: dict[str, Any]) -> TrainConfig:
+def _train_config(
+    sec: Section, allowed: set[str], defaults: dict[str, Any], base: Path | None = None, task: str = "detection"
+) -> TrainConfig:
     sec.reject_unknown(allowed)
     try:
         model = validate_model_spec(sec.raw("model"))
     except SpecError as err:
         raise err.within(sec.where("model")) from None
+    wrong_kind = TASKS[task].check_model_kind(model["kind"])
+    if wrong_kind:
+        raise SpecError(join(sec.where("model"), "kind"), wrong_kind)
     methods: dict[str, dict[str, Any]] = {}
     if "methods" in allowed and sec.raw("methods", None) is not None:
         try:
-            methods = validate_methods(sec.raw("methods"))
+            methods = TASKS[task].validate_methods(sec.raw("methods"), base)  # base: for relative paths in options
         except SpecError as err:
             raise err.within(sec.where("methods")) from None
     return TrainConfig(
@@ -99,19 +118,67 @@ def _train_config(sec: Section, allowed: set[str], defaults: dict[str, Any]) -> 
         eval_every=sec.int("eval_every", 0, low=0),
         grad_clip=sec.float("grad_clip", 10.0, low=0.0),
         methods=methods,
+        **_loop_options(sec),
     )
 
 
+LOGGERS = {"tensorboard": "tensorboardX", "mlflow": "mlflow"}  # logger -> the package it needs
+
+
+def _loop_options(sec: Section) -> dict[str, Any]:
+    """The loop settings of issue 7, validated; absent entries keep the behaviour of older specs."""
+    schedule = sec.str("schedule", "cosine", choices=["cosine", "step"])
+    step_epochs = sec.raw("step_epochs", [])
+    if not isinstance(step_epochs, list) or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in step_epochs):
+        raise SpecError(sec.where("step_epochs"), f"expected a list of epoch numbers >= 1, got {step_epochs!r}")
+    if step_epochs != sorted(set(step_epochs)):
+        raise SpecError(sec.where("step_epochs"), f"expected increasing epoch numbers, got {step_epochs!r}")
+    if schedule == "step" and not step_epochs:
+        raise SpecError(sec.where("step_epochs"), "is required with schedule: step (the epochs where lr drops)")
+    reference = sec.int("lr_reference_batch", None, low=1) if sec.raw("lr_reference_batch", None) is not None else None
+    channels_last = sec.raw("channels_last", "auto")
+    if channels_last != "auto" and not isinstance(channels_last, bool):
+        raise SpecError(sec.where("channels_last"), f"expected auto, true or false, got {channels_last!r}")
+    return {
+        "precision": sec.str("precision", "auto", choices=["auto", "fp32", "bf16"]),
+        "schedule": schedule,
+        "step_epochs": list(step_epochs),
+        "step_gamma": sec.float("step_gamma", 0.1, low=0.0, high=1.0),
+        "lr_reference_batch": reference,
+        "channels_last": channels_last,
+        "keep": sec.int("keep", 0, low=0),
+        "logging": _logging_options(sec.section("logging")),
+    }
+
+
+def _logging_options(sec: Section) -> dict[str, bool]:
+    sec.reject_unknown(set(LOGGERS))
+    chosen = {name: sec.bool(name, False) for name in sorted(LOGGERS)}
+    for name, on in chosen.items():
+        if on and importlib.util.find_spec(LOGGERS[name]) is None:
+            raise SpecError(sec.where(name), f"needs the '{LOGGERS[name]}' package, which is not installed")
+    return {name: on for name, on in chosen.items() if on}
+
+
 def with_overrides(
-    base: TrainConfig, overrides: dict[str, Any], methods: dict[str, dict[str, Any]] | None = None
+    base: TrainConfig,
+    overrides: dict[str, Any],
+    methods: dict[str, dict[str, Any]] | None = None,
+    task: str = "detection",
 ) -> TrainConfig:
     """``base`` with dotted-path ``overrides`` (and ``methods``) applied, validated again."""
     d = base.to_dict()
+    new_backbone = overrides.get("model.backbone.name")
+    if new_backbone is not None and new_backbone != d["model"]["backbone"].get("name"):
+        # Another backbone family: keep only the settings it shares (width, pretrained, ...);
+        # the old one's own keys (convnet's depth) and its weights file do not carry over.
+        keep = backbone_keys(new_backbone) - {"weights"}
+        d["model"]["backbone"] = {k: v for k, v in d["model"]["backbone"].items() if k in keep}
     for path, value in overrides.items():
         set_dotted(d, path, value)
     if methods is not None:
         d["methods"] = methods
-    return _train_config(Section(d, "student"), STUDENT_KEYS, {"epochs": base.epochs, "lr": base.lr})
+    return _train_config(Section(d, "student"), STUDENT_KEYS, {"epochs": base.epochs, "lr": base.lr}, task=task)
 
 
 def parse_spec(data: Any, spec_path: Path, source: SourceMap) -> RunSpec:
@@ -122,19 +189,20 @@ def parse_spec(data: Any, spec_path: Path, source: SourceMap) -> RunSpec:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise SpecError("name", f"use letters, digits, '.', '_' or '-' only (it names a folder), got {name!r}")
 
+    task = root.str("task", "detection", choices=list(TASKS))
     data_sec = root.section("data", required=True)
     data_dict = dict(data_sec.data)
     if data_dict.get("root") is not None:
         data_dict["root"] = str(data_sec.file_path("root", base, must_exist=False))
     try:
-        data_spec = validate_data_spec(data_dict)
+        data_spec = TASKS[task].validate_data(data_dict)
     except SpecError as err:
         raise err.within("data") from None
 
     teacher_sec = root.section("teacher", required=True)
-    teacher = _train_config(teacher_sec, TEACHER_KEYS, {"epochs": 12, "lr": 2e-3})
+    teacher = _train_config(teacher_sec, TEACHER_KEYS, {"epochs": 12, "lr": 2e-3}, task=task)
     checkpoint = teacher_sec.file_path("checkpoint", base, default=None)
-    student = _train_config(root.section("student", required=True), STUDENT_KEYS, {"epochs": 6, "lr": 2e-3})
+    student = _train_config(root.section("student", required=True), STUDENT_KEYS, {"epochs": 6, "lr": 2e-3}, base, task)
 
     res = root.section("resources")
     res.reject_unknown(RESOURCE_KEYS)
@@ -163,6 +231,7 @@ def parse_spec(data: Any, spec_path: Path, source: SourceMap) -> RunSpec:
         seed=root.int("seed", 0, low=0),
         search=search,
         source=source,
+        task=task,
     )
 
 

@@ -13,87 +13,95 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from rkd.data.dataset import build_dataset, dataset_fingerprint
+from rkd.data.dataset import dataset_fingerprint
 from rkd.errors import RkdError, TeacherError
 from rkd.models.flops import count_flops
 from rkd.train.artifacts import collect_stage
-from rkd.train.checkpoint import atomic_write_json, load_detector
-from rkd.train.evaluate import evaluate
-from rkd.train.loop import STUDENT_FILE, make_loop_config
+from rkd.train.checkpoint import atomic_write_json
+from rkd.train.loop import STUDENT_FILE
 from rkd.train.runner import epoch_line, run_training
 from rkd.train.spec import RunSpec, config_hash
+from rkd.train.tasks import TASKS
 
 
 @dataclass
 class TeacherReport:
+    """The teacher and its val accuracy ``score`` (``metric``: mAP50 for detectors, top-1 for classifiers)."""
+
     checkpoint: str
-    map50: float
+    score: float
     gflops: float
     params: int
     source: str  # "trained", "cached" or "loaded"
     config_hash: str
     wall_s: float
+    metric: str = "map50"
+
+    @property
+    def map50(self) -> float:  # the detection name of the score, used all over the detection code
+        return self.score
+
+    def to_dict(self) -> dict[str, Any]:
+        """As recorded in ``teacher.json`` and ``summary.json``: the score also under its metric's name."""
+        return {**asdict(self), self.metric: self.score}
 
 
 def teacher_hash(spec: RunSpec) -> str:
-    return config_hash("teacher", spec.data, dataset_fingerprint(spec.data), spec.teacher.to_dict(), spec.seed)
-
-
-def _evaluate_file(path: Path, spec: RunSpec) -> tuple[float, float, int]:
-    model, ckpt = load_detector(path)
-    val_set = build_dataset(spec.data, "val", train=False)
-    if ckpt["num_classes"] != len(val_set.class_names):
-        raise RkdError(
-            f"{path}: the teacher predicts {ckpt['num_classes']} classes but the data has "
-            f"{len(val_set.class_names)} ({', '.join(val_set.class_names)})"
-        )
-    result = evaluate(model, val_set, len(val_set.class_names), spec.teacher.batch_size)
-    flops = count_flops(model, int(spec.data["input_size"]))
-    return float(result.map), float(flops.gflops), int(flops.params)
+    parts = ["teacher", spec.data, dataset_fingerprint(spec.data), spec.teacher.to_dict(), spec.seed]
+    if spec.task != "detection":  # detection hashes stay as they were (cached teachers stay valid)
+        parts.append(spec.task)
+    return config_hash(*parts)
 
 
 def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> TeacherReport:
     """Return the teacher to distil from; raise :class:`TeacherError` if it is below ``min_map``."""
     start = time.perf_counter()
+    task = TASKS[spec.task]
     folder = spec.run_dir / "teacher"
     record_path = folder / "teacher.json"
     digest = teacher_hash(spec)
+    size = int(spec.data["input_size"])
     if spec.teacher_checkpoint is not None:
         log(f"[teacher] loading {spec.teacher_checkpoint}")
-        map50, gflops, params = _evaluate_file(spec.teacher_checkpoint, spec)
-        report = TeacherReport(str(spec.teacher_checkpoint), map50, gflops, params, "loaded", digest, 0.0)
+        score, model, _ = task.score_file(spec.teacher_checkpoint, spec.data, spec.teacher.batch_size)
+        flops = count_flops(model, size)
+        report = TeacherReport(
+            str(spec.teacher_checkpoint), score, flops.gflops, flops.params, "loaded", digest, 0.0, task.metric
+        )
     elif record_path.is_file() and json.loads(record_path.read_text()).get("config_hash") == digest:
         cached = json.loads(record_path.read_text())
         if not Path(cached["checkpoint"]).is_file():
             raise RkdError(f"{record_path}: names a missing checkpoint {cached['checkpoint']}; delete the file to retrain")
         log(f"[teacher] reusing the trained teacher in {folder} (same config and data)")
-        cached["source"] = "cached"
-        report = TeacherReport(**cached)
+        fields = {k: cached[k] for k in TeacherReport.__dataclass_fields__ if k in cached}
+        fields.setdefault("score", cached.get("map50"))  # teacher.json written before scores had a metric
+        report = TeacherReport(**{**fields, "source": "cached"})
     else:
         log(f"[teacher] training {spec.teacher.epochs} epochs on {spec.resources.workers} worker(s)")
-        loop_config = make_loop_config(
-            spec.data, spec.teacher.to_dict(), spec.seed, spec.resources.cpus_per_worker
-        )
+        loop_config = task.make_loop_config(spec.data, spec.teacher.to_dict(), spec.seed, spec.resources.cpus_per_worker)
         # The Ray run is named by the config hash: re-running after a crash resumes it.
         outcome = run_training(
-        loop_config, spec.resources, spec.run_dir / "ray", f"teacher-{digest}", on_epoch=epoch_line("teacher")
-    )
+            loop_config, spec.resources, spec.run_dir / "ray", f"teacher-{digest}",
+            on_epoch=epoch_line("teacher"), loop=task.loop,
+        )
         collect_stage(outcome, folder)
         target = folder / "teacher.pt"
         (folder / STUDENT_FILE).replace(target)
-        model, _ = load_detector(target)
-        flops = count_flops(model, int(spec.data["input_size"]))
+        model, _ = task.load_model(target)
+        flops = count_flops(model, size)
         report = TeacherReport(
-            str(target), float(outcome.metrics["map50"]), float(flops.gflops), int(flops.params), "trained", digest, 0.0
+            str(target), float(outcome.metrics[task.metric]), float(flops.gflops), int(flops.params), "trained",
+            digest, 0.0, task.metric,
         )
     report.wall_s = round(time.perf_counter() - start, 1)
-    atomic_write_json(record_path, asdict(report))
-    log(f"[teacher] mAP50 {report.map50:.3f}  GFLOPs {report.gflops:.3f}  ({report.source}, {report.wall_s:.0f}s)")
-    if report.map50 < spec.min_map:
+    atomic_write_json(record_path, report.to_dict())
+    label = task.metric_label
+    log(f"[teacher] {label} {report.score:.3f}  GFLOPs {report.gflops:.3f}  ({report.source}, {report.wall_s:.0f}s)")
+    if report.score < spec.min_map:
         raise TeacherError(
-            f"the teacher's val mAP50 is {report.map50:.3f}, below teacher.min_map {spec.min_map:.3f} "
+            f"the teacher's val {label} is {report.score:.3f}, below teacher.min_map {spec.min_map:.3f} "
             f"({spec.source.file}:{spec.source.line('teacher.min_map')}); distilling from it would teach the "
             "students its mistakes. Train it longer (teacher.epochs), check the data, or lower teacher.min_map."
         )

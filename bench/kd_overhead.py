@@ -1,0 +1,138 @@
+"""KD overhead per method: distilled training step / (student step alone + one teacher forward).
+
+For each KD method (and all of them together) this times one training step of the distilled
+student, teacher forward (no_grad) + student forward + KD terms + backward + AdamW step, and
+divides it by what distillation cannot avoid: the same student's plain training step plus one
+teacher forward. ``1.00`` means the KD terms themselves cost nothing; the targets are <= 1.10
+per method and <= 1.30 for all methods at once.
+
+All configurations are timed in one process and interleaved (one step of each per round, in a
+rotating order), so load from other processes on a shared machine hits them alike; each
+figure is the median over ``--steps`` rounds after ``--warmup`` rounds. DS2D2's
+high-frequency amplifier gets a random frozen head (its prior stage changes its weights, not
+its cost); IFKD uses the builtin prior encoder.
+
+    .venv/bin/python bench/kd_overhead.py --size 512 --batch 4 --steps 9 --warmup 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from rkd.distill import KD_METHODS, build_distiller
+from rkd.models import build_detector, validate_model_spec
+from rkd.outputs import Targets
+
+TEACHER = {"kind": "retinanet", "backbone": {"name": "resnet18"}, "neck": {"channels": 64}, "head": {"convs": 2}}
+STUDENT = {"kind": "retinanet", "backbone": {"name": "mobilenet_v2", "width": 0.5}, "neck": {"channels": 32},
+           "head": {"convs": 1}}
+# Defaults everywhere, except where the pair needs it: these retinanets have no angle branch.
+OPTIONS = {"nsd": {"angle": False}, "ds2d2": {"hf_amplifier": True}}
+NUM_CLASSES = 3
+
+
+def batch(size: int, n: int, boxes_per_image: int = 12) -> tuple[torch.Tensor, Targets]:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, size, size, generator=gen)
+    boxes, labels = [], []
+    for _ in range(n):
+        centre = torch.rand(boxes_per_image, 2, generator=gen) * size * 0.8 + size * 0.1
+        wh = torch.rand(boxes_per_image, 2, generator=gen) * size * 0.15 + 8.0
+        wh = torch.stack([wh.max(1).values, wh.min(1).values], 1)  # le90: w >= h
+        angle = (torch.rand(boxes_per_image, 1, generator=gen) - 0.5) * 3.14159
+        boxes.append(torch.cat([centre, wh, angle], 1))
+        labels.append(torch.randint(0, NUM_CLASSES, (boxes_per_image,), generator=gen))
+    return images, Targets(boxes, labels, (size, size))
+
+
+class Config:
+    """One timed configuration: a student, optionally with a distiller, and its optimiser."""
+
+    def __init__(self, name: str, methods: dict | None, teacher: torch.nn.Module) -> None:
+        torch.manual_seed(0)
+        self.name = name
+        self.student = build_detector(validate_model_spec(STUDENT), NUM_CLASSES).train()
+        self.distiller = None
+        params = list(self.student.parameters())
+        if methods:
+            self.distiller = build_distiller(methods, self.student.info, teacher.info).train()
+            for comp in self.distiller.prior_stage_components().values():
+                comp.prior_stage_modules().requires_grad_(False)  # frozen, as after its prior stage
+            params += [p for p in self.distiller.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=1e-4)
+        self.times: list[float] = []
+
+    def step(self, teacher: torch.nn.Module, images: torch.Tensor, targets: Targets) -> float:
+        start = time.perf_counter()
+        out = self.student(images, targets)
+        loss = sum(out.losses.values())
+        if self.distiller is not None:
+            with torch.no_grad():
+                t_out = teacher(images)
+            loss = loss + self.distiller.total(self.distiller(out, t_out, targets, epoch=5.0))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=7, help="timed rounds (median)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--methods", nargs="*", default=None, help="default: every detection method")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 keeps ratios stable on a machine shared with other jobs")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    methods = args.methods or sorted(KD_METHODS)
+    teacher = build_detector(validate_model_spec(TEACHER), NUM_CLASSES).eval().requires_grad_(False)
+    images, targets = batch(args.size, args.batch)
+    configs = [Config("student alone", None, teacher)]
+    configs += [Config(m, {m: OPTIONS.get(m, {})}, teacher) for m in methods]
+    configs.append(Config("all together", {m: OPTIONS.get(m, {}) for m in methods}, teacher))
+    teacher_times: list[float] = []
+    wall = time.perf_counter()
+    for round_ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        with torch.no_grad():
+            teacher(images)
+        t_teacher = time.perf_counter() - start
+        shift = round_ % len(configs)
+        for cfg in configs[shift:] + configs[:shift]:
+            t = cfg.step(teacher, images, targets)
+            if round_ >= args.warmup:
+                cfg.times.append(t)
+        if round_ >= args.warmup:
+            teacher_times.append(t_teacher)
+
+    teacher_s = statistics.median(teacher_times)
+    alone_s = statistics.median(configs[0].times)
+    base = alone_s + teacher_s
+    print(f"teacher {TEACHER['backbone']['name']} retinanet, student {STUDENT['backbone']['name']} "
+          f"x{STUDENT['backbone']['width']} retinanet, input {args.size}, batch {args.batch}, "
+          f"{args.steps} timed rounds after {args.warmup} warm-up, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+          f"total {time.perf_counter() - wall:.0f}s\n")
+    print(f"student step alone {alone_s * 1e3:.0f} ms, teacher forward {teacher_s * 1e3:.0f} ms\n")
+    print("| method | step (ms, median) | KD terms (ms) | ratio to student + teacher fwd | overhead | target |")
+    print("|---|---:|---:|---:|---:|---|")
+    for cfg in configs[1:]:
+        step_s = statistics.median(cfg.times)
+        ratio = step_s / base
+        target = 1.30 if cfg.name == "all together" else 1.10
+        verdict = "within" if ratio <= target else "over"
+        print(f"| {cfg.name} | {step_s * 1e3:.0f} | {(step_s - base) * 1e3:+.0f} | {ratio:.2f} | "
+              f"{(ratio - 1) * 100:+.0f}% | {verdict} (<= {(target - 1) * 100:.0f}%) |")
+
+
+if __name__ == "__main__":
+    main()
