@@ -219,3 +219,21 @@ def test_spec_sam_checkpoint_is_resolved_against_the_spec_folder(tmp_path: Path,
         from rkd.distill import validate_methods
 
         validate_methods({"ifkd": {"priors": {}}})
+
+
+def test_a_real_sam_checkpoint_becomes_the_prior_encoder(tmp_path: Path) -> None:
+    """A SAM ViT-B checkpoint file on disk (random weights: nothing is downloaded) is loaded into
+    the prior, and the prior encodes a detector batch to SAM's embedding of the image's extent."""
+    segment_anything = pytest.importorskip("segment_anything")
+    torch.manual_seed(0)
+    reference = segment_anything.sam_model_registry["vit_b"](checkpoint=None)
+    ckpt = tmp_path / "sam_vit_b.pth"
+    torch.save(reference.state_dict(), ckpt)
+    prior = build_prior("sam", checkpoint=ckpt, model_type="vit_b")
+    for (name, loaded), saved in zip(prior.encoder.state_dict().items(), reference.image_encoder.state_dict().values()):
+        assert torch.equal(loaded, saved), name
+    assert not any(p.requires_grad for p in prior.parameters()) and not prior.training  # frozen
+    with torch.no_grad():
+        emb = prior(torch.randn(1, 3, 64, 96))
+    # long side 96 -> 1024, short side 64 -> 683 px: 43 x 64 patches of 16 px, 256 channels
+    assert emb.shape == (1, 256, 43, 64) and torch.isfinite(emb).all()

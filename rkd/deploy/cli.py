@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from rkd.errors import RkdError
+
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from rkd.deploy.export import export_student, parse_formats
@@ -24,8 +26,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         latency_runs=args.latency_runs,
     )
     m = result.card["metrics"]
+    accuracy = "top-1 {:.3f}".format(m["top1"]) if "top1" in m else "mAP50 {:.3f}".format(m["map50"])
     print(
-        f"exported trial {result.trial['trial_id']} (mAP50 {m['map50']:.3f}, {m['gflops']:.3f} GFLOPs, "
+        f"exported trial {result.trial['trial_id']} ({accuracy}, {m['gflops']:.3f} GFLOPs, "
         f"{m['params'] / 1e6:.3f} M params, {m['latency_ms']:.1f} ms CPU) to {result.out}: "
         + ", ".join(sorted(result.card["files"].values()))
     )
@@ -33,8 +36,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from rkd.deploy.predict import predict_files
+    from rkd.deploy.export import exported_kind
+    from rkd.deploy.predict import CLASS_PREDICTIONS_FILE, classify_files, predict_files
 
+    if exported_kind(Path(args.exported)) == "classifier":
+        if args.tile is not None:
+            raise RkdError(f"--tile: {args.exported} holds a scene classifier, which sees each image whole")
+        classes = classify_files(Path(args.exported), Path(args.images), Path(args.out))
+        print(f"{len(classes)} images classified, written to {Path(args.out) / CLASS_PREDICTIONS_FILE}")
+        return 0
     counts = predict_files(
         Path(args.exported), Path(args.images), Path(args.out), score=args.score, tile=args.tile,
         overlap=args.overlap, nms_iou=args.nms_iou,
@@ -78,20 +88,26 @@ def _address(p: argparse.ArgumentParser) -> None:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export one student of a finished search (safetensors, ONNX, TorchScript)")
     p.add_argument("run", help="the run folder, runs/<name>")
-    p.add_argument("--pick", default="best", help="best (highest mAP50 on the front), knee, or a trial id")
-    p.add_argument("--min-map", type=float, help="only trials with at least this val mAP50")
+    p.add_argument("--pick", default="best",
+                   help="best (highest val accuracy on the front: mAP50, or top-1 for a classification run), "
+                        "knee, or a trial id")
+    p.add_argument("--min-map", type=float,
+                   help="only trials with at least this val mAP50 (top-1 accuracy for a classification run)")
     p.add_argument("--max-gflops", type=float, help="only trials with at most this many GFLOPs")
     p.add_argument("--format", default="safetensors,onnx,torchscript", help="comma-separated formats to write")
     p.add_argument("--out", required=True, help="the export folder to create (must not exist, or be empty)")
     p.add_argument("--latency-runs", type=int, default=20, help="runs of the CPU latency median (default 20)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("predict", help="run an exported student on an image or a folder; DOTA-format output")
+    p = sub.add_parser("predict", help="run an exported student on an image or a folder; DOTA-format detections "
+                                       "or, for a classifier, one 'image_id class probability' line per image")
     p.add_argument("exported", help="a folder written by rkd export (needs model.safetensors)")
     p.add_argument("images", help="an image file or a folder of images")
-    p.add_argument("--out", default="predictions", help="folder for <image_id>.txt files (default: predictions)")
-    p.add_argument("--score", type=float, default=0.3, help="minimum score (default 0.3)")
-    p.add_argument("--tile", type=int, help="cut images larger than this into windows of this many pixels")
+    p.add_argument("--out", default="predictions",
+                   help="output folder (default: predictions): <image_id>.txt per image for a detector, "
+                        "predictions.txt for a classifier")
+    p.add_argument("--score", type=float, default=0.3, help="minimum score (default 0.3; detectors)")
+    p.add_argument("--tile", type=int, help="cut images larger than this into windows of this many pixels (detectors)")
     p.add_argument("--overlap", type=int, default=200, help="pixels shared by neighbouring windows (default 200)")
     p.add_argument("--nms-iou", type=float, default=0.1, help="rotated IoU of class-wise NMS (default 0.1)")
     p.set_defaults(func=_cmd_predict)

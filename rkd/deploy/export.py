@@ -1,14 +1,17 @@
 """``rkd export``: one student of a finished search, alone, in deployable formats.
 
-An export folder holds (``--format`` picks the weight formats; the JSON files are always written):
+The student is a detector, or a scene classifier when the run's accuracy objective
+(``summary.json``'s first objective) is ``top1``. An export folder holds (``--format``
+picks the weight formats; the JSON files are always written):
 
 * ``model.safetensors`` - the student's state dict (no adapters, no KD parts);
-  with ``model_spec.json`` it rebuilds the :class:`~rkd.models.Detector` exactly
-  (:func:`load_exported`).
+  with ``model_spec.json`` it rebuilds the :class:`~rkd.models.Detector` or
+  :class:`~rkd.models.Classifier` exactly (:func:`load_exported`).
 * ``model.onnx`` (opset 17) and ``model.torchscript.pt`` (traced) - the raw
-  network, ``images (B, 3, S, S) -> raw head maps``, see :func:`output_names` for
-  the outputs and their order. Anchors, box decoding and NMS are not in these
-  graphs: they stay in Python (:func:`rkd.models.postprocess.decode`).
+  network. A detector: ``images (B, 3, S, S) -> raw head maps``, see
+  :func:`output_names` for the outputs and their order; anchors, box decoding and
+  NMS are not in these graphs: they stay in Python (:func:`rkd.models.postprocess.decode`).
+  A classifier: ``images (B, 3, S, S) -> logits (B, K)`` (softmax and argmax are the user's).
 * ``model_card.json`` - what the model is, how to feed it, how good and fast it
   is, and the search trial, KD configuration and teacher that produced it.
 
@@ -36,7 +39,7 @@ from rkd import __version__
 from rkd.data.dataset import MEAN, STD
 from rkd.data.transforms import PAD_RGB
 from rkd.errors import RkdError
-from rkd.models import build_detector, count_flops, measure_latency
+from rkd.models import Classifier, build_classifier, build_detector, count_flops, measure_latency
 from rkd.models.detector import Detector
 from rkd.outputs import DetectorInfo
 from rkd.search.results import DEFAULT_OBJECTIVES, front_rows, knee
@@ -54,6 +57,10 @@ EXPORT_FORMAT_VERSION = 1
 # Network input normalisation: RGB / 255, then the training collate's mean/std per channel
 # (the card repeats them for users outside Python).
 PIXEL_MEAN, PIXEL_STD = MEAN, STD
+
+# A run's accuracy objective (the first of summary.json's objectives) says what its students are.
+STUDENT_KIND = {"map50": "detector", "top1": "classifier"}
+ACCURACY_LABEL = {"map50": "mAP50", "top1": "top-1"}
 
 
 class RawNetwork(nn.Module):
@@ -74,6 +81,36 @@ class RawNetwork(nn.Module):
         for key in ("centerness", "angle_logits"):
             outs += list(extras.get(key) or [])
         return tuple(outs)
+
+
+class LogitsNetwork(nn.Module):
+    """The classifier's class logits alone: ``images (B, 3, S, S) -> logits (B, K)``.
+
+    :class:`~rkd.models.Classifier` returns features and the pooled vector too (for KD);
+    deployment needs only the logits, as one plain tensor for ONNX and TorchScript.
+    """
+
+    def __init__(self, classifier: Classifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.classifier(images).logits
+
+
+def inference_network(model: Detector | Classifier) -> RawNetwork | LogitsNetwork:
+    """What the ONNX and TorchScript files hold for ``model``."""
+    return LogitsNetwork(model) if isinstance(model, Classifier) else RawNetwork(model)
+
+
+def network_output_names(network: RawNetwork | LogitsNetwork) -> list[str]:
+    if isinstance(network, LogitsNetwork):
+        return ["logits"]
+    return output_names(network.detector.info)
+
+
+def build_student(kind: str, model_spec: dict[str, Any], num_classes: int) -> Detector | Classifier:
+    return build_classifier(model_spec, num_classes) if kind == "classifier" else build_detector(model_spec, num_classes)
 
 
 def output_names(info: DetectorInfo) -> list[str]:
@@ -118,12 +155,16 @@ def read_run(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return rows, summary
 
 
-def _within(row: dict[str, Any], min_map: float | None, max_gflops: float | None) -> bool:
-    return (min_map is None or row["map50"] >= min_map) and (max_gflops is None or row["gflops"] <= max_gflops)
+def _within(row: dict[str, Any], accuracy: str, min_map: float | None, max_gflops: float | None) -> bool:
+    return (min_map is None or row[accuracy] >= min_map) and (max_gflops is None or row["gflops"] <= max_gflops)
 
 
-def _describe(rows: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{r['trial_id']} (mAP50 {r['map50']:.3f}, {r['gflops']:.3f} GFLOPs)" for r in rows) or "none"
+def _describe(rows: list[dict[str, Any]], accuracy: str) -> str:
+    return ", ".join(f"{r['trial_id']} ({_scores(r, accuracy)})" for r in rows) or "none"
+
+
+def _scores(row: dict[str, Any], accuracy: str) -> str:
+    return f"{ACCURACY_LABEL.get(accuracy, accuracy)} {row[accuracy]:.3f}, {row['gflops']:.3f} GFLOPs"
 
 
 def pick_trial(
@@ -133,35 +174,37 @@ def pick_trial(
     max_gflops: float | None = None,
     objectives: tuple[str, ...] = DEFAULT_OBJECTIVES,
 ) -> dict[str, Any]:
-    """The trial to export: ``best`` (highest mAP50), ``knee``, or a trial id, within the constraints.
+    """The trial to export: ``best`` (highest accuracy), ``knee``, or a trial id, within the constraints.
 
+    The accuracy is the first of ``objectives`` (``map50`` for detection runs, ``top1`` for
+    classification runs); ``min_map`` is the minimum of that accuracy.
     ``best`` and ``knee`` choose among the complete trials on the Pareto front;
     an explicit trial id may be any complete trial.
     """
+    accuracy = objectives[0]
+    label = ACCURACY_LABEL.get(accuracy, accuracy)
     limits = " and ".join(
-        [f"mAP50 >= {min_map}"] * (min_map is not None) + [f"GFLOPs <= {max_gflops}"] * (max_gflops is not None)
+        [f"{label} >= {min_map}"] * (min_map is not None) + [f"GFLOPs <= {max_gflops}"] * (max_gflops is not None)
     )
     front = front_rows(rows, objectives)
     if pick in ("best", "knee"):
-        ok = [r for r in front if _within(r, min_map, max_gflops)]
+        ok = [r for r in front if _within(r, accuracy, min_map, max_gflops)]
         if not ok:
             raise RkdError(
                 f"no complete trial on the Pareto front satisfies {limits or 'the constraints'}; "
-                f"the front is: {_describe(front)}"
+                f"the front is: {_describe(front, accuracy)}"
             )
         if pick == "knee":
-            return knee(ok)  # type: ignore[return-value]
-        return max(ok, key=lambda r: (r["map50"], -r["gflops"]))
+            return knee(ok, accuracy)  # type: ignore[return-value]
+        return max(ok, key=lambda r: (r[accuracy], -r["gflops"]))
     matches = [r for r in rows if r["trial_id"] == pick]
     if not matches:
         raise RkdError(f"--pick {pick!r}: no such trial; use best, knee or one of {[r['trial_id'] for r in rows]}")
     row = matches[0]
     if row["status"] != "complete" or not row.get("checkpoint"):
         raise RkdError(f"trial {pick} is {row['status']} ({row.get('reason') or 'no checkpoint'}); only complete trials export")
-    if not _within(row, min_map, max_gflops):
-        raise RkdError(
-            f"trial {pick} (mAP50 {row['map50']:.3f}, {row['gflops']:.3f} GFLOPs) does not satisfy {limits}"
-        )
+    if not _within(row, accuracy, min_map, max_gflops):
+        raise RkdError(f"trial {pick} ({_scores(row, accuracy)}) does not satisfy {limits}")
     return row
 
 
@@ -205,7 +248,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _teacher_identity(summary: dict[str, Any]) -> dict[str, Any] | None:
+def _teacher_identity(summary: dict[str, Any], accuracy: str) -> dict[str, Any] | None:
     teacher = summary.get("teacher")
     if not teacher:
         return None
@@ -214,7 +257,8 @@ def _teacher_identity(summary: dict[str, Any]) -> dict[str, Any] | None:
         "checkpoint": teacher.get("checkpoint"),
         "sha256": _sha256(path) if path.is_file() else None,
         "config_hash": teacher.get("config_hash"),
-        "map50": teacher.get("map50"),
+        accuracy: teacher.get(accuracy),
+        "metric": accuracy,
         "gflops": teacher.get("gflops"),
     }
 
@@ -233,18 +277,28 @@ def export_student(
     max_gflops: float | None = None,
     latency_runs: int = 20,
 ) -> ExportResult:
-    """Export one student of the search run ``run`` into the new folder ``out`` (see module doc)."""
+    """Export one student of the search run ``run`` into the new folder ``out`` (see module doc).
+
+    ``min_map`` is the minimum of the run's accuracy objective (mAP50, or top-1 for classifiers).
+    """
     run, out = Path(run), Path(out)
     _check_out(out)
     rows, summary = read_run(run)
     objectives = tuple(summary.get("objectives", DEFAULT_OBJECTIVES))
+    kind = STUDENT_KIND.get(objectives[0])
+    if kind is None:
+        raise RkdError(f"{run / 'summary.json'}: unknown accuracy objective {objectives[0]!r}; "
+                       f"expected one of {', '.join(STUDENT_KIND)}")
     row = pick_trial(rows, pick, min_map, max_gflops, objectives)
     ckpt_path = resolve_checkpoint(run, row["checkpoint"])
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path, kind)
     if ckpt["model_spec"].get("kind") == "faster_rcnn":
         # The exported network is backbone + neck + dense head; a two-stage RoI head is not in it.
         raise RkdError(f"{ckpt_path}: exporting two-stage detectors (kind faster_rcnn) is not supported yet")
-    model = build_detector(ckpt["model_spec"], ckpt["num_classes"])
+    try:
+        model = build_student(kind, ckpt["model_spec"], ckpt["num_classes"])
+    except (RkdError, ValueError) as exc:
+        raise RkdError(f"{ckpt_path}: the student's model spec does not build ({exc})") from None
     # Strict: a student checkpoint that carried adapters or other KD parts fails here.
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
@@ -252,13 +306,14 @@ def export_student(
         raise RkdError(f"{ckpt_path}: weights do not fit the student's model spec: {exc}") from None
     model.eval()
     size = int(ckpt["input_size"])
-    network = RawNetwork(model).eval()
+    network = inference_network(model).eval()
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         spec_doc = {
             "format": EXPORT_FORMAT_VERSION,
+            "kind": kind,
             "model_spec": ckpt["model_spec"],
             "num_classes": ckpt["num_classes"],
             "class_names": ckpt["class_names"],
@@ -290,7 +345,8 @@ def write_safetensors(model: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "rkd-detector", "rkd_version": __version__})
+    kind = "classifier" if isinstance(model, Classifier) else "detector"
+    save_file(state, str(path), metadata={"format": f"rkd-{kind}", "rkd_version": __version__})
 
 
 def _need(module: str) -> Any:
@@ -302,9 +358,9 @@ def _need(module: str) -> Any:
         raise RkdError(f"exporting to this format needs the '{module}' package: pip install 'rkd[export]'") from None
 
 
-def write_onnx(network: RawNetwork, size: int, path: Path) -> None:
+def write_onnx(network: RawNetwork | LogitsNetwork, size: int, path: Path) -> None:
     onnx = _need("onnx")
-    names = output_names(network.detector.info)
+    names = network_output_names(network)
     dummy = torch.zeros(1, 3, size, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notices
@@ -321,7 +377,7 @@ def write_onnx(network: RawNetwork, size: int, path: Path) -> None:
     onnx.checker.check_model(str(path))
 
 
-def write_torchscript(network: RawNetwork, size: int, path: Path) -> None:
+def write_torchscript(network: RawNetwork | LogitsNetwork, size: int, path: Path) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(network, (torch.zeros(1, 3, size, size),))
@@ -329,8 +385,8 @@ def write_torchscript(network: RawNetwork, size: int, path: Path) -> None:
 
 
 def model_card(
-    model: Detector,
-    network: RawNetwork,
+    model: Detector | Classifier,
+    network: RawNetwork | LogitsNetwork,
     ckpt: dict[str, Any],
     row: dict[str, Any],
     summary: dict[str, Any],
@@ -339,44 +395,26 @@ def model_card(
     latency_runs: int,
     files: dict[str, str],
 ) -> dict[str, Any]:
-    info = model.info
     size = int(ckpt["input_size"])
     flops = count_flops(model, size)
     with torch.no_grad():
-        shapes = [list(t.shape) for t in network(torch.zeros(1, 3, size, size))]
+        out = network(torch.zeros(1, 3, size, size))
+    shapes = [list(t.shape) for t in (out if isinstance(out, tuple) else (out,))]
     kd_config = json.loads(row.get("config_json") or "{}")
     objectives = tuple(summary.get("objectives", DEFAULT_OBJECTIVES))
+    accuracy = objectives[0]
+    task = _task_card(model, ckpt["model_spec"], size)
     return {
         "format": EXPORT_FORMAT_VERSION,
         "rkd_version": __version__,
-        "task": "oriented object detection" if info.oriented else "horizontal object detection",
+        "task": task["task"],
         "classes": list(ckpt["class_names"]),
-        "input": {
-            "name": "images",
-            "shape": [1, 3, size, size],
-            "dtype": "float32",
-            "color": "RGB",
-            "scale": 1 / 255,
-            "mean": list(PIXEL_MEAN),
-            "std": list(PIXEL_STD),
-            "resize": f"letterbox: scale the longer side to {size}, pad bottom/right with RGB {list(PAD_RGB)}",
-        },
-        "boxes": {
-            "convention": "le90",
-            "format": "(cx, cy, w, h, angle) in input pixels, w >= h, angle in [-pi/2, pi/2) from +x towards +y"
-            if info.oriented
-            else "(x1, y1, x2, y2) in input pixels",
-        },
-        "outputs": [{"name": n, "shape": s} for n, s in zip(output_names(info), shapes)],
-        "head": {
-            "kind": ckpt["model_spec"].get("kind"),
-            "strides": list(info.strides),
-            "num_anchors": info.num_anchors,
-            "box_dim": info.box_dim,
-            "decode": "rkd.models.postprocess.decode (anchors, box decoding and NMS are not in the graphs)",
-        },
+        "input": task["input"],
+        **({"boxes": task["boxes"]} if "boxes" in task else {}),
+        "outputs": [{"name": n, "shape": s} for n, s in zip(network_output_names(network), shapes)],
+        "head": task["head"],
         "metrics": {
-            "map50": row["map50"],
+            accuracy: row[accuracy],
             "gflops": flops.gflops,
             "params": flops.params,
             "latency_ms": _round(measure_latency(network, size, runs=latency_runs)),
@@ -391,9 +429,55 @@ def model_card(
             "params": kd_config,
             "epochs": row.get("epochs"),
         },
-        "teacher": _teacher_identity(summary),
+        "teacher": _teacher_identity(summary, accuracy),
         "data_fingerprint": summary.get("data_fingerprint"),
         "files": files,
+    }
+
+
+def _input_section(size: int, resize: str) -> dict[str, Any]:
+    return {
+        "name": "images",
+        "shape": [1, 3, size, size],
+        "dtype": "float32",
+        "color": "RGB",
+        "scale": 1 / 255,
+        "mean": list(PIXEL_MEAN),
+        "std": list(PIXEL_STD),
+        "resize": resize,
+    }
+
+
+def _task_card(model: Detector | Classifier, model_spec: dict[str, Any], size: int) -> dict[str, Any]:
+    """The card's task-specific part: the task, how images become the input, how outputs are read."""
+    if isinstance(model, Classifier):
+        return {
+            "task": "classification",
+            # As rkd.data.scene_dataset.SceneDataset feeds the classifier in training and val.
+            "input": _input_section(size, f"resize (not letterbox) to {size}x{size}: bilinear, antialiased, "
+                                          "align_corners=False, then clamped to [0, 255]"),
+            "head": {"kind": "classifier", "num_classes": model.num_classes,
+                     "decode": "softmax over the logits; the predicted class is their argmax"},
+        }
+    info = model.info
+    return {
+        "task": "oriented object detection" if info.oriented else "horizontal object detection",
+        "input": _input_section(
+            size, f"letterbox: scale the longer side to {size}, pad bottom/right with RGB {list(PAD_RGB)}"
+        ),
+        "boxes": {
+            "convention": "le90",
+            "format": "(cx, cy, w, h, angle) in input pixels, w >= h, angle in [-pi/2, pi/2) from +x towards +y"
+            if info.oriented
+            else "(x1, y1, x2, y2) in input pixels",
+        },
+        "head": {
+            "kind": model_spec.get("kind"),
+            "strides": list(info.strides),
+            "num_anchors": info.num_anchors,
+            "box_dim": info.box_dim,
+            "decode": "rkd.models.postprocess.decode (anchors, box decoding and NMS are not in the graphs)",
+        },
     }
 
 
@@ -404,11 +488,26 @@ def _round(x: float) -> float:
 # --- reading ---------------------------------------------------------------------------------
 
 
-def load_exported(folder: Path) -> tuple[Detector, dict[str, Any]]:
+def exported_kind(folder: Path) -> str:
+    """``detector`` or ``classifier``: what the export folder holds (read from ``model_spec.json``)."""
+    spec_path = Path(folder) / SPEC_FILE
+    if not spec_path.is_file():
+        raise RkdError(f"{spec_path}: missing; is {folder} a folder written by 'rkd export'?")
+    try:
+        spec = json.loads(spec_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RkdError(f"{spec_path}: not valid JSON ({exc})") from None
+    kind = spec.get("kind", "detector") if isinstance(spec, dict) else None
+    if kind not in STUDENT_KIND.values():
+        raise RkdError(f"{spec_path}: not an rkd model spec (kind {kind!r})")
+    return kind
+
+
+def load_exported(folder: Path) -> tuple[Detector | Classifier, dict[str, Any]]:
     """Rebuild the exported student from ``model_spec.json`` + ``model.safetensors`` (no pickles).
 
-    Returns the model in eval mode and the spec document (``class_names``, ``input_size``, ...),
-    with the card's ``input`` section merged in when the card is present.
+    Returns the model in eval mode and the spec document (``kind``, ``class_names``,
+    ``input_size``, ...), with the card's ``input`` section merged in when the card is present.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -420,8 +519,12 @@ def load_exported(folder: Path) -> tuple[Detector, dict[str, Any]]:
             raise RkdError(f"{path}: missing; is {folder} a folder written by 'rkd export --format safetensors'?")
     try:
         spec = json.loads(spec_path.read_text())
-        model = build_detector(spec["model_spec"], int(spec["num_classes"]))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        # Exports made before classifiers could be exported carry no kind: they are detectors.
+        spec.setdefault("kind", "detector")
+        if spec["kind"] not in STUDENT_KIND.values():
+            raise ValueError(f"unknown kind {spec['kind']!r}")
+        model = build_student(spec["kind"], spec["model_spec"], int(spec["num_classes"]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, RkdError) as exc:
         raise RkdError(f"{spec_path}: not an rkd model spec ({type(exc).__name__}: {exc})") from None
     try:
         state = load_file(str(weights_path))
@@ -432,6 +535,9 @@ def load_exported(folder: Path) -> tuple[Detector, dict[str, Any]]:
     except RuntimeError as exc:
         raise RkdError(f"{weights_path}: weights do not fit {spec_path.name}: {exc}") from None
     card_path = folder / CARD_FILE
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    try:
+        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise RkdError(f"{card_path}: not valid JSON ({exc})") from None
     spec["input"] = card.get("input", {"mean": list(PIXEL_MEAN), "std": list(PIXEL_STD), "scale": 1 / 255})
     return model.eval(), spec

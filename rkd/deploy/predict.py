@@ -1,4 +1,6 @@
-"""``rkd predict``: an exported student on image files, DOTA-format detections out.
+"""``rkd predict``: an exported student on image files, DOTA-format detections or class predictions out.
+
+Detectors (:func:`predict_files`):
 
 Each image is letterboxed to the model's input size exactly as in training,
 detected, and its boxes are mapped back to the file's pixels. Scenes larger
@@ -13,6 +15,11 @@ windows then go through class-wise rotated NMS.
 Output: ``<out>/<image_id>.txt``, one line per detection,
 ``x1 y1 x2 y2 x3 y3 x4 y4 class score`` (corners of the oriented box in file
 pixels, clipped to the image; ``class`` is the class name).
+
+Scene classifiers (:func:`classify_files`): each image is resized to the input size
+exactly as in training (:class:`rkd.data.scene_dataset.SceneDataset`, no letterbox) and
+classified. Output: ``<out>/predictions.txt``, one line per image,
+``image_id class probability`` (the top-1 class name and its softmax probability).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from torch import Tensor
 
 from rkd.data.images import IMAGE_SUFFIXES, find_images, read_image
 from rkd.data.sample import Sample
+from rkd.data.scene_dataset import SceneDataset
 from rkd.data.tiling import window_starts
 from rkd.data.transforms import letterbox
 from rkd.errors import RkdError
@@ -33,6 +41,9 @@ from rkd.eval.merge import nms_merge
 from rkd.geometry import obb_to_poly
 from rkd.geometry.boxes import hbb_to_obb
 from rkd.train.checkpoint import atomic_write_text
+
+CLASS_PREDICTIONS_FILE = "predictions.txt"
+CLASSIFY_BATCH = 16
 
 Detections = dict[str, Tensor]  # boxes (M, 5) le90 in file pixels, scores (M,), labels (M,)
 DetectFn = Callable[[Tensor], Detections]
@@ -147,6 +158,8 @@ def predict_files(
         raise RkdError(f"--tile {tile}: use at least 32 pixels")
     images = list_images(Path(source))
     model, spec = load_exported(Path(exported))
+    if spec["kind"] != "detector":
+        raise RkdError(f"{exported}: holds a {spec['kind']}, not a detector; use classify_files")
     detect = model_detector(model, int(spec["input_size"]), spec["input"], score, nms_iou)
     counts = {}
     for image_id, path in images.items():
@@ -157,3 +170,32 @@ def predict_files(
         counts[image_id] = len(lines)
         log(f"{path.name}: {len(lines)} detections")
     return counts
+
+
+def classify_files(
+    exported: Path, source: Path, out: Path, log: Callable[[str], None] = print
+) -> dict[str, tuple[str, float]]:
+    """Classify ``source`` (an image or a folder) with an exported classifier; writes
+    ``<out>/predictions.txt`` atomically and returns ``{image_id: (class name, probability)}``."""
+    from rkd.deploy.export import load_exported
+
+    images = list_images(Path(source))
+    model, spec = load_exported(Path(exported))
+    if spec["kind"] != "classifier":
+        raise RkdError(f"{exported}: holds a {spec['kind']}, not a classifier; use predict_files")
+    class_names = list(spec["class_names"])
+    # The training dataset's own resizing (labels unused), so deployment sees what training saw.
+    scenes = SceneDataset([(path, 0) for path in images.values()], class_names, int(spec["input_size"]), train=False)
+    ids = list(images)
+    results: dict[str, tuple[str, float]] = {}
+    with torch.no_grad():
+        for start in range(0, len(ids), CLASSIFY_BATCH):
+            batch = range(start, min(start + CLASSIFY_BATCH, len(ids)))
+            x = torch.stack([normalize(scenes[i][0], spec["input"]) for i in batch])
+            probabilities, labels = model(x).logits.softmax(dim=-1).max(dim=-1)
+            for i, label, probability in zip(batch, labels.tolist(), probabilities.tolist()):
+                results[ids[i]] = (class_names[label], probability)
+                log(f"{images[ids[i]].name}: {class_names[label]} ({probability:.3f})")
+    lines = "".join(f"{image_id} {name} {probability:.6f}\n" for image_id, (name, probability) in results.items())
+    atomic_write_text(Path(out) / CLASS_PREDICTIONS_FILE, lines)
+    return results

@@ -39,12 +39,13 @@ def _short(v: Any) -> str:
 class ProgressPrinter(tune.Callback):
     """Prints one line per trial start, per epoch and per trial end."""
 
-    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+    def __init__(self, total: int, stream: TextIO | None = None, metric: str = "map50") -> None:
         self.total = total
+        self.metric, self.label = metric, "top-1" if metric == "top1" else "mAP50"
         self.stream = stream  # None: sys.stdout at print time (Tune pickles callbacks; streams do not pickle)
         self.start = time.perf_counter()
         self.numbers: dict[str, int] = {}
-        self.best: tuple[float, float] | None = None  # (map50, gflops) of the best complete trial
+        self.best: tuple[float, float] | None = None  # (accuracy, gflops) of the best complete trial
         self.finished = 0
 
     def _say(self, text: str) -> None:
@@ -62,20 +63,20 @@ class ProgressPrinter(tune.Callback):
         if "epoch" in result and "epochs" in result:
             self._say(
                 f"{self._n(trial)} epoch {result['epoch']}/{result['epochs']} loss {result.get('loss', float('nan')):.4f}"
-                f" mAP50 {result.get('map50', float('nan')):.3f} ({result.get('images_per_s', 0):.1f} img/s)"
+                f" {self.label} {result.get(self.metric, float('nan')):.3f} ({result.get('images_per_s', 0):.1f} img/s)"
             )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.finished += 1
         last = trial.last_result or {}
         done = last.get("epoch") == last.get("epochs") and last.get("status") != "infeasible"
-        if done and "map50" in last:
-            if self.best is None or last["map50"] > self.best[0]:
-                self.best = (last["map50"], last.get("gflops", float("nan")))
-        best = f"best mAP50 {self.best[0]:.3f} at {self.best[1]:.3f} GFLOPs" if self.best else "no complete trial yet"
+        if done and self.metric in last:
+            if self.best is None or last[self.metric] > self.best[0]:
+                self.best = (last[self.metric], last.get("gflops", float("nan")))
+        best = f"best {self.label} {self.best[0]:.3f} at {self.best[1]:.3f} GFLOPs" if self.best else "no complete trial yet"
         state = "complete" if done else last.get("status", "stopped")
         self._say(
-            f"{self._n(trial)} {state}: mAP50 {last.get('map50', float('nan')):.3f} GFLOPs "
+            f"{self._n(trial)} {state}: {self.label} {last.get(self.metric, float('nan')):.3f} GFLOPs "
             f"{last.get('gflops', float('nan')):.3f} | {self.finished}/{self.total} done, {best}"
         )
 

@@ -509,7 +509,7 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
             run_config=tune.RunConfig(
                 name=experiment.name,
                 storage_path=str(experiment.parent),
-                callbacks=[ProgressPrinter(search.trials)],
+                callbacks=[ProgressPrinter(search.trials, metric=search.objectives[0])],
                 stop=FloorStopper(**search.stop, metric=search.objectives[0]) if search.stop else None,
                 verbose=0,
                 failure_config=tune.FailureConfig(max_failures=0),

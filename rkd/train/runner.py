@@ -15,7 +15,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from rkd.train.loop import SCORE_METRIC, train_loop
+from rkd.train.loop import SCORE_METRIC, UNSCORED, train_loop
 from rkd.train.spec import Resources
 
 # A run whose controller cannot start (e.g. resources that never free up) fails
@@ -240,12 +240,16 @@ def epoch_line(label: str) -> Callable[[dict[str, Any]], None]:
     """An ``on_epoch`` that prints one line per epoch under ``label``."""
 
     def show(m: dict[str, Any]) -> None:
-        score = f"top-1 {m['top1']:.3f}" if "top1" in m else f"mAP50 {m.get('map50', float('nan')):.3f}"
+        name, key = ("top-1", "top1") if "top1" in m else ("mAP50", "map50")
+        # Epochs between evaluations (eval_every) carry no new score: say so rather than print 0.
+        evaluated = m.get(SCORE_METRIC) != UNSCORED
+        score = f"val {name} {m.get(key, float('nan')):.3f}" if evaluated else "not evaluated"
         print(
             f"[{label}] epoch {m.get('epoch')}/{m.get('epochs')} loss {m.get('loss', float('nan')):.4f} "
-            f"val {score} ({m.get('images_per_s', 0.0):.1f} img/s, "
-            f"{m.get('epoch_s', 0.0):.0f}s/epoch)",
+            f"{score} ({m.get('images_per_s', 0.0):.1f} img/s, {m.get('epoch_s', 0.0):.0f}s/epoch)",
             flush=True,
         )
+        if m.get("resume_warning"):
+            print(f"[{label}] warning: {m['resume_warning']}", flush=True)
 
     return show
