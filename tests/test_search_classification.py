@@ -71,6 +71,9 @@ def test_a_classification_search_fronts_top1_against_gflops(run, capsys):
     assert main(["results", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "teacher: top-1 " in out and "top-1" in out.splitlines()[2]
+    assert main(["report", str(run_dir)]) == 0
+    page = (run_dir / "report.html").read_text()
+    assert "Parameter importance for top-1" in page and "Teacher: top-1 " in page and "mAP50" not in page
 
 
 def test_rkd_train_distils_a_classifier_with_sskd_from_the_cached_teacher(run, capsys):

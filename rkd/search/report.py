@@ -2,7 +2,7 @@
 
 ``RUN/report.html`` holds, with no external file or script:
 
-* the front: every complete trial (mAP50 vs GFLOPs), the Pareto front line, the
+* the front: every complete trial (accuracy — mAP50, or top-1 for classifiers — vs GFLOPs), the Pareto front line, the
   teacher and the students trained without KD marked (inline SVG);
 * the hypervolume after each trial, in the order trials finished, against the
   run's reference point (``summary.json: hypervolume_ref``), so its last value is
@@ -109,18 +109,18 @@ def finish_order(
     return [r for _, r in sorted(keyed, key=lambda kr: kr[0])]
 
 
-def hypervolume_curve(rows: list[dict[str, Any]], ref_gflops: float) -> list[float]:
+def hypervolume_curve(rows: list[dict[str, Any]], ref_gflops: float, acc: str = "map50") -> list[float]:
     """Hypervolume of the complete trials among the first 1, 2, ... ``rows`` (in the given order)."""
     out, xs, ys = [], [], []
     for r in rows:
-        if r["status"] == "complete" and _num(r.get("map50")) is not None and _num(r.get("gflops")) is not None:
-            ys.append(r["map50"])
+        if r["status"] == "complete" and _num(r.get(acc)) is not None and _num(r.get("gflops")) is not None:
+            ys.append(r[acc])
             xs.append(r["gflops"])
         out.append(hypervolume(np.array(ys, dtype=float), np.array(xs, dtype=float), ref_gflops) if xs else 0.0)
     return out
 
 
-def importances(rows: list[dict[str, Any]]) -> list[tuple[str, float, int]]:
+def importances(rows: list[dict[str, Any]], acc: str = "map50") -> list[tuple[str, float, int]]:
     """How much of the variance of mAP50 (complete trials) each searched parameter explains.
 
     A one-way analysis of variance per parameter: trials are grouped by the parameter's value
@@ -134,8 +134,8 @@ def importances(rows: list[dict[str, Any]]) -> list[tuple[str, float, int]]:
 
     Returns ``(parameter, omega squared, groups)`` sorted by importance.
     """
-    done = [r for r in rows if r["status"] == "complete" and _num(r.get("map50")) is not None]
-    y = np.array([r["map50"] for r in done], dtype=float)
+    done = [r for r in rows if r["status"] == "complete" and _num(r.get(acc)) is not None]
+    y = np.array([r[acc] for r in done], dtype=float)
     if len(done) < 3 or float(np.var(y)) == 0.0:
         return []
     out = []
@@ -246,30 +246,32 @@ class _Chart:
                 + "".join(axes + self.items + keys) + "</svg>")
 
 
-def front_svg(rows: list[dict[str, Any]], front: list[dict[str, Any]], teacher: dict[str, Any] | None) -> str:
-    done = [r for r in rows if r["status"] == "complete" and _num(r.get("map50")) is not None
+def front_svg(
+    rows: list[dict[str, Any]], front: list[dict[str, Any]], teacher: dict[str, Any] | None, acc: str = "map50"
+) -> str:
+    done = [r for r in rows if r["status"] == "complete" and _num(r.get(acc)) is not None
             and _num(r.get("gflops")) is not None]
-    pts = [(r["gflops"], r["map50"]) for r in done]
-    if teacher and _num(teacher.get("gflops")) is not None and _num(teacher.get("map50")) is not None:
-        pts.append((teacher["gflops"], teacher["map50"]))
+    pts = [(r["gflops"], r[acc]) for r in done]
+    if teacher and _num(teacher.get("gflops")) is not None and _num(teacher.get(acc)) is not None:
+        pts.append((teacher["gflops"], teacher[acc]))
     if not pts:
         return "<p>No complete trial: nothing to plot.</p>"
     chart = _Chart(
-        [p[0] for p in pts], [p[1] for p in pts], "student GFLOPs (lower is better)", "val mAP50 (higher is better)"
+        [p[0] for p in pts], [p[1] for p in pts], "student GFLOPs (lower is better)", f"val {_label(acc)} (higher is better)"
     )
     if front:
-        chart.line([r["gflops"] for r in front], [r["map50"] for r in front], PALETTE[0], "Pareto front")
+        chart.line([r["gflops"] for r in front], [r[acc] for r in front], PALETTE[0], "Pareto front")
     on_front = {r["trial_id"] for r in front}
     for r in done:
         kd = r.get("kd_methods") or "none"
-        title = f"{r['trial_id']}: mAP50 {r['map50']:.4f}, {r['gflops']:.4g} GFLOPs, KD: {kd}"
+        title = f"{r['trial_id']}: {_label(acc)} {r[acc]:.4f}, {r['gflops']:.4g} GFLOPs, KD: {kd}"
         color = PALETTE[0] if r["trial_id"] in on_front else "#9aa5b1"
-        chart.point(r["gflops"], r["map50"], title, "circle" if r.get("kd_methods") else "square",
+        chart.point(r["gflops"], r[acc], title, "circle" if r.get("kd_methods") else "square",
                     color if r.get("kd_methods") else PALETTE[1])
     legend = [("distilled trial", "#9aa5b1"), ("on the front", PALETTE[0]), ("student, no KD", PALETTE[1])]
     if len(pts) > len(done):
         tx, ty = pts[-1]
-        chart.point(tx, ty, f"teacher: mAP50 {ty:.4f}, {tx:.4g} GFLOPs", "star", PALETTE[3], 6)
+        chart.point(tx, ty, f"teacher: {_label(acc)} {ty:.4f}, {tx:.4g} GFLOPs", "star", PALETTE[3], 6)
         legend.append(("teacher", PALETTE[3]))
     return chart.render(legend)
 
@@ -282,7 +284,7 @@ def hypervolume_svg(curve: list[float]) -> str:
     return chart.render()
 
 
-def evaluated_points(results: list[dict[str, Any]]) -> list[tuple[float, float]]:
+def evaluated_points(results: list[dict[str, Any]], acc: str = "map50") -> list[tuple[float, float]]:
     """(epoch, mAP50) of the epochs that were evaluated.
 
     The training loop evaluates every ``eval_every`` epochs (default: the last only) and
@@ -292,7 +294,7 @@ def evaluated_points(results: list[dict[str, Any]]) -> list[tuple[float, float]]
     """
     pts = []
     for i, x in enumerate(results):
-        epoch, map50 = _num(x.get("epoch")), _num(x.get("map50"))
+        epoch, map50 = _num(x.get("epoch")), _num(x.get(acc))
         if epoch is None or map50 is None or x.get("val_images") == 0:
             continue
         if pts and pts[-1][1] == map50 and i + 1 < len(results):
@@ -301,16 +303,16 @@ def evaluated_points(results: list[dict[str, Any]]) -> list[tuple[float, float]]
     return pts
 
 
-def curves_svg(curves: dict[str, list[dict[str, Any]]], trial_ids: list[str]) -> str:
-    series = [(tid, pts) for tid in trial_ids if (pts := evaluated_points(curves.get(tid, [])))]
+def curves_svg(curves: dict[str, list[dict[str, Any]]], trial_ids: list[str], acc: str = "map50") -> str:
+    series = [(tid, pts) for tid in trial_ids if (pts := evaluated_points(curves.get(tid, []), acc))]
     if not series:
         return ""
-    chart = _Chart([e for _, p in series for e, _ in p], [m for _, p in series for _, m in p], "epoch", "val mAP50")
+    chart = _Chart([e for _, p in series for e, _ in p], [m for _, p in series for _, m in p], "epoch", f"val {_label(acc)}")
     for i, (tid, pts) in enumerate(series):
         color = PALETTE[i % len(PALETTE)]
         chart.line([e for e, _ in pts], [m for _, m in pts], color, tid, 1.4)
         for e, m in pts:
-            chart.point(e, m, f"{tid} epoch {e:g}: mAP50 {m:.4f}", color=color, r=2.5)
+            chart.point(e, m, f"{tid} epoch {e:g}: {_label(acc)} {m:.4f}", color=color, r=2.5)
     return chart.render([(tid, PALETTE[i % len(PALETTE)]) for i, (tid, _) in enumerate(series[: len(PALETTE)])])
 
 
@@ -332,8 +334,8 @@ def _cell(v: Any, digits: int = 4) -> str:
     return html.escape(str(v))
 
 
-def trials_html(rows: list[dict[str, Any]], front_ids: set[str], knee_id: str | None) -> str:
-    head = ["trial", "status", "mAP50", "GFLOPs", "params (M)", "epochs", "KD methods", "wall s", "parameters",
+def trials_html(rows: list[dict[str, Any]], front_ids: set[str], knee_id: str | None, acc: str = "map50") -> str:
+    head = ["trial", "status", _label(acc), "GFLOPs", "params (M)", "epochs", "KD methods", "wall s", "parameters",
             "reason"]
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for r in rows:
@@ -345,7 +347,7 @@ def trials_html(rows: list[dict[str, Any]], front_ids: set[str], knee_id: str | 
         reason = html.escape(reason[:300]) + ("..." if len(reason) > 300 else "")  # a traceback tail can be long
         status = html.escape(str(r["status"]))
         cells = [
-            f"{html.escape(str(r['trial_id']))}{mark}", _cell(r.get("map50")), _cell(r.get("gflops")),
+            f"{html.escape(str(r['trial_id']))}{mark}", _cell(r.get(acc)), _cell(r.get("gflops")),
             _cell(r.get("params_m")), f"{_cell(r.get('epochs_done'))}/{_cell(r.get('epochs'))}",
             _cell(r.get("kd_methods") or "none"), _cell(r.get("wall_s"), 3),
             f"<details><summary>show</summary>{params}</details>", reason,
@@ -369,15 +371,16 @@ def hypervolume_html(ordered: list[dict[str, Any]], curve: list[float]) -> str:
     )
 
 
-def importances_html(rows: list[dict[str, Any]]) -> str:
+def importances_html(rows: list[dict[str, Any]], acc: str = "map50") -> str:
     out = (
-        "<h2>Parameter importance for mAP50</h2><p>Share of the variance of mAP50 over complete trials explained "
+        f"<h2>Parameter importance for {_label(acc)}</h2><p>Share of the variance of {_label(acc)} over complete "
+        "trials explained "
         "by each parameter alone (bias-corrected one-way ANOVA, omega squared; a method's parameters form one "
         "group 'off' where the method was off).</p>"
     )
-    imp = importances(rows)
+    imp = importances(rows, acc)
     if not imp:
-        return out + "<p>Too few complete trials (or no variation in mAP50) to estimate.</p>"
+        return out + f"<p>Too few complete trials (or no variation in {_label(acc)}) to estimate.</p>"
     body = "".join(
         f"<tr><td>{html.escape(p)}</td><td>{v:.3f}</td><td>{k}</td>"
         f'<td><span class="bar" style="width:{200 * v:.0f}px"></span></td></tr>'
@@ -390,32 +393,34 @@ def build_html(run_dir: Path) -> str:
     rows, summary = load_run(run_dir)
     curves = read_curves(run_dir)
     teacher = summary.get("teacher")
-    front = front_rows(rows, tuple(summary.get("objectives", DEFAULT_OBJECTIVES)))
-    knee_id = (knee(front) or {}).get("trial_id")
+    objectives = tuple(summary.get("objectives", DEFAULT_OBJECTIVES))
+    acc = objectives[0]  # the accuracy objective: map50 (detection) or top1 (classification)
+    front = front_rows(rows, objectives)
+    knee_id = (knee(front, acc) or {}).get("trial_id")
     if summary.get("hypervolume_ref"):
         ref = float(summary["hypervolume_ref"][1])
     else:  # the runner's rule, for a run folder without summary.json
         gflops = [r["gflops"] for r in rows if _num(r.get("gflops")) is not None]
         ref = max(gflops + ([teacher["gflops"]] if teacher else []) + [1e-9]) * 1.1
     ordered = finish_order(rows, curves, creation_index(run_dir, [r["trial_id"] for r in rows]))
-    curve = hypervolume_curve(ordered, ref)
+    curve = hypervolume_curve(ordered, ref, acc)
     name = html.escape(str(summary.get("name") or run_dir.name))
 
     counts = {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})}
     intro = f"{len(rows)} trials: " + ", ".join(f"{n} {html.escape(s)}" for s, n in counts.items()) + ". "
     if teacher:
-        intro += f"Teacher: mAP50 {_cell(teacher.get('map50'))}, {_cell(teacher.get('gflops'))} GFLOPs. "
+        intro += f"Teacher: {_label(acc)} {_cell(teacher.get(acc))}, {_cell(teacher.get('gflops'))} GFLOPs. "
     intro += (f"Front: {len(front)} trials; knee: {html.escape(str(knee_id or '-'))}; hypervolume "
-              f"{curve[-1] if curve else 0.0:.6g} (reference: mAP50 0, {ref:.6g} GFLOPs).")
+              f"{curve[-1] if curve else 0.0:.6g} (reference: {_label(acc)} 0, {ref:.6g} GFLOPs).")
     parts = [
         f"<h1>rkd search report: {name}</h1><p>{intro}</p>",
-        "<h2>Pareto front</h2>", front_svg(rows, front, teacher),
+        "<h2>Pareto front</h2>", front_svg(rows, front, teacher, acc),
         hypervolume_html(ordered, curve),
-        importances_html(rows),
-        "<h2>mAP50 per epoch</h2>",
-        curves_svg(curves, [r["trial_id"] for r in ordered]) or "<p>No per-trial result files under ray/search/.</p>",
+        importances_html(rows, acc),
+        f"<h2>{_label(acc)} per epoch</h2>",
+        curves_svg(curves, [r["trial_id"] for r in ordered], acc) or "<p>No per-trial result files under ray/search/.</p>",
         "<h2>All trials</h2><p>In the order they finished.</p>",
-        trials_html(ordered, {r["trial_id"] for r in front}, knee_id),
+        trials_html(ordered, {r["trial_id"] for r in front}, knee_id, acc),
     ]
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>rkd report: {name}</title>'
             f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
@@ -440,6 +445,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     print(write_report(Path(args.run)))
     return 0
+
+
+def _label(acc: str) -> str:
+    return "top-1" if acc == "top1" else "mAP50"
 
 
 def _num(v: Any) -> float | None:
