@@ -1,10 +1,12 @@
-"""DDP over Ray Train workers: 2 workers on one machine, and 2 nodes of a real local Ray cluster.
+"""DDP over Ray Train workers: 2 workers on one machine, and 2 nodes of a real local Ray cluster;
+Ray Train's in-process mode against one worker.
 
 Each run is `rkd train` in a subprocess (its own Ray driver), reading back metrics.parquet.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +15,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 from ray_cluster import two_node_cluster
+
+from rkd.train.loop import make_loop_config, train_loop
+from rkd.train.spec import load_spec
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +57,26 @@ def train(tmp: Path, doc: dict) -> list[dict]:
     return pq.read_table(Path(doc["output_dir"]) / doc["name"] / "teacher" / "metrics.parquet").to_pylist()
 
 
+def in_process(tmp: Path, doc: dict) -> list[dict]:
+    """The loop in Ray Train's in-process mode (``num_workers=0``: no cluster, no worker process;
+    Train V2 keeps no checkpoint in this mode, so it serves to debug the loop)."""
+    loaded = load_spec(tmp / f"{doc['name']}.yaml")
+    progress = tmp / "in_process.jsonl"
+    cfg = make_loop_config(loaded.data, loaded.teacher.to_dict(), loaded.seed, threads=1, progress_file=str(progress))
+    TorchTrainer(
+        train_loop,
+        train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=0),
+        run_config=RunConfig(name="in_process", storage_path=str(tmp / "in_process")),
+    ).fit()
+    return [json.loads(line) for line in progress.read_text().splitlines()]
+
+
 def test_two_workers_see_disjoint_shards_and_score_all_val_images(tmp_path):
     one = train(tmp_path, spec(tmp_path / "runs", workers=1))
+    # The same seed in one process, one thread: bit-for-bit the run of one Ray worker.
+    local = in_process(tmp_path, spec(tmp_path / "runs", workers=1))
+    assert [(r["epoch"], r["loss"], r["map50"]) for r in local] == [(r["epoch"], r["loss"], r["map50"]) for r in one]
     two = train(tmp_path, spec(tmp_path / "runs", workers=2))
     for row in two:
         assert row["shard_overlap"] == 0 and row["shard_unique"] == NUM_TRAIN == row["shard_total"]
