@@ -35,11 +35,19 @@ def node_ports() -> list[str]:
     return [f"--{n}={free_port()}" for n in names]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+# A head node takes ~30 s to stop gracefully; its processes are all in its own session, so after
+# a short grace period the rest are killed with it (the test cluster's temp dir goes anyway).
+GRACEFUL_STOP_S = 8
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every node at once (`ray start --block` stops the processes it started), then wait."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=GRACEFUL_STOP_S)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # its own session (start_new_session), nothing else
             proc.wait(timeout=30)
@@ -88,8 +96,7 @@ def two_node_cluster():
         _wait(lambda: alive_nodes(address) == 2, "second node")
         yield address, f"127.0.0.1:{gcs}"
     finally:
-        for proc in reversed(procs):
-            _stop(proc)
+        _stop(list(reversed(procs)))
         import shutil
 
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -223,17 +223,29 @@ def test_spec_sam_checkpoint_is_resolved_against_the_spec_folder(tmp_path: Path,
 
 def test_a_real_sam_checkpoint_becomes_the_prior_encoder(tmp_path: Path) -> None:
     """A SAM ViT-B checkpoint file on disk (random weights: nothing is downloaded) is loaded into
-    the prior, and the prior encodes a detector batch to SAM's embedding of the image's extent."""
+    the prior, frozen; and a SAM image encoder (a small one, to keep the test fast) encodes a
+    detector batch to the embedding of the image's extent."""
     segment_anything = pytest.importorskip("segment_anything")
+    from segment_anything.modeling import ImageEncoderViT
+
+    from rkd.distill.priors import SamImageEncoder
+
     torch.manual_seed(0)
     reference = segment_anything.sam_model_registry["vit_b"](checkpoint=None)
     ckpt = tmp_path / "sam_vit_b.pth"
     torch.save(reference.state_dict(), ckpt)
     prior = build_prior("sam", checkpoint=ckpt, model_type="vit_b")
+    assert isinstance(prior, SamImageEncoder) and prior.img_size == 1024
     for (name, loaded), saved in zip(prior.encoder.state_dict().items(), reference.image_encoder.state_dict().values()):
         assert torch.equal(loaded, saved), name
     assert not any(p.requires_grad for p in prior.parameters()) and not prior.training  # frozen
+
+    small = ImageEncoderViT(img_size=128, patch_size=16, embed_dim=32, depth=1, num_heads=2, out_chans=8).eval()
+    x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        emb = prior(torch.randn(1, 3, 64, 96))
-    # long side 96 -> 1024, short side 64 -> 683 px: 43 x 64 patches of 16 px, 256 channels
-    assert emb.shape == (1, 256, 43, 64) and torch.isfinite(emb).all()
+        emb = SamImageEncoder(small, img_size=128)(x)
+        # SAM's preprocessing written out: long side 96 -> 128, short side 64 -> 85 px, zero-padded
+        # at the bottom to 128 x 128; the 8 x 8 embedding cropped to the image's 6 x 8 patches.
+        resized = torch.nn.functional.interpolate(x, size=(85, 128), mode="bilinear", align_corners=False)
+        expected = small(torch.nn.functional.pad(resized, (0, 0, 0, 128 - 85)))[..., :6, :8]
+    assert emb.shape == (1, 8, 6, 8) and torch.allclose(emb, expected)

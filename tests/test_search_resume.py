@@ -23,6 +23,7 @@ from rkd.cli import main
 pytestmark = pytest.mark.slow
 
 TRIALS = 3
+EPOCHS = 1
 
 
 def write_spec(tmp_path: Path, trials: int = TRIALS) -> Path:
@@ -33,7 +34,7 @@ def write_spec(tmp_path: Path, trials: int = TRIALS) -> Path:
         "name": "resumable",
         "data": {"format": "synthetic", "num_classes": 2, "num_train": 8, "num_val": 4, "input_size": 128},
         "teacher": {"model": model, "epochs": 1, "batch_size": 4},
-        "student": {"model": model, "epochs": 2, "batch_size": 4},
+        "student": {"model": model, "epochs": EPOCHS, "batch_size": 4},
         "search": {"space": str(space), "trials": trials, "sampler": "random"},
         "resources": {"workers": 1, "cpus_per_worker": 1, "max_concurrent_trials": 1},
         "output_dir": str(tmp_path / "runs"),
@@ -57,7 +58,7 @@ def finished_trial_logs(experiment: Path) -> dict[str, str]:
     done = {}
     for log in experiment.glob("*/result.json"):
         lines = log.read_text().splitlines()
-        if lines and '"epoch": 2,' in lines[-1] and '"epochs": 2,' in lines[-1]:
+        if lines and f'"epoch": {EPOCHS},' in lines[-1] and f'"epochs": {EPOCHS},' in lines[-1]:
             done[log.parent.name] = log.read_text()
     return done
 

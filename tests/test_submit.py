@@ -27,7 +27,7 @@ import yaml
 from rkd.deploy.submit import alive_nodes, client, finish, follow_logs, start_job
 from rkd.errors import RkdError
 
-from ray_cluster import free_port, two_node_cluster
+from ray_cluster import free_port
 from test_export import rkd_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,9 +37,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with two_node_cluster() as (address, _):
-        yield address
+def cluster(two_node_ray):
+    return two_node_ray[0]  # the job server's URL
 
 
 PROBE = """\

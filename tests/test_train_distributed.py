@@ -17,7 +17,6 @@ import pytest
 import yaml
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray_cluster import two_node_cluster
 
 from rkd.train.loop import make_loop_config, train_loop
 from rkd.train.spec import load_spec
@@ -87,15 +86,8 @@ def test_two_workers_see_disjoint_shards_and_score_all_val_images(tmp_path):
     assert abs(two[0]["loss"] - one[0]["loss"]) <= 0.25 * one[0]["loss"]
 
 
-@pytest.fixture
-def two_nodes():
-    """A head and a second node on 127.0.0.1, one CPU each; yields the GCS address."""
-    with two_node_cluster() as (_, gcs_address):
-        yield gcs_address
-
-
-def test_two_node_cluster_runs_one_worker_per_node(tmp_path, two_nodes):
-    rows = train(tmp_path, spec(tmp_path / "runs", workers=2, ray_address=two_nodes))
+def test_two_node_cluster_runs_one_worker_per_node(tmp_path, two_node_ray):
+    rows = train(tmp_path, spec(tmp_path / "runs", workers=2, ray_address=two_node_ray[1]))
     assert rows[-1]["nodes"] == 2  # each node has one CPU, so each ran one rank
     assert all(r["shard_overlap"] == 0 and r["shard_unique"] == NUM_TRAIN for r in rows)
     assert (tmp_path / "runs" / "ddp2" / "teacher" / "teacher.pt").is_file()  # written through the shared storage path
