@@ -66,6 +66,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
     from rkd.search.results import front_rows, knee, format_table, run_objectives
     from rkd.search.runner import front_columns
+    from rkd.train.tasks import metric_label
 
     run = Path(args.run)
     path = run / "trials.parquet"
@@ -75,7 +76,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
     objectives = run_objectives(run)
     front = front_rows(rows, objectives)
     accuracy = objectives[0]
-    label = "top-1" if accuracy == "top1" else "mAP50"
+    label = metric_label(accuracy)
     summary_path = run / "summary.json"
     if summary_path.is_file():
         teacher = json.loads(summary_path.read_text())["teacher"]

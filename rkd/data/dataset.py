@@ -33,7 +33,7 @@ from rkd.data.hrsc import read_hrsc
 from rkd.data.sample import DetectionRecord, ReadReport, Sample
 from rkd.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from rkd.data.synthetic import SyntheticAerial
-from rkd.data.tiling import DEFAULT_MIN_AREA_FRACTION, DEFAULT_OVERLAP, DEFAULT_SIZE, Window, tile_records, tile_windows
+from rkd.data.tiling import DEFAULT_MIN_AREA_FRACTION, DEFAULT_OVERLAP, DEFAULT_SIZE, Window, tile_records
 from rkd.data.transforms import letterbox, random_color_jitter, random_flip, random_rot90, random_scale_crop
 from rkd.data.ucas import read_ucas
 from rkd.data.voc import read_dior, read_voc
@@ -273,13 +273,9 @@ def build_dataset(data_spec: dict[str, Any], split: str, train: bool) -> Detecti
         patches = tile_records(records, tile["size"], tile["overlap"], tile["min_area"])
         dataset = DetectionDataset(patches, data_spec["input_size"], train, names, data_spec.get("augment"))
         dataset.scenes = records
-        # tile_records emits the patches scene by scene, window by window, in this same order.
-        dataset.windows = [
-            (i, window)
-            for i, r in enumerate(records)
-            for window in tile_windows(r.image_size[0], r.image_size[1], tile["size"], tile["overlap"])
-        ]
-        assert len(dataset.windows) == len(patches)
+        # Each patch's render knows its scene record and window: no second tiling pass.
+        scene_index = {id(r): i for i, r in enumerate(records)}
+        dataset.windows = [(scene_index[id(p.render.source)], p.render.window) for p in patches]
     dataset.report = report
     return dataset
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from rkd.errors import RkdError
+from rkd.train.tasks import metric_label
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -26,7 +27,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         latency_runs=args.latency_runs,
     )
     m = result.card["metrics"]
-    accuracy = "top-1 {:.3f}".format(m["top1"]) if "top1" in m else "mAP50 {:.3f}".format(m["map50"])
+    metric = "top1" if "top1" in m else "map50"
+    accuracy = f"{metric_label(metric)} {m[metric]:.3f}"
     print(
         f"exported trial {result.trial['trial_id']} ({accuracy}, {m['gflops']:.3f} GFLOPs, "
         f"{m['params'] / 1e6:.3f} M params, {m['latency_ms']:.1f} ms CPU) to {result.out}: "

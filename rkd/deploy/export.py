@@ -39,11 +39,12 @@ from rkd import __version__
 from rkd.data.dataset import MEAN, STD
 from rkd.data.transforms import PAD_RGB
 from rkd.errors import RkdError
-from rkd.models import Classifier, build_classifier, build_detector, count_flops, measure_latency
+from rkd.models import Classifier, count_flops, measure_latency
 from rkd.models.detector import Detector
 from rkd.outputs import DetectorInfo
 from rkd.search.results import DEFAULT_OBJECTIVES, front_rows, knee
 from rkd.train.checkpoint import atomic_write_json, read_checkpoint
+from rkd.train.tasks import TASK_OF_KIND, TASK_OF_METRIC, metric_label
 
 FORMATS = ("safetensors", "onnx", "torchscript")
 WEIGHTS_FILE = "model.safetensors"
@@ -58,9 +59,6 @@ EXPORT_FORMAT_VERSION = 1
 # (the card repeats them for users outside Python).
 PIXEL_MEAN, PIXEL_STD = MEAN, STD
 
-# A run's accuracy objective (the first of summary.json's objectives) says what its students are.
-STUDENT_KIND = {"map50": "detector", "top1": "classifier"}
-ACCURACY_LABEL = {"map50": "mAP50", "top1": "top-1"}
 
 
 class RawNetwork(nn.Module):
@@ -107,10 +105,6 @@ def network_output_names(network: RawNetwork | LogitsNetwork) -> list[str]:
     if isinstance(network, LogitsNetwork):
         return ["logits"]
     return output_names(network.detector.info)
-
-
-def build_student(kind: str, model_spec: dict[str, Any], num_classes: int) -> Detector | Classifier:
-    return build_classifier(model_spec, num_classes) if kind == "classifier" else build_detector(model_spec, num_classes)
 
 
 def output_names(info: DetectorInfo) -> list[str]:
@@ -164,7 +158,7 @@ def _describe(rows: list[dict[str, Any]], accuracy: str) -> str:
 
 
 def _scores(row: dict[str, Any], accuracy: str) -> str:
-    return f"{ACCURACY_LABEL.get(accuracy, accuracy)} {row[accuracy]:.3f}, {row['gflops']:.3f} GFLOPs"
+    return f"{metric_label(accuracy)} {row[accuracy]:.3f}, {row['gflops']:.3f} GFLOPs"
 
 
 def pick_trial(
@@ -182,7 +176,7 @@ def pick_trial(
     an explicit trial id may be any complete trial.
     """
     accuracy = objectives[0]
-    label = ACCURACY_LABEL.get(accuracy, accuracy)
+    label = metric_label(accuracy)
     limits = " and ".join(
         [f"{label} >= {min_map}"] * (min_map is not None) + [f"GFLOPs <= {max_gflops}"] * (max_gflops is not None)
     )
@@ -285,10 +279,12 @@ def export_student(
     _check_out(out)
     rows, summary = read_run(run)
     objectives = tuple(summary.get("objectives", DEFAULT_OBJECTIVES))
-    kind = STUDENT_KIND.get(objectives[0])
-    if kind is None:
+    # A run's accuracy objective (the first of summary.json's objectives) says what its students are.
+    task = TASK_OF_METRIC.get(objectives[0])
+    if task is None:
         raise RkdError(f"{run / 'summary.json'}: unknown accuracy objective {objectives[0]!r}; "
-                       f"expected one of {', '.join(STUDENT_KIND)}")
+                       f"expected one of {', '.join(TASK_OF_METRIC)}")
+    kind = task.checkpoint_kind
     row = pick_trial(rows, pick, min_map, max_gflops, objectives)
     ckpt_path = resolve_checkpoint(run, row["checkpoint"])
     ckpt = read_checkpoint(ckpt_path, kind)
@@ -296,7 +292,7 @@ def export_student(
         # The exported network is backbone + neck + dense head; a two-stage RoI head is not in it.
         raise RkdError(f"{ckpt_path}: exporting two-stage detectors (kind faster_rcnn) is not supported yet")
     try:
-        model = build_student(kind, ckpt["model_spec"], ckpt["num_classes"])
+        model = task.build_model(ckpt["model_spec"], ckpt["num_classes"])
     except (RkdError, ValueError) as exc:
         raise RkdError(f"{ckpt_path}: the student's model spec does not build ({exc})") from None
     # Strict: a student checkpoint that carried adapters or other KD parts fails here.
@@ -498,7 +494,7 @@ def exported_kind(folder: Path) -> str:
     except json.JSONDecodeError as exc:
         raise RkdError(f"{spec_path}: not valid JSON ({exc})") from None
     kind = spec.get("kind", "detector") if isinstance(spec, dict) else None
-    if kind not in STUDENT_KIND.values():
+    if kind not in TASK_OF_KIND:
         raise RkdError(f"{spec_path}: not an rkd model spec (kind {kind!r})")
     return kind
 
@@ -521,9 +517,9 @@ def load_exported(folder: Path) -> tuple[Detector | Classifier, dict[str, Any]]:
         spec = json.loads(spec_path.read_text())
         # Exports made before classifiers could be exported carry no kind: they are detectors.
         spec.setdefault("kind", "detector")
-        if spec["kind"] not in STUDENT_KIND.values():
+        if spec["kind"] not in TASK_OF_KIND:
             raise ValueError(f"unknown kind {spec['kind']!r}")
-        model = build_student(spec["kind"], spec["model_spec"], int(spec["num_classes"]))
+        model = TASK_OF_KIND[spec["kind"]].build_model(spec["model_spec"], int(spec["num_classes"]))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, RkdError) as exc:
         raise RkdError(f"{spec_path}: not an rkd model spec ({type(exc).__name__}: {exc})") from None
     try:

@@ -8,6 +8,8 @@ from typing import Any, TextIO
 
 from ray import tune
 
+from rkd.train.tasks import metric_label
+
 
 def _fmt_elapsed(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
@@ -41,7 +43,7 @@ class ProgressPrinter(tune.Callback):
 
     def __init__(self, total: int, stream: TextIO | None = None, metric: str = "map50") -> None:
         self.total = total
-        self.metric, self.label = metric, "top-1" if metric == "top1" else "mAP50"
+        self.metric, self.label = metric, metric_label(metric)
         self.stream = stream  # None: sys.stdout at print time (Tune pickles callbacks; streams do not pickle)
         self.start = time.perf_counter()
         self.numbers: dict[str, int] = {}

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from rkd.errors import RkdError
 from rkd.search.results import DEFAULT_OBJECTIVES, front_rows, hypervolume, knee
+from rkd.train.tasks import metric_label
 from rkd.train.checkpoint import atomic_write_text
 
 W, H = 640, 380  # chart size in px
@@ -257,21 +258,21 @@ def front_svg(
     if not pts:
         return "<p>No complete trial: nothing to plot.</p>"
     chart = _Chart(
-        [p[0] for p in pts], [p[1] for p in pts], "student GFLOPs (lower is better)", f"val {_label(acc)} (higher is better)"
+        [p[0] for p in pts], [p[1] for p in pts], "student GFLOPs (lower is better)", f"val {metric_label(acc)} (higher is better)"
     )
     if front:
         chart.line([r["gflops"] for r in front], [r[acc] for r in front], PALETTE[0], "Pareto front")
     on_front = {r["trial_id"] for r in front}
     for r in done:
         kd = r.get("kd_methods") or "none"
-        title = f"{r['trial_id']}: {_label(acc)} {r[acc]:.4f}, {r['gflops']:.4g} GFLOPs, KD: {kd}"
+        title = f"{r['trial_id']}: {metric_label(acc)} {r[acc]:.4f}, {r['gflops']:.4g} GFLOPs, KD: {kd}"
         color = PALETTE[0] if r["trial_id"] in on_front else "#9aa5b1"
         chart.point(r["gflops"], r[acc], title, "circle" if r.get("kd_methods") else "square",
                     color if r.get("kd_methods") else PALETTE[1])
     legend = [("distilled trial", "#9aa5b1"), ("on the front", PALETTE[0]), ("student, no KD", PALETTE[1])]
     if len(pts) > len(done):
         tx, ty = pts[-1]
-        chart.point(tx, ty, f"teacher: {_label(acc)} {ty:.4f}, {tx:.4g} GFLOPs", "star", PALETTE[3], 6)
+        chart.point(tx, ty, f"teacher: {metric_label(acc)} {ty:.4f}, {tx:.4g} GFLOPs", "star", PALETTE[3], 6)
         legend.append(("teacher", PALETTE[3]))
     return chart.render(legend)
 
@@ -307,12 +308,12 @@ def curves_svg(curves: dict[str, list[dict[str, Any]]], trial_ids: list[str], ac
     series = [(tid, pts) for tid in trial_ids if (pts := evaluated_points(curves.get(tid, []), acc))]
     if not series:
         return ""
-    chart = _Chart([e for _, p in series for e, _ in p], [m for _, p in series for _, m in p], "epoch", f"val {_label(acc)}")
+    chart = _Chart([e for _, p in series for e, _ in p], [m for _, p in series for _, m in p], "epoch", f"val {metric_label(acc)}")
     for i, (tid, pts) in enumerate(series):
         color = PALETTE[i % len(PALETTE)]
         chart.line([e for e, _ in pts], [m for _, m in pts], color, tid, 1.4)
         for e, m in pts:
-            chart.point(e, m, f"{tid} epoch {e:g}: {_label(acc)} {m:.4f}", color=color, r=2.5)
+            chart.point(e, m, f"{tid} epoch {e:g}: {metric_label(acc)} {m:.4f}", color=color, r=2.5)
     return chart.render([(tid, PALETTE[i % len(PALETTE)]) for i, (tid, _) in enumerate(series[: len(PALETTE)])])
 
 
@@ -335,7 +336,7 @@ def _cell(v: Any, digits: int = 4) -> str:
 
 
 def trials_html(rows: list[dict[str, Any]], front_ids: set[str], knee_id: str | None, acc: str = "map50") -> str:
-    head = ["trial", "status", _label(acc), "GFLOPs", "params (M)", "epochs", "KD methods", "wall s", "parameters",
+    head = ["trial", "status", metric_label(acc), "GFLOPs", "params (M)", "epochs", "KD methods", "wall s", "parameters",
             "reason"]
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for r in rows:
@@ -373,14 +374,14 @@ def hypervolume_html(ordered: list[dict[str, Any]], curve: list[float]) -> str:
 
 def importances_html(rows: list[dict[str, Any]], acc: str = "map50") -> str:
     out = (
-        f"<h2>Parameter importance for {_label(acc)}</h2><p>Share of the variance of {_label(acc)} over complete "
+        f"<h2>Parameter importance for {metric_label(acc)}</h2><p>Share of the variance of {metric_label(acc)} over complete "
         "trials explained "
         "by each parameter alone (bias-corrected one-way ANOVA, omega squared; a method's parameters form one "
         "group 'off' where the method was off).</p>"
     )
     imp = importances(rows, acc)
     if not imp:
-        return out + f"<p>Too few complete trials (or no variation in {_label(acc)}) to estimate.</p>"
+        return out + f"<p>Too few complete trials (or no variation in {metric_label(acc)}) to estimate.</p>"
     body = "".join(
         f"<tr><td>{html.escape(p)}</td><td>{v:.3f}</td><td>{k}</td>"
         f'<td><span class="bar" style="width:{200 * v:.0f}px"></span></td></tr>'
@@ -409,15 +410,15 @@ def build_html(run_dir: Path) -> str:
     counts = {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})}
     intro = f"{len(rows)} trials: " + ", ".join(f"{n} {html.escape(s)}" for s, n in counts.items()) + ". "
     if teacher:
-        intro += f"Teacher: {_label(acc)} {_cell(teacher.get(acc))}, {_cell(teacher.get('gflops'))} GFLOPs. "
+        intro += f"Teacher: {metric_label(acc)} {_cell(teacher.get(acc))}, {_cell(teacher.get('gflops'))} GFLOPs. "
     intro += (f"Front: {len(front)} trials; knee: {html.escape(str(knee_id or '-'))}; hypervolume "
-              f"{curve[-1] if curve else 0.0:.6g} (reference: {_label(acc)} 0, {ref:.6g} GFLOPs).")
+              f"{curve[-1] if curve else 0.0:.6g} (reference: {metric_label(acc)} 0, {ref:.6g} GFLOPs).")
     parts = [
         f"<h1>rkd search report: {name}</h1><p>{intro}</p>",
         "<h2>Pareto front</h2>", front_svg(rows, front, teacher, acc),
         hypervolume_html(ordered, curve),
         importances_html(rows, acc),
-        f"<h2>{_label(acc)} per epoch</h2>",
+        f"<h2>{metric_label(acc)} per epoch</h2>",
         curves_svg(curves, [r["trial_id"] for r in ordered], acc) or "<p>No per-trial result files under ray/search/.</p>",
         "<h2>All trials</h2><p>In the order they finished.</p>",
         trials_html(ordered, {r["trial_id"] for r in front}, knee_id, acc),
@@ -445,10 +446,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     print(write_report(Path(args.run)))
     return 0
-
-
-def _label(acc: str) -> str:
-    return "top-1" if acc == "top1" else "mAP50"
 
 
 def _num(v: Any) -> float | None:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rkd.train.checkpoint import atomic_write_bytes
+from rkd.train.tasks import metric_label
 
 STATUSES = ("complete", "stopped", "failed", "diverged", "infeasible")
 BASE_COLUMNS = [
@@ -208,7 +209,7 @@ def plot_front(
             ax.annotate(r["reference"].removesuffix(" defaults"), (r["gflops"], r[accuracy]), fontsize=7,
                         xytext=(4, 4), textcoords="offset points", color="#6a1b9a")
     ax.set_xlabel("student GFLOPs (lower is better)")
-    ax.set_ylabel(f"val {'top-1' if accuracy == 'top1' else 'mAP50'} (higher is better)")
+    ax.set_ylabel(f"val {metric_label(accuracy)} (higher is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)

@@ -43,7 +43,7 @@ from rkd.train.checkpoint import atomic_write_json
 from rkd.train.loop import STUDENT_FILE
 from rkd.train.runner import build_trainer, ensure_ray
 from rkd.train.spec import RunSpec, with_overrides
-from rkd.train.tasks import TASKS
+from rkd.train.tasks import TASKS, metric_label
 from rkd.train.teacher import prepare_teacher
 
 SEARCH_KEYS = {
@@ -342,8 +342,7 @@ FRONT_COLUMNS = [
 
 def front_columns(objectives: tuple[str, ...]) -> list[tuple[str, str]]:
     columns = list(FRONT_COLUMNS)
-    if objectives[0] == "top1":
-        columns[1] = ("top1", "top-1")
+    columns[1] = (objectives[0], metric_label(objectives[0]))  # the task's accuracy
     if "latency_ms" in objectives:
         columns.insert(3, ("latency_ms", "latency(ms)"))
     return columns
@@ -415,11 +414,12 @@ def prepare_resume(spec: RunSpec, search: SearchConfig, mode: str) -> bool:
     earlier_path = spec.run_dir / SEARCH_IDENTITY_FILE
     earlier = json.loads(earlier_path.read_text()) if earlier_path.is_file() else None
     restorable = tune.Tuner.can_restore(str(experiment))
-    same = earlier == search_identity(spec, search)
+    identity = search_identity(spec, search)
+    same = earlier == identity
     if mode == "resume" and not restorable:
         raise RkdError(f"--resume: there is no interrupted search to resume in {experiment}")
     if restorable and not same and (mode == "resume" or not (spec.run_dir / "summary.json").is_file()):
-        changed = sorted(k for k, v in search_identity(spec, search).items() if earlier is None or earlier.get(k) != v)
+        changed = sorted(k for k, v in identity.items() if earlier is None or earlier.get(k) != v)
         raise RkdError(
             f"{spec.run_dir} holds an interrupted search made from a different spec (changed: {', '.join(changed)}); "
             "rerun with --fresh to discard it, or give this search another `name`"

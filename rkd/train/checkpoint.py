@@ -19,7 +19,7 @@ from torch import nn
 
 from rkd.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 from rkd.errors import RkdError
-from rkd.models import build_classifier, build_detector
+from rkd.train.tasks import TASK_OF_KIND
 
 FORMAT_VERSION = 1
 
@@ -78,8 +78,7 @@ def read_checkpoint(path: Path, kind: str = "detector") -> dict[str, Any]:
 def load_model(path: Path, kind: str = "detector") -> tuple[nn.Module, dict[str, Any]]:
     """Build the model a ``kind`` checkpoint describes and load its weights (strictly)."""
     ckpt = read_checkpoint(path, kind)
-    build = build_detector if kind == "detector" else build_classifier
-    model = build(ckpt["model_spec"], ckpt["num_classes"])
+    model = TASK_OF_KIND[kind].build_model(ckpt["model_spec"], ckpt["num_classes"])
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise RkdError(f"{path}: weights do not fit the model spec (missing {missing[:5]}, unexpected {unexpected[:5]})")

@@ -17,6 +17,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from rkd.train.loop import SCORE_METRIC, UNSCORED, train_loop
 from rkd.train.spec import Resources
+from rkd.train.tasks import metric_label
 
 # A run whose controller cannot start (e.g. resources that never free up) fails
 # after this many controller failures instead of retrying forever.
@@ -240,7 +241,8 @@ def epoch_line(label: str) -> Callable[[dict[str, Any]], None]:
     """An ``on_epoch`` that prints one line per epoch under ``label``."""
 
     def show(m: dict[str, Any]) -> None:
-        name, key = ("top-1", "top1") if "top1" in m else ("mAP50", "map50")
+        key = "top1" if "top1" in m else "map50"
+        name = metric_label(key)
         # Epochs between evaluations (eval_every) carry no new score: say so rather than print 0.
         evaluated = m.get(SCORE_METRIC) != UNSCORED
         score = f"val {name} {m.get(key, float('nan')):.3f}" if evaluated else "not evaluated"

@@ -22,6 +22,7 @@ class Task:
     name: str
     metric: str  # the key of the accuracy metric the loop reports and the search maximises
     metric_label: str
+    checkpoint_kind: str  # the ``kind`` of its checkpoints and exports
     model_kinds: tuple[str, ...] | None  # allowed ``model.kind`` values (None: any but the excluded)
     excluded_kinds: tuple[str, ...]
 
@@ -144,6 +145,18 @@ class Task:
 
 
 TASKS = {
-    "detection": Task("detection", "map50", "mAP50", None, ("classifier",)),
-    "classification": Task("classification", "top1", "top-1", ("classifier",), ()),
+    "detection": Task("detection", "map50", "mAP50", "detector", None, ("classifier",)),
+    "classification": Task("classification", "top1", "top-1", "classifier", ("classifier",), ()),
 }
+TASK_OF_METRIC = {task.metric: task for task in TASKS.values()}  # a run's accuracy objective -> its task
+TASK_OF_KIND = {task.checkpoint_kind: task for task in TASKS.values()}  # a checkpoint's kind -> its task
+
+
+def metric_label(metric: str) -> str:
+    """How an accuracy metric is written for people (``map50`` -> ``mAP50``, ``top1`` -> ``top-1``).
+
+    >>> metric_label("top1"), metric_label("latency_ms")
+    ('top-1', 'latency_ms')
+    """
+    task = TASK_OF_METRIC.get(metric)
+    return task.metric_label if task else metric
