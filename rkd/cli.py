@@ -68,7 +68,9 @@ def _cmd_results(args: argparse.Namespace) -> int:
     from rkd.search.runner import front_columns
     from rkd.train.tasks import metric_label
 
-    run = Path(args.run)
+    from rkd import storage
+
+    run = storage.local_run(args.run)
     path = run / "trials.parquet"
     if not path.is_file():
         raise RkdError(f"{path}: no trials table here; is {run} a search run folder (runs/<name>)?")
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_flops)
 
     p = sub.add_parser("results", help="print the Pareto front and knee point of a finished search")
-    p.add_argument("run", help="the run folder, runs/<name>")
+    p.add_argument("run", help="the run folder, runs/<name>, or its storage URI (s3://..., gs://...)")
     p.set_defaults(func=_cmd_results)
 
     from rkd.deploy.cli import add_commands as add_deploy_commands  # export, predict, submit, status, logs

@@ -12,3 +12,12 @@ def two_node_ray():
     (starting and stopping one costs about a minute): yields ``(job server URL, GCS address)``."""
     with two_node_cluster() as addresses:
         yield addresses
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A local S3-compatible server with one bucket (see tests/s3_server.py)."""
+    from s3_server import s3_server
+
+    with s3_server() as server:
+        yield server

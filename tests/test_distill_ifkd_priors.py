@@ -7,6 +7,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -37,6 +38,31 @@ def test_builtin_prior_is_fixed_deterministic_and_responds_to_structure() -> Non
     assert torch.equal(out, EdgeSaliencyPrior()(img))  # deterministic, no random init
     assert out[0, 0, 2:6, 2:6].mean() > out[0, 0, :, 0].mean() + 1.0  # the square's edges score high
     assert torch.allclose(out.mean(), torch.tensor(0.0), atol=1e-5)  # standardised per image
+
+
+def _edge_saliency_reference(img: np.ndarray, stride: int) -> np.ndarray:
+    """The documented formula in float64, window by window: |Sobel| + |gray - box5|, pooled, standardised."""
+    gray = img.mean(axis=0)
+    h, w = gray.shape
+    sobel = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
+    p1, p2 = np.pad(gray, 1, mode="edge"), np.pad(gray, 2, mode="edge")
+    e = np.empty((h, w))
+    for i in range(h):
+        for j in range(w):
+            win = p1[i:i + 3, j:j + 3]
+            gx, gy = (win * sobel).sum(), (win * sobel.T).sum()
+            e[i, j] = np.sqrt(gx**2 + gy**2 + 1e-12) + abs(gray[i, j] - p2[i:i + 5, j:j + 5].mean())
+    oh, ow = -(-h // stride), -(-w // stride)
+    pooled = np.array([[e[i * stride:(i + 1) * stride, j * stride:(j + 1) * stride].mean() for j in range(ow)]
+                       for i in range(oh)])
+    return (pooled - pooled.mean()) / (pooled.std(ddof=1) + 1e-6)
+
+
+@pytest.mark.parametrize("stride", [4, 3])
+def test_builtin_prior_matches_float64_reference(stride: int) -> None:
+    img = np.random.default_rng(stride).normal(size=(3, 19, 24))
+    got = EdgeSaliencyPrior(stride)(torch.from_numpy(img)[None])[0, 0].numpy()
+    np.testing.assert_allclose(got, _edge_saliency_reference(img, stride), rtol=1e-9, atol=1e-9)
 
 
 def test_module_prior_is_frozen() -> None:

@@ -101,7 +101,7 @@ def test_unknown_job_and_unreachable_server_are_clear_errors(cluster, capsys):
     "storage, message",
     [
         (None, "the cluster has more than one node: pass --storage"),
-        ("s3://bucket/runs", "object-store URIs are not usable yet"),
+        ("nosuch://bucket/runs", "not a storage location pyarrow can open"),
         ("relative/runs", "give an absolute path"),
     ],
 )
@@ -172,27 +172,42 @@ def test_working_dir_holds_the_rewritten_spec_and_space(tmp_path):
         prepare_working_dir(spec, work, "/shared/runs")
 
 
-def test_submit_runs_a_search_whose_best_student_exports_and_predicts(cluster, tmp_path, capsys):
+def test_submit_runs_a_search_on_s3_storage_whose_best_student_exports_and_predicts(
+    cluster, s3, tmp_path, capsys, monkeypatch
+):
+    """The multi-node path: Ray, the trials and rkd all write to an S3 bucket (a local S3 server)."""
     pytest.importorskip("rkd.data.dataset")  # `rkd search` runs once the data layer has landed
+    import io
+
     import pyarrow.parquet as pq
+
+    from rkd import storage
 
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(tiny_spec()))
-    storage = tmp_path / "storage"
-    storage.mkdir()
-    assert rkd_main(["submit", str(spec), "--address", cluster, "--storage", str(storage), "--no-wait"]) == 0
+    bucket = s3.uri("runs")
+    assert rkd_main(["submit", str(spec), "--address", cluster, "--storage", bucket, "--no-wait"]) == 0
     out = capsys.readouterr().out
     job = re.search(r"submitted job (rkd-submitted-[0-9a-f]{8})", out).group(1)
     assert rkd_main(["logs", job, "--address", cluster, "--follow"]) == 0  # waits for the search
     assert "Pareto front of submitted" in capsys.readouterr().out
-    run = storage / "submitted"
-    trials = pq.read_table(run / "trials.parquet").to_pylist()
-    assert len(trials) == 2 and {t["status"] for t in trials} == {"complete"}
-    assert all(Path(t["checkpoint"]).is_file() for t in trials)
-    assert (run / "summary.json").is_file()
 
-    # the searched student, exported and run on a real image
-    assert rkd_main(["export", str(run), "--out", str(tmp_path / "model"), "--latency-runs", "2"]) == 0
+    # everything the run made is in the bucket, read back through S3 only
+    files = s3.files("runs", "submitted")
+    trials = pq.read_table(io.BytesIO(files["trials.parquet"])).to_pylist()
+    assert len(trials) == 2 and {t["status"] for t in trials} == {"complete"}
+    assert json.loads(files["summary.json"])["name"] == "submitted"
+    assert {"teacher/teacher.pt", "teacher/teacher.json", "pareto.parquet", "pareto.png"} <= set(files)
+    for t in trials:  # Train wrote each trial's checkpoint into the bucket, and the table names it there
+        assert t["checkpoint"].startswith("s3://")
+        assert t["checkpoint"].partition("/runs/submitted/")[2].partition("?")[0] in files
+    assert not [f for f in files if f.endswith(".tmp")]
+
+    # the searched student, exported from the bucket (another machine: an empty local cache)
+    monkeypatch.setenv("RKD_CACHE_DIR", str(tmp_path / "laptop-cache"))
+    run = storage.join(bucket, "submitted")
+    assert rkd_main(["results", run]) == 0 and "knee point" in capsys.readouterr().out
+    assert rkd_main(["export", run, "--out", str(tmp_path / "model"), "--latency-runs", "2"]) == 0
     image = sorted(Path("/work/shared/data/ucas50/images/val").glob("*.png"))[0]
     assert rkd_main(["predict", str(tmp_path / "model"), str(image), "--out", str(tmp_path / "dets"), "--score", "0.01"]) == 0
     assert (tmp_path / "dets" / f"{image.stem}.txt").is_file()

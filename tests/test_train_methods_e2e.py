@@ -4,6 +4,10 @@ One real run (subprocess, embedded Ray, synthetic data, tiny convnet RetinaNets)
 trains, DS2D2's prior stage trains its high-frequency amplifier, then one student is distilled
 with all eleven methods together. Each method's per-term losses must be logged in
 ``runs/<name>/student/metrics.parquet``, finite, and lower at the last epoch than at the first.
+
+The run's ``output_dir`` is an S3 bucket (a local S3-compatible server), as for a multi-node
+run: the stages read the teacher and the prior stage back from the bucket, and what the run
+made is checked there.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ TERMS = {
 }
 
 
-def spec(out: Path) -> dict:
+def spec(out: str) -> dict:
     def model(channels: int) -> dict:
         return {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": channels},
                 "head": {"convs": 1}}
@@ -63,20 +67,30 @@ def spec(out: Path) -> dict:
         "student": {"model": model(8), "epochs": STUDENT_EPOCHS, "batch_size": 8, "lr": 5e-3, "warmup_epochs": 0.5,
                     "methods": METHODS},
         "resources": {"workers": 1, "cpus_per_worker": 2},
-        "output_dir": str(out),
+        "output_dir": out,
     }
 
 
-def test_every_method_through_rkd_train(tmp_path):
+def test_every_method_through_rkd_train(tmp_path, s3, monkeypatch):
+    from rkd import storage
+
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(spec(tmp_path / "runs")))
+    spec_path.write_text(yaml.safe_dump(spec(s3.uri("runs"))))
+    monkeypatch.setenv("RKD_CACHE_DIR", str(tmp_path / "cache"))
     run = subprocess.run(
         [sys.executable, "-m", "rkd.cli", "train", str(spec_path), "--stage", "all"],
         capture_output=True, text=True, timeout=600,
     )
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-4000:]
-    run_dir = tmp_path / "runs" / "allkd"
+    run_dir = storage.mirror_dir(s3.uri("runs")) / "allkd"  # this machine's copy of the run
+    stored = s3.files("runs", "allkd")
+    for name in ("teacher/teacher.pt", "teacher/teacher.json", "student/student.pt", "student/kd_parts.pt",
+                 "student/metrics.parquet", "student/student.json"):
+        assert stored[name] == (run_dir / name).read_bytes(), name
+    assert [f for f in stored if f.startswith("priors/ds2d2-")] == [f"priors/{p.name}" for p in
+                                                                   (run_dir / "priors").glob("ds2d2-*.pt")]
+    assert any(f.startswith("ray/student-") and f.endswith("/student.pt") for f in stored)  # Ray's checkpoints
 
     # DS2D2's prior stage ran once, before distillation, and its file is in the run's cache
     assert "[prior] ds2d2: trained its prior stage for 2 epochs" in out, out[-4000:]

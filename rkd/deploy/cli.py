@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rkd import storage
 from rkd.errors import RkdError
 from rkd.train.tasks import metric_label
 
@@ -18,7 +19,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from rkd.deploy.export import export_student, parse_formats
 
     result = export_student(
-        Path(args.run),
+        storage.local_run(args.run),
         Path(args.out),
         pick=args.pick,
         formats=parse_formats(args.format),
@@ -89,7 +90,7 @@ def _address(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export one student of a finished search (safetensors, ONNX, TorchScript)")
-    p.add_argument("run", help="the run folder, runs/<name>")
+    p.add_argument("run", help="the run folder, runs/<name>, or its storage URI (s3://..., gs://...)")
     p.add_argument("--pick", default="best",
                    help="best (highest val accuracy on the front: mAP50, or top-1 for a classification run), "
                         "knee, or a trial id")
@@ -117,7 +118,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="run 'rkd search SPEC' as a Ray Job on a cluster")
     p.add_argument("spec", help="the run spec (YAML); it and its search space are uploaded")
     _address(p)
-    p.add_argument("--storage", help="the run's output_dir on the cluster, shared by all nodes (required if >1 node)")
+    p.add_argument("--storage", help="the run's output_dir, reachable from every node: a storage URI "
+                   "(s3://bucket/runs, gs://...) or a shared absolute path (required if >1 node)")
     p.add_argument("--runtime-env", help="runtime_env YAML (default: clusters/runtime_env.yaml if present)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return instead of streaming logs")
     p.set_defaults(func=_cmd_submit)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rkd import __version__
+from rkd import __version__, storage
 from rkd.data.dataset import MEAN, STD
 from rkd.data.transforms import PAD_RGB
 from rkd.errors import RkdError
@@ -203,7 +203,10 @@ def pick_trial(
 
 
 def resolve_checkpoint(run: Path, recorded: str) -> Path:
-    """The trial's ``student.pt``: the recorded path, else the same file under ``run`` (a moved or synced run)."""
+    """The trial's ``student.pt``: the recorded path (fetched if it is a storage URI), else the same
+    file under ``run`` (a moved or synced run)."""
+    if storage.is_uri(recorded):
+        return storage.local_copy(recorded)
     path = Path(recorded)
     if path.is_file():
         return path

@@ -7,11 +7,13 @@ rewritten to relative paths, so a spec written on a laptop is uploaded with the 
 runs on) and ``output_dir`` is the ``--storage`` location.
 
 Storage rule: trial checkpoints are written by Train workers on any node and
-the results by the driver on the head, so every node must see the same
-folder. A cluster with more than one node therefore needs ``--storage``: an
-absolute path mounted at the same place on every node (NFS, EFS, Filestore, a
-bucket mounted with s3fs/gcsfuse). On a single-node cluster ``--storage`` may
-be left out; the run then goes to ``~/rkd-runs`` on the head node.
+the results by the driver on the head, so every node must reach the same
+storage. A cluster with more than one node therefore needs ``--storage``: a
+storage URI every node can write (``s3://bucket/runs``, ``gs://...``; see
+:mod:`rkd.storage`), checked here with a small probe write before the job is
+submitted, or an absolute path mounted at the same place on every node (NFS,
+EFS, Filestore). On a single-node cluster ``--storage`` may be left out; the
+run then goes to ``~/rkd-runs`` on the head node.
 ``data.root`` is read on the cluster (data is not uploaded), so it must be an
 absolute path valid there.
 """
@@ -31,6 +33,7 @@ from typing import Any
 import yaml
 
 from rkd.errors import RkdError
+from rkd.storage import check_writable, is_uri
 
 DEFAULT_RUNTIME_ENV = Path("clusters") / "runtime_env.yaml"
 SPEC_NAME = "spec.yaml"
@@ -78,11 +81,9 @@ def check_storage(storage: str | None, nodes: int | None) -> str | None:
             f"the cluster has {count}: pass --storage, a folder mounted at the same path on every node "
             "(trial checkpoints are written on the workers' nodes and must be readable on the head)"
         )
-    if "://" in storage:
-        raise RkdError(
-            f"--storage {storage}: rkd search writes its results with file-system calls, so object-store URIs "
-            "are not usable yet; mount the bucket on every node (s3fs, gcsfuse) and pass the mount path"
-        )
+    if is_uri(storage):
+        check_writable(storage)  # from here: the nodes' credentials may differ, but a typo shows now
+        return storage
     if not storage.startswith("/"):
         raise RkdError(f"--storage {storage}: give an absolute path (it is a path on the cluster's nodes)")
     return storage

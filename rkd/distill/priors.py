@@ -212,19 +212,27 @@ class EdgeSaliencyPrior(nn.Module):
     def __init__(self, stride: int = 4) -> None:
         super().__init__()
         self.stride = stride
-        sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
-        self.register_buffer("sobel", torch.stack([sobel, sobel.T]).unsqueeze(1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gray = x.mean(dim=1, keepdim=True)
-        g = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), self.sobel.to(x.dtype))
-        grad = torch.sqrt((g**2).sum(dim=1, keepdim=True) + 1e-12)
+        grad = torch.sqrt(_sobel_squared(F.pad(gray, (1, 1, 1, 1), mode="replicate")) + 1e-12)
         surround = F.avg_pool2d(F.pad(gray, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
         e = grad + (gray - surround).abs()
         e = F.avg_pool2d(e, self.stride, stride=self.stride, ceil_mode=True)
         mean = e.mean(dim=(1, 2, 3), keepdim=True)
         std = e.std(dim=(1, 2, 3), keepdim=True) if e[0].numel() > 1 else torch.ones_like(mean)
         return (e - mean) / (std + 1e-6)
+
+
+def _sobel_squared(padded: Tensor) -> Tensor:
+    """``gx^2 + gy^2`` of the Sobel kernels ``[[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]] / 8`` (and its
+    transpose) over a 1-pixel padded ``(B, 1, H + 2, W + 2)`` map, as separable differences: a
+    single-channel conv2d is ~10x slower on the CPU."""
+    dx = padded[..., :, 2:] - padded[..., :, :-2]  # (H + 2, W)
+    dy = padded[..., 2:, :] - padded[..., :-2, :]  # (H, W + 2)
+    gx = (dx[..., :-2, :] + 2 * dx[..., 1:-1, :] + dx[..., 2:, :]) / 8
+    gy = (dy[..., :, :-2] + 2 * dy[..., :, 1:-1] + dy[..., :, 2:]) / 8
+    return gx * gx + gy * gy
 
 
 @register_prior("builtin", _check_builtin)

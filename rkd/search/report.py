@@ -439,12 +439,20 @@ def write_report(run_dir: Path) -> Path:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """``rkd report RUN`` (wired into the top-level parser by :mod:`rkd.cli`)."""
     p = sub.add_parser("report", help="write RUN/report.html: front, hypervolume, importances, curves, all trials")
-    p.add_argument("run", help="the run folder, runs/<name>")
+    p.add_argument("run", help="the run folder, runs/<name>, or its storage URI")
     p.set_defaults(func=_cmd_report)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    print(write_report(Path(args.run)))
+    from rkd import storage
+
+    # the per-trial curves are in ray/search; the trials' checkpoints are not needed
+    path = write_report(storage.local_run(args.run, exclude=("ray/trials",)))
+    if storage.is_uri(args.run):
+        storage.push(path, storage.join(args.run, path.name))
+        print(storage.join(args.run, path.name))
+    else:
+        print(path)
     return 0
 
 

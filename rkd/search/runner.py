@@ -22,6 +22,7 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from rkd import storage
 from rkd.errors import RkdError, SpecError
 from rkd.models.flops import count_flops
 from rkd.models.latency import measure_latency
@@ -44,7 +45,7 @@ from rkd.train.loop import STUDENT_FILE
 from rkd.train.runner import build_trainer, ensure_ray
 from rkd.train.spec import RunSpec, with_overrides
 from rkd.train.tasks import TASKS, metric_label
-from rkd.train.teacher import prepare_teacher
+from rkd.train.teacher import prepare_teacher, shared_checkpoint
 
 SEARCH_KEYS = {
     "space", "trials", "seed", "sampler", "objectives", "max_gflops", "initial_points", "published_defaults",
@@ -244,9 +245,9 @@ def _distill_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         from rkd.train.prior import prepare_priors
 
         # Prior stages (DS2D2's HF amplifier): trained once, then reused from runs/<name>/priors
-        # (storage is runs/<name>/ray/trials) by every trial and `rkd train` with the same settings.
-        cache = Path(ctx["storage"]).parent.parent / "priors"
-        priors = prepare_priors(student.methods, ctx["teacher_checkpoint"], ctx["data"], cache, ctx["seed"])
+        # (or the run's storage URI) by every trial and `rkd train` with the same settings.
+        priors = prepare_priors(student.methods, ctx["teacher_checkpoint"], ctx["data"], ctx["priors"], ctx["seed"],
+                                remote=ctx["priors_remote"])
         prior["prior_states"] = {name: result.path for name, result in priors.items()}
     loop_config = task.make_loop_config(
         ctx["data"],
@@ -258,7 +259,8 @@ def _distill_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         **prior,
     )
     trainer = build_trainer(
-        loop_config, ctx["resources"], ctx["storage"], f"trial-{trial_id}", [TuneReportCallback()], loop=task.loop
+        loop_config, ctx["resources"], ctx["storage"], f"trial-{trial_id}", [TuneReportCallback()], loop=task.loop,
+        local_dir=Path(ctx["local_storage"]),
     )
     trainer.fit()
 
@@ -296,7 +298,8 @@ def _status(result: Any) -> tuple[str, str | None]:
     return "stopped", f"stopped after {metrics.get('epoch', 0)} of {metrics.get('epochs', '?')} epochs"
 
 
-def collect_rows(grid: Any) -> list[dict[str, Any]]:
+def collect_rows(grid: Any, storage_uri: str | None = None) -> list[dict[str, Any]]:
+    """One row per trial. ``storage_uri``: the Ray storage URI, so checkpoint paths are recorded as URIs."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -304,6 +307,8 @@ def collect_rows(grid: Any) -> list[dict[str, Any]]:
         params = dict(result.config or {})
         methods = [k.split(".")[1] for k, v in params.items() if k.startswith("methods.") and k.count(".") == 1 and v]
         checkpoint = metrics.get("checkpoint_path")
+        if checkpoint and storage_uri:
+            checkpoint = storage.to_uri(storage_uri, checkpoint)
         rows.append(
             {
                 "trial_id": metrics.get("trial_id") or Path(result.path).name,
@@ -318,7 +323,7 @@ def collect_rows(grid: Any) -> list[dict[str, Any]]:
                 "epochs": metrics.get("epochs"),
                 "kd_methods": ",".join(sorted(methods)),
                 "wall_s": _num(metrics.get("time_total_s")),
-                "checkpoint": os.path.join(checkpoint, STUDENT_FILE) if checkpoint and status == "complete" else None,
+                "checkpoint": storage.join(checkpoint, STUDENT_FILE) if checkpoint and status == "complete" else None,
                 "config_json": json.dumps(params, sort_keys=True, default=str),
                 "params": params,
             }
@@ -408,12 +413,12 @@ def prepare_resume(spec: RunSpec, search: SearchConfig, mode: str) -> bool:
     spec is replaced. An *interrupted* search of a different spec is never discarded
     silently: the user chooses ``--fresh`` or another ``name``.
     """
-    experiment = spec.run_dir / "ray" / "search"
+    experiment = storage.join(spec.ray_storage, "search")
     if mode == "fresh":
         return False
     earlier_path = spec.run_dir / SEARCH_IDENTITY_FILE
     earlier = json.loads(earlier_path.read_text()) if earlier_path.is_file() else None
-    restorable = tune.Tuner.can_restore(str(experiment))
+    restorable = tune.Tuner.can_restore(experiment)
     identity = search_identity(spec, search)
     same = earlier == identity
     if mode == "resume" and not restorable:
@@ -434,6 +439,11 @@ def start_afresh(spec: RunSpec, search: SearchConfig) -> None:
             shutil.rmtree(old)
     (spec.run_dir / "summary.json").unlink(missing_ok=True)  # from now on, this search is the unfinished one
     atomic_write_json(spec.run_dir / SEARCH_IDENTITY_FILE, search_identity(spec, search))
+    if spec.run_uri:
+        for old_uri in (storage.join(spec.ray_storage, "search"), storage.join(spec.ray_storage, "trials"),
+                        storage.join(spec.run_uri, "summary.json")):
+            storage.delete(old_uri)
+        storage.push(spec.run_dir / SEARCH_IDENTITY_FILE, storage.join(spec.run_uri, SEARCH_IDENTITY_FILE))
 
 
 def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = "auto") -> dict[str, Any]:
@@ -449,6 +459,8 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
     # file:line, not inside a Ray worker after the teacher has trained.
     TASKS[spec.task].check_data(spec.data)
     spec.run_dir.mkdir(parents=True, exist_ok=True)
+    if spec.run_uri:  # what an earlier run left there: its identity, teacher, priors, results
+        storage.pull(spec.run_uri, spec.run_dir, exclude=("ray",))
     resuming = prepare_resume(spec, search, resume)
     # Tune saves the experiment's state (trials, searcher) at most this often; a search
     # killed between two saves redoes at most what happened since the last one.
@@ -465,9 +477,12 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
         "input_size": int(spec.data["input_size"]),
         "seed": spec.seed,
         "resources": spec.resources,
-        "teacher_checkpoint": teacher.checkpoint,
+        "teacher_checkpoint": shared_checkpoint(spec, teacher),
         "max_gflops": search.max_gflops,
-        "storage": str(spec.run_dir / "ray" / "trials"),
+        "storage": storage.join(spec.ray_storage, "trials"),
+        "local_storage": str(spec.run_dir / "ray" / "trials"),
+        "priors": str(spec.run_dir / "priors"),
+        "priors_remote": storage.join(spec.run_uri, "priors") if spec.run_uri else None,
         "eval_each_epoch": search.scheduler is not None or search.stop is not None,
         "objectives": search.objectives,
     }
@@ -493,13 +508,13 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
             grace_period=search.scheduler["grace_period"],
             reduction_factor=search.scheduler["reduction_factor"],
         )
-    experiment = spec.run_dir / "ray" / "search"
+    experiment = storage.join(spec.ray_storage, "search")
     if resuming:
         log(f"[search] resuming {experiment}: finished trials are kept, unfinished ones continue")
         # Completed and failed trials keep their results; a trial that was running resumes
         # its Train run from that run's last checkpoint. The searcher (Optuna study) and the
         # scheduler come back from the experiment's own checkpoint.
-        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False)
     else:
         start_afresh(spec, search)
         log(f"[search] {search.trials} trials, sampler {search.sampler}, space {search.space_path.name}")
@@ -507,8 +522,8 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
             trainable,
             tune_config=tune.TuneConfig(search_alg=limited, num_samples=search.trials, scheduler=scheduler),
             run_config=tune.RunConfig(
-                name=experiment.name,
-                storage_path=str(experiment.parent),
+                name="search",
+                storage_path=spec.ray_storage,
                 callbacks=[ProgressPrinter(search.trials, metric=search.objectives[0])],
                 stop=FloorStopper(**search.stop, metric=search.objectives[0]) if search.stop else None,
                 verbose=0,
@@ -516,14 +531,18 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
             ),
         )
     grid = tuner.fit()
-    rows = collect_rows(grid)
+    if spec.run_uri:  # the trials' result files, read for the curves and the report
+        storage.pull(experiment, spec.run_dir / "ray" / "search")
+    rows = collect_rows(grid, spec.ray_storage if spec.run_uri else None)
     label_references(rows, reference_points(space, search))
     summary = write_results(spec, rows, teacher.to_dict(), time.perf_counter() - start, search.objectives)
+    if spec.run_uri:
+        storage.push(spec.run_dir, spec.run_uri, exclude=("ray",))
     front = front_rows(rows, search.objectives)
     log("")
     log(f"Pareto front of {spec.name}: {len(front)} of {len(rows)} trials (teacher {TASKS[spec.task].metric_label} {teacher.score:.3f}, "
         f"{teacher.gflops:.3f} GFLOPs)")
     log(format_table(front, front_columns(search.objectives)) if front else "(no complete trial: nothing on the front)")
-    log(f"\nresults in {spec.run_dir}: trials.parquet, pareto.parquet, pareto.png, summary.json "
+    log(f"\nresults in {spec.run_uri or spec.run_dir}: trials.parquet, pareto.parquet, pareto.png, summary.json "
         f"({summary['wall_s']:.0f}s)")
     return summary

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from rkd import storage
 from rkd.data.scene_dataset import SceneDataset, build_scene_dataset, collate_scenes
 from rkd.distill.classifier_kd import ClassifierDistiller, build_classifier_distiller
 from rkd.errors import RkdError, SpecError
@@ -80,7 +81,7 @@ class ClassificationTask:
         student = build_classifier(train_cfg["model"], num_classes)
         teacher = None
         if cfg.get("teacher_checkpoint"):
-            teacher, ckpt = load_classifier(Path(cfg["teacher_checkpoint"]))
+            teacher, ckpt = load_classifier(storage.local_copy(cfg["teacher_checkpoint"]))
             if ckpt["num_classes"] != num_classes:
                 raise RkdError(
                     f"{cfg['teacher_checkpoint']}: the teacher has {ckpt['num_classes']} classes, the data {num_classes}"

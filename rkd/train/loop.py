@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
+from rkd import storage
 from rkd.data.dataset import build_dataset, collate_detection
 from rkd.distill.distiller import Distiller, build_distiller, nonfinite_terms
 from rkd.models import build_detector
@@ -215,7 +216,7 @@ class DetectionTask:
         student = build_detector(train_cfg["model"], num_classes)
         teacher, distiller = None, None
         if cfg.get("teacher_checkpoint"):
-            teacher, _ = load_detector(Path(cfg["teacher_checkpoint"]))
+            teacher, _ = load_detector(storage.local_copy(cfg["teacher_checkpoint"]))
             if train_cfg.get("methods"):
                 distiller = build_distiller(train_cfg["methods"], student.info, teacher.info)
                 attach_prior_states(distiller, cfg.get("prior_states"))

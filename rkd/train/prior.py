@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from rkd import storage
 from rkd.data.dataset import build_dataset, collate_detection, dataset_fingerprint
 from rkd.distill.base import KD_METHODS, KDComponent
 from rkd.distill.distiller import Distiller, build_distiller, validate_methods
@@ -112,17 +113,21 @@ def prepare_priors(
     cache_dir: str | Path,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    remote: str | None = None,
 ) -> dict[str, PriorResult]:
     """Train (or reuse from ``cache_dir``) the prior stage of every method in ``methods`` that has one.
 
     Returns ``{method: PriorResult}`` (empty when no method needs a prior stage); pass
-    ``{m: r.path}`` to the loop config as ``prior_states``.
+    ``{m: r.path}`` to the loop config as ``prior_states``. ``teacher_checkpoint`` may be a
+    storage URI. With ``remote`` (a storage URI shared by all nodes) the cache lives there:
+    a state found there is reused, a trained one is uploaded, and the paths returned are URIs.
     """
     if not methods or not any(getattr(KD_METHODS.get(m), "has_prior_stage", False) for m in methods):
         return {}  # no method can have a prior stage: do not even load the teacher
-    teacher, _ = load_detector(Path(teacher_checkpoint))
+    teacher_path = storage.local_copy(teacher_checkpoint)
+    teacher, _ = load_detector(teacher_path)
     teacher.to("cuda" if torch.cuda.is_available() else "cpu").eval().requires_grad_(False)
-    teacher_digest = file_digest(Path(teacher_checkpoint))
+    teacher_digest = file_digest(teacher_path)
     fingerprint = dataset_fingerprint(data_spec)
     cache_dir = Path(cache_dir)
     results: dict[str, PriorResult] = {}
@@ -139,13 +144,16 @@ def prepare_priors(
             continue
         key = prior_key(name, component, teacher_digest, fingerprint, seed)
         path = cache_dir / f"{name}-{key}.pt"
+        shared = storage.join(remote, path.name) if remote else None
         modules = component.prior_stage_modules()
         assert modules is not None
+        if shared and not path.is_file() and storage.exists(shared):
+            path = storage.local_copy(shared)  # trained by another trial, maybe on another node
         if path.is_file():
             try:
                 modules.load_state_dict(read_prior_state(path, key))
                 log(f"[prior] {name}: reusing {path} (same teacher, data and settings)")
-                results[name] = PriorResult(name, str(path), trained=False)
+                results[name] = PriorResult(name, shared or str(path), trained=False)
                 continue
             except (RkdError, RuntimeError) as exc:  # RuntimeError: the state does not fit the modules
                 log(f"[prior] {name}: {path} is unusable ({str(exc).splitlines()[0]}); training it again")
@@ -163,7 +171,9 @@ def prepare_priors(
                            "config": component.prior_stage_config(), "losses": losses, "state_dict": state}, path)
         log(f"[prior] {name}: trained its prior stage for {epochs} epochs (loss {losses[0]:.4g} -> {losses[-1]:.4g}, "
             f"{time.perf_counter() - start:.0f}s) -> {path}")
-        results[name] = PriorResult(name, str(path), trained=True, losses=losses)
+        if shared:
+            storage.push(path, shared)
+        results[name] = PriorResult(name, shared or str(path), trained=True, losses=losses)
     return results
 
 
@@ -184,7 +194,7 @@ def attach_prior_states(distiller: Distiller, prior_states: Mapping[str, str] | 
     for name, component in needed.items():
         modules = component.prior_stage_modules()
         assert modules is not None
-        modules.load_state_dict(read_prior_state(Path(prior_states[name])))
+        modules.load_state_dict(read_prior_state(storage.local_copy(prior_states[name])))
         # Frozen: no gradient, so the optimiser (which takes requires_grad parameters only) skips them.
         modules.requires_grad_(False)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import threading
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from rkd import storage
 from rkd.train.loop import SCORE_METRIC, UNSCORED, train_loop
 from rkd.train.spec import Resources
 from rkd.train.tasks import metric_label
@@ -83,8 +85,14 @@ def build_trainer(
     callbacks: list[Any] | None = None,
     max_failures: int = 0,
     loop: Callable[[dict[str, Any]], None] = train_loop,
+    local_dir: Path | None = None,
 ) -> TorchTrainer:
-    """A ``TorchTrainer`` running ``loop`` (detection by default; classification passes its own)."""
+    """A ``TorchTrainer`` running ``loop`` (detection by default; classification passes its own).
+
+    ``storage_path``: a folder or a storage URI (checkpoints go there); ``local_dir``: where
+    this node's own logs go (default ``storage_path``, which must then be a folder).
+    """
+    local = _local_dir(storage_path, local_dir)
     use_gpu = resources.gpus_per_worker > 0
     per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
     if use_gpu:
@@ -99,9 +107,17 @@ def build_trainer(
             storage_path=str(storage_path),
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
             checkpoint_config=checkpoint_config(loop_config.get("train", {})),
-            callbacks=[*(callbacks or []), *logger_callbacks(loop_config.get("train", {}), Path(storage_path) / name)],
+            callbacks=[*(callbacks or []), *logger_callbacks(loop_config.get("train", {}), local / name)],
         ),
     )
+
+
+def _local_dir(storage_path: Path | str, local_dir: Path | None) -> Path:
+    if local_dir is not None:
+        return Path(local_dir)
+    if storage.is_uri(storage_path):
+        raise ValueError(f"storage {storage_path} is a URI: give local_dir for this node's logs")
+    return Path(storage_path)
 
 
 def checkpoint_config(train_cfg: dict[str, Any]) -> CheckpointConfig:
@@ -220,20 +236,31 @@ def run_training(
     callbacks: list[Any] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     loop: Callable[[dict[str, Any]], None] = train_loop,
+    local_dir: Path | None = None,
 ) -> TrainOutcome:
     """Run the training loop to the end and return its last metrics and checkpoint folder.
 
-    ``on_epoch(metrics)`` is called in the driver after each epoch (from the run's progress file).
+    ``on_epoch(metrics)`` is called in the driver after each epoch (from the run's progress
+    file, written by rank 0 under ``local_dir``: seen when rank 0 runs on this node or the
+    folder is shared). With a storage URI the final checkpoint is downloaded under ``local_dir``.
     """
-    progress = Path(storage_path) / name / "progress.jsonl" if on_epoch is not None else None
+    local = _local_dir(storage_path, local_dir)
+    progress = local / name / "progress.jsonl" if on_epoch is not None else None
     config = {**loop_config, "progress_file": str(progress) if progress else None}
-    trainer = build_trainer(config, resources, storage_path, name, callbacks, loop=loop)
+    trainer = build_trainer(config, resources, storage_path, name, callbacks, loop=loop, local_dir=local)
     if progress is None:
         result = trainer.fit()
     else:
         with ProgressTail(progress, on_epoch):
             result = trainer.fit()
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    checkpoint = None
+    if result.checkpoint is not None:
+        checkpoint = result.checkpoint.path
+        if storage.is_uri(storage_path):
+            target = local / name / "final_checkpoint"
+            if target.exists():
+                shutil.rmtree(target)
+            checkpoint = result.checkpoint.to_directory(str(target))
     return TrainOutcome(metrics=dict(result.metrics or {}), checkpoint_dir=checkpoint)
 
 

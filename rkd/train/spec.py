@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rkd.errors import SpecError
+from rkd import storage
+from rkd.errors import RkdError, SpecError
 from rkd.models import validate_model_spec
 from rkd.models.factory import backbone_keys
 from rkd.schema import Section, join, set_dotted
@@ -85,10 +86,24 @@ class RunSpec:
     search: dict[str, Any]
     source: SourceMap
     task: str = "detection"  # or "classification" (rkd.train.tasks)
+    # When `output_dir` is a storage URI (s3://, gs://, ...): that URI; output_dir is then
+    # this node's local mirror of it (rkd.storage).
+    output_uri: str | None = None
 
     @property
     def run_dir(self) -> Path:
+        """The run folder on this node (the local mirror when the output is a URI)."""
         return self.output_dir / self.name
+
+    @property
+    def run_uri(self) -> str | None:
+        """The run folder on shared storage, or None when ``output_dir`` is a local path."""
+        return storage.join(self.output_uri, self.name) if self.output_uri else None
+
+    @property
+    def ray_storage(self) -> str:
+        """Where Ray Train/Tune keep this run's checkpoints and state (reachable from every node)."""
+        return storage.join(self.run_uri, "ray") if self.run_uri else str(self.run_dir / "ray")
 
 
 def _train_config(
@@ -216,6 +231,7 @@ def parse_spec(data: Any, spec_path: Path, source: SourceMap) -> RunSpec:
     search = root.raw("search", {})
     if not isinstance(search, dict):
         raise SpecError("search", f"expected a mapping, got {search!r}")
+    output_dir, output_uri = _output_location(root, base)
     return RunSpec(
         name=name,
         spec_path=spec_path,
@@ -225,14 +241,27 @@ def parse_spec(data: Any, spec_path: Path, source: SourceMap) -> RunSpec:
         min_map=teacher_sec.float("min_map", 0.0, low=0.0, high=1.0),
         student=student,
         resources=resources,
-        output_dir=root.file_path("output_dir", base, default="runs", must_exist=False)
-        if "output_dir" in root.data
-        else Path.cwd() / "runs",
+        output_dir=output_dir,
         seed=root.int("seed", 0, low=0),
         search=search,
         source=source,
         task=task,
+        output_uri=output_uri,
     )
+
+
+def _output_location(root: Section, base: Path) -> tuple[Path, str | None]:
+    """``(local run root, storage URI or None)`` from ``output_dir`` (default ``./runs``)."""
+    raw = root.raw("output_dir", None)
+    if isinstance(raw, str) and storage.is_uri(raw):
+        try:
+            storage.resolve(raw)
+        except RkdError as err:
+            raise SpecError(root.where("output_dir"), str(err)) from None
+        return storage.mirror_dir(raw), raw
+    if raw is None:
+        return Path.cwd() / "runs", None
+    return root.file_path("output_dir", base, must_exist=False), None
 
 
 def load_spec(path: str | Path) -> RunSpec:

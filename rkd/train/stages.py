@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from rkd import storage
 from rkd.data.dataset import dataset_fingerprint
 from rkd.models.flops import count_flops
 from rkd.train.artifacts import collect_stage
@@ -24,7 +25,7 @@ from rkd.train.prior import prepare_priors
 from rkd.train.runner import epoch_line, run_training
 from rkd.train.spec import RunSpec, config_hash
 from rkd.train.tasks import TASKS
-from rkd.train.teacher import TeacherReport, prepare_teacher
+from rkd.train.teacher import TeacherReport, prepare_teacher, shared_checkpoint
 
 
 @dataclass
@@ -49,23 +50,27 @@ def distil_student(spec: RunSpec, teacher: TeacherReport, log: Callable[[str], N
     student = spec.student
     digest = config_hash("student", spec.data, dataset_fingerprint(spec.data), student.to_dict(), spec.seed, teacher.config_hash)
     methods = sorted(student.methods)
+    teacher_path = shared_checkpoint(spec, teacher)
     log(f"[student] distilling {student.epochs} epochs with {', '.join(methods) or 'no KD (plain training)'}")
     extra: dict[str, Any] = {}
     if spec.task == "detection":
         # Prior stages (DS2D2's HF amplifier) train once on the teacher; cached in runs/<name>/priors.
-        priors = prepare_priors(student.methods, teacher.checkpoint, spec.data, spec.run_dir / "priors", spec.seed, log)
+        priors = prepare_priors(
+            student.methods, teacher_path, spec.data, spec.run_dir / "priors", spec.seed, log,
+            remote=storage.join(spec.run_uri, "priors") if spec.run_uri else None,
+        )
         extra["prior_states"] = {name: result.path for name, result in priors.items()}
     loop_config = task.make_loop_config(
         spec.data,
         student.to_dict(),
         spec.seed,
         spec.resources.cpus_per_worker,
-        teacher_checkpoint=teacher.checkpoint if methods else None,
+        teacher_checkpoint=teacher_path if methods else None,
         **extra,
     )
     outcome = run_training(
-        loop_config, spec.resources, spec.run_dir / "ray", f"student-{digest}", on_epoch=epoch_line("student"),
-        loop=task.loop,
+        loop_config, spec.resources, spec.ray_storage, f"student-{digest}", on_epoch=epoch_line("student"),
+        loop=task.loop, local_dir=spec.run_dir / "ray",
     )
     folder = spec.run_dir / "student"
     collect_stage(outcome, folder)
@@ -81,6 +86,8 @@ def distil_student(spec: RunSpec, teacher: TeacherReport, log: Callable[[str], N
         metric=task.metric,
     )
     atomic_write_json(folder / "student.json", report.to_dict())
+    if spec.run_uri:
+        storage.push(folder, storage.join(spec.run_uri, "student"))
     log(f"[student] {task.metric_label} {report.score:.3f}  GFLOPs {report.gflops:.3f}  ({report.wall_s:.0f}s) -> {folder}")
     return report
 

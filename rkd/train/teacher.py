@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from rkd import storage
 from rkd.data.dataset import dataset_fingerprint
 from rkd.errors import RkdError, TeacherError
 from rkd.models.flops import count_flops
@@ -48,6 +49,18 @@ class TeacherReport:
         return {**asdict(self), self.metric: self.score}
 
 
+def shared_checkpoint(spec: RunSpec, report: TeacherReport) -> str:
+    """Where every node reads the teacher from: its file, or with a storage URI output, the
+    copy under ``<run>/teacher/`` there (a loaded checkpoint is uploaded once)."""
+    if spec.run_uri is None:
+        return report.checkpoint
+    local = Path(report.checkpoint)
+    name = local.name if local.parent == spec.run_dir / "teacher" else f"loaded-{report.config_hash}{local.suffix}"
+    uri = storage.join(spec.run_uri, "teacher", name)
+    storage.push(local, uri)
+    return uri
+
+
 def teacher_hash(spec: RunSpec) -> str:
     parts = ["teacher", spec.data, dataset_fingerprint(spec.data), spec.teacher.to_dict(), spec.seed]
     if spec.task != "detection":  # detection hashes stay as they were (cached teachers stay valid)
@@ -61,6 +74,9 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
     task = TASKS[spec.task]
     folder = spec.run_dir / "teacher"
     record_path = folder / "teacher.json"
+    remote = storage.join(spec.run_uri, "teacher") if spec.run_uri else None
+    if remote:
+        storage.pull(remote, folder)  # a teacher trained earlier, maybe by another machine
     digest = teacher_hash(spec)
     size = int(spec.data["input_size"])
     if spec.teacher_checkpoint is not None:
@@ -72,6 +88,8 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
         )
     elif record_path.is_file() and json.loads(record_path.read_text()).get("config_hash") == digest:
         cached = json.loads(record_path.read_text())
+        if not Path(cached["checkpoint"]).is_file() and (folder / "teacher.pt").is_file():
+            cached["checkpoint"] = str(folder / "teacher.pt")  # the run folder moved, or is a mirror
         if not Path(cached["checkpoint"]).is_file():
             raise RkdError(f"{record_path}: names a missing checkpoint {cached['checkpoint']}; delete the file to retrain")
         log(f"[teacher] reusing the trained teacher in {folder} (same config and data)")
@@ -83,8 +101,8 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
         loop_config = task.make_loop_config(spec.data, spec.teacher.to_dict(), spec.seed, spec.resources.cpus_per_worker)
         # The Ray run is named by the config hash: re-running after a crash resumes it.
         outcome = run_training(
-            loop_config, spec.resources, spec.run_dir / "ray", f"teacher-{digest}",
-            on_epoch=epoch_line("teacher"), loop=task.loop,
+            loop_config, spec.resources, spec.ray_storage, f"teacher-{digest}",
+            on_epoch=epoch_line("teacher"), loop=task.loop, local_dir=spec.run_dir / "ray",
         )
         collect_stage(outcome, folder)
         target = folder / "teacher.pt"
@@ -97,6 +115,8 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
         )
     report.wall_s = round(time.perf_counter() - start, 1)
     atomic_write_json(record_path, report.to_dict())
+    if remote:
+        storage.push(folder, remote)
     label = task.metric_label
     log(f"[teacher] {label} {report.score:.3f}  GFLOPs {report.gflops:.3f}  ({report.source}, {report.wall_s:.0f}s)")
     if report.score < spec.min_map:
