@@ -291,6 +291,9 @@ def export_student(
     row = pick_trial(rows, pick, min_map, max_gflops, objectives)
     ckpt_path = resolve_checkpoint(run, row["checkpoint"])
     ckpt = read_checkpoint(ckpt_path, kind)
+    if ckpt["model_spec"].get("kind") == "openmmlab":
+        raise RkdError(f"{ckpt_path}: exporting OpenMMLab students (kind openmmlab) is not supported; "
+                       "use MMDeploy on the model's own checkpoint")
     if ckpt["model_spec"].get("kind") == "faster_rcnn":
         # The exported network is backbone + neck + dense head; a two-stage RoI head is not in it.
         raise RkdError(f"{ckpt_path}: exporting two-stage detectors (kind faster_rcnn) is not supported yet")

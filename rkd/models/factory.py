@@ -42,8 +42,8 @@ from rkd.models.fcos import FCOSHead
 from rkd.models.fpn import FPN
 from rkd.models.retinanet import RetinaHead
 
-KINDS = ("retinanet", "fcos", "faster_rcnn", "classifier")
-DETECTOR_KINDS = ("retinanet", "fcos", "faster_rcnn")
+KINDS = ("retinanet", "fcos", "faster_rcnn", "classifier", "openmmlab")
+DETECTOR_KINDS = ("retinanet", "fcos", "faster_rcnn", "openmmlab")
 BOX_KINDS = {"obb": 5, "hbb": 4}
 NECK_DEFAULTS: dict[str, Any] = {"channels": 64, "levels": 3}
 HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -192,6 +192,8 @@ def validate_model_spec(spec: dict[str, Any] | None) -> dict[str, Any]:
     kind = _choice(spec.get("kind", "retinanet"), "kind", KINDS)
     if kind == "classifier":
         return _validate_classifier_spec(spec)
+    if kind == "openmmlab":
+        return _validate_openmmlab_spec(spec)
     _check_keys(spec, ["kind", "boxes", "backbone", "neck", "head"], "")
     boxes = _choice(spec.get("boxes", "obb"), "boxes", tuple(BOX_KINDS))
     if kind == "faster_rcnn" and boxes != "hbb":
@@ -230,6 +232,21 @@ def validate_model_spec(spec: dict[str, Any] | None) -> dict[str, Any]:
     if neck["levels"] < outputs:
         raise SpecError("neck.levels", f"must be >= {outputs}, the number of backbone outputs (backbone.out_indices)")
     return {"kind": kind, "boxes": boxes, "backbone": backbone, "neck": neck, "head": head}
+
+
+def _validate_openmmlab_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """``{kind: openmmlab, config, checkpoint, cfg_options}`` (see :mod:`rkd.models.openmmlab`); nothing is imported."""
+    _check_keys(spec, ["kind", "config", "checkpoint", "cfg_options"], "")
+    config = spec.get("config")
+    if not isinstance(config, str) or not config.endswith(".py"):
+        raise SpecError("config", f"expected the path of an OpenMMLab config file (.py), got {config!r}")
+    checkpoint = spec.get("checkpoint")
+    if checkpoint is not None and not isinstance(checkpoint, str):
+        raise SpecError("checkpoint", f"expected a path or null, got {checkpoint!r}")
+    options = spec.get("cfg_options") or {}
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise SpecError("cfg_options", f"expected a mapping of dotted config keys to values, got {options!r}")
+    return {"kind": "openmmlab", "config": config, "checkpoint": checkpoint, "cfg_options": dict(options)}
 
 
 def _validate_classifier_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -279,6 +296,10 @@ def build_detector(spec: dict[str, Any] | None, num_classes: int) -> Detector:
     spec = validate_model_spec(spec)
     if spec["kind"] not in DETECTOR_KINDS:
         raise SpecError("kind", f"{spec['kind']} is not a detector; build it with rkd.models.build_classifier")
+    if spec["kind"] == "openmmlab":
+        from rkd.models.openmmlab import build_openmmlab_detector  # imports OpenMMLab only now
+
+        return build_openmmlab_detector(spec, num_classes)  # type: ignore[return-value]
     backbone = build_backbone(spec["backbone"])
     neck = FPN(tuple(backbone.out_channels), spec["neck"]["channels"], spec["neck"]["levels"])
     h, channels, box_dim = spec["head"], spec["neck"]["channels"], BOX_KINDS[spec["boxes"]]

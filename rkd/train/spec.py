@@ -106,6 +106,15 @@ class RunSpec:
         return storage.join(self.run_uri, "ray") if self.run_uri else str(self.run_dir / "ray")
 
 
+def _resolve_openmmlab_paths(model: dict[str, Any], sec: Section, base: Path) -> dict[str, Any]:
+    """``config`` and ``checkpoint`` of an openmmlab model, relative to the spec, checked to exist."""
+    model = dict(model)
+    for key in ("config", "checkpoint"):
+        if model.get(key) is not None:
+            model[key] = str(sec.file_path(key, base))
+    return model
+
+
 def _train_config(
     sec: Section, allowed: set[str], defaults: dict[str, Any], base: Path | None = None, task: str = "detection"
 ) -> TrainConfig:
@@ -117,6 +126,11 @@ def _train_config(
     wrong_kind = TASKS[task].check_model_kind(model["kind"])
     if wrong_kind:
         raise SpecError(join(sec.where("model"), "kind"), wrong_kind)
+    if model["kind"] == "openmmlab":
+        model = _resolve_openmmlab_paths(model, sec.section("model"), base or Path.cwd())
+    # epochs: 0 keeps a loaded model's own weights (an OpenMMLab teacher trained elsewhere)
+    weights_given = model["kind"] == "openmmlab" and model.get("checkpoint") is not None
+    epochs = sec.int("epochs", defaults["epochs"], low=0 if weights_given and "methods" not in allowed else 1)
     methods: dict[str, dict[str, Any]] = {}
     if "methods" in allowed and sec.raw("methods", None) is not None:
         try:
@@ -125,7 +139,7 @@ def _train_config(
             raise err.within(sec.where("methods")) from None
     return TrainConfig(
         model=model,
-        epochs=sec.int("epochs", defaults["epochs"], low=1),
+        epochs=epochs,
         batch_size=sec.int("batch_size", 8, low=1),
         lr=sec.float("lr", defaults["lr"], low=0.0),
         weight_decay=sec.float("weight_decay", 1e-4, low=0.0),
@@ -215,7 +229,7 @@ def parse_spec(data: Any, spec_path: Path, source: SourceMap) -> RunSpec:
         raise err.within("data") from None
 
     teacher_sec = root.section("teacher", required=True)
-    teacher = _train_config(teacher_sec, TEACHER_KEYS, {"epochs": 12, "lr": 2e-3}, task=task)
+    teacher = _train_config(teacher_sec, TEACHER_KEYS, {"epochs": 12, "lr": 2e-3}, base, task=task)
     checkpoint = teacher_sec.file_path("checkpoint", base, default=None)
     student = _train_config(root.section("student", required=True), STUDENT_KEYS, {"epochs": 6, "lr": 2e-3}, base, task)
 

@@ -20,7 +20,7 @@ from rkd.data.dataset import dataset_fingerprint
 from rkd.errors import RkdError, TeacherError
 from rkd.models.flops import count_flops
 from rkd.train.artifacts import collect_stage
-from rkd.train.checkpoint import atomic_write_json
+from rkd.train.checkpoint import atomic_write_json, save_model
 from rkd.train.loop import STUDENT_FILE
 from rkd.train.runner import epoch_line, run_training
 from rkd.train.spec import RunSpec, config_hash
@@ -96,6 +96,20 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
         fields = {k: cached[k] for k in TeacherReport.__dataclass_fields__ if k in cached}
         fields.setdefault("score", cached.get("map50"))  # teacher.json written before scores had a metric
         report = TeacherReport(**{**fields, "source": "cached"})
+    elif spec.teacher.epochs == 0:
+        # A model trained elsewhere (an OpenMMLab checkpoint), kept as it is: saved as an rkd
+        # checkpoint so every trial loads it the same way, and scored on this run's val split.
+        log(f"[teacher] using {spec.teacher.model.get('checkpoint')} as it is (epochs: 0)")
+        names = task.class_names(spec.data)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / "teacher.pt"
+        # the rkd checkpoint holds every weight: loading it must not need the original file
+        saved_spec = {**spec.teacher.model, "checkpoint": None}
+        save_model(target, task.build_model(spec.teacher.model, len(names)), saved_spec, names, size,
+                   kind=task.checkpoint_kind)
+        score, model, _ = task.score_file(target, spec.data, spec.teacher.batch_size)
+        flops = count_flops(model, size)
+        report = TeacherReport(str(target), score, flops.gflops, flops.params, "loaded", digest, 0.0, task.metric)
     else:
         log(f"[teacher] training {spec.teacher.epochs} epochs on {spec.resources.workers} worker(s)")
         loop_config = task.make_loop_config(spec.data, spec.teacher.to_dict(), spec.seed, spec.resources.cpus_per_worker)
