@@ -96,11 +96,14 @@ def test_a_seeded_single_worker_cpu_run_repeats_bit_for_bit(tmp_path, embedded_r
 
 
 @pytest.mark.slow
-def test_step_schedule_scaled_lr_bf16_channels_last_kd_and_tensorboard(tmp_path, embedded_ray):
+def test_step_schedule_scaled_lr_bf16_channels_last_kd_tensorboard_and_mlflow(tmp_path, embedded_ray, monkeypatch):
     # lr 1e-3 is given for 2 images a step; this run steps 4: base lr 2e-3. 2 steps an epoch,
     # the lr drops by half after epoch 2.
+    mlflow = pytest.importorskip("mlflow")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     cfg = loop_config(epochs=3, schedule="step", step_epochs=[2], step_gamma=0.5, lr_reference_batch=2,
-                      logging={"tensorboard": True})
+                      logging={"tensorboard": True, "mlflow": True})
     teacher = run_training(cfg, _resources(), tmp_path, "stepped")
     rows = read_history(teacher.checkpoint_dir)
     assert [r["base_lr"] for r in rows] == [pytest.approx(2e-3)] * 3
@@ -108,6 +111,14 @@ def test_step_schedule_scaled_lr_bf16_channels_last_kd_and_tensorboard(tmp_path,
     assert rows[0]["precision"] == "float32" and rows[0]["channels_last"] == 0  # auto on CPU
     events = list((tmp_path / "stepped" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+    # one MLflow run named after the training run, each epoch's metrics at its epoch
+    client = mlflow.tracking.MlflowClient(tracking)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_name for r in runs] == ["stepped"]
+    history = client.get_metric_history(runs[0].info.run_id, "lr")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+        (1, pytest.approx(2e-3)), (2, pytest.approx(1e-3)), (3, pytest.approx(1e-3))]
+    assert len(client.get_metric_history(runs[0].info.run_id, "loss")) == 3
 
     # bf16 autocast forced on CPU, NHWC, and a KD method with the frozen teacher under the same autocast
     kd = loop_config(teacher_checkpoint=str(Path(teacher.checkpoint_dir) / STUDENT_FILE), epochs=1,

@@ -173,15 +173,22 @@ class TensorBoardCallback(UserCallback):
 
 
 class MLflowCallback(UserCallback):
-    """Logs each epoch's metrics to the MLflow tracking URI of the environment (one MLflow run)."""
+    """Logs each epoch's metrics to MLflow (one MLflow run per training run).
+
+    The tracking URI is the ``MLFLOW_TRACKING_URI`` of the process that builds the trainer:
+    the callback runs in Ray Train's controller, whose environment is Ray's, not the caller's.
+    """
 
     def __init__(self, run_name: str) -> None:
         self.run_name = run_name
+        self.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
         self._run_id: str | None = None
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         import mlflow
 
+        if self.tracking_uri:
+            mlflow.set_tracking_uri(self.tracking_uri)
         if self._run_id is None:
             self._run_id = mlflow.start_run(run_name=self.run_name).info.run_id
             mlflow.end_run()
