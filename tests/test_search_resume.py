@@ -7,6 +7,7 @@ repeated (its Tune result log is untouched by the second run).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -63,6 +64,33 @@ def finished_trial_logs(experiment: Path) -> dict[str, str]:
     return done
 
 
+def recorded_complete(experiment: Path) -> set[str]:
+    """Ids of the trials Tune's saved experiment state records as finished (TERMINATED).
+
+    A trial whose last epoch is in its result log but that Tune had not yet recorded as
+    finished when the search was killed is still running as far as the search knows: on
+    resume it continues from its last checkpoint (and reports that epoch again).
+    """
+    done: set[str] = set()
+    for state in experiment.glob("experiment_state-*.json"):
+        try:
+            entries = json.loads(state.read_text())["trial_data"]
+        except (OSError, ValueError, KeyError):
+            continue  # being rewritten
+        for entry in entries:
+            trial = json.loads(entry[0])
+            if trial.get("status") == "TERMINATED":
+                done.add(trial["trial_id"])
+    return done
+
+
+def complete_trial_logs(experiment: Path) -> dict[str, str]:
+    """Result logs of the finished trials that the saved state also records as finished."""
+    recorded = recorded_complete(experiment)
+    return {name: text for name, text in finished_trial_logs(experiment).items()
+            if name.split("_")[2] in recorded}  # trial folders: distill_trial_<id>_<n>_...
+
+
 def test_sigkill_then_rerun_continues_without_losing_or_repeating_trials(tmp_path):
     spec_path = write_spec(tmp_path)
     run_dir = tmp_path / "runs" / "resumable"
@@ -71,12 +99,12 @@ def test_sigkill_then_rerun_continues_without_losing_or_repeating_trials(tmp_pat
     first = rkd_search(spec_path, tmp_path / "first.log")
     deadline = time.time() + 400
     try:
-        # Kill once a trial has finished and Tune's saved state knows it (saved every 2 s).
-        while time.time() < deadline and not finished_trial_logs(experiment):
+        # Kill once a trial has finished and Tune's saved state records it (saved every 2 s; the
+        # trial ends a few seconds after its last report, once its Train run has shut down).
+        while time.time() < deadline and not complete_trial_logs(experiment):
             assert first.poll() is None, (tmp_path / "first.log").read_text()
             time.sleep(0.5)
-        time.sleep(3)
-        before = finished_trial_logs(experiment)
+        before = complete_trial_logs(experiment)
         assert before, "no trial finished in time"
     finally:
         os.killpg(first.pid, signal.SIGKILL)
