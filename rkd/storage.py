@@ -102,6 +102,11 @@ def _remote_files(uri: str) -> list[tuple[str, int, float]]:
     ]
 
 
+def _excluded(rel: str, exclude: tuple[str, ...]) -> bool:
+    """Whether the relative path ``rel`` is one of the folders ``exclude`` or under one."""
+    return any(rel == e or rel.startswith(e.rstrip("/") + "/") for e in exclude)
+
+
 def pull(uri: str, local: Path, exclude: tuple[str, ...] = ()) -> int:
     """Download what is under ``uri`` into ``local`` (files whose size differs or that are missing).
 
@@ -111,7 +116,7 @@ def pull(uri: str, local: Path, exclude: tuple[str, ...] = ()) -> int:
     fs, root = resolve(uri)
     fetched = 0
     for rel, size, _ in _remote_files(uri):
-        if any(rel == e or rel.startswith(e.rstrip("/") + "/") for e in exclude):
+        if _excluded(rel, exclude):
             continue
         target = local / rel
         if target.is_file() and target.stat().st_size == size:
@@ -142,14 +147,16 @@ def push(local: Path, uri: str, exclude: tuple[str, ...] = ()) -> int:
     """
     fs, root = resolve(uri)
     root = root.rstrip("/")
-    if local.is_file():
+    if local.is_file():  # a single file: compared with what is stored at uri itself
         files = [(local, "")]
+        info = fs.get_file_info(root)
+        remote = {"": (info.size, info.mtime.timestamp() if info.mtime else 0.0)} if info.is_file else {}
     else:
         files = [(p, p.relative_to(local).as_posix()) for p in sorted(local.rglob("*")) if p.is_file()]
-    remote = {rel: (size, mtime) for rel, size, mtime in _remote_files(uri)} if not local.is_file() else {}
+        remote = {rel: (size, mtime) for rel, size, mtime in _remote_files(uri)}
     sent = 0
     for path, rel in files:
-        if rel and any(rel == e or rel.startswith(e.rstrip("/") + "/") for e in exclude):
+        if rel and _excluded(rel, exclude):
             continue
         if path.name.startswith(".") and path.name.endswith(".tmp"):
             continue  # another writer's half-written file

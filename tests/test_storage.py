@@ -56,7 +56,8 @@ def test_local_copy_fetches_again_when_the_stored_file_changes(remote, tmp_path,
     src = tmp_path / "teacher.pt"
     src.write_bytes(b"first")
     uri = storage.join(remote, "teacher", "teacher.pt")
-    storage.push(src, uri)
+    assert storage.push(src, uri) == 1
+    assert storage.push(src, uri) == 0  # an unchanged file is not sent again (the teacher, on every run)
     local = storage.local_copy(uri)
     assert local.read_bytes() == b"first" and str(tmp_path / "cache") in str(local)
     src.write_bytes(b"second version")
