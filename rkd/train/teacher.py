@@ -79,13 +79,16 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
         storage.pull(remote, folder)  # a teacher trained earlier, maybe by another machine
     digest = teacher_hash(spec)
     size = int(spec.data["input_size"])
+
+    def loaded(path: Path) -> TeacherReport:
+        """A ready checkpoint, scored on this run's val split."""
+        score, model, _ = task.score_file(path, spec.data, spec.teacher.batch_size)
+        flops = count_flops(model, size)
+        return TeacherReport(str(path), score, flops.gflops, flops.params, "loaded", digest, 0.0, task.metric)
+
     if spec.teacher_checkpoint is not None:
         log(f"[teacher] loading {spec.teacher_checkpoint}")
-        score, model, _ = task.score_file(spec.teacher_checkpoint, spec.data, spec.teacher.batch_size)
-        flops = count_flops(model, size)
-        report = TeacherReport(
-            str(spec.teacher_checkpoint), score, flops.gflops, flops.params, "loaded", digest, 0.0, task.metric
-        )
+        report = loaded(spec.teacher_checkpoint)
     elif record_path.is_file() and json.loads(record_path.read_text()).get("config_hash") == digest:
         cached = json.loads(record_path.read_text())
         if not Path(cached["checkpoint"]).is_file() and (folder / "teacher.pt").is_file():
@@ -107,9 +110,7 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
         saved_spec = {**spec.teacher.model, "checkpoint": None}
         save_model(target, task.build_model(spec.teacher.model, len(names)), saved_spec, names, size,
                    kind=task.checkpoint_kind)
-        score, model, _ = task.score_file(target, spec.data, spec.teacher.batch_size)
-        flops = count_flops(model, size)
-        report = TeacherReport(str(target), score, flops.gflops, flops.params, "loaded", digest, 0.0, task.metric)
+        report = loaded(target)
     else:
         log(f"[teacher] training {spec.teacher.epochs} epochs on {spec.resources.workers} worker(s)")
         loop_config = task.make_loop_config(spec.data, spec.teacher.to_dict(), spec.seed, spec.resources.cpus_per_worker)
