@@ -113,14 +113,20 @@ def dwt2(x: Tensor, wavelet: str = "haar", mode: str = "zero") -> tuple[Tensor, 
         raise ValueError(f"dwt2 expects (B, C, H, W), got shape {tuple(x.shape)}")
     kernel, length = _filters(wavelet, x.dtype, x.device)
     b, c, h, w = x.shape
-    # left pad L-2 and right pad L-1 realise y[k] = sum_j f[j] x[2k+1-j] with zeros outside
-    pad = (length - 2, length - 1, length - 2, length - 1)
+    # Zero padding by L-2 before and L-1 after realises y[k] = sum_j f[j] x[2k+1-j] with zeros
+    # outside; the stride-2 conv never reaches the last padded row of an even size, so there
+    # the padding is symmetric and the conv pads by itself (no padded copy of x, forward or
+    # backward).
+    if h % 2 == 0 and w % 2 == 0:
+        padded, conv_pad = x, length - 2
+    else:
+        padded, conv_pad = F.pad(x, (length - 2, length - 1, length - 2, length - 1)), 0
     if length == 2:
         # Haar-length kernels: a depthwise conv over (B, C) is about twice as fast forward and
         # backward on the CPU as one conv over B*C single-channel images (bench/kd_overhead.py);
         # for longer filters the single-channel form is the faster one.
-        out = F.conv2d(F.pad(x, pad), kernel.repeat(c, 1, 1, 1), stride=2, groups=c)
+        out = F.conv2d(padded, kernel.repeat(c, 1, 1, 1), stride=2, padding=conv_pad, groups=c)
     else:
-        out = F.conv2d(F.pad(x.reshape(b * c, 1, h, w), pad), kernel, stride=2)
+        out = F.conv2d(padded.reshape(b * c, 1, *padded.shape[-2:]), kernel, stride=2, padding=conv_pad)
     out = out.reshape(b, c, 4, out.shape[-2], out.shape[-1])
     return out[:, :, 0], out[:, :, 1], out[:, :, 2], out[:, :, 3]
