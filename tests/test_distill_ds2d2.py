@@ -220,7 +220,8 @@ def golden_component(**hparams) -> tuple[DS2D2, tuple]:
     return comp, (student, teacher, targets, s_np, t_np, head_np, boxes)
 
 
-GOLDEN_HP = {"wavelet": "db2", "w_low": 0.5, "w_high": 2.0, "beta": 1.5, "ff_weight": 0.7, "hf_weight": 1.3}
+# hf_channels pinned: the golden values were recorded with a 64-channel HF head (then the default)
+GOLDEN_HP = {"wavelet": "db2", "w_low": 0.5, "w_high": 2.0, "beta": 1.5, "ff_weight": 0.7, "hf_weight": 1.3, "hf_channels": 64}
 
 
 def golden_reference() -> dict[str, float]:
