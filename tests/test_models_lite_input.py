@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import torch
 
-from rkd.data.dataset import MEAN, STD
+import rkd.data.dataset
+import rkd.deploy.export
+import rkd.models.efficientnet_lite
+from rkd.inputs import IMAGENET_MEAN, IMAGENET_STD
 from rkd.models import BACKBONES, build_detector
 from rkd.models.efficientnet_lite import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     EfficientNetLite,
     load_lukemelas_checkpoint,
     pretrained_checkpoint,
 )
 
 
-def test_statistics_match_the_data_pipeline():
-    assert IMAGENET_MEAN == MEAN and IMAGENET_STD == STD
+def test_one_definition_of_the_input_statistics():
+    # the published ImageNet statistics, used by the data pipeline, the backbones and the export card alike
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
+    for module in (rkd.data.dataset, rkd.models.efficientnet_lite):
+        assert getattr(module, "MEAN", IMAGENET_MEAN) is IMAGENET_MEAN
+        assert getattr(module, "STD", IMAGENET_STD) is IMAGENET_STD
+    assert rkd.models.efficientnet_lite.IMAGENET_MEAN is IMAGENET_MEAN
+    assert rkd.deploy.export.PIXEL_MEAN is IMAGENET_MEAN and rkd.deploy.export.PIXEL_STD is IMAGENET_STD
 
 
 def test_buffers_hold_the_exact_affine_and_are_not_saved():
@@ -34,8 +41,8 @@ def test_pretrained_backbone_sees_minus_one_to_one_float64_reference():
     """From uint8 pixels: the backbone on ImageNet-normalised input == the original network on pixel/127.5 - 1."""
     torch.manual_seed(0)
     pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.float64)
-    imagenet = (pixels / 255 - torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(
-        STD, dtype=torch.float64
+    imagenet = (pixels / 255 - torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(
+        IMAGENET_STD, dtype=torch.float64
     ).view(1, 3, 1, 1)
     minus_one_one = pixels / 127.5 - 1
 

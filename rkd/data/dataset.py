@@ -38,11 +38,9 @@ from rkd.data.transforms import letterbox, random_color_jitter, random_flip, ran
 from rkd.data.ucas import read_ucas
 from rkd.data.voc import read_dior, read_voc
 from rkd.errors import DataError, SpecError
+from rkd.inputs import IMAGENET_MEAN as MEAN
+from rkd.inputs import IMAGENET_STD as STD
 from rkd.outputs import Targets
-
-# ImageNet statistics: the pretrained backbones expect them, and they keep inputs near zero.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 Reader = Callable[..., tuple[list[DetectionRecord], list[str], ReadReport]]
 READERS: dict[str, Reader] = {

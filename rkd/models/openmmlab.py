@@ -45,11 +45,10 @@ from torch import Tensor, nn
 
 from rkd.errors import RkdError
 from rkd.geometry.boxes import normalize_le90
+from rkd.inputs import IMAGENET_MEAN, IMAGENET_STD
 from rkd.models.postprocess import decode
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
 
-RKD_MEAN = (0.485, 0.456, 0.406)  # rkd.data.dataset.MEAN / STD (RGB, 0-1 scale); models cannot import data
-RKD_STD = (0.229, 0.224, 0.225)
 SETUP_HINT = (
     "kind openmmlab needs mmengine, mmcv 2.1 (with its compiled ops), mmdet 3.3 and, for rotated models, "
     "mmrotate 1.0.0rc1: run `make openmmlab` (it builds mmcv once and installs them in .venv-openmmlab)"
@@ -133,8 +132,8 @@ class OpenMMLabDetector(nn.Module):
         std = torch.tensor(preprocessor.get("std", (1.0, 1.0, 1.0)), dtype=torch.float32)
         order = [0, 1, 2] if preprocessor.get("bgr_to_rgb", False) or preprocessor.get("rgb_to_bgr", False) else [2, 1, 0]
         # bgr_to_rgb: images are read BGR and turned RGB, so the network sees RGB; without it, BGR.
-        scale = torch.tensor(RKD_STD)[order] * 255.0 / std
-        shift = (torch.tensor(RKD_MEAN)[order] * 255.0 - mean) / std
+        scale = torch.tensor(IMAGENET_STD)[order] * 255.0 / std
+        shift = (torch.tensor(IMAGENET_MEAN)[order] * 255.0 - mean) / std
         self.register_buffer("in_order", torch.tensor(order), persistent=False)
         self.register_buffer("in_scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("in_shift", shift.view(1, 3, 1, 1), persistent=False)
