@@ -26,7 +26,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from rkd.errors import RkdError
 
@@ -191,10 +191,17 @@ def delete(uri: str) -> None:
         fs.delete_dir(path)
 
 
-def local_copy(location: str | os.PathLike[str]) -> Path:
+@overload
+def local_copy(location: str | os.PathLike[str], missing_ok: Literal[False] = False) -> Path: ...
+@overload
+def local_copy(location: str | os.PathLike[str], missing_ok: bool) -> Path | None: ...
+
+
+def local_copy(location: str | os.PathLike[str], missing_ok: bool = False) -> Path | None:
     """A local path for ``location``: itself if it is a path, else the file fetched into its mirror.
 
-    The copy is fetched again when the stored file's size differs or it is newer.
+    The copy is fetched again when the stored file's size differs or it is newer. A URI with no
+    file behind it is an error, or ``None`` with ``missing_ok`` (one request either way).
     """
     import pyarrow.fs
 
@@ -207,6 +214,8 @@ def local_copy(location: str | os.PathLike[str]) -> Path:
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
     if info.type != pyarrow.fs.FileType.File:
+        if missing_ok:
+            return None
         raise RkdError(f"{uri}: no such file on the storage")
     fresh = target.is_file() and target.stat().st_size == info.size and (
         info.mtime is None or info.mtime.timestamp() <= target.stat().st_mtime

@@ -65,6 +65,7 @@ def test_local_copy_fetches_again_when_the_stored_file_changes(remote, tmp_path,
     assert storage.local_copy(uri).read_bytes() == b"second version"
     with pytest.raises(RkdError, match="no such file on the storage"):
         storage.local_copy(storage.join(remote, "teacher", "missing.pt"))
+    assert storage.local_copy(storage.join(remote, "teacher", "missing.pt"), missing_ok=True) is None
     assert storage.local_copy(str(src)) == src  # a plain path is itself
 
 

@@ -147,8 +147,9 @@ def prepare_priors(
         shared = storage.join(remote, path.name) if remote else None
         modules = component.prior_stage_modules()
         assert modules is not None
-        if shared and not path.is_file() and storage.exists(shared):
-            path = storage.local_copy(shared)  # trained by another trial, maybe on another node
+        if shared and not path.is_file():
+            # trained by another trial, maybe on another node
+            path = storage.local_copy(shared, missing_ok=True) or path
         if path.is_file():
             try:
                 modules.load_state_dict(read_prior_state(path, key))
