@@ -2,8 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 from ray_cluster import two_node_cluster
+
+_SESSION_CACHE: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point rkd's cache (mirrors of remote runs) at a folder of this test session.
+
+    Set before any Ray cluster starts, so the test clusters' workers inherit it too and no
+    test leaves files in the user's ``~/.cache/rkd``.
+    """
+    global _SESSION_CACHE
+    if "RKD_CACHE_DIR" not in os.environ:
+        _SESSION_CACHE = tempfile.mkdtemp(prefix="rkd-test-cache-")
+        os.environ["RKD_CACHE_DIR"] = _SESSION_CACHE
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_CACHE is not None:
+        os.environ.pop("RKD_CACHE_DIR", None)
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
