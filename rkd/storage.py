@@ -131,8 +131,7 @@ def _download(fs: Any, path: str, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with fs.open_input_stream(path) as src, open(tmp, "wb") as dst:
-            while block := src.read(1 << 22):
-                dst.write(block)
+            _copy_stream(src, dst)
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -177,9 +176,14 @@ def _upload(fs: Any, path: Path, dest: str) -> None:
         fs.create_dir(parent, recursive=True)
     tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp" if parent else f".{name}.tmp"
     with open(path, "rb") as src, fs.open_output_stream(tmp) as dst:
-        while block := src.read(1 << 22):
-            dst.write(block)
+        _copy_stream(src, dst)
     fs.move(tmp, dest)
+
+
+def _copy_stream(src: Any, dst: Any) -> None:
+    """Copy a readable stream into a writable one in 4 MB blocks (whole files never sit in memory)."""
+    while block := src.read(1 << 22):
+        dst.write(block)
 
 
 def delete(uri: str) -> None:

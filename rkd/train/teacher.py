@@ -89,8 +89,7 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
     if spec.teacher_checkpoint is not None:
         log(f"[teacher] loading {spec.teacher_checkpoint}")
         report = loaded(spec.teacher_checkpoint)
-    elif record_path.is_file() and json.loads(record_path.read_text()).get("config_hash") == digest:
-        cached = json.loads(record_path.read_text())
+    elif (cached := json.loads(record_path.read_text()) if record_path.is_file() else {}).get("config_hash") == digest:
         if not Path(cached["checkpoint"]).is_file() and (folder / "teacher.pt").is_file():
             cached["checkpoint"] = str(folder / "teacher.pt")  # the run folder moved, or is a mirror
         if not Path(cached["checkpoint"]).is_file():
