@@ -77,11 +77,15 @@ class Config:
 
     def step(self, teacher: torch.nn.Module, images: torch.Tensor, targets: Targets) -> float:
         start = time.perf_counter()
+        t_out = None
+        if self.distiller is not None:
+            # the teacher first, as rkd's training loop does: run after the student's forward,
+            # with the student's graph alive, the same forward took 30-45 ms longer here
+            with torch.no_grad():
+                t_out = teacher(images)
         out = self.student(images, targets)
         loss = sum(out.losses.values())
         if self.distiller is not None:
-            with torch.no_grad():
-                t_out = teacher(images)
             loss = loss + self.distiller.total(self.distiller(out, t_out, targets, epoch=5.0))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rkd.distill import build_distiller
-from rkd.distill.ds2d2 import DS2D2, amplifier_loss, disw_map, explicit_loss
+from rkd.distill.ds2d2 import DS2D2, amplifier_loss, disw_map, disw_maps, explicit_loss
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
 
 GOLDEN = Path(__file__).parent / "fixtures" / "kd_golden_spectral.json"
@@ -116,8 +116,10 @@ def ref_high_band(f: np.ndarray, wavelet: str) -> np.ndarray:
 
 
 def ref_hf_head(f: np.ndarray, p: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    h = np.maximum(ref_conv(f, p["trunk.0.weight"], p["trunk.0.bias"]), 0)
-    h = np.maximum(ref_conv(h, p["trunk.2.weight"], p["trunk.2.bias"]), 0)
+    """The HF head on the full-size resized high bands ``f``, every layer at full size."""
+    h = np.maximum(ref_conv(f, p["reduce.weight"], p["reduce.bias"]), 0)
+    h = np.maximum(ref_conv(h, p["trunk.1.weight"], p["trunk.1.bias"]), 0)
+    h = np.maximum(ref_conv(h, p["trunk.3.weight"], p["trunk.3.bias"]), 0)
     return ref_conv(h, p["cls.weight"], p["cls.bias"]), ref_conv(h, p["box.weight"], p["box.bias"])
 
 
@@ -252,17 +254,32 @@ def test_disw_small_box_adds_one_on_the_cell_at_its_centre() -> None:
     assert (iy, ix) == (0, 1)  # cell centres 32, 96, 160, ... : nearest to (100, 37)
 
 
+def random_boxes(rng, counts, extent, w_range, h_range) -> list[np.ndarray]:
+    """Per image ``(n, 5)`` le90 boxes: centres in ``[0, extent)``, sizes and angles uniform."""
+    return [
+        np.column_stack([rng.uniform(0, extent[0], n), rng.uniform(0, extent[1], n), rng.uniform(*w_range, n),
+                         rng.uniform(*h_range, n), rng.uniform(-math.pi / 2, math.pi / 2, n)])
+        for n in counts
+    ]
+
+
 @pytest.mark.parametrize("wavelet", ["haar", "db2", "coif1"])
 def test_disw_matches_reference(wavelet: str) -> None:
-    rng = np.random.default_rng(1)
-    boxes = []
-    for n in (7, 0, 3):
-        b = np.column_stack([rng.uniform(0, 128, n), rng.uniform(0, 96, n), rng.uniform(20, 70, n),
-                             rng.uniform(5, 20, n), rng.uniform(-math.pi / 2, math.pi / 2, n)])
-        boxes.append(b)
+    boxes = random_boxes(np.random.default_rng(1), (7, 0, 3), (128, 96), (20, 70), (5, 20))
     got = disw_map([torch.from_numpy(b) for b in boxes], (12, 16), 8.0, wavelet, torch.float64)
     for g, b in zip(got, boxes):
         np.testing.assert_allclose(g[0].numpy(), ref_disw(b, (12, 16), 8.0, wavelet), rtol=1e-5)
+
+
+@pytest.mark.parametrize("wavelet", ["haar", "db2"])
+def test_disw_maps_of_all_levels_match_reference_per_level(wavelet: str) -> None:
+    boxes = random_boxes(np.random.default_rng(4), (5, 0, 9), (200, 150), (4, 90), (3, 30))
+    sizes, strides = [(19, 25), (10, 13), (5, 7), (3, 4)], [8.0, 16.0, 32.0, 64.0]
+    got = disw_maps([torch.from_numpy(b) for b in boxes], sizes, strides, wavelet, torch.float64)
+    assert len(got) == len(sizes)
+    for level, hw, stride in zip(got, sizes, strides):
+        for g, b in zip(level, boxes):
+            np.testing.assert_allclose(g[0].numpy(), ref_disw(b, hw, stride, wavelet), rtol=1e-5)
 
 
 def test_disw_accepts_xyxy_boxes() -> None:

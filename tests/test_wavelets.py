@@ -7,7 +7,7 @@ import pytest
 import pywt
 import torch
 
-from rkd.distill.wavelets import coefficient_centres, dwt2, dwt_filters, dwt_output_size
+from rkd.distill.wavelets import coefficient_centres, dwt2, dwt2_stacked, dwt_filters, dwt_output_size
 
 BASES = ["haar", "db2", "db4", "sym4", "coif1", "bior2.2", "rbio3.1"]
 SIZES = [(8, 8), (7, 9), (5, 12), (1, 3)]
@@ -72,6 +72,21 @@ def test_gradcheck_and_filter_cache() -> None:
     assert torch.autograd.gradcheck(lambda t: dwt2(t, "db2"), (x,))
     assert dwt_filters("sym4", torch.float32) is dwt_filters("sym4", torch.float32)
     assert dwt_filters("sym4", torch.float32) is not dwt_filters("sym4", torch.float64)
+
+
+@pytest.mark.parametrize("name", ["haar", "db2"])
+@pytest.mark.parametrize("size", [(6, 8), (5, 6)])  # Haar on even sizes takes the 2 x 2 block path
+def test_stacked_bands_any_memory_layout_and_gradients(name: str, size: tuple[int, int]) -> None:
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    stacked = dwt2_stacked(x, name)
+    assert stacked.shape == (2, 3, 4, dwt_output_size(size[0], name), dwt_output_size(size[1], name))
+    for band, single in zip(stacked.unbind(2), dwt2(x, name)):
+        assert torch.equal(band, single)
+    # channels-last and non-contiguous inputs give the same bands
+    assert torch.allclose(dwt2_stacked(x.contiguous(memory_format=torch.channels_last), name), stacked, atol=1e-12)
+    wide = torch.randn(2, 3, size[0], 2 * size[1], dtype=torch.float64)[..., ::2]
+    assert torch.allclose(dwt2_stacked(wide, name), dwt2_stacked(wide.contiguous(), name), atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: dwt2_stacked(t, name), (x,))
 
 
 def test_filters_built_in_inference_mode_still_support_autograd() -> None:

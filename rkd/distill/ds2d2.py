@@ -49,6 +49,7 @@ Terms: ``low``, ``high`` (explicit), ``ff``, ``hf`` (amplifiers, when enabled).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -57,8 +58,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rkd.distill.base import PRIOR_STAGE_OPTIONS, KDComponent, Param, number_option, register
+from rkd.distill.functional import bce_with_logits
 from rkd.distill.masks import as_rotated, box_frame_coords
-from rkd.distill.wavelets import check_wavelet, coefficient_centres, dwt2
+from rkd.distill.wavelets import check_wavelet, coefficient_centres, dwt2_stacked
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets, flatten_levels
 
 WAVELETS = ("haar", "db2", "db3", "db4", "sym2", "sym3", "sym4", "coif1", "coif2", "bior1.3", "bior2.2", "rbio2.2")
@@ -85,31 +87,78 @@ def disw_map(
     >>> tuple(w.shape), float(w.sum() - w.numel()), float(w.max())  # a 4 x 2 cell box: 1/8 on 8 cells
     ((1, 1, 4, 6), 1.0, 1.125)
     """
+    return disw_maps(boxes, [feature_hw], [stride], wavelet, dtype, device)[0]
+
+
+@functools.lru_cache(maxsize=32)
+def _disw_grid(
+    feature_hws: tuple[tuple[int, int], ...], strides: tuple[float, ...], wavelet: str, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float, tuple[tuple[int, int], ...]]:
+    """The wavelet-grid cells of all levels, built once per (sizes, strides, wavelet, device):
+    centres ``(G, 2)`` in input pixels, per-level stride, grid height and width and first cell
+    index ``(L,)``, the level of each cell ``(G,)``, the centre of coefficient 0 (in feature
+    cells) and the grid sizes."""
+    # as for the wavelet filters: normal tensors even when first built under inference_mode
+    with torch.inference_mode(False), torch.no_grad():
+        points, heights, widths, starts, counts = [], [], [], [], []
+        for (h, w), stride in zip(feature_hws, strides):
+            # coefficient centres in input pixels (feature cell i spans [i, i+1) * stride)
+            cy = coefficient_centres(h, wavelet).to(device, torch.float32) * stride
+            cx = coefficient_centres(w, wavelet).to(device, torch.float32) * stride
+            ys, xs = torch.meshgrid(cy, cx, indexing="ij")
+            points.append(torch.stack([xs.flatten(), ys.flatten()], dim=-1))
+            starts.append(sum(counts))
+            heights.append(cy.numel())
+            widths.append(cx.numel())
+            counts.append(cy.numel() * cx.numel())
+        level_of_cell = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(device)
+        return (
+            torch.cat(points), torch.tensor(strides, device=device), torch.tensor(heights, device=device),
+            torch.tensor(widths, device=device), torch.tensor(starts, device=device), level_of_cell,
+            2 - check_wavelet(wavelet).dec_len / 2, tuple(zip(heights, widths)),
+        )
+
+
+def disw_maps(
+    boxes: list[Tensor],
+    feature_hws: list[tuple[int, int]],
+    strides: list[float],
+    wavelet: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> list[Tensor]:
+    """:func:`disw_map` of every level at once: one ``(B, 1, H'_l, W'_l)`` map per level.
+
+    The cells of all levels are tested against an image's boxes together, so the cost is a
+    handful of tensor ops per image, not per image and level.
+    """
     if device is None:
         device = boxes[0].device if boxes else torch.device("cpu")
-    length = check_wavelet(wavelet).dec_len
-    # coefficient centres in input pixels (feature cell i spans [i, i+1) * stride)
-    cy = coefficient_centres(feature_hw[0], wavelet).to(device, torch.float32) * stride
-    cx = coefficient_centres(feature_hw[1], wavelet).to(device, torch.float32) * stride
-    gh, gw = cy.numel(), cx.numel()
-    ys, xs = torch.meshgrid(cy, cx, indexing="ij")
-    points = torch.stack([xs.flatten(), ys.flatten()], dim=-1)  # (G, 2)
-    first = 2 - length / 2  # centre of coefficient 0, in feature cells
-    cell = 2.0 * stride
+    sizes = tuple((int(h), int(w)) for h, w in feature_hws)
+    grid = _disw_grid(sizes, tuple(float(st) for st in strides), wavelet, torch.device(device))
+    all_points, stride_t, grid_h, grid_w, start, level_of_cell, first, grids = grid
     maps = []
-    for b in boxes:  # per image; all boxes of the image at once
+    for b in boxes:  # per image; all boxes and all levels of the image at once
         if b.numel() == 0:
-            maps.append(torch.ones(gh * gw, device=device))
+            maps.append(torch.ones(all_points.shape[0], device=device))
             continue
         rb = as_rotated(b.to(device, torch.float32))
-        u, v = box_frame_coords(points, rb)  # (G, N)
+        n = rb.shape[0]
+        u, v = box_frame_coords(all_points, rb)  # (G, N)
         inside = (u.abs() <= rb[:, 2] / 2) & (v.abs() <= rb[:, 3] / 2)
-        kx = torch.round((rb[:, 0] / stride - first) / 2).clamp(0, gw - 1).long()
-        ky = torch.round((rb[:, 1] / stride - first) / 2).clamp(0, gh - 1).long()
-        inside[ky * gw + kx, torch.arange(rb.shape[0], device=device)] = True  # the cell nearest the centre
-        area = (rb[:, 2] / cell) * (rb[:, 3] / cell)
-        maps.append(1.0 + (inside.float() / area.clamp(min=1.0)).sum(dim=1))
-    return torch.stack(maps).view(len(boxes), 1, gh, gw).to(dtype)
+        # per level, the cell nearest each box centre, so a box smaller than a cell still counts
+        kx = torch.round((rb[None, :, 0] / stride_t[:, None] - first) / 2).clamp(min=0)
+        ky = torch.round((rb[None, :, 1] / stride_t[:, None] - first) / 2).clamp(min=0)
+        kx = torch.minimum(kx.long(), grid_w[:, None] - 1)
+        ky = torch.minimum(ky.long(), grid_h[:, None] - 1)  # (L, N)
+        nearest = start[:, None] + ky * grid_w[:, None] + kx
+        inside[nearest, torch.arange(n, device=device).expand_as(nearest)] = True
+        cell = 2.0 * stride_t[:, None]  # (L, 1): one cell = 2 feature cells
+        area = (rb[:, 2] / cell) * (rb[:, 3] / cell)  # (L, N): box area in each level's cells
+        maps.append(1.0 + (inside.float() * area.clamp(min=1.0).reciprocal()[level_of_cell]).sum(dim=1))
+    weight = torch.stack(maps).to(dtype)  # (B, G)
+    levels = weight.split([gh * gw for gh, gw in grids], dim=1)
+    return [level.reshape(len(boxes), 1, gh, gw) for level, (gh, gw) in zip(levels, grids)]
 
 
 def explicit_loss(
@@ -123,18 +172,17 @@ def explicit_loss(
     >>> [float(t) for t in explicit_loss(x, x, None, "haar")]
     [0.0, 0.0]
     """
-    return _explicit_from_bands(dwt2(student, wavelet), dwt2(teacher.detach(), wavelet), weight)
+    return _explicit_from_bands(dwt2_stacked(student, wavelet), dwt2_stacked(teacher.detach(), wavelet), weight)
 
 
-def _explicit_from_bands(
-    student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], weight: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    (ls, *hs), (lt, *ht) = student, teacher
-    w = 1.0 if weight is None else weight
-    low = ((ls - lt) ** 2 * w).mean()
+def _explicit_from_bands(student: Tensor, teacher: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The two explicit terms from stacked bands ``(B, C, 4, H', W')`` (LL, LH, HL, HH)."""
+    err = (student - teacher).square()
+    if weight is not None:
+        err = err * weight.unsqueeze(1)  # (B, 1, H', W') -> (B, 1, 1, H', W'): every band, every channel
+    per_band = err.mean(dim=(0, 1, 3, 4))
     # the three high bands have one size: their joint mean is the mean of the three means
-    high = sum(((s - t) ** 2 * w).mean() for s, t in zip(hs, ht)) / len(hs)
-    return low, high
+    return per_band[0], per_band[1:].mean()
 
 
 def amplifier_loss(cls_s: Tensor, box_s: Tensor, cls_t: Tensor, box_t: Tensor, beta: float = 1.0) -> Tensor:
@@ -149,36 +197,46 @@ def amplifier_loss(cls_s: Tensor, box_s: Tensor, cls_t: Tensor, box_t: Tensor, b
     """
     p_t = torch.sigmoid(cls_t.detach())
     focal = (torch.sigmoid(cls_s) - p_t).abs().pow(beta)
-    cls_term = (F.binary_cross_entropy_with_logits(cls_s, p_t, reduction="none") * focal).sum()
+    cls_term = (bce_with_logits(cls_s, p_t) * focal).sum()
     score = p_t.max(dim=-1).values  # (B, N)
     box_term = (score * (box_s - box_t.detach()).abs().sum(-1)).sum()
     return (cls_term + box_term) / score.sum().clamp(min=1.0)
 
 
-def high_band(x: Tensor, wavelet: str) -> Tensor:
-    """``LH + HL + HH`` of ``x`` resized (bilinear) back to ``x``'s spatial size."""
-    return _high_from_bands(dwt2(x, wavelet), x.shape[-2:])
+def high_bands(x: Tensor, wavelet: str) -> Tensor:
+    """``LH + HL + HH`` of ``x`` at the wavelet grid's size (the HF amplifier's input before resizing)."""
+    return _high_sum(dwt2_stacked(x, wavelet))
 
 
-def _high_from_bands(bands: tuple[Tensor, ...], size: torch.Size) -> Tensor:
-    _, lh, hl, hh = bands
-    # Channels-last before resizing: the CPU's bilinear kernel is several times faster in that
-    # layout, and the amplifier head runs channels-last anyway, so the full-size map is never
-    # converted.
-    high = (lh + hl + hh).contiguous(memory_format=torch.channels_last)
-    return F.interpolate(high, size=size, mode="bilinear", align_corners=False)
+def _high_sum(bands: Tensor) -> Tensor:
+    return bands[:, :, 1:].sum(dim=2)
 
 
 # ----------------------------------------------------------------------------- modules
 
 
 class HFHead(nn.Module):
-    """The high-frequency amplifier: a small conv head, shared over levels, C -> (A*K, A*D) maps."""
+    """The high-frequency amplifier: a small conv head, shared over levels, on ``up(LH + HL + HH)``.
+
+    ``reduce`` (1x1, C -> hidden) -> bilinear resize to the level's size -> ReLU -> two 3x3 convs
+    with ReLU -> 3x3 ``cls`` (A*K) and ``box`` (A*D) maps. A 1x1 convolution commutes with a
+    per-channel bilinear resize (the bias too: the resize weights sum to one), so ``reduce`` runs
+    on the bands at the wavelet grid's resolution and only ``hidden`` channels are resized: the
+    head is a function of the resized high bands, as in the paper, computed at about half the
+    cost of a 3x3 first layer on the full-size C-channel map.
+
+    >>> head = HFHead(8, 4, num_anchors=2, num_classes=3, box_dim=5)
+    >>> cls, box = head([torch.randn(1, 8, 5, 6)], [(10, 12)])
+    >>> tuple(cls[0].shape), tuple(box[0].shape)
+    ((1, 6, 10, 12), (1, 10, 10, 12))
+    """
 
     def __init__(self, channels: int, hidden: int, num_anchors: int, num_classes: int, box_dim: int) -> None:
         super().__init__()
+        self.reduce = nn.Conv2d(channels, hidden, 1)
         self.trunk = nn.Sequential(
-            nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
         )
         self.cls = nn.Conv2d(hidden, num_anchors * num_classes, 3, padding=1)
@@ -186,10 +244,14 @@ class HFHead(nn.Module):
         nn.init.constant_(self.cls.bias, -math.log(99.0))  # prior probability 0.01, as a RetinaNet head
         nn.init.zeros_(self.box.bias)
 
-    def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    def forward(self, highs: list[Tensor], sizes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor]]:
+        """``highs``: per level ``LH + HL + HH`` ``(B, C, H', W')``; ``sizes``: the levels' ``(H, W)``."""
         cls, box = [], []
-        for f in feats:
-            h = self.trunk(f)
+        for high, size in zip(highs, sizes):
+            # channels-last from here: the CPU's bilinear kernel is several times faster in that
+            # layout, and so are the 3x3 convolutions (the usual layout on GPUs too)
+            reduced = self.reduce(high).contiguous(memory_format=torch.channels_last)
+            h = self.trunk(F.interpolate(reduced, size=size, mode="bilinear", align_corners=False))
             cls.append(self.cls(h))
             box.append(self.box(h))
         return cls, box
@@ -214,9 +276,9 @@ class DS2D2(KDComponent):
     # prior_epochs, prior_lr: the HF head's training schedule. The paper does not size the HF
     # head; rkd's default is a narrow one trained longer, because the prior stage runs once per
     # search while the head runs at every distillation step. On UCAS-AOD (EfficientNet-Lite0
-    # teacher, 64-channel FPN) 16 channels after 8 epochs fit the teacher's val outputs better
-    # than 64 after 4 (prior-stage loss 0.508 vs 0.549; 64 after 8: 0.463) at about a third of
-    # the amplifier's per-step cost (bench/ds2d2_hf_head.py, bench/kd_overhead.py).
+    # teacher, 64-channel FPN) 16 channels after 8 epochs fit the teacher's val outputs as well
+    # as 64 after 4 (prior-stage loss 0.475 vs 0.474; 64 after 8: 0.450) with about a tenth of
+    # the head's per-step multiply-adds (bench/ds2d2_hf_head.py, bench/kd_overhead.py).
     options = {
         **PRIOR_STAGE_OPTIONS,
         "prior_epochs": number_option("int", 8, low=1, help="epochs of the HF head's prior stage over the train split"),
@@ -225,6 +287,12 @@ class DS2D2(KDComponent):
     # What the cached HF head depends on besides the teacher and the data: its input bands
     # (wavelet), its size (hf_channels), its loss (beta) and its schedule.
     prior_stage_keys = ("wavelet", "hf_channels", "beta", "prior_epochs", "prior_lr")
+    # The HF head's layout, in the cache key too: heads cached by an rkd whose HFHead had other
+    # layers (before 2: a 3x3 first layer) must be trained again, not loaded.
+    hf_head_layout = 2
+
+    def prior_stage_config(self) -> dict[str, Any]:
+        return {**super().prior_stage_config(), "hf_head_layout": self.hf_head_layout}
 
     @classmethod
     def check_models(cls, student: DetectorInfo, teacher: DetectorInfo, hparams: dict[str, Any]) -> None:
@@ -264,8 +332,8 @@ class DS2D2(KDComponent):
             raise NotImplementedError("ds2d2 has no prior stage when hf_amplifier is false")
         wav = self.hparams["wavelet"]
         with torch.no_grad():
-            bands = [high_band(f.detach(), wav) for f in teacher.features]
-        cls, box = self.hf_head(bands)
+            highs = [high_bands(f.detach(), wav) for f in teacher.features]
+        cls, box = self.hf_head(highs, [tuple(f.shape[-2:]) for f in teacher.features])
         a = teacher.info.num_anchors
         return amplifier_loss(
             flatten_levels(cls, a), flatten_levels(box, a), teacher.flat_cls().detach(), teacher.flat_box().detach(),
@@ -274,13 +342,10 @@ class DS2D2(KDComponent):
 
     # -- distillation
 
-    def _frozen_hf(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    def _frozen_hf(self, highs: list[Tensor], sizes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor]]:
         assert self.hf_head is not None
         params = {k: v.detach() for k, v in self.hf_head.named_parameters()}
-        # channels-last convolutions are ~20% faster forward and backward here on the CPU
-        # (and the usual layout on GPUs); the outputs are flattened per anchor either way
-        feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
-        return torch.func.functional_call(self.hf_head, params, (feats,))
+        return torch.func.functional_call(self.hf_head, params, (highs, sizes))
 
     def forward(
         self, student: DetectorOutput, teacher: DetectorOutput, targets: Targets, epoch: float = 0.0
@@ -296,14 +361,16 @@ class DS2D2(KDComponent):
                     f"differ at level {lvl}"
                 )
         # each level is transformed once; the HF amplifier reuses the bands of the explicit stream
-        s_bands = [dwt2(s, wav) for s in adapted]
+        s_bands = [dwt2_stacked(s, wav) for s in adapted]
         with torch.no_grad():
-            t_bands = [dwt2(t, wav) for t in t_feats]
+            t_bands = [dwt2_stacked(t, wav) for t in t_feats]
+        weights: list[Tensor | None] = [None] * len(adapted)
+        if hp["disw"]:
+            sizes = [(s.shape[-2], s.shape[-1]) for s in adapted]
+            strides = [float(st) for st in self.teacher_info.strides]
+            weights = list(disw_maps(targets.boxes, sizes, strides, wav, adapted[0].dtype, adapted[0].device))
         low, high = [], []
-        for s, sb, tb, stride in zip(adapted, s_bands, t_bands, self.teacher_info.strides):
-            weight = None
-            if hp["disw"]:
-                weight = disw_map(targets.boxes, tuple(s.shape[-2:]), float(stride), wav, s.dtype, s.device)
+        for sb, tb, weight in zip(s_bands, t_bands, weights):
             lo, hi = _explicit_from_bands(sb, tb, weight)
             low.append(lo)
             high.append(hi)
@@ -318,9 +385,10 @@ class DS2D2(KDComponent):
             amp = amplifier_loss(flatten_levels(cls_s, a), flatten_levels(box_s, a), cls_t, box_t, hp["beta"])
             terms["ff"] = hp["ff_weight"] * amp
         if self.hf_head is not None:
-            cls_s, box_s = self._frozen_hf([_high_from_bands(b, s.shape[-2:]) for b, s in zip(s_bands, adapted)])
+            sizes = [(s.shape[-2], s.shape[-1]) for s in adapted]
+            cls_s, box_s = self._frozen_hf([_high_sum(b) for b in s_bands], sizes)
             with torch.no_grad():
-                cls_h, box_h = self._frozen_hf([_high_from_bands(b, t.shape[-2:]) for b, t in zip(t_bands, t_feats)])
+                cls_h, box_h = self._frozen_hf([_high_sum(b) for b in t_bands], sizes)
             amp = amplifier_loss(
                 flatten_levels(cls_s, a), flatten_levels(box_s, a), flatten_levels(cls_h, a),
                 flatten_levels(box_h, a), hp["beta"],
@@ -329,4 +397,4 @@ class DS2D2(KDComponent):
         return terms
 
 
-__all__ = ["DS2D2", "HFHead", "amplifier_loss", "disw_map", "explicit_loss", "high_band", "WAVELETS"]
+__all__ = ["DS2D2", "HFHead", "amplifier_loss", "disw_map", "disw_maps", "explicit_loss", "high_bands", "WAVELETS"]

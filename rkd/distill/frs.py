@@ -20,11 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from rkd.distill.base import KDComponent, Param, register
 from rkd.distill.fitnet import check_same_anchors, conv_adapters
+from rkd.distill.functional import bce_with_logits
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
 
 
@@ -63,6 +63,6 @@ class FRS(KDComponent):
             s = richness(ct)
             norm = s.sum().clamp(min=torch.finfo(s.dtype).tiny)
             feat = feat + ((ft.detach() - a(fs)) ** 2 * s).sum() / norm
-            bce = F.binary_cross_entropy_with_logits(cs, torch.sigmoid(ct.detach()), reduction="none")
+            bce = bce_with_logits(cs, torch.sigmoid(ct.detach()))
             cls = cls + (bce * s).sum() / norm
         return {"feat": self.hparams["feat_weight"] * feat, "cls": self.hparams["cls_weight"] * cls}

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rkd.distill.base import KDComponent, Option, Param, register
+from rkd.distill.functional import bce_with_logits
 from rkd.distill.priors import build_prior, check_prior_option
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
 
@@ -216,7 +217,7 @@ def feat_loss(target: Tensor, student: Tensor, mask: Tensor) -> Tensor:
 
 def head_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
     """One level of eq. 13: ``mean_{b,i,j} M * sum_c BCE(sigmoid(y_s), sigmoid(y_t))``."""
-    bce = F.binary_cross_entropy_with_logits(student_logits, torch.sigmoid(teacher_logits.detach()), reduction="none")
+    bce = bce_with_logits(student_logits, torch.sigmoid(teacher_logits.detach()))
     return (mask * bce.sum(dim=1, keepdim=True)).mean()
 
 
