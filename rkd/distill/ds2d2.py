@@ -177,12 +177,46 @@ def explicit_loss(
 
 def _explicit_from_bands(student: Tensor, teacher: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor]:
     """The two explicit terms from stacked bands ``(B, C, 4, H', W')`` (LL, LH, HL, HH)."""
-    err = (student - teacher).square()
-    if weight is not None:
-        err = err * weight.unsqueeze(1)  # (B, 1, H', W') -> (B, 1, 1, H', W'): every band, every channel
-    per_band = err.mean(dim=(0, 1, 3, 4))
+    per_band, _ = _BandErrors.apply(student, teacher, weight, False)
     # the three high bands have one size: their joint mean is the mean of the three means
     return per_band[0], per_band[1:].mean()
+
+
+class _BandErrors(torch.autograd.Function):
+    """``mean((s - t)^2 W)`` per band of stacked bands, and optionally the student's ``LH + HL + HH``.
+
+    One function for both because the explicit stream and the HF amplifier read the same student
+    bands: the backward writes their gradient into one tensor (``2 (s - t) W / n`` per band, plus
+    the high-band gradient on bands 1-3) instead of autograd's four elementwise passes, a
+    zero-filled slice gradient and an accumulation, each over the full band tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, weight: Tensor | None, with_high: bool):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        weighted = student - teacher
+        squared = weighted.square()
+        if weight is not None:
+            w = weight.unsqueeze(1)  # (B, 1, H', W') -> (B, 1, 1, H', W'): every band, every channel
+            weighted = weighted.mul_(w)
+            squared = squared.mul_(w)
+        count = squared.numel() // squared.shape[2]
+        per_band = squared.sum(dim=(0, 1, 3, 4)).div_(count)
+        ctx.save_for_backward(weighted)
+        ctx.count = count
+        return per_band, (_high_sum(student) if with_high else None)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_band: Tensor | None, grad_high: Tensor | None):  # type: ignore[override]
+        (weighted,) = ctx.saved_tensors
+        if grad_band is None:
+            grad = torch.zeros_like(weighted)
+        else:
+            grad = weighted * (grad_band * (2.0 / ctx.count)).view(1, 1, -1, 1, 1)
+        if grad_high is not None:
+            grad[:, :, 1:] += grad_high.unsqueeze(2)
+        return grad, None, None, None
 
 
 def amplifier_loss(cls_s: Tensor, box_s: Tensor, cls_t: Tensor, box_t: Tensor, beta: float = 1.0) -> Tensor:
@@ -369,11 +403,12 @@ class DS2D2(KDComponent):
             sizes = [(s.shape[-2], s.shape[-1]) for s in adapted]
             strides = [float(st) for st in self.teacher_info.strides]
             weights = list(disw_maps(targets.boxes, sizes, strides, wav, adapted[0].dtype, adapted[0].device))
-        low, high = [], []
+        low, high, s_highs = [], [], []
         for sb, tb, weight in zip(s_bands, t_bands, weights):
-            lo, hi = _explicit_from_bands(sb, tb, weight)
-            low.append(lo)
-            high.append(hi)
+            per_band, s_high = _BandErrors.apply(sb, tb, weight, self.hf_head is not None)
+            low.append(per_band[0])
+            high.append(per_band[1:].mean())  # equal-sized bands: the mean of the three means
+            s_highs.append(s_high)
         terms = {"low": hp["w_low"] * sum(low), "high": hp["w_high"] * sum(high)}
         a = teacher.info.num_anchors
         cls_t, box_t = teacher.flat_cls().detach(), teacher.flat_box().detach()
@@ -386,7 +421,7 @@ class DS2D2(KDComponent):
             terms["ff"] = hp["ff_weight"] * amp
         if self.hf_head is not None:
             sizes = [(s.shape[-2], s.shape[-1]) for s in adapted]
-            cls_s, box_s = self._frozen_hf([_high_sum(b) for b in s_bands], sizes)
+            cls_s, box_s = self._frozen_hf(s_highs, sizes)
             with torch.no_grad():
                 cls_h, box_h = self._frozen_hf([_high_sum(b) for b in t_bands], sizes)
             amp = amplifier_loss(
