@@ -314,6 +314,28 @@ def test_amplifier_loss_matches_reference(beta: float) -> None:
     assert float(got) == pytest.approx(ref_amplifier(cs[:, :1], bs[:, :1], ct[:, :1] - 20, bt[:, :1], beta), rel=1e-12)
 
 
+@pytest.mark.parametrize("beta", [0.5, 1.0, 1.7])
+def test_amplifier_loss_gradient_matches_autograd_of_the_reference_and_stays_finite(beta: float) -> None:
+    rng = np.random.default_rng(5)
+    cs, ct = rng.standard_normal((2, 9, 3)) * 2, rng.standard_normal((2, 9, 3)) * 2 - 1
+    bs, bt = rng.standard_normal((2, 9, 4)), rng.standard_normal((2, 9, 4))
+    x = torch.from_numpy(cs).requires_grad_(True)
+    amplifier_loss(x, torch.from_numpy(bs), torch.from_numpy(ct), torch.from_numpy(bt), beta=beta).backward()
+    # central differences of the float64 reference
+    eps, numeric = 1e-6, np.zeros_like(cs)
+    for idx in np.ndindex(cs.shape):
+        up, down = cs.copy(), cs.copy()
+        up[idx] += eps
+        down[idx] -= eps
+        numeric[idx] = (ref_amplifier(up, bs, ct, bt, beta) - ref_amplifier(down, bs, ct, bt, beta)) / (2 * eps)
+    np.testing.assert_allclose(x.grad.numpy(), numeric, rtol=1e-5, atol=1e-8)
+    # saturated logits make the student's and teacher's probabilities equal in float32: the
+    # focal factor's slope there is taken as 0 (autograd's pow gives inf * 0 = nan for beta < 1)
+    sat = torch.tensor([[[30.0, -30.0, 0.3]]], requires_grad=True)
+    amplifier_loss(sat, torch.zeros(1, 1, 4), torch.tensor([[[31.0, -31.0, 0.2]]]), torch.zeros(1, 1, 4), beta).backward()
+    assert torch.isfinite(sat.grad).all() and sat.grad[0, 0, 2] != 0
+
+
 # ----------------------------------------------------------------------------- the component
 
 

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rkd.distill.base import PRIOR_STAGE_OPTIONS, KDComponent, Param, number_option, register
-from rkd.distill.functional import bce_with_logits
+from rkd.distill.functional import bce_values
 from rkd.distill.masks import as_rotated, box_frame_coords
 from rkd.distill.wavelets import check_wavelet, coefficient_centres, dwt2_stacked
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets, flatten_levels
@@ -230,11 +230,42 @@ def amplifier_loss(cls_s: Tensor, box_s: Tensor, cls_t: Tensor, box_t: Tensor, b
     0.0
     """
     p_t = torch.sigmoid(cls_t.detach())
-    focal = (torch.sigmoid(cls_s) - p_t).abs().pow(beta)
-    cls_term = (bce_with_logits(cls_s, p_t) * focal).sum()
+    cls_term = _QualityFocalBCE.apply(cls_s, p_t, float(beta))
     score = p_t.max(dim=-1).values  # (B, N)
     box_term = (score * (box_s - box_t.detach()).abs().sum(-1)).sum()
     return (cls_term + box_term) / score.sum().clamp(min=1.0)
+
+
+class _QualityFocalBCE(torch.autograd.Function):
+    """``sum BCE(s, p) |sigmoid(s) - p|^beta`` with its gradient computed in the forward pass.
+
+    ``d/ds = (q - p) |q - p|^beta + BCE beta |q - p|^(beta - 1) sign(q - p) q (1 - q)``, ``q = sigmoid(s)``;
+    the second part is taken as 0 where ``q == p``, which autograd's ``pow`` turns into
+    ``inf * 0 = nan`` for ``beta < 1`` (saturated logits make ``q == p`` exactly in float32).
+    ``p`` is a constant target (the teacher's probabilities).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, beta: float) -> Tensor:  # type: ignore[override]
+        q = torch.sigmoid(logits)
+        delta = q - target
+        bce = bce_values(logits, target)
+        if beta == 1.0:
+            focal = delta.abs()
+            slope = delta.sign()  # d|delta|/d delta
+        else:
+            focal = delta.abs().pow_(beta)
+            slope = torch.where(delta != 0, focal * beta / delta, 0.0)
+        loss = (bce * focal).sum()
+        grad = delta.mul_(focal).add_(bce.mul_(slope).mul_(q * (1.0 - q)))
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out, None, None
 
 
 def high_bands(x: Tensor, wavelet: str) -> Tensor:

@@ -18,12 +18,7 @@ class _BCEWithLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(logits, target)
-        u = logits.abs().neg_().exp_()  # exp(-|x|) in (0, 1]: never overflows
-        w = u + 1.0
-        # log1p(u) = log(w) + (u - (w - 1)) / w: the second term restores what rounding 1 + u
-        # lost, so small u keep full relative precision (exactly u when w rounds to 1).
-        log1p_u = torch.log(w).add_((u - (w - 1.0)).div_(w))
-        return logits.clamp_min(0.0).sub_(logits * target).add_(log1p_u)
+        return bce_values(logits, target)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
@@ -31,6 +26,17 @@ class _BCEWithLogits(torch.autograd.Function):
         grad_logits = (torch.sigmoid(logits) - target) * grad if ctx.needs_input_grad[0] else None
         grad_target = -logits * grad if ctx.needs_input_grad[1] else None
         return grad_logits, grad_target
+
+
+def bce_values(logits: Tensor, target: Tensor) -> Tensor:
+    """The values of :func:`bce_with_logits`, without autograd (for fused autograd functions)."""
+    with torch.no_grad():
+        u = logits.abs().neg_().exp_()  # exp(-|x|) in (0, 1]: never overflows
+        w = u + 1.0
+        # log1p(u) = log(w) + (u - (w - 1)) / w: the second term restores what rounding 1 + u
+        # lost, so small u keep full relative precision (exactly u when w rounds to 1).
+        log1p_u = torch.log(w).add_((u - (w - 1.0)).div_(w))
+        return logits.clamp_min(0.0).sub_(logits * target).add_(log1p_u)
 
 
 def bce_with_logits(logits: Tensor, target: Tensor) -> Tensor:
