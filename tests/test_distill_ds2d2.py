@@ -332,7 +332,8 @@ def test_amplifier_loss_gradient_matches_autograd_of_the_reference_and_stays_fin
     # saturated logits make the student's and teacher's probabilities equal in float32: the
     # focal factor's slope there is taken as 0 (autograd's pow gives inf * 0 = nan for beta < 1)
     sat = torch.tensor([[[30.0, -30.0, 0.3]]], requires_grad=True)
-    amplifier_loss(sat, torch.zeros(1, 1, 4), torch.tensor([[[31.0, -31.0, 0.2]]]), torch.zeros(1, 1, 4), beta).backward()
+    teacher_logits = torch.tensor([[[31.0, -31.0, 0.2]]])
+    amplifier_loss(sat, torch.zeros(1, 1, 4), teacher_logits, torch.zeros(1, 1, 4), beta).backward()
     assert torch.isfinite(sat.grad).all() and sat.grad[0, 0, 2] != 0
 
 

@@ -192,7 +192,9 @@ class _BandErrors(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, weight: Tensor | None, with_high: bool):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, student: Tensor, teacher: Tensor, weight: Tensor | None, with_high: bool
+    ) -> tuple[Tensor, Tensor | None]:
         ctx.set_materialize_grads(False)
         weighted = student - teacher
         squared = weighted.square()
