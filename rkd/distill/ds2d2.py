@@ -172,14 +172,18 @@ def explicit_loss(
     >>> [float(t) for t in explicit_loss(x, x, None, "haar")]
     [0.0, 0.0]
     """
-    return _explicit_from_bands(dwt2_stacked(student, wavelet), dwt2_stacked(teacher.detach(), wavelet), weight)
+    low, high, _ = _explicit_from_bands(dwt2_stacked(student, wavelet), dwt2_stacked(teacher.detach(), wavelet), weight)
+    return low, high
 
 
-def _explicit_from_bands(student: Tensor, teacher: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The two explicit terms from stacked bands ``(B, C, 4, H', W')`` (LL, LH, HL, HH)."""
-    per_band, _ = _BandErrors.apply(student, teacher, weight, False)
+def _explicit_from_bands(
+    student: Tensor, teacher: Tensor, weight: Tensor | None, with_high: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The two explicit terms from stacked bands ``(B, C, 4, H', W')`` (LL, LH, HL, HH), and the
+    student's ``LH + HL + HH`` when ``with_high`` (else ``None``)."""
+    per_band, student_high = _BandErrors.apply(student, teacher, weight, with_high)
     # the three high bands have one size: their joint mean is the mean of the three means
-    return per_band[0], per_band[1:].mean()
+    return per_band[0], per_band[1:].mean(), student_high
 
 
 class _BandErrors(torch.autograd.Function):
@@ -431,29 +435,28 @@ class DS2D2(KDComponent):
         s_bands = [dwt2_stacked(s, wav) for s in adapted]
         with torch.no_grad():
             t_bands = [dwt2_stacked(t, wav) for t in t_feats]
+        sizes = [(s.shape[-2], s.shape[-1]) for s in adapted]
         weights: list[Tensor | None] = [None] * len(adapted)
         if hp["disw"]:
-            sizes = [(s.shape[-2], s.shape[-1]) for s in adapted]
             strides = [float(st) for st in self.teacher_info.strides]
             weights = list(disw_maps(targets.boxes, sizes, strides, wav, adapted[0].dtype, adapted[0].device))
         low, high, s_highs = [], [], []
         for sb, tb, weight in zip(s_bands, t_bands, weights):
-            per_band, s_high = _BandErrors.apply(sb, tb, weight, self.hf_head is not None)
-            low.append(per_band[0])
-            high.append(per_band[1:].mean())  # equal-sized bands: the mean of the three means
+            lo, hi, s_high = _explicit_from_bands(sb, tb, weight, with_high=self.hf_head is not None)
+            low.append(lo)
+            high.append(hi)
             s_highs.append(s_high)
         terms = {"low": hp["w_low"] * sum(low), "high": hp["w_high"] * sum(high)}
         a = teacher.info.num_anchors
-        cls_t, box_t = teacher.flat_cls().detach(), teacher.flat_box().detach()
         if hp["ff_amplifier"]:
             if teacher.head_fn is None:
                 raise ValueError("ds2d2: the full-frequency amplifier needs teacher_output.head_fn (the teacher head)")
+            cls_t, box_t = teacher.flat_cls().detach(), teacher.flat_box().detach()  # only this amplifier reads them
             # channels-last: the head's convolutions ran ~12% faster forward and backward on the CPU
             cls_s, box_s = teacher.head_fn([s.contiguous(memory_format=torch.channels_last) for s in adapted])
             amp = amplifier_loss(flatten_levels(cls_s, a), flatten_levels(box_s, a), cls_t, box_t, hp["beta"])
             terms["ff"] = hp["ff_weight"] * amp
         if self.hf_head is not None:
-            sizes = [(s.shape[-2], s.shape[-1]) for s in adapted]
             cls_s, box_s = self._frozen_hf(s_highs, sizes)
             with torch.no_grad():
                 cls_h, box_h = self._frozen_hf([_high_sum(b) for b in t_bands], sizes)
