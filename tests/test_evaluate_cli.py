@@ -63,7 +63,12 @@ def test_ground_truth_as_predictions_scores_one(tmp_path, capsys, val):
     records, names = val
     write_dota_task1(tmp_path / "task1", gt_as_predictions(records), names)
     result = run_json(capsys, "--pred", str(tmp_path / "task1"))
-    assert set(result) == {"mAP", "mAP50", "mAP75", "per_class"}
+    assert set(result) == {"mAP", "mAP50", "mAP75", "per_class", "protocol"}
+    # UCAS ground truth is rotated boxes, Task1 detections polygons: compared as polygons (the boxes' corners)
+    assert result["protocol"] == {
+        "iou": "polygon", "ap": "all-point", "matching": "voc", "difficult": "ignored", "split": "val",
+        "skipped_lines": 0,
+    }
     assert result["mAP"] == result["mAP50"] == result["mAP75"] == 1.0
     assert result["per_class"] == {
         "plane": {"ap": 1.0, "ap50": 1.0, "ap75": 1.0, "num_gt": 34},
@@ -73,7 +78,8 @@ def test_ground_truth_as_predictions_scores_one(tmp_path, capsys, val):
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["class", "num_gt", "AP@0.5", "AP50", "AP75"]
     assert table[1].split() == ["plane", "34", "1.0000", "1.0000", "1.0000"]
-    assert table[-1] == "mAP@0.5 1.0000  mAP50 1.0000  mAP75 1.0000"
+    assert table[-2] == "mAP@0.5 1.0000  mAP50 1.0000  mAP75 1.0000"
+    assert table[-1].startswith("protocol: IoU polygon, all-point AP, voc matching, difficult ignored, split val")
 
 
 def test_perturbed_predictions_match_evaluate_detections(tmp_path, capsys, val):
@@ -84,8 +90,8 @@ def test_perturbed_predictions_match_evaluate_detections(tmp_path, capsys, val):
     truths = [{"boxes": r.boxes, "labels": r.labels, "difficult": r.difficult} for r in records]
     detections = [preds[r.image_id] for r in records]
 
-    def direct(iou: float):
-        return evaluate_detections(detections, truths, len(names), iou_threshold=iou)
+    def direct(iou: float):  # rotated boxes: the same regions as the files' polygons, the same (VOC/DOTA) matching
+        return evaluate_detections(detections, truths, len(names), iou_threshold=iou, matching="voc")
 
     from_task1 = run_json(capsys, "--pred", str(tmp_path / "task1"), "--iou", "0.6")
     from_json = run_json(capsys, "--pred", str(tmp_path / "preds.json"), "--iou", "0.6")

@@ -11,6 +11,22 @@ import argparse
 from pathlib import Path
 
 FORMAT_HELP = "voc, dior, hrsc, coco, ucas, dota or scenes (classification folders)"
+CLASSES_HELP = "class names, comma-separated, or a known list: dota-v1.0, dota-v1.5, dota-v2.0"
+
+
+def class_list(text: str | None) -> list[str] | None:
+    """``--classes``: a known list's name (``dota-v1.0``) or comma-separated names.
+
+    >>> len(class_list("dota-v1.0")), class_list("car, plane")
+    (15, ['car', 'plane'])
+    """
+    from rkd.data.dota import DOTA_CLASSES, named_classes
+
+    if text is None:
+        return None
+    if text in DOTA_CLASSES:
+        return named_classes(text)
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _formats() -> list[str]:
@@ -35,12 +51,15 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     splits = args.split or available_splits(root, args.format)
     by_split = {}
     for split in splits:
-        items, names, report = read_split(root, args.format, split, on_error="raise")
+        # Statistics of what can be read; the lines left out are counted (rkd data check lists them).
+        items, names, report = read_split(root, args.format, split, classes=args.classes, on_error="skip")
         if args.format == SCENES:
             by_split[split] = scene_stats(items, names)
         else:
             by_split[split] = dataset_stats(items, names)
         print(format_stats(by_split[split], f"{root} split {split} ({args.format})", scenes=args.format == SCENES))
+        if report.skipped:
+            print(f"  {len(report.skipped)} problem(s): lines or files left out (rkd data check lists them)")
     if args.plot:
         from rkd.atomic import atomic_write_bytes
 
@@ -53,7 +72,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from rkd.data.inspect import check_dataset
 
-    problems = check_dataset(Path(args.path), args.format, args.split)
+    problems = check_dataset(Path(args.path), args.format, args.split, args.classes)
     for line in problems:
         print(line)
     print(f"{len(problems)} problem(s) in {args.path}" if problems else f"{args.path}: no problems found")
@@ -69,12 +88,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=_formats(), help=FORMAT_HELP)
     p.add_argument("--split", action="append", help="split to describe; repeat for several (default: every split)")
     p.add_argument("--plot", metavar="OUT_PNG", help="also draw the histograms into this PNG")
+    p.add_argument("--classes", type=class_list, help=CLASSES_HELP)
     p.set_defaults(func=_cmd_stats)
 
     p = data_sub.add_parser("check", help="list every unreadable image or label (file:line and why); exit 1 if any")
     p.add_argument("path", help="the dataset's root folder")
     p.add_argument("--format", required=True, choices=_formats(), help=FORMAT_HELP)
     p.add_argument("--split", action="append", help="split to check; repeat for several (default: every split found)")
+    p.add_argument("--classes", type=class_list, help=CLASSES_HELP)
     p.set_defaults(func=_cmd_check)
 
     try:  # `rkd data tile` lives with the tiling code, which may not be installed in every tree

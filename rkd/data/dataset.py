@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from rkd.data.coco import read_coco
-from rkd.data.dota import read_dota
+from rkd.data.dota import named_classes, read_dota
 from rkd.data.hrsc import read_hrsc
 from rkd.data.sample import DetectionRecord, ReadReport, Sample
 from rkd.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
@@ -68,6 +69,9 @@ DATA_KEYS = {
     "augment",
 }
 DEFAULT_AUGMENT = {"flip": True, "rot90": False, "scale": None, "color": 0.0}
+SKIPPED_FILE = "skipped_lines.txt"  # in a run folder: every label line a run left out, "file:line: why"
+
+log = logging.getLogger(__name__)
 
 
 def _int(d: dict[str, Any], key: str, default: int, low: int) -> int:
@@ -131,10 +135,15 @@ def common_entries(d: dict[str, Any], default_size: int) -> tuple[int, str, list
     if on_error not in ("raise", "skip"):
         raise SpecError("on_error", f"expected 'raise' or 'skip', got {on_error!r}")
     classes = d.get("classes")
+    if isinstance(classes, str):  # a known list by name: classes: dota-v1.0
+        try:
+            classes = named_classes(classes)
+        except DataError as err:
+            raise SpecError("classes", str(err)) from None
     if classes is not None and (
         not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes)
     ):
-        raise SpecError("classes", f"expected a non-empty list of class names, got {classes!r}")
+        raise SpecError("classes", f"expected a non-empty list of class names or a list's name, got {classes!r}")
     if classes is not None and len(set(classes)) != len(classes):
         raise SpecError("classes", f"class names repeat: {classes}")
     return size, on_error, classes
@@ -262,6 +271,7 @@ def build_dataset(data_spec: dict[str, Any], split: str, train: bool) -> Detecti
         source = SyntheticAerial(n, data_spec["input_size"], data_spec["num_classes"], seed=seed)
         return DetectionDataset(source.records, data_spec["input_size"], train, source.class_names)
     records, names, report = _read(data_spec, split)
+    log_skipped(report, f"{data_spec['root']} split {split!r}")
     if not records:
         raise DataError(f"{data_spec['root']}: split {split!r} holds no images")
     tile = data_spec.get("tile")
@@ -276,6 +286,34 @@ def build_dataset(data_spec: dict[str, Any], split: str, train: bool) -> Detecti
         dataset.windows = [(scene_index[id(p.render.source)], p.render.window) for p in patches]
     dataset.report = report
     return dataset
+
+
+def log_skipped(report: ReadReport, what: str) -> None:
+    """One log warning naming every line the reader left out (``on_error: skip``, degenerate polygons)."""
+    if report.skipped:
+        lines = "".join(f"\n  {line}" for line in report.skipped)
+        log.warning("%s: %d label line(s) skipped:%s", what, len(report.skipped), lines)
+
+
+def skipped_lines(data_spec: dict[str, Any]) -> list[str]:
+    """Every label line the train and val splits of a validated file-format spec leave out (``file:line: why``)."""
+    if data_spec["format"] == "synthetic":
+        return []
+    out: list[str] = []
+    for split in ("train", "val"):
+        out += _read(data_spec, split)[2].skipped
+    return list(dict.fromkeys(out))  # a split read twice (train == val) lists a line once
+
+
+def write_skipped(lines: list[str], run_dir: Path) -> Path | None:
+    """Write ``lines`` to ``run_dir/skipped_lines.txt`` (nothing when there are none); returns the path."""
+    if not lines:
+        return None
+    from rkd.atomic import atomic_write_bytes
+
+    path = Path(run_dir) / SKIPPED_FILE
+    atomic_write_bytes(path, lambda fh: fh.write("".join(f"{line}\n" for line in lines).encode("utf-8")))
+    return path
 
 
 def collate_detection(samples: list[Sample]) -> tuple[Tensor, Targets, list[dict[str, Any]]]:

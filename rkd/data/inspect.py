@@ -185,8 +185,11 @@ def available_splits(root: Path, fmt: str) -> list[str]:
     if fmt == "ucas":
         found = {p.name for p in (root / "labels").glob("*") if p.is_dir() and (root / "images" / p.name).is_dir()}
     elif fmt == "dota":
+        from rkd.data.dota import FLAT_SPLIT, is_flat
+
         found = {p.parent.name for p in root.glob("*/labelTxt") if (p.parent / "images").is_dir()}
         found |= {p.name for p in (root / "labelTxt").glob("*") if p.is_dir() and (root / "images" / p.name).is_dir()}
+        found |= {FLAT_SPLIT} if is_flat(root) else set()
     elif fmt == "coco":
         for pattern in ("annotations/instances_*.json", "annotations/*.json", "*.json"):
             for p in root.glob(pattern):
@@ -210,6 +213,22 @@ def available_splits(root: Path, fmt: str) -> list[str]:
     if not found:
         raise DataError(f"{root}: no {fmt} split found here")
     return sorted(found)
+
+
+def default_split(root: Path, fmt: str) -> str:
+    """The split to use when none is named: the only one, else ``"val"``.
+
+    >>> import tempfile; d = Path(tempfile.mkdtemp())
+    >>> _ = [(d / f).mkdir() for f in ("images", "labelTxt")]
+    >>> default_split(d, "dota")  # one unsplit set (the DOTA devkit's example layout)
+    'all'
+    """
+    splits = available_splits(root, fmt)
+    if len(splits) == 1:
+        return splits[0]
+    if "val" in splits:
+        return "val"
+    raise DataError(f"{root}: holds splits {splits} but no 'val'; name the split to use")
 
 
 def read_split(root: Path, fmt: str, split: str, classes: list[str] | None = None, on_error: str = "raise"):

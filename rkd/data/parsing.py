@@ -1,21 +1,68 @@
-"""Helpers the text/XML readers share: numbers with precise error messages, polygons to boxes.
+"""Helpers the text/XML readers share: UTF-8 lines, numbers with precise error messages, polygons to boxes.
 
 Each helper returns ``None`` after reporting a problem through the
 :class:`~rkd.data.sample.ReadReport`, so a reader skips the line (``on_error="skip"``)
-or never gets there (``"raise"``).
+or never gets there (``"raise"``). A degenerate polygon is not such a problem:
+DOTA's devkit writes them at patch borders, so the line is dropped with a warning
+in ``report.skipped`` whatever ``on_error`` says (see :func:`drop`).
 """
 
 from __future__ import annotations
 
+import codecs
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from rkd.data.sample import ReadReport
+from rkd.data.sample import DetectionRecord, ReadReport
 
 # Polygons with a smaller area (pixels^2) cannot be a labelled object.
 MIN_POLYGON_AREA = 1e-6
+
+
+@dataclass
+class PolygonRecord(DetectionRecord):
+    """A record whose labels are polygons: the polygons as written, for evaluation, beside the le90 ``boxes``.
+
+    ``polygons`` (N, 8) float64 file pixels, row i the polygon of ``boxes[i]``;
+    ``difficulty`` (N,) long, the difficulty values as written (DOTA's splitter
+    writes 2 for objects cut by a patch border; any non-zero value is difficult).
+    """
+
+    polygons: Tensor | None = None
+    difficulty: Tensor | None = None
+
+
+def drop(report: ReadReport, where: str, why: str) -> None:
+    """Record a line left out on purpose (never raises): it is counted and listed in ``report.skipped``."""
+    report.skipped.append(f"{where}: {why}; line dropped")
+
+
+def read_text_lines(path: Path, report: ReadReport) -> list[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 text file; a byte-order mark is dropped, other encodings are problems.
+
+    Each line that is not valid UTF-8 is a problem naming ``file:line`` (a label
+    saved in a legacy encoding would otherwise pass as a new class name).
+    """
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        report.problem(f"{path}:1", "file is UTF-16 text; label files must be UTF-8")
+        return []
+    raw = raw.removeprefix(codecs.BOM_UTF8)
+    lines = []
+    for lineno, chunk in enumerate(raw.split(b"\n"), start=1):
+        try:
+            lines.append((lineno, chunk.decode("utf-8")))
+        except UnicodeDecodeError as err:
+            bad = chunk[err.start]
+            report.problem(
+                f"{path}:{lineno}",
+                f"not UTF-8 text (byte 0x{bad:02x} at column {err.start + 1}); save the file as UTF-8",
+            )
+    return lines
 
 
 def parse_float(text: str, what: str, where: str, report: ReadReport) -> float | None:
@@ -61,8 +108,9 @@ def parse_coords(fields: list[str], where: str, report: ReadReport) -> list[floa
 def polygons_to_boxes(polys: list[list[float]], wheres: list[str], report: ReadReport) -> tuple[Tensor, Tensor]:
     """Minimum-area le90 boxes of the usable ones of ``(N, 8)`` pixel polygons, and the keep mask.
 
-    Degenerate polygons (all corners on a line) are reported at their ``where``
-    and left out, so one bad line does not poison the file: the result is
+    Degenerate polygons (zero area: all corners on a line, as DOTA's splitter
+    writes at patch borders) cannot be an object: they are dropped with a warning
+    at their ``where`` (:func:`drop`), never failing the read. The result is
     ``(boxes (K, 5) float32, keep (N,) bool)`` with ``K = keep.sum()``.
     """
     from rkd.geometry import poly_to_obb
@@ -75,6 +123,6 @@ def polygons_to_boxes(polys: list[list[float]], wheres: list[str], report: ReadR
     area = 0.5 * (x * y.roll(-1, dims=1) - x.roll(-1, dims=1) * y).sum(dim=1).abs()
     keep = area > MIN_POLYGON_AREA
     for i in torch.nonzero(~keep).flatten().tolist():  # only runs for bad lines
-        report.problem(wheres[i], "polygon has zero area (corners on a line)")
+        drop(report, wheres[i], "polygon has zero area (corners on a line)")
     boxes = poly_to_obb(p[keep].reshape(-1, 8)).to(torch.float32)
     return boxes, keep

@@ -362,8 +362,17 @@ def tile_dataset(
     return TileReport(len(records), patches, objects, image_dir, label_dir)
 
 
+def default_splits(root: Path, fmt: str) -> list[str]:
+    """What ``rkd data tile`` cuts without ``--split``: train and val where the folder has them, else
+    every split it holds (a flat DOTA folder, ``images/`` + ``labelTxt/``, is the one split ``all``)."""
+    from rkd.data.inspect import available_splits  # inspect reads whole datasets; only the CLI needs it
+
+    found = available_splits(Path(root), fmt)
+    return [s for s in ("train", "val") if s in found] or found
+
+
 def _cmd_tile(args: argparse.Namespace) -> int:
-    for split in args.split or ["train", "val"]:
+    for split in args.split or default_splits(args.path, args.format):
         report = tile_dataset(args.path, args.format, split, args.out, args.size, args.overlap, args.min_area)
         print(
             f"{split}: {report.images} images -> {report.patches} patches, {report.objects} objects "
@@ -378,7 +387,7 @@ def add_tile_command(data_subparsers: Any) -> None:
     p.add_argument("path", help="the dataset's root folder")
     p.add_argument("--format", required=True, help="its format (a registered reader: ucas, dota, ...)")
     p.add_argument("--out", required=True, help="folder for the DOTA-format copy (<out>/<split>/images, labelTxt)")
-    p.add_argument("--split", action="append", help="split to tile; repeat for several (default: train and val)")
+    p.add_argument("--split", action="append", help="split to tile; repeat for several (default: train and val, or the folder's only split)")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"patch size in pixels (default {DEFAULT_SIZE})")
     p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help=f"pixels shared (default {DEFAULT_OVERLAP})")
     p.add_argument(

@@ -8,19 +8,26 @@ into their scenes and merged by class-wise rotated NMS first
 (:mod:`rkd.eval.merge`), so the numbers are about whole scenes.
 
 ``mAP`` is VOC/DOTA AP at ``--iou`` averaged over classes with ground truth;
-``mAP50`` and ``mAP75`` are the same at IoU 0.5 and 0.75. Difficult objects
-are ignored, as in training-time evaluation.
+``mAP50`` and ``mAP75`` are the same at IoU 0.5 and 0.75. The protocol is the
+DOTA devkit's (``dota_evaluation_task1.py``, the same as the VOC devkit's):
+all-point AP, each detection judged against its best-overlapping ground truth
+(matching ``"voc"``, :mod:`rkd.eval.matching`), difficult objects ignored. The IoU
+is that of the polygons as written when the labels or the predictions are
+polygons (DOTA labels, Task1 files, JSON ``poly``), else of the rotated boxes;
+the output says which (``protocol``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rkd.data.cli import CLASSES_HELP, class_list
 from rkd.errors import DataError
 from rkd.eval.map import evaluate_detections
 from rkd.eval.merge import DEFAULT_MERGE_IOU, merge_patch_predictions
@@ -38,22 +45,37 @@ def read_predictions(source: Path, class_names: list[str]) -> dict[str, dict[str
     return read_dota_task1(source, class_names)
 
 
+AP_KIND = "all-point"  # VOC 2010+ / DOTA: area under the precision envelope
+MATCHING = "voc"
+
+
 def evaluate_files(
     gt_root: Path,
     gt_format: str,
     pred: Path,
-    split: str = "val",
+    split: str | None = None,
     iou_threshold: float = 0.5,
     merge_iou: float = DEFAULT_MERGE_IOU,
+    classes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """``{"mAP", "mAP50", "mAP75", "per_class": {name: {"ap", "ap50", "ap75", "num_gt"}}}`` (see module doc)."""
+    """``{"mAP", "mAP50", "mAP75", "per_class": {name: {"ap", "ap50", "ap75", "num_gt"}}, "protocol": {...}}``.
+
+    ``split`` ``None``: the folder's only split, else ``val``. ``protocol`` says how it was
+    measured: ``{"iou": "polygon" | "rotated-box", "ap": "all-point", "matching": "voc",
+    "difficult": "ignored", "split", "skipped_lines"}`` (see module doc). Label lines the
+    reader leaves out (degenerate polygons) are counted in ``skipped_lines`` and listed on stderr.
+    """
     from rkd.data.dataset import READERS
+    from rkd.data.inspect import default_split
 
     if gt_format not in READERS:
         raise DataError(f"--gt-format {gt_format!r}: expected one of {sorted(READERS)}")
     if not 0 < iou_threshold < 1:
         raise DataError(f"--iou {iou_threshold}: must be between 0 and 1")
-    records, names, _ = READERS[gt_format](Path(gt_root), split)
+    split = default_split(Path(gt_root), gt_format) if split is None else split
+    records, names, report = READERS[gt_format](Path(gt_root), split, classes)
+    for line in report.skipped:
+        print(f"rkd: warning: {line}", file=sys.stderr)
     known = {r.image_id for r in records}
     predictions = read_predictions(Path(pred), names)
     # Only ids the split does not hold are patches to merge: a tiled dataset's own ids look like patch ids too.
@@ -70,10 +92,11 @@ def evaluate_files(
             f"which is not in split {split!r} of {gt_root}"
         )
     empty = {"boxes": torch.zeros(0, 5), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
-    detections = [predictions.get(r.image_id, empty) for r in records]
-    truths = [{"boxes": r.boxes, "labels": r.labels, "difficult": r.difficult} for r in records]
+    # Polygons as written on both sides where the files have them (DOTA's IoU); else the rotated boxes.
+    detections = [_as_given(predictions.get(r.image_id, empty)) for r in records]
+    truths = [{"boxes": _ground_truth_boxes(r), "labels": r.labels, "difficult": r.difficult} for r in records]
     results = {
-        t: evaluate_detections(detections, truths, len(names), iou_threshold=t)
+        t: evaluate_detections(detections, truths, len(names), iou_threshold=t, matching=MATCHING)
         for t in dict.fromkeys([iou_threshold, 0.5, 0.75])
     }
     main, ap50, ap75 = results[iou_threshold], results[0.5], results[0.75]
@@ -81,7 +104,26 @@ def evaluate_files(
         names[c]: {"ap": main.per_class[c], "ap50": ap50.per_class[c], "ap75": ap75.per_class[c], "num_gt": n}
         for c, n in main.num_gt.items()
     }
-    return {"mAP": main.map, "mAP50": ap50.map, "mAP75": ap75.map, "per_class": per_class}
+    protocol = {
+        "iou": main.iou,
+        "ap": AP_KIND,
+        "matching": MATCHING,
+        "difficult": "ignored",
+        "split": split,
+        "skipped_lines": len(report.skipped),
+    }
+    return {"mAP": main.map, "mAP50": ap50.map, "mAP75": ap75.map, "per_class": per_class, "protocol": protocol}
+
+
+def _ground_truth_boxes(record: Any) -> torch.Tensor:
+    """The polygons as written when the reader kept them (:class:`rkd.data.parsing.PolygonRecord`), else the boxes."""
+    polygons = getattr(record, "polygons", None)
+    return record.boxes if polygons is None else polygons
+
+
+def _as_given(det: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detections with their polygons as the IoU's input when the file gave them (Task1, JSON)."""
+    return {**det, "boxes": det["polys"]} if "polys" in det else det
 
 
 def format_report(result: dict[str, Any], iou_threshold: float) -> str:
@@ -94,11 +136,19 @@ def format_report(result: dict[str, Any], iou_threshold: float) -> str:
             f"{name:<{width}}  {row['num_gt']:>6d}  {row['ap']:>8.4f}  {row['ap50']:>6.4f}  {row['ap75']:>6.4f}"
         )
     lines.append(f"mAP@{iou_threshold:g} {result['mAP']:.4f}  mAP50 {result['mAP50']:.4f}  mAP75 {result['mAP75']:.4f}")
+    if "protocol" in result:
+        p = result["protocol"]
+        lines.append(
+            f"protocol: IoU {p['iou']}, {p['ap']} AP, {p['matching']} matching, difficult {p['difficult']}, "
+            f"split {p['split']}, {p['skipped_lines']} label line(s) skipped"
+        )
     return "\n".join(lines)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    result = evaluate_files(Path(args.gt), args.gt_format, Path(args.pred), args.split, args.iou, args.merge_iou)
+    result = evaluate_files(
+        Path(args.gt), args.gt_format, Path(args.pred), args.split, args.iou, args.merge_iou, args.classes
+    )
     print(json.dumps(result) if args.json else format_report(result, args.iou))
     return 0
 
@@ -109,7 +159,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--gt", required=True, help="the dataset's root folder")
     p.add_argument("--gt-format", required=True, help="its format (a registered reader: ucas, dota, ...)")
     p.add_argument("--pred", required=True, help="a folder of Task1_<class>.txt files, one such file, or a .json list")
-    p.add_argument("--split", default="val", help="the split to evaluate on (default: val)")
+    p.add_argument("--split", help="the split to evaluate on (default: the folder's only split, else val)")
+    p.add_argument("--classes", type=class_list, help=CLASSES_HELP)
     p.add_argument("--iou", type=float, default=0.5, help="IoU a match needs, for 'mAP' (default 0.5)")
     p.add_argument(
         "--merge-iou",

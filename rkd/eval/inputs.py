@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from rkd.errors import DataError
-from rkd.geometry.boxes import obb_to_hbb, poly_to_obb
+from rkd.geometry.boxes import obb_to_hbb, obb_to_poly
+from rkd.geometry.polygon_iou import polygon_hbb, signed_area
 
 
 def _array(x: Any) -> np.ndarray:
@@ -35,18 +36,22 @@ def _boxes(entry: Mapping[str, Any], where: str, oriented: bool) -> np.ndarray:
     if boxes.ndim != 2 or boxes.shape[1] not in ((5, 8) if oriented else (4,)):
         kind = "(M, 5) oriented boxes or (M, 8) polygons" if oriented else "(M, 4) xyxy boxes (oriented=False)"
         raise DataError(f"{where}['boxes']: expected {kind}, got shape {boxes.shape}")
-    if boxes.shape[1] == 8:
-        return poly_to_obb(boxes.astype(np.float64)).numpy()
     return boxes
+
+
+def _as_polygons(boxes: list[np.ndarray]) -> list[np.ndarray]:
+    """Every image's boxes as (M, 8) polygons: oriented boxes become their 4 corners (the same region)."""
+    return [b if b.shape[1] == 8 else obb_to_poly(torch.from_numpy(b.astype(np.float64))).numpy() for b in boxes]
 
 
 class FlatBoxes:
     """All boxes of one side (detections or ground truths) concatenated over images.
 
-    Attributes: ``boxes`` (N, 5 or 4) float64, ``labels``, ``images``, ``groups``
-    (image * num_classes + label), ``hbb`` (N, 4) enclosing xyxy, ``area``;
-    detections add ``scores``; ground truths add ``ignore`` (difficult or crowd)
-    and ``crowd``.
+    Attributes: ``boxes`` (N, 5 or 4) float64, or (N, 8) polygons when an image gave
+    polygons (every oriented box then becomes its 4 corners, see :meth:`to_polygons`),
+    ``labels``, ``images``, ``groups`` (image * num_classes + label), ``hbb`` (N, 4)
+    enclosing xyxy, ``area``; detections add ``scores``; ground truths add ``ignore``
+    (difficult or crowd) and ``crowd``.
     """
 
     def __init__(
@@ -70,6 +75,9 @@ class FlatBoxes:
         counts = np.array([len(b) for b in boxes], dtype=np.int64)
         self._name, self._starts = name, np.cumsum(counts) - counts
         width = 5 if oriented else 4
+        if any(len(b) and b.shape[1] == 8 for b in boxes):
+            boxes, width = _as_polygons(boxes), 8
+        boxes = [b if len(b) else np.zeros((0, width)) for b in boxes]
         self.boxes = np.concatenate(boxes).astype(np.float64) if boxes else np.zeros((0, width))
         raw_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         self.images = np.repeat(np.arange(len(counts)), counts)
@@ -78,7 +86,9 @@ class FlatBoxes:
         self.labels = raw_labels.astype(np.int64)
         self._check((self.labels >= 0) & (self.labels < num_classes), "labels", f"labels must be in [0, {num_classes})")
         self.groups = self.images * num_classes + self.labels
-        if oriented:
+        if self.polygons:
+            self._polygon_geometry()
+        elif oriented:
             self.hbb = obb_to_hbb(torch.from_numpy(self.boxes)).numpy()
             self.area = self.boxes[:, 2] * self.boxes[:, 3]
         else:
@@ -90,6 +100,22 @@ class FlatBoxes:
         else:
             self.scores = np.concatenate(extra).astype(np.float64) if extra else np.zeros(0)
             self._check(np.isfinite(self.scores), "scores", "contains NaN or infinite values")
+
+    @property
+    def polygons(self) -> bool:
+        """Whether ``boxes`` are (N, 8) polygons (the IoU is then the polygons' IoU)."""
+        return self.boxes.shape[1] == 8
+
+    def to_polygons(self) -> None:
+        """Turn oriented boxes into their corner polygons, to be compared with the other side's polygons."""
+        if not self.polygons:
+            self.boxes = _as_polygons([self.boxes])[0].reshape(-1, 8)
+            self._polygon_geometry()
+
+    def _polygon_geometry(self) -> None:
+        polys = torch.from_numpy(self.boxes)
+        self.hbb = polygon_hbb(polys).numpy()
+        self.area = signed_area(polys).abs().numpy()  # what DOTA's devkit divides by
 
     def _check(self, ok: np.ndarray, key: str, message: str) -> None:
         """Raise for the first row that is not ``ok``, naming its image and position."""

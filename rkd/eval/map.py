@@ -6,13 +6,17 @@ Inputs are one dict per image, the same images in the same order:
 * ground truths: ``{"boxes", "labels", "difficult": optional bool (N,), "iscrowd": optional bool (N,)}``
 
 Tensors (any device) or numpy arrays. Oriented boxes use the exact rotated
-IoU; with ``oriented=False`` boxes are xyxy.
+IoU; polygons use the exact IoU of the quadrilaterals as given (DOTA's
+protocol, :mod:`rkd.geometry.polygon_iou`), and when one side gives polygons
+the other side's oriented boxes are compared as their 4 corners; with
+``oriented=False`` boxes are xyxy.
 
 Per class, detections of all images are ranked by score; matching follows
-:mod:`rkd.eval.matching`. Difficult and crowd ground truths are ignored:
-they count for nothing, and detections matched only to them are neither
-true nor false positives. Classes without (non-ignored) ground truth are left
-out of the means.
+:mod:`rkd.eval.matching`, by default the greedy (pycocotools) rule, or with
+``matching="voc"`` the rule of the VOC and DOTA devkits. Difficult and crowd
+ground truths are ignored: they count for nothing, and detections matched only
+to them are neither true nor false positives. Classes without (non-ignored)
+ground truth are left out of the means.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import numpy as np
 from rkd.errors import DataError
 from rkd.eval.ap import INTERPOLATIONS, average_precision
 from rkd.eval.inputs import FlatBoxes
-from rkd.eval.matching import greedy_match, overlapping_pairs
+from rkd.eval.matching import greedy_match, overlapping_pairs, voc_match
+
+MATCHINGS = ("greedy", "voc")
 
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1)  # pycocotools' exact values
 # COCO's object sizes by area in px^2: all, small (< 32^2), medium (32^2 .. 96^2), large (> 96^2).
@@ -43,6 +49,8 @@ class MapResult:
     num_gt: dict[int, int]
     iou_threshold: float = 0.5
     interpolation: str = "all"
+    iou: str = "rotated-box"  # what the IoU was computed on: "polygon", "rotated-box" or "box" (xyxy)
+    matching: str = "greedy"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,16 +94,25 @@ def _evaluate(
     area_ranges: np.ndarray,
     max_dets: int | None,
     interpolation: str,
-) -> tuple[np.ndarray, np.ndarray]:
-    """AP (K, R, T) per class, area range and IoU threshold (NaN without ground truth), and GT counts (K, R)."""
+    matching: str = "greedy",
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """AP (K, R, T) per class, area range and IoU threshold (NaN without ground truth), GT counts (K, R), IoU kind."""
     if len(detections) != len(ground_truths):
         raise DataError(f"got detections for {len(detections)} images but ground truths for {len(ground_truths)}")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     if not np.all((thresholds > 0) & (thresholds <= 1)):
         raise ValueError(f"IoU thresholds must be in (0, 1], got {thresholds.tolist()}")
+    if matching not in MATCHINGS:
+        raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
+    if matching == "voc" and len(area_ranges) > 1:
+        raise ValueError("matching='voc' has no area ranges (the VOC / DOTA devkits have none)")
     dt = FlatBoxes(detections, "detections", num_classes, oriented, is_gt=False)
     gt = FlatBoxes(ground_truths, "ground_truths", num_classes, oriented, is_gt=True)
+    if dt.polygons or gt.polygons:  # polygons as given on either side: compare polygons
+        dt.to_polygons()
+        gt.to_polygons()
+    iou_kind = "polygon" if gt.polygons else "rotated-box" if oriented else "box"
 
     # Descending score; a stable sort breaks ties by input order, i.e. by image, then position (as COCO does).
     by_score = np.argsort(-dt.scores, kind="stable")
@@ -114,9 +131,12 @@ def _evaluate(
         dt.groups[sel], dt.boxes[sel], dt.hbb[sel], dt.area[sel],
         gt.groups, gt.boxes, gt.hbb, gt.area, gt.crowd, float(thresholds.min()),
     )
-    matched = greedy_match(
-        sel[p_det], p_gt, p_iou, rank, len(rank), thr_of_setting, gt_ignored[range_of_setting], gt.ignore
-    )
+    if matching == "voc":
+        matched = voc_match(sel[p_det], p_gt, p_iou, rank, len(rank), thr_of_setting, gt_ignored[range_of_setting])
+    else:
+        matched = greedy_match(
+            sel[p_det], p_gt, p_iou, rank, len(rank), thr_of_setting, gt_ignored[range_of_setting], gt.ignore
+        )
     is_matched = matched >= 0
     matched_ignored = gt_ignored[range_of_setting[:, None], np.where(is_matched, matched, 0)] & is_matched
     det_ignored = matched_ignored | (~is_matched & dt_out[range_of_setting])
@@ -139,7 +159,7 @@ def _evaluate(
             fp_r = ~tp_r & counted
             aps[rows] = average_precision(tp_r, fp_r, np.full(len(rows), num_gt[c, r]), interpolation)
         ap[c] = aps.reshape(num_ranges, num_thr)
-    return ap, num_gt
+    return ap, num_gt, iou_kind
 
 
 def _mean(values: np.ndarray) -> float:
@@ -155,12 +175,15 @@ def evaluate_detections(
     oriented: bool = True,
     use_07_metric: bool = False,
     interpolation: str | None = None,
+    matching: str = "greedy",
 ) -> MapResult:
-    """VOC/DOTA-style mAP at one IoU threshold (a match needs IoU >= ``iou_threshold``).
+    """VOC/DOTA-style mAP at one IoU threshold (a match needs IoU >= ``iou_threshold``, > with ``"voc"``).
 
     ``interpolation``: ``"all"`` (default, area under the precision envelope),
     ``"11point"`` (what ``use_07_metric=True`` selects) or ``"coco101"``.
-    ``map`` is NaN when no class has ground truth.
+    ``matching``: ``"greedy"`` (default) or ``"voc"``, the VOC / DOTA devkit rule
+    (see :mod:`rkd.eval.matching`); with polygon ground truth, ``"voc"`` and
+    ``"all"`` this is DOTA Task1's protocol. ``map`` is NaN when no class has ground truth.
 
     >>> import torch
     >>> gt = [{"boxes": torch.tensor([[10.0, 10, 8, 4, 0.3]]), "labels": torch.tensor([0])}]
@@ -172,8 +195,8 @@ def evaluate_detections(
         interpolation = "11point" if use_07_metric else "all"
     thresholds = np.array([iou_threshold], dtype=np.float64)
     everything = COCO_AREA_RANGES[:1]
-    ap, num_gt = _evaluate(
-        detections, ground_truths, num_classes, oriented, thresholds, everything, None, interpolation
+    ap, num_gt, iou_kind = _evaluate(
+        detections, ground_truths, num_classes, oriented, thresholds, everything, None, interpolation, matching
     )
     ap, num_gt = ap[:, 0, 0], num_gt[:, 0]
     with_gt = [c for c in range(num_classes) if num_gt[c] > 0]
@@ -183,6 +206,8 @@ def evaluate_detections(
         num_gt={c: int(num_gt[c]) for c in with_gt},
         iou_threshold=float(iou_threshold),
         interpolation=interpolation,
+        iou=iou_kind,
+        matching=matching,
     )
 
 
@@ -201,7 +226,7 @@ def evaluate_coco(
     pycocotools' ``COCOeval`` for ``iouType="bbox"``; areas are box areas and
     ``iscrowd`` ground truths are matched by intersection over detection area.
     """
-    ap, num_gt = _evaluate(
+    ap, num_gt, _ = _evaluate(
         detections, ground_truths, num_classes, oriented, COCO_IOU_THRESHOLDS, COCO_AREA_RANGES, max_dets, interpolation
     )
     with_gt = [c for c in range(num_classes) if num_gt[c, 0] > 0]

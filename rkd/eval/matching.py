@@ -1,16 +1,24 @@
-"""Greedy detection-to-ground-truth matching, vectorised over images, classes and settings.
+"""Detection-to-ground-truth matching, vectorised over images, classes and settings.
 
-A *group* is one (image, class). Within a group, detections are taken in
-descending score order; each one matches the unmatched ground truth with the
-highest IoU >= the threshold, preferring ground truths that count over
-ignored ones (difficult / crowd / outside the area range). A detection whose
-only candidates are ignored ground truths is itself ignored; ignored
-"repeatable" ground truths (difficult, crowd) can absorb any number of
-detections. This is pycocotools' rule, and DOTA's for difficult objects.
+A *group* is one (image, class). Two rules:
 
-Matching is sequential only inside a group, so step k processes the k-th
-detection of every group at once, for every setting (IoU threshold x area
-range) at once: the Python loop runs over ranks, not over detections.
+* :func:`greedy_match` (pycocotools' rule): within a group, detections are taken in
+  descending score order; each one matches the unmatched ground truth with the
+  highest IoU >= the threshold, preferring ground truths that count over ignored
+  ones (difficult / crowd / outside the area range). A detection whose only
+  candidates are ignored ground truths is itself ignored; ignored "repeatable"
+  ground truths (difficult, crowd) can absorb any number of detections. Matching
+  is sequential only inside a group, so step k processes the k-th detection of
+  every group at once: the Python loop runs over ranks, not over detections.
+* :func:`voc_match` (the rule of the VOC devkit's ``voc_eval`` and of DOTA's
+  devkit ``dota_evaluation_task1.py``): each detection looks only at the ground
+  truth of its group with the highest IoU (taken or not, difficult or not; the
+  first in file order on ties). If that IoU is > the threshold (strictly), the
+  detection is ignored when that ground truth is difficult, a true positive when
+  it is the first detection (by score) to reach it, else a false positive.
+  Nothing here is sequential: the best ground truth does not depend on the others.
+
+IoU is on xyxy boxes (N, 4), oriented boxes (N, 5) or quadrilaterals as given (N, 8).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from rkd.geometry.polygon_iou import is_convex, polygon_iou_pairs, signed_area
 from rkd.geometry.rotated_iou import rotated_iou_aligned
 
 _MAX_PAIRS_PER_CHUNK = 1 << 21
@@ -94,11 +103,21 @@ def _hbb_iou(a: np.ndarray, b: np.ndarray, iof: np.ndarray) -> np.ndarray:
     return np.where(denom > 0, inter / np.where(denom > 0, denom, 1), 0.0)
 
 
-def _obb_iou(a: np.ndarray, b: np.ndarray, iof: np.ndarray) -> np.ndarray:
+def _exact_iou(a: np.ndarray, b: np.ndarray, iof: np.ndarray, polygon_info: tuple | None = None) -> np.ndarray:
+    """Rotated-box IoU for (N, 5) pairs, polygon IoU for (N, 8) pairs; IoF where ``iof``.
+
+    ``polygon_info``: the pairs' signed areas and "both convex" mask, known per polygon by the caller.
+    """
     out = np.empty(len(a))
     for mode, sel in (("iou", ~iof), ("iof", iof)):
-        if sel.any():
+        if not sel.any():
+            continue
+        if polygon_info is None:
             out[sel] = rotated_iou_aligned(torch.from_numpy(a[sel]), torch.from_numpy(b[sel]), mode=mode).numpy()
+        else:
+            area_a, area_b, convex = (torch.from_numpy(v[sel]) for v in polygon_info)
+            out[sel] = polygon_iou_pairs(torch.from_numpy(a[sel]), torch.from_numpy(b[sel]), area_a, area_b, convex,
+                                         mode=mode).numpy()
     return out
 
 
@@ -116,19 +135,32 @@ def overlapping_pairs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (det, gt, iou) of the same group with IoU >= ``min_iou``.
 
-    ``*_boxes`` are what the IoU is computed on ((N, 5) oriented, or (N, 4)
-    xyxy, then equal to ``*_hbb``), ``*_area`` their areas; ground truths with ``gt_iof`` (crowd)
-    use intersection over the detection's area instead.
+    ``*_boxes`` are what the IoU is computed on ((N, 5) oriented, (N, 8) polygons
+    or (N, 4) xyxy, then equal to ``*_hbb``), ``*_area`` their areas; ground truths
+    with ``gt_iof`` (crowd) use intersection over the detection's area instead.
     """
-    oriented = det_boxes.shape[1] == 5
+    width = det_boxes.shape[1]
+    if width == 8:  # per polygon, once: signed area and convexity
+        det_signed, gt_signed = (signed_area(torch.from_numpy(boxes)).numpy() for boxes in (det_boxes, gt_boxes))
+        det_convex, gt_convex = (is_convex(torch.from_numpy(boxes)).numpy() for boxes in (det_boxes, gt_boxes))
+        # The area bound assumes the intersection is at most the smaller area, which the devkit's signed
+        # intersection of a self-intersecting polygon need not be: pairs with a non-convex one only need to touch.
+        any_odd = not (det_convex.all() and gt_convex.all())
     dets, gts, ious = [], [], []
     for d, g in _same_group_pairs(det_group, gt_group):
         keep = _may_reach(det_hbb[d], gt_hbb[g], det_area[d], gt_area[g], gt_iof[g], min_iou)
+        if width == 8 and any_odd:
+            odd = ~(det_convex[d] & gt_convex[g])
+            keep |= odd & _may_reach(det_hbb[d], gt_hbb[g], det_area[d], gt_area[g], gt_iof[g], 0.0)
         d, g = d[keep], g[keep]
-        if oriented:
+        if width == 5:
             keep = _obb_may_reach(det_boxes[d], gt_boxes[g], gt_iof[g], min_iou)
             d, g = d[keep], g[keep]
-        iou = (_obb_iou if oriented else _hbb_iou)(det_boxes[d], gt_boxes[g], gt_iof[g])
+        if width == 4:
+            iou = _hbb_iou(det_boxes[d], gt_boxes[g], gt_iof[g])
+        else:
+            info = (det_signed[d], gt_signed[g], det_convex[d] & gt_convex[g]) if width == 8 else None
+            iou = _exact_iou(det_boxes[d], gt_boxes[g], gt_iof[g], info)
         keep = iou >= min_iou
         dets.append(d[keep]), gts.append(g[keep]), ious.append(iou[keep])
     if not dets:
@@ -178,4 +210,33 @@ def greedy_match(
         p = chosen[s, k]
         taken[s, g[p]] = True
         matched[s, d[p]] = g[p]
+    return matched
+
+
+def voc_match(pair_det: np.ndarray, pair_gt: np.ndarray, pair_iou: np.ndarray, det_rank: np.ndarray, num_dets: int,
+              thresholds: np.ndarray, gt_ignored: np.ndarray) -> np.ndarray:
+    """Matched ground truth (S, num_dets) per setting by the VOC / DOTA devkit rule (module doc), -1 when unmatched.
+
+    A detection that reaches an ignored (difficult) ground truth gets that ground truth, so the
+    caller ignores it; one whose best ground truth was already taken gets -1 (a false positive).
+    The pairs must hold every pair of a group whose IoU can exceed the lowest threshold.
+    """
+    matched = np.full((len(thresholds), num_dets), -1, dtype=np.int64)
+    if len(pair_det) == 0:
+        return matched
+    # Best ground truth of each detection: highest IoU, then the lowest index (np.argmax in the devkit).
+    order = np.lexsort((pair_gt, -pair_iou, pair_det))
+    first = np.r_[True, pair_det[order][1:] != pair_det[order][:-1]]
+    best = order[first]
+    d, g, iou = pair_det[best], pair_gt[best], pair_iou[best]
+    by_gt = np.lexsort((det_rank[d], g))  # each ground truth's claimants in score order
+    d, g, iou = d[by_gt], g[by_gt], iou[by_gt]
+    for s, threshold in enumerate(thresholds):  # a handful of settings; all work inside is vectorised
+        hit = iou > threshold
+        ignored = gt_ignored[s, g]
+        claims = hit & ~ignored
+        gc = g[claims]
+        winner = np.flatnonzero(claims)[np.r_[True, gc[1:] != gc[:-1]]] if claims.any() else np.zeros(0, np.int64)
+        matched[s, d[hit & ignored]] = g[hit & ignored]
+        matched[s, d[winner]] = g[winner]
     return matched

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from rkd.geometry import batched_rotated_nms
 
-Detections = dict[str, Tensor]  # boxes (M, 5) le90, scores (M,), labels (M,)
+Detections = dict[str, Tensor]  # boxes (M, 5) le90, scores (M,), labels (M,); optional polys (M, 8) as given
 
 # DOTA's devkit merges patch results with NMS at this IoU.
 DEFAULT_MERGE_IOU = 0.3
@@ -49,17 +49,28 @@ def to_scene(det: Mapping[str, Any], window: Sequence[int]) -> Detections:
     boxes = torch.as_tensor(det["boxes"]).clone().reshape(-1, 5)
     boxes[:, 0] += window[0]
     boxes[:, 1] += window[1]
-    return {"boxes": boxes, "scores": torch.as_tensor(det["scores"]), "labels": torch.as_tensor(det["labels"])}
+    out = {"boxes": boxes, "scores": torch.as_tensor(det["scores"]), "labels": torch.as_tensor(det["labels"])}
+    if "polys" in det:  # the polygons as given travel along, so evaluation can use them
+        polys = torch.as_tensor(det["polys"]).clone().reshape(-1, 8)
+        polys[:, 0::2] += window[0]
+        polys[:, 1::2] += window[1]
+        out["polys"] = polys
+    return out
 
 
-def nms_merge(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float = DEFAULT_MERGE_IOU) -> Detections:
-    """Class-wise rotated NMS of pooled scene boxes; the kept ones by descending score."""
+def nms_merge(
+    boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float = DEFAULT_MERGE_IOU, polys: Tensor | None = None
+) -> Detections:
+    """Class-wise rotated NMS of pooled scene boxes; the kept ones by descending score (with their ``polys``)."""
     if len(boxes):
         keep = batched_rotated_nms(boxes, scores, labels, iou_threshold)
         keep = keep[scores[keep].argsort(descending=True, stable=True)]
     else:
         keep = torch.zeros(0, dtype=torch.long)
-    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+    out = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+    if polys is not None:
+        out["polys"] = polys[keep]
+    return out
 
 
 def merge_patches(
@@ -80,7 +91,8 @@ def merge_patches(
     boxes = torch.cat([d["boxes"].to(dtype) for d in shifted])
     scores = torch.cat([d["scores"].to(dtype) for d in shifted])
     labels = torch.cat([d["labels"].long() for d in shifted])
-    return nms_merge(boxes, scores, labels, iou_threshold)
+    polys = torch.cat([d["polys"].to(dtype) for d in shifted]) if all("polys" in d for d in shifted) else None
+    return nms_merge(boxes, scores, labels, iou_threshold, polys)
 
 
 def merge_patch_predictions(

@@ -1,4 +1,4 @@
-"""Oriented-box geometry: conversions, exact rotated IoU and rotated NMS."""
+"""Oriented-box geometry: conversions, exact rotated IoU, exact IoU of quadrilaterals as given, rotated NMS."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from rkd.geometry.boxes import (
     poly_to_obb,
 )
 from rkd.geometry.nms import batched_rotated_nms, rotated_nms
+from rkd.geometry.polygon_iou import polygon_iou, polygon_iou_aligned
 from rkd.geometry.rotated_iou import rotated_iou, rotated_iou_aligned
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "obb_to_hbb",
     "obb_to_poly",
     "poly_to_obb",
+    "polygon_iou",
+    "polygon_iou_aligned",
     "rotated_iou",
     "rotated_iou_aligned",
     "rotated_nms",

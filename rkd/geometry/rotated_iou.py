@@ -15,6 +15,8 @@ axis-aligned boxes do not overlap are skipped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -70,12 +72,12 @@ def _pseudo_angle(dx: Tensor, dy: Tensor) -> Tensor:
     return torch.where(dx >= 0, ratio, 2 - ratio)
 
 
-def _intersection_area(a: Tensor, b: Tensor) -> Tensor:
-    """Intersection area (P,) of the box pairs ``a[p]``, ``b[p]`` (float64, (P, 5) each)."""
-    ax, ay = _corners(a)
-    bx, by = _corners(b)
+def edge_crossings(ax: Tensor, ay: Tensor, bx: Tensor, by: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Crossings of every edge of polygon A (P, n) with every edge of polygon B (P, m): x, y, valid (P, n * m).
 
-    # Edge-edge crossings: edge i of A is a[i] + t * ra[i], edge j of B is b[j] + u * rb[j]; (P, 4, 4) below.
+    Edge i of A is a[i] + t * ra[i], edge j of B is b[j] + u * rb[j]; a crossing is valid when both
+    parameters are in [0, 1] (with slack) and the edges are not parallel.
+    """
     rax, ray = (ax.roll(-1, dims=1) - ax)[:, :, None], (ay.roll(-1, dims=1) - ay)[:, :, None]
     rbx, rby = (bx.roll(-1, dims=1) - bx)[:, None, :], (by.roll(-1, dims=1) - by)[:, None, :]
     qx, qy = bx[:, None, :] - ax[:, :, None], by[:, None, :] - ay[:, :, None]
@@ -89,11 +91,16 @@ def _intersection_area(a: Tensor, b: Tensor) -> Tensor:
     crossing_ok = not_parallel & (t >= -eps) & (t <= 1 + eps) & (u >= -eps) & (u <= 1 + eps)
     px = (ax[:, :, None] + t * rax).flatten(1)
     py = (ay[:, :, None] + t * ray).flatten(1)
+    return px, py, crossing_ok.flatten(1)
 
-    x = torch.cat([ax, bx, px], dim=1)  # (P, 24) candidate vertices
-    y = torch.cat([ay, by, py], dim=1)
-    valid = torch.cat([_inside(ax, ay, b), _inside(bx, by, a), crossing_ok.flatten(1)], dim=1)
 
+def convex_hull_area(x: Tensor, y: Tensor, valid: Tensor) -> Tensor:
+    """Area (P,) of the convex polygon whose vertices are the ``valid`` ones of the candidates (P, K).
+
+    The valid candidates are sorted by angle around their mean (which lies inside the
+    polygon) and the shoelace formula gives the area; invalid slots are filled with the
+    first valid vertex, so they add zero-length edges and nothing to the area.
+    """
     count = valid.sum(1, keepdim=True).clamp_min(1)
     # centring on the mean also keeps the shoelace sum well conditioned
     x = x - (x * valid).sum(1, keepdim=True) / count
@@ -105,6 +112,17 @@ def _intersection_area(a: Tensor, b: Tensor) -> Tensor:
     y = torch.where(valid, y, y[:, :1])
     area = (x * y.roll(-1, dims=1) - x.roll(-1, dims=1) * y).sum(1) / 2
     return area.abs()
+
+
+def _intersection_area(a: Tensor, b: Tensor) -> Tensor:
+    """Intersection area (P,) of the box pairs ``a[p]``, ``b[p]`` (float64, (P, 5) each)."""
+    ax, ay = _corners(a)
+    bx, by = _corners(b)
+    px, py, crossing_ok = edge_crossings(ax, ay, bx, by)  # the 16 edge-edge crossings
+    x = torch.cat([ax, bx, px], dim=1)  # (P, 24) candidate vertices
+    y = torch.cat([ay, by, py], dim=1)
+    valid = torch.cat([_inside(ax, ay, b), _inside(bx, by, a), crossing_ok], dim=1)
+    return convex_hull_area(x, y, valid)
 
 
 def _hbb_overlap(ha: Tensor, hb: Tensor) -> Tensor:
@@ -130,6 +148,17 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"mode must be 'iou' or 'iof' (intersection over the area of a), got {mode!r}")
 
 
+def aligned_inputs(a: Tensor, b: Tensor, mode: str, check: Callable[[Tensor, str], None], what: str):
+    """``(a, b, result dtype)`` of two checked inputs of an aligned (row i with row i) IoU."""
+    _check_mode(mode)
+    a, b = as_tensor(a), as_tensor(b)
+    check(a, "a")
+    check(b, "b")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"a and b must have the same number of {what}, got {a.shape[0]} and {b.shape[0]}")
+    return a, b, torch.promote_types(a.dtype, b.dtype)
+
+
 def rotated_iou_aligned(a: Tensor, b: Tensor, mode: str = "iou", chunk_pairs: int | None = None) -> Tensor:
     """IoU (N,) of ``a[i]`` with ``b[i]``; ``a``, ``b`` are (N, 5) oriented boxes.
 
@@ -139,13 +168,7 @@ def rotated_iou_aligned(a: Tensor, b: Tensor, mode: str = "iou", chunk_pairs: in
     >>> rotated_iou_aligned(box, box + torch.tensor([1.0, 0, 0, 0, 0]))
     tensor([0.3333])
     """
-    _check_mode(mode)
-    a, b = as_tensor(a), as_tensor(b)
-    _check(a, "a")
-    _check(b, "b")
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(f"a and b must have the same number of boxes, got {a.shape[0]} and {b.shape[0]}")
-    out_dtype = torch.promote_types(a.dtype, b.dtype)
+    a, b, out_dtype = aligned_inputs(a, b, mode, _check, "boxes")
     a64, b64 = _float64(a), _float64(b)
     chunk_pairs = _chunk(chunk_pairs, a.device)
     out = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
