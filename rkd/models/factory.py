@@ -8,6 +8,10 @@ A model spec (the ``model`` section of a teacher or student)::
     neck: {channels: 64, levels: 3}
     head: {convs: 2, anchor_ratios: [0.5, 1.0, 2.0], anchor_scales: [1.0], anchor_size: 2.0, angle_bins: 0}
 
+``head.assign`` (retinanet, ``boxes: obb``): ``rotated`` (default) or ``hbb``, the IoU that picks
+positive anchors (see :mod:`rkd.models.anchors`). A spec whose value is the default ``rotated``
+is written without the key, as every spec before the option was (same teacher cache hashes).
+
 ``kind: fcos`` (anchor-free, with centerness) takes ``head: {convs, angle_bins}``.
 ``angle_bins > 0`` adds an angle-classification branch (oriented boxes only).
 ``kind: faster_rcnn`` (two-stage, ``boxes: hbb`` only) takes ``head: {convs, anchor_ratios,
@@ -35,6 +39,7 @@ import torch
 
 from rkd.errors import SpecError
 from rkd.models import efficientnet_lite, mobilenet, resnet  # noqa: F401  (register their backbones)
+from rkd.models.anchors import ASSIGN_RULES
 from rkd.models.backbones import BACKBONES, PRETRAINED_WIDTHS
 from rkd.models.detector import Detector
 from rkd.models.faster_rcnn import build_faster_rcnn
@@ -48,7 +53,8 @@ BOX_KINDS = {"obb": 5, "hbb": 4}
 NECK_DEFAULTS: dict[str, Any] = {"channels": 64, "levels": 3}
 HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
     "retinanet": {
-        "convs": 2, "anchor_ratios": [0.5, 1.0, 2.0], "anchor_scales": [1.0], "anchor_size": 2.0, "angle_bins": 0
+        "convs": 2, "anchor_ratios": [0.5, 1.0, 2.0], "anchor_scales": [1.0], "anchor_size": 2.0, "angle_bins": 0,
+        "assign": "rotated",
     },
     "fcos": {"convs": 2, "angle_bins": 0},
     "faster_rcnn": {
@@ -226,6 +232,16 @@ def validate_model_spec(spec: dict[str, Any] | None) -> dict[str, Any]:
             raise SpecError("head.angle_bins", "must be 0 (no angle classification) or >= 2, got 1")
         if head["angle_bins"] and boxes != "obb":
             raise SpecError("head.angle_bins", f"angle classification needs boxes: obb, got boxes: {boxes}")
+    if kind == "retinanet":
+        head["assign"] = _choice(head["assign"], "head.assign", ASSIGN_RULES)
+        if head["assign"] == "hbb" and boxes != "obb":
+            raise SpecError(
+                "head.assign", "hbb needs boxes: obb (horizontal boxes are always assigned by their plain IoU)"
+            )
+        if head["assign"] == "rotated" == head_defaults["assign"]:
+            # Specs without the key (older checkpoints, cached teachers) mean rotated; leaving the
+            # default out keeps their validated form, and so their config hashes, unchanged.
+            del head["assign"]
 
     backbone = _validate_backbone(spec.get("backbone"))
     outputs = len(backbone.get("out_indices", (2, 3, 4)))
@@ -318,5 +334,6 @@ def build_detector(spec: dict[str, Any] | None, num_classes: int) -> Detector:
             anchor_scales=tuple(h["anchor_scales"]),
             anchor_size=h["anchor_size"],
             angle_bins=h["angle_bins"],
+            assign=h.get("assign", HEAD_DEFAULTS["retinanet"]["assign"]),
         )
     return Detector(backbone, neck, head, spec=spec)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from rkd.models.anchors import anchor_sizes, assign_batch, grid_anchors
+from rkd.models.anchors import anchor_sizes, assign_batch, check_assign, grid_anchors
 from rkd.models.angle_cls import csl_targets
 from rkd.models.coders import make_coder, wrap_angle
 from rkd.outputs import Assignment, DetectorOutput, Targets, flatten_levels
@@ -38,6 +38,9 @@ class RetinaHead(nn.Module):
             that many bins on the box subnet, trained with circular smooth labels
             (see :mod:`rkd.models.angle_cls`); boxes are still decoded from the
             regressed angle, the bins are auxiliary supervision and a KD signal.
+        assign: which IoU picks positive / negative anchors of oriented boxes (see
+            :mod:`rkd.models.anchors`): ``rotated`` (exact rotated IoU) or ``hbb`` (IoU with
+            the GT's circumscribed horizontal box); the box target is the rotated GT either way.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class RetinaHead(nn.Module):
         pos_iou: float = 0.5,
         neg_iou: float = 0.4,
         angle_bins: int = 0,
+        assign: str = "rotated",
     ) -> None:
         super().__init__()
         self.num_classes, self.box_dim = num_classes, box_dim
@@ -63,6 +67,7 @@ class RetinaHead(nn.Module):
         self.num_anchors = len(self.anchor_ratios) * len(self.anchor_scales)
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.pos_iou, self.neg_iou = pos_iou, neg_iou
+        self.assign_rule = check_assign(assign)  # not `assign`: FCOSHead.assign is its assignment method
         self.coder = make_coder(box_dim)
         self.cls_tower = conv_tower(channels, convs)
         self.box_tower = conv_tower(channels, convs)
@@ -112,7 +117,7 @@ class RetinaHead(nn.Module):
         box = output.flat_box()
         anchors = output.flat_anchors()
         with torch.no_grad():
-            asg = assign_batch(anchors, targets, self.pos_iou, self.neg_iou)
+            asg = assign_batch(anchors, targets, self.pos_iou, self.neg_iou, self.assign_rule)
         pos, valid = asg.pos_mask, asg.pos_mask | asg.neg_mask
         num_pos = pos.sum().clamp(min=1).to(cls.dtype)
         onehot = F.one_hot(asg.matched_labels.clamp(min=0), self.num_classes).to(cls.dtype)
