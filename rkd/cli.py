@@ -65,6 +65,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from rkd.search.results import front_rows, knee, format_table, run_objectives
+    from rkd.search.confirm import confirm_report
     from rkd.search.runner import front_columns
     from rkd.train.tasks import metric_label
 
@@ -80,8 +81,9 @@ def _cmd_results(args: argparse.Namespace) -> int:
     accuracy = objectives[0]
     label = metric_label(accuracy)
     summary_path = run / "summary.json"
-    if summary_path.is_file():
-        teacher = json.loads(summary_path.read_text())["teacher"]
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if summary:
+        teacher = summary["teacher"]
         print(f"teacher: {label} {teacher[accuracy]:.3f}, {teacher['gflops']:.3f} GFLOPs")
     counts = {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})}
     print(f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
@@ -89,6 +91,8 @@ def _cmd_results(args: argparse.Namespace) -> int:
     best = knee(front, accuracy)
     if best:
         print(f"knee point: {best['trial_id']} ({label} {best[accuracy]:.3f}, {best['gflops']:.3f} GFLOPs)")
+    if summary.get("confirm") is not None:
+        print(confirm_report(summary["confirm"]))
     return 0
 
 

@@ -22,6 +22,10 @@ class SpecError(RkdError):
         self.path, self.message, self.file, self.line = path, message, file, line
         super().__init__(str(self))
 
+    def __reduce__(self) -> tuple[type, tuple[str, str, str | None, int | None]]:
+        # pickled across processes (a Ray worker's error reaches the driver): rebuild from the fields
+        return type(self), (self.path, self.message, self.file, self.line)
+
     def __str__(self) -> str:
         where = ""
         if self.file:

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shapely.geometry import Point, Polygon
+from shapely.geometry import Polygon
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_distill_core import make_info, make_output, make_targets, np64, set_conv_weights  # noqa: E402
-from test_distill_nsd import conv3x3_np, corners  # noqa: E402
+from test_distill_nsd import conv3x3_np, corners, touches_cell  # noqa: E402
 
 from rkd.distill import KD_METHODS, build_distiller, validate_methods  # noqa: E402
 from rkd.distill.fgd import fgd_masks  # noqa: E402
@@ -90,7 +90,7 @@ def ref_frs(s, t, hp, comp) -> dict[str, float]:
         d2 = (np64(ft) - conv3x3_np(np64(fs), np64(a.weight), np64(a.bias))) ** 2
         feat += (d2 * m).sum() / m.sum()
         p, q = sigmoid(np64(ct)), sigmoid(np64(cs))
-        bce = -(p * np.log(q) + (1 - p) * np.log(1 - q))
+        bce = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))  # binary KL
         cls += (bce * m).sum() / m.sum()
     return {"feat": hp["feat_weight"] * feat, "cls": hp["cls_weight"] * cls}
 
@@ -103,9 +103,7 @@ def ref_fgd_masks(targets, out) -> tuple[list[np.ndarray], list[np.ndarray]]:
         for i in range(b):
             for box in targets.boxes[i].tolist():
                 poly = Polygon(corners(box))
-                cells = [
-                    (y, x) for y in range(h) for x in range(w) if poly.covers(Point((x + 0.5) * st, (y + 0.5) * st))
-                ]
+                cells = [(y, x) for y in range(h) for x in range(w) if touches_cell(poly, x, y, st)]
                 for y, x in cells:
                     fg[i, 0, y, x] = max(fg[i, 0, y, x], 1.0 / len(cells))
         bg = (fg == 0).astype(float)

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shapely.geometry import Point, Polygon
+from shapely.geometry import Polygon
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_distill_core import make_info, make_output, make_targets, np64, set_conv_weights  # noqa: E402
-from test_distill_nsd import corners  # noqa: E402
+from test_distill_nsd import corners, touches_cell  # noqa: E402
 
 from rkd.distill import build_distiller, validate_methods  # noqa: E402
 from rkd.distill.cid import LightML  # noqa: E402
@@ -39,26 +39,38 @@ def line_distance(p, a, b) -> float:
 
 
 def ref_cid_masks(targets: Targets, out, gamma: float) -> list[np.ndarray]:
-    """Centerness from distances to the box's side lines; per-instance normalisation by loops."""
+    """Per-instance normalised centerness on the cells a box overlaps (shapely), by loops.
+
+    The centerness of a cell's centre is taken in the box grown on each side by the cell's reach,
+    half the cell's extent projected on the box's axes (from the cell's corners); the centre's
+    box-frame offsets come from its distances to the side lines: ``d_l^2 - d_r^2 = 2 w u``.
+    """
     levels = [(f.shape[0], f.shape[-2], f.shape[-1], s) for f, s in zip(out.features, out.info.strides)]
     masks = [np.zeros((b, 1, h, w)) for b, h, w, _ in levels]
     for i, boxes in enumerate(targets.boxes):
         for box in boxes.tolist():
             c = corners(box)  # (+w,+h), (-w,+h), (-w,-h), (+w,-h) in the box frame
             poly = Polygon(c)
+            bw, bh = math.dist(c[0], c[1]), math.dist(c[0], c[3])
+            axis = ((c[0][0] - c[1][0]) / bw, (c[0][1] - c[1][1]) / bw)  # unit w-axis
             per_level = []
             for b, h, w, s in levels:
+                # the cell's half extent along either box axis (a square projects alike on both)
+                reach = max(abs(sx * axis[0] + sy * axis[1]) for sx in (-s / 2, s / 2) for sy in (-s / 2, s / 2))
                 m = np.zeros((h, w))
                 for y in range(h):
                     for x in range(w):
-                        p = ((x + 0.5) * s, (y + 0.5) * s)
-                        if not poly.covers(Point(p)):
+                        if not touches_cell(poly, x, y, s):
                             continue
+                        p = ((x + 0.5) * s, (y + 0.5) * s)
                         d_r = line_distance(p, c[0], c[3])  # side at u = +w/2
                         d_l = line_distance(p, c[1], c[2])  # side at u = -w/2
                         d_b = line_distance(p, c[0], c[1])  # side at v = +h/2
                         d_t = line_distance(p, c[2], c[3])  # side at v = -h/2
-                        ctr = math.sqrt(min(d_l, d_r) / max(d_l, d_r) * min(d_t, d_b) / max(d_t, d_b))
+                        u, v = (d_l**2 - d_r**2) / (2 * bw), (d_t**2 - d_b**2) / (2 * bh)
+                        lft, rgt = bw / 2 + reach + u, bw / 2 + reach - u
+                        top, bot = bh / 2 + reach + v, bh / 2 + reach - v
+                        ctr = math.sqrt(min(lft, rgt) / max(lft, rgt) * min(top, bot) / max(top, bot))
                         m[y, x] = ctr**gamma
                 per_level.append(m)
             total = sum(m.sum() for m in per_level)
@@ -102,7 +114,7 @@ def ref_cid(student, teacher, targets, hp, comp) -> dict[str, float]:
             if hp["lightml"]:
                 cs, rs = ref_lightml(cs, rs, comp.lightml)
             p, q = sigmoid(ct), sigmoid(cs)
-            bce = -(p * np.log(q) + (1 - p) * np.log(1 - q))
+            bce = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))  # binary KL
             c_tot += (bce.mean(1, keepdims=True) * m).sum()
             r_tot += (np.abs(rs - rt).mean(1, keepdims=True) * m).sum()
         out["cls"] = hp["cls_weight"] * c_tot / n_ins
@@ -143,7 +155,7 @@ def test_instance_mask_matches_reference_and_sums_to_instances(gamma):
     for g, w in zip(got, want):
         np.testing.assert_allclose(g.numpy(), w, rtol=1e-5, atol=1e-6)
     per_image = sum(g.sum((1, 2, 3)) for g in got)
-    # every random box (>= 6 px wide) covers stride-4 centres, so each image sums to its box count
+    # every box touches some cells, so each image sums to its box count
     np.testing.assert_allclose(per_image.numpy(), [3.0, 3.0, 0.0], rtol=1e-5)
     assert max(float(g.max()) for g in got) <= 1.0
 
@@ -156,7 +168,7 @@ def test_instance_mask_equal_per_instance_whatever_the_size():
     tg = Targets([torch.tensor([big, small])], [torch.tensor([0, 1])], (64, 64))
     m = centerness_instance_masks(tg, out)[0][0, 0]
     ys, xs = torch.meshgrid(torch.arange(16) * 4 + 2.0, torch.arange(16) * 4 + 2.0, indexing="ij")
-    near_small = ((xs - 8) ** 2 + (ys - 8) ** 2) < 36
+    near_small = ((xs - 8) ** 2 + (ys - 8) ** 2) < 8.5**2  # the small box's cells; the big box's are >= 10 px away
     assert float(m[near_small].sum()) == pytest.approx(1.0, rel=1e-5)
     assert float(m[~near_small].sum()) == pytest.approx(1.0, rel=1e-5)
     assert float(m[near_small].max()) > 5 * float(m[~near_small].max())  # a small instance's centre counts most

@@ -14,7 +14,7 @@ from torch import nn
 
 from rkd.distill import build_distiller
 from rkd.distill.ds2d2 import DS2D2, amplifier_loss, disw_map, disw_maps, explicit_loss
-from rkd.outputs import DetectorInfo, DetectorOutput, Targets
+from rkd.outputs import Assignment, DetectorInfo, DetectorOutput, Targets
 
 GOLDEN = Path(__file__).parent / "fixtures" / "kd_golden_spectral.json"
 
@@ -72,14 +72,25 @@ def ref_explicit(s: np.ndarray, t: np.ndarray, w: np.ndarray | None, wavelet: st
     return float(low), float(high)
 
 
-def ref_amplifier(cs: np.ndarray, bs: np.ndarray, ct: np.ndarray, bt: np.ndarray, beta: float) -> float:
+def ref_amplifier(
+    cs: np.ndarray, bs: np.ndarray, ct: np.ndarray, bt: np.ndarray, beta: float, avg_factor: float | None = None
+) -> float:
+    """(sum BCE |q - p|^beta + sum max_c p |r_s - r_t|_1) / avg_factor.
+
+    ``avg_factor=None``: divided by max(1, sum max_c p) instead (the prior stage's normaliser).
+    """
     sig = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
     p, q = sig(ct), sig(cs)
     log_q, log_1mq = -np.logaddexp(0.0, -cs), -np.logaddexp(0.0, cs)  # log sigmoid(s), log(1 - sigmoid(s))
     bce = -(p * log_q + (1 - p) * log_1mq)
     score = p.max(axis=-1)
     num = np.sum(bce * np.abs(q - p) ** beta) + np.sum(score * np.abs(bs - bt).sum(-1))
-    return float(num / max(1.0, score.sum()))
+    return float(num / (max(1.0, score.sum()) if avg_factor is None else avg_factor))
+
+
+def ref_avg_factor(pos_per_image: list[int]) -> float:
+    """The released avg_factor: MMDetection's PseudoSampler counts max(1, positives) per image, summed."""
+    return float(sum(max(1, n) for n in pos_per_image))
 
 
 def ref_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -148,6 +159,19 @@ def make_output(info: DetectorInfo, feats: list[torch.Tensor], head: TinyHead, i
     return DetectorOutput(info, feats, cls, box, anchors, image_size, head_fn=head)
 
 
+# Positive anchors of the student's assignment in ``case``: 5 in image 0 (which has 3 GT boxes), none in
+# image 1 (no boxes). Fixed, not drawn, so the golden case's random stream is what it was.
+CASE_POSITIVES = {0: [3, 17, 40, 41, 100], 1: []}
+
+
+def make_assignment(num_anchors: int, positives: dict[int, list[int]], box_dim: int = 5) -> Assignment:
+    pos = torch.zeros(len(positives), num_anchors, dtype=torch.bool)
+    for i, idx in positives.items():
+        pos[i, idx] = True
+    matched = torch.where(pos, 0, -1)
+    return Assignment(pos, ~pos, torch.zeros_like(pos), matched, matched.clone(), torch.zeros(*pos.shape, box_dim))
+
+
 def case(seed: int = 0, cs: int = 6, ct: int = 4, wavelet_sizes=((8, 7), (4, 4))):
     """Student/teacher outputs, targets and numpy copies, all float64, from a numpy seed."""
     rng = np.random.default_rng(seed)
@@ -167,6 +191,7 @@ def case(seed: int = 0, cs: int = 6, ct: int = 4, wavelet_sizes=((8, 7), (4, 4))
     teacher = make_output(t_info, [torch.from_numpy(x) for x in t_np], head)
     s_feats = [torch.from_numpy(x).requires_grad_(True) for x in s_np]
     student = make_output(s_info, s_feats, TinyHead(cs, 2, 3, 5).double())
+    student.assignment = make_assignment(sum(2 * h * w for h, w in wavelet_sizes), CASE_POSITIVES)
     boxes = [
         np.array([[20.0, 30.0, 40.0, 17.0, 0.4], [41.0, 12.0, 9.0, 5.0, -1.2], [30.0, 50.0, 30.0, 30.0, -math.pi / 2]]),
         np.zeros((0, 5)),
@@ -182,7 +207,12 @@ def ref_head(f: np.ndarray, hp: dict[str, np.ndarray]) -> tuple[np.ndarray, np.n
     return cls, box
 
 
-def ref_ds2d2_terms(comp: DS2D2, s_np, t_np, head_np, boxes, strides=(8, 16)) -> dict[str, float]:
+def ref_ds2d2_terms(
+    comp: DS2D2, s_np, t_np, head_np, boxes, strides=(8, 16), avg_factor: float | None = None
+) -> dict[str, float]:
+    """``avg_factor``: the amplifiers' normaliser, by default the released one of ``case``'s assignment."""
+    if avg_factor is None:
+        avg_factor = ref_avg_factor([len(CASE_POSITIVES[i]) for i in sorted(CASE_POSITIVES)])
     hp = comp.hparams
     wav = hp["wavelet"]
     adapters = [a.weight.detach().numpy()[:, :, 0, 0] for a in comp.adapters]
@@ -198,7 +228,7 @@ def ref_ds2d2_terms(comp: DS2D2, s_np, t_np, head_np, boxes, strides=(8, 16)) ->
     ct, bt = flat([o[0] for o in t_out]), flat([o[1] for o in t_out])
     if hp["ff_amplifier"]:
         s_out = [ref_head(s, head_np) for s in adapted]
-        amp = ref_amplifier(flat([o[0] for o in s_out]), flat([o[1] for o in s_out]), ct, bt, hp["beta"])
+        amp = ref_amplifier(flat([o[0] for o in s_out]), flat([o[1] for o in s_out]), ct, bt, hp["beta"], avg_factor)
         terms["ff"] = hp["ff_weight"] * amp
     if hp["hf_amplifier"]:
         p = {k: v.detach().numpy() for k, v in comp.hf_head.state_dict().items()}
@@ -206,7 +236,7 @@ def ref_ds2d2_terms(comp: DS2D2, s_np, t_np, head_np, boxes, strides=(8, 16)) ->
         t_out = [ref_hf_head(ref_high_band(t, wav), p) for t in t_np]
         amp = ref_amplifier(
             flat([o[0] for o in s_out]), flat([o[1] for o in s_out]),
-            flat([o[0] for o in t_out]), flat([o[1] for o in t_out]), hp["beta"],
+            flat([o[0] for o in t_out]), flat([o[1] for o in t_out]), hp["beta"], avg_factor,
         )
         terms["hf"] = hp["hf_weight"] * amp
     return terms
@@ -312,6 +342,47 @@ def test_amplifier_loss_matches_reference(beta: float) -> None:
     # below one soft positive the normaliser is 1
     got = amplifier_loss(*(torch.from_numpy(x) for x in (cs[:, :1], bs[:, :1], ct[:, :1] - 20, bt[:, :1])), beta=beta)
     assert float(got) == pytest.approx(ref_amplifier(cs[:, :1], bs[:, :1], ct[:, :1] - 20, bt[:, :1], beta), rel=1e-12)
+
+
+def test_amplifier_loss_divides_by_the_given_avg_factor() -> None:
+    rng = np.random.default_rng(14)
+    cs, ct = rng.standard_normal((2, 30, 4)) * 2, rng.standard_normal((2, 30, 4)) * 2 - 1
+    bs, bt = rng.standard_normal((2, 30, 5)), rng.standard_normal((2, 30, 5))
+    args = [torch.from_numpy(x) for x in (cs, bs, ct, bt)]
+    for factor in (7.0, torch.tensor(7.0, dtype=torch.float64)):
+        got = amplifier_loss(*args, beta=1.2, avg_factor=factor)
+        assert float(got) == pytest.approx(ref_amplifier(cs, bs, ct, bt, 1.2, avg_factor=7.0), rel=1e-12)
+
+
+def test_amplifiers_are_normalised_by_the_released_number_of_positives() -> None:
+    """Released DS2D2 (mmdet ``avg_factor``): the student's positive anchors, max(1, n) per image, summed.
+
+    Not the sum of the teacher's max probabilities, which is ~ 0.01 x anchors on a fresh head
+    (12-27x the positives on UCAS-AOD) and made the released amplifier weights that much too small.
+    """
+    student, teacher, targets, s_np, t_np, head_np, boxes, _ = case(seed=12)
+    comp = DS2D2(student.info, teacher.info, beta=1.3).double()
+    terms = comp(student, teacher, targets)
+    released = ref_ds2d2_terms(comp, s_np, t_np, head_np, boxes, avg_factor=6.0)  # image 0: 5, image 1: max(1, 0)
+    for name in ("ff", "hf"):
+        assert terms[name].item() == pytest.approx(released[name], rel=1e-9), name
+    # the old normaliser gives other values here, so the check above can fail
+    n_anchors = student.assignment.pos_mask.shape[1]
+    soft = float(torch.sigmoid(teacher.flat_cls()).max(-1).values.sum())
+    assert soft > 2 * 6.0 and n_anchors == 144
+    # the teacher's assignment when the student has none (same anchors, same count by design)
+    student.assignment, teacher.assignment = None, make_assignment(n_anchors, {0: [1, 2], 1: [5, 6, 7, 8]})
+    terms = comp(student, teacher, targets)
+    by_teacher = ref_ds2d2_terms(comp, s_np, t_np, head_np, boxes, avg_factor=6.0)  # 2 + 4
+    assert terms["ff"].item() == pytest.approx(by_teacher["ff"], rel=1e-9)
+    teacher.assignment = make_assignment(n_anchors, {0: [1, 2, 3, 4, 5, 6, 7], 1: [5, 6, 7, 8]})
+    assert comp(student, teacher, targets)["ff"].item() == pytest.approx(6.0 / 11.0 * by_teacher["ff"], rel=1e-9)
+    # neither has one (OpenMMLab adapters): the GT boxes, max(1, n) per image, the same scale as the positives
+    teacher.assignment = None
+    terms = comp(student, teacher, targets)
+    by_gt = ref_ds2d2_terms(comp, s_np, t_np, head_np, boxes, avg_factor=4.0)  # 3 boxes + max(1, 0)
+    for name in ("ff", "hf"):
+        assert terms[name].item() == pytest.approx(by_gt[name], rel=1e-9), name
 
 
 @pytest.mark.parametrize("beta", [0.5, 1.0, 1.7])

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from shapely.geometry import Point, Polygon
+from shapely.geometry import box as shapely_box
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_distill_core import make_info, make_output, make_targets, np64, set_conv_weights  # noqa: E402
@@ -41,8 +42,13 @@ def corners(box) -> list[tuple[float, float]]:
     ]
 
 
+def touches_cell(poly: Polygon, x: int, y: int, s: float) -> bool:
+    """The cell ``[x s, (x+1) s] x [y s, (y+1) s]`` overlaps the polygon with positive area."""
+    return poly.intersection(shapely_box(x * s, y * s, (x + 1) * s, (y + 1) * s)).area > 0
+
+
 def ref_fg_masks(targets: Targets, out) -> list[np.ndarray]:
-    """Foreground of each location centre ((x + 1/2) s, (y + 1/2) s) by shapely polygons."""
+    """Foreground of each location's cell (side s, centre ((x + 1/2) s, (y + 1/2) s)) by shapely polygons."""
     masks = []
     for f, s in zip(out.features, out.info.strides):
         b, _, h, w = f.shape
@@ -51,8 +57,7 @@ def ref_fg_masks(targets: Targets, out) -> list[np.ndarray]:
             polys = [Polygon(corners(bx)) for bx in targets.boxes[i].tolist()]
             for y in range(h):
                 for x in range(w):
-                    p = Point((x + 0.5) * s, (y + 0.5) * s)
-                    m[i, 0, y, x] = float(any(poly.covers(p) for poly in polys))
+                    m[i, 0, y, x] = float(any(touches_cell(poly, x, y, s) for poly in polys))
         masks.append(m)
     return masks
 
@@ -91,10 +96,11 @@ def ref_nsd(student, teacher, targets, hp: dict, adapters, epoch: float) -> dict
         total = 0.0
         for conv, fs, ft, m in zip(adapters, student.features, teacher.features, fgs):
             d2 = (conv3x3_np(np64(fs), np64(conv.weight), np64(conv.bias)) - np64(ft)) ** 2
-            l_fg = (d2 * m).sum() / max(1.0, 2 * m.sum())
-            l_bg = (d2 * (1 - m)).sum() / max(1.0, 2 * (1 - m).sum())
+            c = d2.shape[1]  # the released code's mask is repeated over channels: a per-element mean
+            l_fg = (d2 * m).sum() / max(1.0, 2 * c * m.sum())
+            l_bg = (d2 * (1 - m)).sum() / max(1.0, 2 * c * (1 - m).sum())
             total += hp["fg_weight"] * l_fg + hp["bg_weight"] * l_bg
-        out["pixel"] = total
+        out["pixel"] = total / len(fgs)
     a = student.info.num_anchors
     zs, zt = flat_np(student.cls_logits, a), flat_np(teacher.cls_logits, a)
     neg = student.assignment.neg_mask.numpy()
@@ -112,8 +118,12 @@ def ref_nsd(student, teacher, targets, hp: dict, adapters, epoch: float) -> dict
     n = max(1, int(sel.sum()))
     t, beta = hp["temperature"], hp["beta"]
     if hp["logit"]:
-        p, q = softmax_np(zt[sel] / t), softmax_np(zs[sel] / t)
-        kl = (p * (np.log(p) - np.log(q))).sum()
+        if hp["logit_form"] == "softmax":
+            p, q = softmax_np(zt[sel] / t), softmax_np(zs[sel] / t)
+            kl = (p * (np.log(p) - np.log(q))).sum()
+        else:
+            p, q = 1 / (1 + np.exp(-zt[sel] / t)), 1 / (1 + np.exp(-zs[sel] / t))
+            kl = (p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))).sum()
         warm = min(epoch / hp["warmup_epochs"], 1.0) if hp["warmup_epochs"] else 1.0
         out["logit"] = hp["logit_weight"] * warm * beta * t * t * kl / n
     if hp["box"]:
@@ -160,7 +170,9 @@ def infos():
 CASES = {
     "nsd_default": {},
     "nsd_topk": {"ncs": "topk", "k": 10, "fg_weight": 2.0, "csl_sigma": 0.0},
-    "nsd_threshold": {"ncs": "threshold", "threshold": 0.6, "ce_mix": 0.0, "temperature": 2.0, "beta": 4.0},
+    "nsd_threshold": {"ncs": "threshold", "threshold": 0.6, "ce_mix": 0.0, "temperature": 2.0, "beta": 4.0,
+                      "logit_form": "softmax"},
+    "nsd_all": {"ncs": "all", "bg_weight": 3.0},
     "nsd_box_angle": {"pixel": False, "logit": False, "ce_mix": 1.0, "csl_sigma": 2.0},
 }
 
@@ -216,7 +228,7 @@ def test_hbb_xyxy_targets_work():
     tg = Targets([torch.tensor([[0.0, 0.0, 24.0, 16.0]]), torch.zeros(0, 4)],
                  [torch.tensor([0]), torch.zeros(0, dtype=torch.long)], (32, 48))
     m = foreground_masks(tg, out)[0]
-    # stride 8 centres 4, 12, 20 in x (< 24) and 4, 12 in y (< 16)
+    # exactly the stride-8 cells [0, 24) x [0, 16); the next ones share only an edge with the box
     assert m[0, 0].sum() == 6 and m[0, 0, :2, :3].all() and m[1].sum() == 0
 
 

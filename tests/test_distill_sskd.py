@@ -11,6 +11,7 @@ import torch
 from rkd.distill.classifier_kd import build_classifier_distiller
 from rkd.distill.sskd import (
     SSKD,
+    Restorer,
     masked_count,
     mask_patches,
     lowest_score_mask,
@@ -75,6 +76,71 @@ def test_background_mode_hides_the_least_salient_patches():
     assert mask.tolist() == [[True, False, False, True]]
 
 
+def test_default_masking_hides_the_background():
+    # The paper masks the background: with default parameters the hidden patches are the least salient ones.
+    assert SSKD.params["mask_mode"].default == "background"
+    deepest = torch.zeros(2, 12, 2, 2)
+    deepest[0, :, 0, 0] = 5.0  # image 0: the object in the top-left quadrant
+    deepest[1, :, 1, 1] = 5.0  # image 1: bottom-right
+    deepest[1, :, 1, 0] = 2.0
+    comp = SSKD(INFO, None, mask_ratio=0.5, patch=4)  # 2x2 patch grid on an 8x8 level 0, 2 hidden
+    torch.manual_seed(0)
+    _, mask, _ = comp.corrupt(torch.randn(2, 6, 8, 8), deepest)
+    assert mask.tolist() == [[False, True, True, False], [True, True, False, False]]
+
+
+def test_restorer_sees_only_the_corrupted_map_and_must_place_patches_itself():
+    # The restorer gets the masked, shuffled map and nothing else; its output is compared with F_0 as
+    # it is, so the permutation is never used to put patches back (that is what it must infer).
+    comp = SSKD(INFO, None, mask_ratio=0.25, patch=2).double().eval()
+    torch.manual_seed(3)
+    feats = [torch.randn(2, 6, 8, 8, dtype=torch.float64), torch.randn(2, 10, 4, 4, dtype=torch.float64),
+             torch.randn(2, 12, 2, 2, dtype=torch.float64)]
+    out = ClassifierOutput(features=feats, pooled=feats[-1].mean((2, 3)), logits=torch.randn(2, 5, dtype=torch.float64))
+    seen = []
+    hook = comp.branch.restorer.register_forward_hook(lambda mod, args, result: seen.append((args, result)))
+    torch.manual_seed(11)
+    terms = comp(out, None, torch.tensor([1, 3]))
+    hook.remove()
+    torch.manual_seed(11)
+    corrupted, _, perm = comp.corrupt(feats[0], feats[-1])
+    assert len(seen) == 1 and len(seen[0][0]) == 1 and torch.equal(seen[0][0][0], corrupted)
+    restored = seen[0][1]
+    assert torch.allclose(terms["restore"], ((restored - feats[0]) ** 2).mean(), rtol=1e-12, atol=0)
+    leaked = ((unshuffle_patches(restored, perm, 2) - feats[0]) ** 2).mean()
+    assert not torch.allclose(terms["restore"], leaked)
+    # and the output does not depend on anything but that map: the same input, the same output
+    assert torch.equal(comp.branch.restorer(corrupted), restored)
+
+
+def test_restorer_learns_to_put_shuffled_patches_back():
+    # Patches whose content tells where they belong (a smooth function of position, as CNN features
+    # near the borders do) can be put back from content alone: the placement step learns it.
+    torch.manual_seed(0)
+    c, side, patch = 4, 8, 2
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
+    base = torch.stack([xs, ys, xs * ys, xs**2 - ys**2])[None]  # (1, C, H, W)
+    restorer = Restorer(c, patch)
+    opt = torch.optim.Adam(restorer.parameters(), lr=1e-2)
+    num = (side // patch) ** 2
+    losses = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only contend on a shared machine
+    try:
+        for _ in range(250):
+            x = base.expand(16, -1, -1, -1) * (1 + 0.1 * torch.randn(16, 1, 1, 1))
+            shuffled = shuffle_patches(x, random_permutations(16, num), patch)
+            loss = ((restorer(shuffled) - x) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    finally:
+        torch.set_num_threads(threads)
+    mean_only = float(((base - base.mean((2, 3), keepdim=True)) ** 2).mean())  # the best position-blind answer
+    assert sum(losses[-20:]) / 20 < 0.3 * mean_only, (losses[:3], losses[-3:], mean_only)
+
+
 def _reference_softmax(z: torch.Tensor) -> torch.Tensor:
     e = torch.exp(z - z.max(dim=1, keepdim=True).values)
     return e / e.sum(dim=1, keepdim=True)
@@ -99,7 +165,7 @@ def test_losses_match_float64_references(fusion):
     torch.manual_seed(7)
     corrupted, mask, perm = comp.corrupt(feats[0], feats[-1])
     assert mask.sum(1).tolist() == [masked_count(16, 0.4)] * b
-    restored = unshuffle_patches(comp.branch.restorer(corrupted), perm, 2)
+    restored = comp.branch.restorer(corrupted)  # no unshuffling with the true permutation
     maps = [restored]
     for stage in comp.branch.stages:
         maps.append(stage(maps[-1]))

@@ -116,3 +116,14 @@ def test_three_objective_hypervolume_by_inclusion_exclusion():
     expected = 0.5 * 3 * 1 + 0.8 * 1 * 3 - 0.5 * 1 * 1
     assert hypervolume_of(rows, ("map50", "gflops", "latency_ms"), ref) == pytest.approx(expected)
     assert hypervolume_of(rows, ("map50", "gflops"), [0.0, 4.0]) == pytest.approx(1.8)  # the staircase above
+
+
+def test_a_complete_trial_whose_kd_swamped_the_task_loss_keeps_the_warning_as_its_reason():
+    from types import SimpleNamespace
+
+    from rkd.search.runner import _status
+
+    warning = "nsd: its KD loss started 5.9e+04x the task loss (weights as given, kd_balance off)"
+    done = SimpleNamespace(error=None, metrics={"epoch": 8, "epochs": 8, "kd_warning": warning})
+    assert _status(done) == ("complete", warning)
+    assert _status(SimpleNamespace(error=None, metrics={"epoch": 8, "epochs": 8})) == ("complete", None)

@@ -221,3 +221,20 @@ def test_the_backbone_family_is_searchable_and_changes_flops():
         assert cfg.model["backbone"]["width"] == student.model["backbone"]["width"]  # a shared key does
         flops[name] = count_flops(build_detector(cfg.model, 3), 128).gflops
     assert len(flops) == 3 and len(set(flops.values())) == 3
+
+
+def test_published_default_points_run_the_published_weights_without_the_loss_balance():
+    from rkd.search.space import BALANCE_MODE
+    from rkd.train.spec import load_spec, with_overrides
+
+    space = load_space(REPO / "search_spaces" / "skeleton.yaml").with_balance_modes()
+    assert space.with_balance_modes() is space  # added once
+    points = space.published_default_points()
+    assert {p[BALANCE_MODE] for p in points.values()} == {"off"}
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial(points["hinton"])
+    trial = study.ask()
+    space.define_by_run(trial)
+    student_overrides, methods = split_params(trial.params)
+    student = with_overrides(load_spec(REPO / "examples" / "quickstart.yaml").student, student_overrides, methods)
+    assert student.kd_balance["mode"] == "off" and set(student.methods) == {"hinton"}

@@ -98,8 +98,9 @@ def test_shipped_space_samples_valid_conditional_students(name, quickstart):
             on = params[f"methods.{method}"]
             seen[method].add(on)
             method_params = [k for k in params if k.startswith(f"methods.{method}.")]
-            # A method's parameters are present iff it is on.
-            assert bool(method_params) == on, (method, params)
+            # A method's parameters are present only when it is on (a method may have none searched:
+            # under the loss balance a single-weight method contributes its switch alone).
+            assert on or not method_params, (method, params)
             if on:
                 declared = {d.name for d in space.dims if d.condition == f"methods.{method}"}
                 assert set(method_params) == declared

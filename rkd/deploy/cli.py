@@ -92,8 +92,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export one student of a finished search (safetensors, ONNX, TorchScript)")
     p.add_argument("run", help="the run folder, runs/<name>, or its storage URI (s3://..., gs://...)")
     p.add_argument("--pick", default="best",
-                   help="best (highest val accuracy on the front: mAP50, or top-1 for a classification run), "
-                        "knee, or a trial id")
+                   help="best (highest val accuracy on the front: mAP50, or top-1 for a classification run; "
+                        "where the search confirmed points (search.confirm), the confirmed point with the highest "
+                        "mean over the confirm seeds), knee, or a trial id")
     p.add_argument("--min-map", type=float,
                    help="only trials with at least this val mAP50 (top-1 accuracy for a classification run)")
     p.add_argument("--max-gflops", type=float, help="only trials with at most this many GFLOPs")

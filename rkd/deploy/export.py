@@ -167,6 +167,7 @@ def pick_trial(
     min_map: float | None = None,
     max_gflops: float | None = None,
     objectives: tuple[str, ...] = DEFAULT_OBJECTIVES,
+    confirmed: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The trial to export: ``best`` (highest accuracy), ``knee``, or a trial id, within the constraints.
 
@@ -174,6 +175,9 @@ def pick_trial(
     classification runs); ``min_map`` is the minimum of that accuracy.
     ``best`` and ``knee`` choose among the complete trials on the Pareto front;
     an explicit trial id may be any complete trial.
+    ``confirmed``: the search's confirm stage (``summary.json: confirm.points``). Where one of its
+    points is within the constraints, ``best`` is the one with the highest *confirmed* accuracy (the
+    mean over the confirm seeds): the search's own score is its best seed's, and so optimistic.
     """
     accuracy = objectives[0]
     label = metric_label(accuracy)
@@ -190,6 +194,10 @@ def pick_trial(
             )
         if pick == "knee":
             return knee(ok, accuracy)  # type: ignore[return-value]
+        by_id = {r["trial_id"]: r for r in ok}
+        sure = [p for p in confirmed or [] if p["trial_id"] in by_id and p["candidate"]["mean"] is not None]
+        if sure:
+            return by_id[max(sure, key=lambda p: (p["candidate"]["mean"], -by_id[p["trial_id"]]["gflops"]))["trial_id"]]
         return max(ok, key=lambda r: (r[accuracy], -r["gflops"]))
     matches = [r for r in rows if r["trial_id"] == pick]
     if not matches:
@@ -288,7 +296,7 @@ def export_student(
         raise RkdError(f"{run / 'summary.json'}: unknown accuracy objective {objectives[0]!r}; "
                        f"expected one of {', '.join(TASK_OF_METRIC)}")
     kind = task.checkpoint_kind
-    row = pick_trial(rows, pick, min_map, max_gflops, objectives)
+    row = pick_trial(rows, pick, min_map, max_gflops, objectives, (summary.get("confirm") or {}).get("points"))
     ckpt_path = resolve_checkpoint(run, row["checkpoint"])
     ckpt = read_checkpoint(ckpt_path, kind)
     if ckpt["model_spec"].get("kind") == "openmmlab":
@@ -432,6 +440,10 @@ def model_card(
             "epochs": row.get("epochs"),
         },
         "teacher": _teacher_identity(summary, accuracy),
+        # the confirm stage's re-trainings of this point and of its no-KD twin, where it has them
+        "confirmed": next(
+            (p for p in (summary.get("confirm") or {}).get("points", []) if p["trial_id"] == row["trial_id"]), None
+        ),
         "data_fingerprint": summary.get("data_fingerprint"),
         "files": files,
     }

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from rkd.distill.base import KDComponent, Param, register
 from rkd.distill.fitnet import check_same_anchors, check_same_grid, conv_adapters
-from rkd.distill.functional import bce_with_logits
+from rkd.distill.functional import binary_kl_with_logits
 from rkd.distill.masks import centerness_instance_masks
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
 
@@ -134,7 +134,7 @@ class CID(KDComponent):
                                          teacher.box_regs, masks):
                 if hasattr(self, "lightml"):
                     cs, rs = self.lightml(cs, rs)  # eq. 3
-                bce = bce_with_logits(cs, torch.sigmoid(ct.detach()))
+                bce = binary_kl_with_logits(cs, ct)  # the BCE's gradient, 0 at a match (see functional)
                 cls_total = cls_total + masked_location_loss(bce, m)  # eq. 4
                 reg_total = reg_total + masked_location_loss((rs - rt.detach()).abs(), m)
             terms["cls"] = hp["cls_weight"] * cls_total / n_ins

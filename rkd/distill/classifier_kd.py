@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from rkd.distill.at import at_loss
 from rkd.distill.base import Param, resolve_hparams
+from rkd.distill.balance import LossBalance, balanced_terms, check_balance
 from rkd.distill.distiller import Distiller, validate_methods
 from rkd.distill.functional import mse, softmax_kd
 from rkd.errors import SpecError
@@ -129,38 +130,49 @@ class ClassifierDistiller(nn.Module):
     from it (``kd_parts.pt``), never exported. ``hparams`` holds every method's resolved values.
     """
 
-    def __init__(self, components: Mapping[str, ClassifierKDComponent]) -> None:
+    def __init__(
+        self, components: Mapping[str, ClassifierKDComponent], balance: Mapping[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.components = nn.ModuleDict(dict(components))
         self.hparams = {name: dict(c.hparams) for name, c in self.components.items()}
+        self.balance = LossBalance(list(self.components), **check_balance(balance)) if balance is not None else None
 
     @property
     def needs_teacher(self) -> bool:
         return any(c.needs_teacher for c in self.components.values())
 
     def forward(
-        self, student_out: ClassifierOutput, teacher_out: ClassifierOutput | None, labels: Tensor, epoch: float = 0.0
+        self,
+        student_out: ClassifierOutput,
+        teacher_out: ClassifierOutput | None,
+        labels: Tensor,
+        epoch: float = 0.0,
+        task_loss: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Named, weighted terms of all components (``{}`` when none is configured).
 
         ``teacher_out`` should come from a ``torch.no_grad()`` forward of a frozen teacher; it is
-        detached here again so no term can reach the teacher.
+        detached here again so no term can reach the teacher. ``task_loss``: as for detection's
+        :class:`~rkd.distill.distiller.Distiller` (the loss balance).
         """
         if teacher_out is not None:
             teacher_out = detach_classifier_output(teacher_out)
-        terms: dict[str, Tensor] = {}
+        per_method: dict[str, dict[str, Tensor]] = {}
         for name, comp in self.components.items():
             if comp.needs_teacher and teacher_out is None:
                 raise ValueError(f"KD method {name!r} needs the teacher's output for this batch")
-            for term, value in comp(student_out, teacher_out, labels, epoch).items():
-                terms[f"{name}.{term}"] = value
-        return terms
+            per_method[name] = comp(student_out, teacher_out, labels, epoch)
+        return balanced_terms(self.balance, per_method, task_loss, self.training)
 
     total = staticmethod(Distiller.total)  # the same sum as detection's
 
 
 def build_classifier_distiller(
-    methods: Mapping[str, Any] | None, student: ClassifierInfo, teacher: ClassifierInfo | None
+    methods: Mapping[str, Any] | None,
+    student: ClassifierInfo,
+    teacher: ClassifierInfo | None,
+    balance: Mapping[str, Any] | None = None,
 ) -> ClassifierDistiller:
     """Validate ``methods``, check the models suit each method, and build the components.
 
@@ -177,7 +189,7 @@ def build_classifier_distiller(
         except ValueError as exc:
             raise SpecError(name, str(exc)) from None
         components[name] = cls(student, teacher, **hp)
-    return ClassifierDistiller(components)
+    return ClassifierDistiller(components, balance)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rkd.distill.balance import LossBalance, balanced_terms, check_balance
 from rkd.distill.base import KD_METHODS, KDComponent, check_compatible, resolve_options
 from rkd.errors import SpecError
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
@@ -106,28 +107,33 @@ class Distiller(nn.Module):
     at export. ``hparams`` holds the resolved hyperparameters of every method.
     """
 
-    def __init__(self, components: Mapping[str, KDComponent]) -> None:
+    def __init__(self, components: Mapping[str, KDComponent], balance: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.components = nn.ModuleDict(dict(components))
         self.hparams = {name: dict(c.hparams) for name, c in self.components.items()}
         self.options = {name: dict(c.options) for name, c in self.components.items() if c.options}
+        # None: the weights as given and nothing measured (prior stages, unit tests of a component).
+        self.balance = LossBalance(list(self.components), **check_balance(balance)) if balance is not None else None
 
     def forward(
-        self, student_out: DetectorOutput, teacher_out: DetectorOutput, targets: Targets, epoch: float = 0.0
+        self,
+        student_out: DetectorOutput,
+        teacher_out: DetectorOutput,
+        targets: Targets,
+        epoch: float = 0.0,
+        task_loss: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Named, weighted loss terms of all components (``{}`` when no method is configured).
 
         ``teacher_out`` should come from a ``torch.no_grad()`` forward; its tensors are
-        detached here again so no term can backpropagate into the teacher.
+        detached here again so no term can backpropagate into the teacher. ``task_loss``
+        (the student's own loss this step) feeds the loss balance while its window is open.
         """
         if not len(self.components):
             return {}
         teacher_out = detach_output(teacher_out)
-        terms: dict[str, Tensor] = {}
-        for name, comp in self.components.items():
-            for term, value in comp(student_out, teacher_out, targets, epoch).items():
-                terms[f"{name}.{term}"] = value
-        return terms
+        per_method = {name: comp(student_out, teacher_out, targets, epoch) for name, comp in self.components.items()}
+        return balanced_terms(self.balance, per_method, task_loss, self.training)
 
     @staticmethod
     def total(terms: Mapping[str, Tensor]) -> Tensor:
@@ -155,8 +161,15 @@ def nonfinite_terms(terms: Mapping[str, Tensor]) -> list[str]:
     return bad
 
 
-def build_distiller(methods: Mapping[str, Any] | None, student: DetectorInfo, teacher: DetectorInfo) -> Distiller:
+def build_distiller(
+    methods: Mapping[str, Any] | None,
+    student: DetectorInfo,
+    teacher: DetectorInfo,
+    balance: Mapping[str, Any] | None = None,
+) -> Distiller:
     """Validate ``methods``, check the models are compatible with each, and build the components.
+
+    ``balance``: the ``kd_balance`` settings (:mod:`rkd.distill.balance`); None: weights as given.
 
     Raises :class:`~rkd.errors.SpecError` (path relative to the methods section) for an
     unknown method or parameter, a bad value, or models a method cannot work with.
@@ -170,7 +183,7 @@ def build_distiller(methods: Mapping[str, Any] | None, student: DetectorInfo, te
         except ValueError as exc:
             raise SpecError(name, str(exc)) from None
         components[name] = cls(student, teacher, **hp)
-    return Distiller(components)
+    return Distiller(components, balance)
 
 
 __all__ = ["Distiller", "build_distiller", "detach_output", "nonfinite_terms", "validate_methods"]

@@ -1,4 +1,8 @@
-"""DS2D2: dual-stream spectral decoupling distillation (TGRS 2025, ``papers/001_*.txt``).
+"""DS2D2: dual-stream spectral decoupling distillation (``papers/001_*.txt``).
+
+X. Gao, D. Zhao, B. Yuan, W. Li, "Dual-Stream Spectral Decoupling Distillation for Remote Sensing
+Object Detection", IEEE TGRS 63, 2025, doi:10.1109/TGRS.2025.3600098; released code
+github.com/PolarAid/DS2D2 (``mmdet/models/distillation/ds2d2_retinanet.py``), whose defaults rkd uses.
 
 Two streams, both on the FPN features (student features first pass a per-level 1x1
 bias-free adapter to the teacher's channels):
@@ -33,7 +37,17 @@ features alike. Output loss for both amplifiers (RetinaNet form of the paper)::
 
     L_cls = sum BCE(s, sigmoid(t)) * |sigmoid(s) - sigmoid(t)|^beta               (quality-focal form)
     L_box = sum_anchors max_c sigmoid(t) * |r_s - r_t|_1
-    L_amp = (L_cls + L_box) / sum_anchors max_c sigmoid(t)
+    L_amp = (L_cls + L_box) / N,   N = sum_images max(1, positive anchors of the image)
+
+``N`` is the released code's ``avg_factor``: the positives of the student's own label assignment
+(MMDetection's ``PseudoSampler`` counts at least one per image), summed over the batch; the
+published amplifier weights (1 / 1 on DIOR) are relative to it. rkd reads it from
+``student.assignment`` (else ``teacher.assignment``); a detector without one (the OpenMMLab
+adapters) gets ``sum_images max(1, GT boxes)`` instead, the same scale (UCAS-AOD at 512 px:
+1.8 positives per box). Not ``sum_anchors max_c sigmoid(t)``: that is about 0.01 x the anchors
+on a fresh head, 12-27x the positives on UCAS-AOD, and shrank the published weights by as much.
+The HF head's prior stage, which has no assignment, keeps ``max(1, sum_anchors max_c sigmoid(t))``:
+its Adam steps do not depend on the loss scale, and the heads cached with it stay valid.
 
 The paper's box term is GIoU on decoded boxes; a :class:`~rkd.outputs.DetectorOutput` carries
 encoded regressions and no decoder, so rkd uses L1 on the encoded deltas with the same
@@ -225,11 +239,15 @@ class _BandErrors(torch.autograd.Function):
         return grad, None, None, None
 
 
-def amplifier_loss(cls_s: Tensor, box_s: Tensor, cls_t: Tensor, box_t: Tensor, beta: float = 1.0) -> Tensor:
+def amplifier_loss(
+    cls_s: Tensor, box_s: Tensor, cls_t: Tensor, box_t: Tensor, beta: float = 1.0,
+    avg_factor: Tensor | float | None = None,
+) -> Tensor:
     """Output distillation of one amplifier on flattened ``(B, N, K)`` logits and ``(B, N, D)`` deltas.
 
-    ``(sum BCE(s, p_t) |sigmoid(s) - p_t|^beta + sum_n max_c p_t |r_s - r_t|_1) / max(1, sum_n max_c p_t)``
-    with ``p_t = sigmoid(t)``.
+    ``(sum BCE(s, p_t) |sigmoid(s) - p_t|^beta + sum_n max_c p_t |r_s - r_t|_1) / avg_factor`` with
+    ``p_t = sigmoid(t)``; ``avg_factor`` is the released normaliser (:func:`amplifier_avg_factor`),
+    ``None`` divides by ``max(1, sum_n max_c p_t)`` (the prior stage, see the module doc).
 
     >>> z, r = torch.randn(1, 5, 3), torch.randn(1, 5, 4)
     >>> float(amplifier_loss(z, r, z, r))
@@ -239,7 +257,21 @@ def amplifier_loss(cls_s: Tensor, box_s: Tensor, cls_t: Tensor, box_t: Tensor, b
     cls_term = _QualityFocalBCE.apply(cls_s, p_t, float(beta))
     score = p_t.max(dim=-1).values  # (B, N)
     box_term = (score * (box_s - box_t.detach()).abs().sum(-1)).sum()
-    return (cls_term + box_term) / score.sum().clamp(min=1.0)
+    if avg_factor is None:
+        avg_factor = score.sum().clamp(min=1.0)
+    return (cls_term + box_term) / avg_factor
+
+
+def amplifier_avg_factor(student: DetectorOutput, teacher: DetectorOutput, targets: Targets) -> Tensor | float:
+    """The amplifiers' normaliser: ``sum_images max(1, positives)`` of the student's assignment, as the
+    released code's ``avg_factor`` (else the teacher's; with neither, ``sum_images max(1, GT boxes)``).
+
+    A tensor on the device when read from an assignment: no host synchronisation in the step.
+    """
+    assignment = student.assignment if student.assignment is not None else teacher.assignment
+    if assignment is not None:
+        return assignment.pos_mask.sum(dim=1).clamp(min=1).sum()
+    return float(sum(max(1, int(b.shape[0])) for b in targets.boxes))
 
 
 class _QualityFocalBCE(torch.autograd.Function):
@@ -448,13 +480,17 @@ class DS2D2(KDComponent):
             s_highs.append(s_high)
         terms = {"low": hp["w_low"] * sum(low), "high": hp["w_high"] * sum(high)}
         a = teacher.info.num_anchors
+        if hp["ff_amplifier"] or self.hf_head is not None:
+            avg_factor = amplifier_avg_factor(student, teacher, targets)
         if hp["ff_amplifier"]:
             if teacher.head_fn is None:
                 raise ValueError("ds2d2: the full-frequency amplifier needs teacher_output.head_fn (the teacher head)")
             cls_t, box_t = teacher.flat_cls().detach(), teacher.flat_box().detach()  # only this amplifier reads them
             # channels-last: the head's convolutions ran ~12% faster forward and backward on the CPU
             cls_s, box_s = teacher.head_fn([s.contiguous(memory_format=torch.channels_last) for s in adapted])
-            amp = amplifier_loss(flatten_levels(cls_s, a), flatten_levels(box_s, a), cls_t, box_t, hp["beta"])
+            amp = amplifier_loss(
+                flatten_levels(cls_s, a), flatten_levels(box_s, a), cls_t, box_t, hp["beta"], avg_factor
+            )
             terms["ff"] = hp["ff_weight"] * amp
         if self.hf_head is not None:
             cls_s, box_s = self._frozen_hf(s_highs, sizes)
@@ -462,10 +498,13 @@ class DS2D2(KDComponent):
                 cls_h, box_h = self._frozen_hf([_high_sum(b) for b in t_bands], sizes)
             amp = amplifier_loss(
                 flatten_levels(cls_s, a), flatten_levels(box_s, a), flatten_levels(cls_h, a),
-                flatten_levels(box_h, a), hp["beta"],
+                flatten_levels(box_h, a), hp["beta"], avg_factor,
             )
             terms["hf"] = hp["hf_weight"] * amp
         return terms
 
 
-__all__ = ["DS2D2", "HFHead", "amplifier_loss", "disw_map", "disw_maps", "explicit_loss", "high_bands", "WAVELETS"]
+__all__ = [
+    "DS2D2", "HFHead", "amplifier_avg_factor", "amplifier_loss", "disw_map", "disw_maps", "explicit_loss", "high_bands",
+    "WAVELETS",
+]

@@ -3,8 +3,8 @@
 Yang et al., "Focal and Global Knowledge Distillation for Detectors", CVPR 2022. Per FPN
 level, with ``F_s`` the student feature after the align conv (1x1, only where channels differ):
 
-* masks from the GT boxes: ``M`` = 1 on locations inside a box (centre test, oriented boxes);
-  scale mask ``S = 1 / (number of locations inside the box)`` on the box (the largest value
+* masks from the GT boxes: ``M`` = 1 on every cell a box overlaps (oriented boxes, see ``masks.py``);
+  scale mask ``S = 1 / (number of cells the box overlaps)`` on the box (the largest value
   where boxes overlap; eq. 3-4; the rotated analogue of the paper's ``1/(H_r W_r)``); the
   background mask ``(1 - M)`` normalised to sum 1 per image (released code);
 * teacher attention ``A^S = HW softmax_{hw}(mean_c |F| / T)`` and ``A^C = C softmax_c(mean_{hw} |F| / T)`` (eq. 5-6);
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from rkd.distill.base import KDComponent, Param, register
 from rkd.distill.fitnet import align_adapters, check_same_grid
-from rkd.distill.masks import location_centres, padded_gt, points_in_boxes
+from rkd.distill.masks import box_cells
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
 
 
@@ -55,12 +55,10 @@ def fgd_masks(targets: Targets, out: DetectorOutput) -> tuple[list[Tensor], list
     Foreground: on each box's locations, ``1 / (its number of locations)``, maximum over
     overlapping boxes. Background: 1 elsewhere, divided by its count per image (0 if none).
     """
-    centres = location_centres(out)
-    boxes, _, valid = padded_gt(targets, centres[0].device)
+    touched, _, _ = box_cells(targets, out)  # (B, HW, M) per level: every cell a box overlaps
     fgs, bgs = [], []
-    for c, f in zip(centres, out.features):
+    for inside, f in zip(touched, out.features):
         b, _, h, w = f.shape
-        inside = points_in_boxes(c.to(boxes.dtype).expand(b, h * w, 2), boxes) & valid[:, None, :]  # (B, HW, M)
         count = inside.sum(1, keepdim=True).clamp(min=1)
         fg = (inside / count).amax(-1)  # (B, HW)
         bg = (fg == 0).to(fg.dtype)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from rkd.distill.base import KDComponent, Param, register
 from rkd.distill.fitnet import check_same_anchors, conv_adapters
-from rkd.distill.functional import bce_with_logits
+from rkd.distill.functional import binary_kl_with_logits
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
 
 
@@ -63,6 +63,7 @@ class FRS(KDComponent):
             s = richness(ct)
             norm = s.sum().clamp(min=torch.finfo(s.dtype).tiny)
             feat = feat + ((ft.detach() - a(fs)) ** 2 * s).sum() / norm
-            bce = bce_with_logits(cs, torch.sigmoid(ct.detach()))
+            # binary KL: the BCE's gradient, without the teacher's entropy in the value (balance)
+            bce = binary_kl_with_logits(cs, ct)
             cls = cls + (bce * s).sum() / norm
         return {"feat": self.hparams["feat_weight"] * feat, "cls": self.hparams["cls_weight"] * cls}

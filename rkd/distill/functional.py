@@ -65,20 +65,36 @@ def mse(student: Tensor, teacher: Tensor) -> Tensor:
     return F.mse_loss(student, teacher.detach(), reduction="mean")
 
 
+def binary_kl_with_logits(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Elementwise ``KL(Bern(sigmoid(z_t)) || Bern(sigmoid(z_s)))`` = BCE(z_s, p_t) - H(p_t).
+
+    The same gradient as the BCE with the teacher's probability as soft target, but 0 where the
+    two agree: a KD loss whose value measures the mismatch (what the loss balance compares with
+    the task loss) instead of the teacher's own entropy. The teacher side is detached.
+
+    >>> z = torch.tensor([-3.0, 0.0, 2.0])
+    >>> binary_kl_with_logits(z, z).abs().max().item() < 1e-6
+    True
+    """
+    p = torch.sigmoid(teacher_logits.detach())
+    return bce_with_logits(student_logits, p) - bce_with_logits(teacher_logits.detach(), p)
+
+
 def sigmoid_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Per-class binary KD for sigmoid (dense-detector) classifiers.
 
-    ``T^2 * mean(BCE(sigmoid(z_s / T), sigmoid(z_t / T)))`` over all elements, the teacher's
-    tempered probability being the soft target. Its gradient equals that of the binary KL;
-    the value includes the teacher's (constant) binary entropy.
+    ``T^2 * mean(KL(sigmoid(z_t / T) || sigmoid(z_s / T)))`` over all elements (binary KL per
+    element): the gradient of the BCE with the teacher's tempered probability as soft target, with
+    the teacher's constant binary entropy taken out of the value, so the value is 0 at a match.
 
     >>> z = torch.zeros(1, 4)
-    >>> round(sigmoid_kd(z, z, 2.0).item(), 4)  # 4 * ln 2
-    2.7726
+    >>> round(sigmoid_kd(z, z, 2.0).item(), 4)
+    0.0
+    >>> round(sigmoid_kd(torch.zeros(1, 1), torch.full((1, 1), 2.0), 2.0).item(), 4)  # 4 * KL(0.731 || 0.5)
+    0.4438
     """
     t = temperature
-    target = torch.sigmoid(teacher_logits.detach() / t)
-    return bce_with_logits(student_logits / t, target).mean() * t * t
+    return binary_kl_with_logits(student_logits / t, teacher_logits / t).mean() * t * t
 
 
 def softmax_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -98,8 +114,8 @@ def softmax_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
 def masked_sq_error(student: Tensor, teacher: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """``(sum((s - t)^2 * mask), sum(mask))``; ``mask`` ``(B, 1, H, W)`` broadcasts over channels.
 
-    The second value counts locations (not location x channel), as NSD's and FGD's
-    normalisers do.
+    The second value counts locations (not location x channel): FGD normalises by it, NSD
+    multiplies it by the channel count (its released per-element mean).
 
     >>> masked_sq_error(torch.ones(1, 2, 1, 2), torch.zeros(1, 2, 1, 2), torch.tensor([[[[1.0, 0.0]]]]))
     (tensor(2.), tensor(1.))

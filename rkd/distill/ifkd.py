@@ -1,10 +1,20 @@
 """IFKD: information fusion knowledge distillation (ACM MM 2024, ``papers/002_*.txt``).
 
-``L = L_GT + alpha * L_feat + beta * L_head`` (eq. 14), per FPN level ``l`` with ``N_l = B*H*W``
-locations and adapted student features ``s = phi_adapt(F^s)`` (a 1x1 conv per level)::
+"Information Fusion with Knowledge Distillation for Fine-grained Remote Sensing Object Detection",
+ACM Multimedia 2024 (the stored text is the anonymous submission: no authors or DOI in it).
+
+``L = L_GT + alpha * L_feat + beta * L_head`` (eq. 14), per FPN level ``l`` with adapted student
+features ``s = phi_adapt(F^s)`` (a 1x1 conv per level)::
 
     L_feat = sum_l 1/N_l sum_ij M_HSM(ij) sum_c (phi_EDE + phi_FDR(F^t) - s)^2_ijc            (eq. 12)
     L_head = sum_l 1/N_l sum_ij M_HSM(ij) sum_c BCE(sigmoid(y^s_ijc), sigmoid(y^t_ijc))       (eq. 13)
+
+``N_l = B*H*W*C_l``, every summand of the level (the paper leaves ``N_l`` undefined): a mean, so
+each term is O(1) beside the detector's loss whatever the channel count. The released code
+divides by the locations only (``sum / mask.sum()``) with weights 1e-4 / 1e-3; the paper's
+0.06 / 0.5 are ~C times those (C = 256 FPN channels; 450 = 9 anchors x 50 classes on
+ShipRSImageNet), so they go with this normalisation. With ``N_l = B*H*W`` and the paper's
+weights the feature term was ~120 on unit-scale 256-channel features (now ~0.5).
 
 ``y`` are the classification logits of the student's and the teacher's own heads
 (``A*K`` channels); BCE takes the teacher's probability as a soft target, so ``L_head`` keeps
@@ -29,18 +39,22 @@ symmetric); ``f_l' = f_l * M_FRS`` with ``M_FRS`` the teacher's max-class sigmoi
 learnable complex filter per channel and frequency, stored on a fixed ``16 x 16`` centred
 frequency grid and resized bilinearly to each level's spectrum (feature sizes vary with the
 input; a filter constant over frequencies would reduce to a real per-channel scale).
-Init "small" (N(0, 0.02^2) real and imaginary parts, the released code's global-filter init,
-default) or "identity" (1 + 0j).
+Init "identity" (1 + 0j, default: the target starts as the teacher with its background low band
+damped) or "small" (N(0, 0.02^2) real and imaginary parts, the released code's init). The released
+code filters the student's features too, so its small filter scales both sides alike; here only
+the target is filtered, and "small" makes it ~1% of the teacher's norm with cosine ~0 to it,
+pulling the student towards zero on the FDR steps.
 
 HSM (eq. 9-11): teacher features ``F^t`` and adapted student features at each location are
-mapped into the Poincare ball of curvature ``c`` (exp map at 0, default, or scaling by the
-image's largest norm), kept inside it (norm <= (1 - eps)/sqrt(c)), and
+mapped into the Poincare ball of curvature ``c`` (exp map at 0 of the features divided by the
+image's RMS feature norm, default, or scaling by the image's largest norm), kept inside it
+(norm <= (1 - eps)/sqrt(c)), and
 ``M_HSM = d_c(f_t, f_s) = 2/sqrt(c) artanh(sqrt(c) |(-f_t) (+)_c f_s|)`` (eq. 10) with
 Mobius addition (eq. 9), detached and divided by its mean over the image's locations (an
 image where all distances are 0 gets a uniform mask of 1).
 
-Defaults: the paper's ``alpha = 0.06``, ``beta = 0.5`` (the normalisation above is the paper's;
-the released code uses 1e-4 / 1e-3 with a different one), ``r = 0.1``, ``p = 0.5``, ``c = 1``.
+Defaults: the paper's ``alpha = 0.06``, ``beta = 0.5`` (with ``N_l`` above; the released code
+uses 1e-4 / 1e-3 with a sum over channels), ``r = 0.1``, ``p = 0.5``, ``c = 1``, ``fdr_init = identity``.
 Terms: ``feat``, ``head``.
 """
 
@@ -54,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rkd.distill.base import KDComponent, Option, Param, register
-from rkd.distill.functional import bce_with_logits
+from rkd.distill.functional import binary_kl_with_logits
 from rkd.distill.priors import build_prior, check_prior_option
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
 
@@ -112,13 +126,24 @@ def poincare_distance(x: Tensor, y: Tensor, c: float) -> Tensor:
 
 
 def hsm_mask(teacher: Tensor, student: Tensor, c: float, mode: str = "expmap") -> Tensor:
-    """``M_HSM`` ``(B, 1, H, W)`` from ``(B, C, H, W)`` features: ball distance, per-image mean 1, detached."""
+    """``M_HSM`` ``(B, 1, H, W)`` from ``(B, C, H, W)`` features: ball distance, per-image mean 1, detached.
+
+    ``expmap`` maps the features divided by the image's RMS feature norm (so ``c`` is relative to
+    unit-norm vectors), ``scale`` puts the image's largest vector on the ball's clamp radius.
+    """
     # channels last and contiguous: every norm and dot product below reduces over channels,
     # which on a (B, C, H, W) view is a strided reduction several times slower
     t = teacher.detach().permute(0, 2, 3, 1).contiguous()
     s = student.detach().permute(0, 2, 3, 1).contiguous()
     if mode == "expmap":
-        t, s = expmap0(t, c), expmap0(s, c)
+        # The curvature is relative to features of unit RMS norm: the image's RMS norm (teacher and
+        # student together) divides both first. Raw FPN vectors have norms ~sqrt(C) x their scale
+        # (16 for unit-scale 256-channel maps), where tanh(sqrt(c)|v|) = 1 puts every point on the
+        # clamp radius and the distance no longer ranks the errors; scaled, the typical point sits at
+        # tanh(sqrt(c)) of the radius, whatever the channel count and feature scale.
+        rms = ((t.square().sum(-1).mean(dim=(1, 2)) + s.square().sum(-1).mean(dim=(1, 2))) / 2).sqrt()
+        scale = rms.clamp(min=1e-15)[:, None, None, None]
+        t, s = expmap0(t / scale, c), expmap0(s / scale, c)
     elif mode == "scale":
         top = torch.maximum(t.norm(dim=-1).amax(dim=(1, 2)), s.norm(dim=-1).amax(dim=(1, 2))).clamp(min=1e-15)
         factor = ((1 - _ball_eps(t.dtype)) / math.sqrt(c) / top)[:, None, None, None]
@@ -181,7 +206,7 @@ def frs_mask(cls_logits: Tensor) -> Tensor:
 class FrequencyFilter(nn.Module):
     """Learnable complex filter ``(C, G, G)`` on a centred frequency grid, resized to any ``(H, W)``."""
 
-    def __init__(self, channels: int, init: str = "small", grid: int = FILTER_GRID) -> None:
+    def __init__(self, channels: int, init: str = "identity", grid: int = FILTER_GRID) -> None:
         super().__init__()
         if init == "small":
             weight = torch.randn(channels, 2, grid, grid) * FILTER_INIT_STD
@@ -211,14 +236,14 @@ def fusion_block(channels: int) -> nn.Sequential:
 
 
 def feat_loss(target: Tensor, student: Tensor, mask: Tensor) -> Tensor:
-    """One level of eq. 12: ``mean_{b,i,j} M * sum_c (target - student)^2``."""
-    return (mask * ((target - student) ** 2).sum(dim=1, keepdim=True)).mean()
+    """One level of eq. 12 with ``N_l = B H W C``: ``mean_{b,i,j,c} M * (target - student)^2``."""
+    return (mask * (target - student) ** 2).mean()
 
 
 def head_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
-    """One level of eq. 13: ``mean_{b,i,j} M * sum_c BCE(sigmoid(y_s), sigmoid(y_t))``."""
-    bce = bce_with_logits(student_logits, torch.sigmoid(teacher_logits.detach()))
-    return (mask * bce.sum(dim=1, keepdim=True)).mean()
+    """One level of eq. 13 with ``N_l = B H W C``: ``mean_{b,i,j,c} M * BCE(sigmoid(y_s), sigmoid(y_t))``,
+    as the binary KL (the BCE less the teacher's constant entropy: the same gradient, 0 at a match)."""
+    return (mask * binary_kl_with_logits(student_logits, teacher_logits)).mean()
 
 
 # ----------------------------------------------------------------------------- the component
@@ -241,8 +266,10 @@ class IFKD(KDComponent):
     """
 
     params = {
-        "alpha": Param("float", 0.06, 1e-5, 1.0, log=True, help="weight of L_feat (paper 0.06; released 1e-4)"),
-        "beta": Param("float", 0.5, 1e-4, 5.0, log=True, help="weight of L_head (paper 0.5; released 1e-3)"),
+        "alpha": Param("float", 0.06, 1e-5, 1.0, log=True,
+                       help="weight of L_feat (paper 0.06; released 1e-4 with a sum over channels)"),
+        "beta": Param("float", 0.5, 1e-4, 5.0, log=True,
+                      help="weight of L_head (paper 0.5; released 1e-3 with a sum over channels)"),
         "ede": Param("bool", True, help="external disturbance enhancement from a frozen prior encoder"),
         "ede_mode": Param("choice", "add", choices=("add", "released"),
                           help="add: paper eq. 1-2; released: F^t + conv-ReLU-conv(F^t * M) on deeper levels"),
@@ -250,7 +277,8 @@ class IFKD(KDComponent):
         "r": Param("float", 0.1, 0.02, 0.5, help="low-pass square side as a fraction of min(H, W)"),
         "p": Param("float", 0.5, 0.0, 1.0, help="probability of applying FDR in a training step"),
         "fdr_output": Param("choice", "real", choices=("real", "abs"), help="real part or magnitude of the IFFT"),
-        "fdr_init": Param("choice", "small", choices=("small", "identity"), help="W_filter init"),
+        "fdr_init": Param("choice", "identity", choices=("small", "identity"),
+                          help="W_filter init: identity (1 + 0j) or small (released code's N(0, 0.02^2))"),
         "hsm": Param("bool", True, help="hyperbolic similarity mask"),
         "c": Param("float", 1.0, 1e-3, 2.0, log=True, help="curvature of the Poincare ball"),
         "ball_map": Param("choice", "expmap", choices=("expmap", "scale"), help="how features enter the ball"),

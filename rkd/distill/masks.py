@@ -4,13 +4,23 @@ Shared helpers (other KD files in this package may import them):
 
 * :func:`box_frame_coords` - each point's coordinates in each oriented box's frame.
 * :func:`points_in_boxes` - vectorised point-in-rotated-box test.
+* :func:`cells_touching_boxes` - vectorised test: does a location's cell overlap a rotated box.
 * :func:`location_centres` - the input-pixel centre of every location of each level.
 * :func:`padded_gt` - a batch's GT boxes as one padded ``(B, M, 5)`` tensor plus validity.
+* :func:`box_cells` - per level ``(B, H*W, M)``: which cells each GT box touches.
 * :func:`foreground_masks` - per level ``(B, 1, H, W)`` GT foreground masks.
 * :func:`centerness_instance_masks` - CID's per-instance normalised centerness masks.
 
 Boxes are ``(cx, cy, w, h, angle)`` (le90, angle from +x towards +y); ``(N, 4)`` boxes are
 taken as ``xyxy`` and converted with angle 0. Nothing here loops over boxes in Python.
+
+A location's *cell* is the ``stride x stride`` square centred on it; a box marks as foreground
+every cell it overlaps with positive area, not only the cells whose centre it contains, so an
+object smaller than a cell (7 px between the centres of stride-8 cells) is never lost. This is
+the released FGD code's rule (Yang et al., "Focal and Global Knowledge Distillation for
+Detectors", CVPR 2022, arXiv:2111.11837: floor/ceil of the box edges over the stride; that code
+also takes the cell past an edge lying exactly on a cell border, which covers zero area of it;
+here it stays background), made exact for oriented boxes by the separating-axis test.
 """
 
 from __future__ import annotations
@@ -63,6 +73,49 @@ def points_in_boxes(points: Tensor, boxes: Tensor) -> Tensor:
     u, v = box_frame_coords(points, boxes)
     w, h = boxes[..., None, :, 2], boxes[..., None, :, 3]
     return (u.abs() <= w / 2) & (v.abs() <= h / 2)
+
+
+# Overlaps thinner than this share of a cell count as edge contact: angles such as pi/2 are not
+# exact in floating point, and a box edge on a cell border must not leak into the next cell.
+TOUCH_TOLERANCE = 1e-4
+
+
+def cell_overlap(points: Tensor, boxes: Tensor, stride: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Box-frame coordinates of cell centres, the cells' reach along the box axes, and the overlap test.
+
+    ``points``: ``(..., P, 2)`` cell centres, ``boxes``: ``(..., M, 5)``. Returns ``u, v`` as
+    :func:`box_frame_coords`, ``reach`` ``(..., 1, M)`` = the half extent of a ``stride x stride``
+    cell projected on the box's axes, ``s/2 (|cos a| + |sin a|)``, and ``touch`` ``(..., P, M)``
+    bool. By the separating-axis theorem two rectangles overlap iff their projections overlap on
+    each of their four edge normals: on the box's axes ``|u| < w/2 + reach`` and ``|v| < h/2 + reach``;
+    on the image axes ``|dx|`` and ``|dy|`` below the box's axis-aligned half extent plus ``s/2``.
+    """
+    u, v = box_frame_coords(points, boxes)
+    w, h = boxes[..., None, :, 2], boxes[..., None, :, 3]
+    cos, sin = torch.cos(boxes[..., None, :, 4]).abs(), torch.sin(boxes[..., None, :, 4]).abs()
+    half, tol = stride / 2, TOUCH_TOLERANCE * stride
+    reach = half * (cos + sin)
+    dx = (points[..., :, None, 0] - boxes[..., None, :, 0]).abs()
+    dy = (points[..., :, None, 1] - boxes[..., None, :, 1]).abs()
+    touch = (
+        (u.abs() < w / 2 + reach - tol)
+        & (v.abs() < h / 2 + reach - tol)
+        & (dx < (w * cos + h * sin) / 2 + half - tol)
+        & (dy < (w * sin + h * cos) / 2 + half - tol)
+        & (w > 0)
+        & (h > 0)  # a degenerate box covers no area
+    )
+    return u, v, reach, touch
+
+
+def cells_touching_boxes(points: Tensor, stride: float, boxes: Tensor) -> Tensor:
+    """``(..., P, M)`` bool: the ``stride x stride`` cell centred at ``p`` overlaps box ``m`` (area > 0).
+
+    >>> pts = torch.tensor([[4.0, 4.0], [12.0, 4.0], [20.0, 4.0]])
+    >>> cells_touching_boxes(pts, 8, torch.tensor([[7.0, 3.0, 11.0, 5.0]])).flatten().tolist()
+    [True, True, False]
+    """
+    return cell_overlap(points, as_rotated(boxes), stride)[3]
 
 
 def grid_centres(height: int, width: int, stride: float, offset: float = 0.5, device=None) -> Tensor:
@@ -125,30 +178,24 @@ def padded_gt(targets: Targets, device=None) -> tuple[Tensor, Tensor, Tensor]:
     return boxes, labels, valid
 
 
-def _inside_per_level(
-    targets: Targets, centres: list[Tensor], shapes: list[tuple[int, int]]
-) -> tuple[list[Tensor], Tensor, Tensor]:
-    """Per level ``(B, H*W, M)`` bool inside-masks, plus padded boxes and validity."""
-    device = centres[0].device
-    boxes, _, valid = padded_gt(targets, device)
-    out = []
-    for c, (h, w) in zip(centres, shapes):
-        pts = c.to(boxes.dtype).expand(boxes.shape[0], h * w, 2)
-        out.append(points_in_boxes(pts, boxes) & valid[:, None, :])
-    return out, boxes, valid
+def box_cells(targets: Targets, out: DetectorOutput) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Per level ``(B, H*W, M)`` bool: the location's cell overlaps GT box ``m``; plus padded boxes and validity.
+
+    Cells are centred on :func:`location_centres` of ``out``, one level stride wide.
+    """
+    centres = location_centres(out)
+    boxes, _, valid = padded_gt(targets, centres[0].device)
+    touched = []
+    for c, f, stride in zip(centres, out.features, out.info.strides):
+        pts = c.to(boxes.dtype).expand(boxes.shape[0], f.shape[-2] * f.shape[-1], 2)
+        touched.append(cell_overlap(pts, boxes, stride)[3] & valid[:, None, :])
+    return touched, boxes, valid
 
 
 def foreground_masks(targets: Targets, out: DetectorOutput) -> list[Tensor]:
-    """Per level ``(B, 1, H, W)`` float masks: 1 where the location's centre is inside any GT box.
-
-    The location centres come from :func:`location_centres` of ``out``.
-    """
-    centres = location_centres(out)
-    shapes = [tuple(f.shape[-2:]) for f in out.features]
-    inside, _, _ = _inside_per_level(targets, centres, shapes)
-    return [
-        ins.any(dim=-1).to(f.dtype).view(f.shape[0], 1, h, w) for ins, f, (h, w) in zip(inside, out.features, shapes)
-    ]
+    """Per level ``(B, 1, H, W)`` float masks: 1 where the location's cell overlaps any GT box."""
+    touched, _, _ = box_cells(targets, out)
+    return [t.any(dim=-1).to(f.dtype).view(f.shape[0], 1, *f.shape[-2:]) for t, f in zip(touched, out.features)]
 
 
 def centerness(u: Tensor, v: Tensor, w: Tensor, h: Tensor, exponent: float = 1.0) -> Tensor:
@@ -174,25 +221,25 @@ def centerness(u: Tensor, v: Tensor, w: Tensor, h: Tensor, exponent: float = 1.0
 def centerness_instance_masks(targets: Targets, out: DetectorOutput, exponent: float = 1.0) -> list[Tensor]:
     """CID instance mask per level ``(B, 1, H, W)``, normalised so each instance contributes equally.
 
-    For each GT box, the FCOS centerness of every location whose centre falls inside it (over
-    all levels) is divided by that box's total centerness, so each instance's weights sum to 1
-    across all levels; overlapping instances add. The whole mask of an image therefore sums to
-    its number of instances that cover at least one location (boxes smaller than a cell at
-    every level, which cover none, contribute nothing).
+    Every cell a GT box overlaps gets the FCOS centerness of its centre within the box grown by
+    the cell's reach on each side (``w + 2 reach``, ``h + 2 reach``, see :func:`cell_overlap`):
+    positive on exactly the cells the box touches, so an object smaller than a cell still has
+    weight at every level, largest at the cell nearest its centre. Each box's weights are divided
+    by their total over all levels, so they sum to 1; overlapping instances add. The mask of an
+    image therefore sums to its number of instances that touch at least one cell (every box of
+    positive size inside the image).
     """
     centres = location_centres(out)
-    shapes = [tuple(f.shape[-2:]) for f in out.features]
     boxes, _, valid = padded_gt(targets, centres[0].device)
     per_level = []
-    for c, (h, w) in zip(centres, shapes):
-        pts = c.to(boxes.dtype).expand(boxes.shape[0], h * w, 2)
-        u, v = box_frame_coords(pts, boxes)
-        bw, bh = boxes[:, None, :, 2], boxes[:, None, :, 3]
-        inside = (u.abs() <= bw / 2) & (v.abs() <= bh / 2) & valid[:, None, :]
-        per_level.append(centerness(u, v, bw, bh, exponent) * inside)  # (B, HW, M)
+    for c, f, stride in zip(centres, out.features, out.info.strides):
+        pts = c.to(boxes.dtype).expand(boxes.shape[0], f.shape[-2] * f.shape[-1], 2)
+        u, v, reach, touch = cell_overlap(pts, boxes, stride)
+        bw, bh = boxes[:, None, :, 2] + 2 * reach, boxes[:, None, :, 3] + 2 * reach
+        per_level.append(centerness(u, v, bw, bh, exponent) * (touch & valid[:, None, :]))  # (B, HW, M)
     totals = sum(c.sum(dim=1) for c in per_level)  # (B, M)
     norm = torch.where(totals > 0, 1.0 / totals.clamp(min=torch.finfo(totals.dtype).tiny), torch.zeros_like(totals))
     return [
-        (c * norm[:, None, :]).sum(-1).view(c.shape[0], 1, h, w).to(f.dtype)
-        for c, f, (h, w) in zip(per_level, out.features, shapes)
+        (c * norm[:, None, :]).sum(-1).view(f.shape[0], 1, *f.shape[-2:]).to(f.dtype)
+        for c, f in zip(per_level, out.features)
     ]

@@ -1,24 +1,42 @@
 """NSD: negative-core sample knowledge distillation for oriented detection.
 
 Zhang et al., "Negative-Core Sample Knowledge Distillation for Oriented Object Detection in
-Remote Sensing Image", IEEE TGRS 62, 2024 (code: github.com/Changan00/NSD, mmrotate 0.3.4,
-rotated RetinaNet le90). The released repository lacks its head class, so this is a rebuild
-from the paper's description and the released configuration; defaults are the released ones.
+Remote Sensing Image", IEEE TGRS 62, 2024, doi:10.1109/TGRS.2024.3492046 (code:
+github.com/Changan00/NSD, mmrotate 0.3.4, rotated RetinaNet le90). The released repository lacks
+its head class, so this is a rebuild from the paper's description and the released configuration
+(the paper's full text and equation numbers were not available here); where this file departs from
+the released code it says so.
 
 Four switchable parts (``pixel``, ``logit``, ``box``, ``angle``; any non-empty subset):
 
 * pixel - feature imitation through a per-level 3x3 adapter (weights N(0, 1e-4^2)), split by
-  the GT foreground mask ``m`` (a location is foreground if its centre is inside a GT box)::
+  the GT foreground mask ``m`` (a location is foreground if its cell overlaps a GT box), each
+  a mean over the masked elements (locations x the teacher's ``C`` channels)::
 
-      L_fg = sum((phi(s) - t)^2 * m) / max(1, 2 * sum(m))
-      L_bg = sum((phi(s) - t)^2 * (1 - m)) / max(1, 2 * sum(1 - m))
-      L_pixel = sum_levels (w_fg * L_fg + w_bg * L_bg)           released: w_fg 0, w_bg 12
+      L_fg = sum((phi(s) - t)^2 * m) / max(1, 2 * C * sum(m))
+      L_bg = sum((phi(s) - t)^2 * (1 - m)) / max(1, 2 * C * sum(1 - m))
+      L_pixel = 1/L * sum_levels (w_fg * L_fg + w_bg * L_bg)     released: w_fg 0, w_bg 12
 
-* logit - on the negative-core samples (NCS) S, the non-target-class half of decoupled KD
-  (NCKD). A negative's target is the background, which has no logit among the K classes, so
-  every class is "non-target" and NCKD is the KL over the K classes::
+  The released detector repeats the mask over the channels before summing it, so its
+  normaliser counts location x channel elements, and divides by the number of levels; a
+  normaliser counting locations only made the term C x levels too large (~2e3 instead of 6 at
+  defaults on unit-scale 64-channel features over 5 levels).
 
-      L_logit = w * min(epoch / E_warm, 1) * beta * T^2 / |S| * sum_{i in S} KL(softmax(z_t,i/T) || softmax(z_s,i/T))
+* logit - on the negative-core samples (NCS) S. A negative's target is the background, which
+  a sigmoid head (every head here) has no logit for, so every class is "non-target".
+  ``logit_form: binary`` (default) treats each class score as a binary distribution, as BCKD
+  does for sigmoid heads (Yang et al., "Bridging Cross-task Protocol Inconsistency for
+  Distillation in Dense Object Detection", ICCV 2023, arXiv 2308.14286), so the absolute
+  scores - the background knowledge of a negative - are distilled; with ``p = sigmoid(z_t/T)``,
+  ``q = sigmoid(z_s/T)`` per class::
+
+      KL_i = sum_k [p log(p / q) + (1 - p) log((1 - p) / (1 - q))]
+
+  ``logit_form: softmax`` is the released code's NCKD of decoupled KD over the K classes,
+  ``KL_i = KL(softmax(z_t,i/T) || softmax(z_s,i/T))``; it only sees score ratios between
+  classes, so it is identically 0 for K = 1 (refused) and blind to absolute scores for K = 2::
+
+      L_logit = w * min(epoch / E_warm, 1) * beta * T^2 / |S| * sum_{i in S} KL_i
       released: w 1.8, beta 8, T 4, E_warm 3
 
 * box - ``L_box = w / (|S| * D) * sum_{i in S} |r_s,i - r_t,i|_1`` on the encoded regressions, w 0.9.
@@ -37,11 +55,14 @@ Four switchable parts (``pixel``, ``logit``, ``box``, ``angle``; any non-empty s
        L_angle = w * beta * T^2 / |S| * sum_{i in S} KL(q^_i || p^_s,i)
 
      where ``^`` drops bin ``j_i`` and renormalises (student: softmax of ``a_s,i/T`` over the
-     other bins). Released: w 1.0, beta 8, T 4 (shared with the logit part).
+     other bins). Released: w 1.0, beta 8, T 4 (shared with the logit part). Fewer than 3 bins
+     leave one bin after the drop, a term identically 0: refused.
 
-NCS selection (``ncs``): ``all`` negatives (``Assignment.neg_mask``), ``topk`` - the ``k``
-negatives per image with the highest teacher max-class sigmoid score (hard negatives), or
-``threshold`` - negatives whose teacher score exceeds ``threshold``.
+NCS selection (``ncs``): the negative *core* is the teacher's hard negatives, the background
+the teacher scores as object-like. ``topk`` (default) keeps the ``k`` negatives per image with
+the highest teacher max-class sigmoid score; ``threshold`` the negatives whose teacher score
+exceeds ``threshold``; ``all`` every negative (``Assignment.neg_mask``; the released code's
+``use_sample='negn'``).
 """
 
 from __future__ import annotations
@@ -54,7 +75,7 @@ from torch import Tensor
 
 from rkd.distill.base import KDComponent, Param, register
 from rkd.distill.fitnet import check_same_anchors, check_same_grid, conv_adapters
-from rkd.distill.functional import masked_sq_error, non_target_kd
+from rkd.distill.functional import binary_kl_with_logits, masked_sq_error, non_target_kd
 from rkd.distill.masks import foreground_masks
 from rkd.outputs import Assignment, DetectorInfo, DetectorOutput, Targets, flatten_levels
 
@@ -67,13 +88,30 @@ PARTS = ("pixel", "logit", "box", "angle")
 def pixel_fg_bg_loss(student: Tensor, teacher: Tensor, fg: Tensor) -> tuple[Tensor, Tensor]:
     """``(L_fg, L_bg)`` of one level; ``fg`` is the ``(B, 1, H, W)`` foreground mask.
 
+    Half the mean squared error over the masked elements (locations x channels).
+
     >>> s, t = torch.ones(1, 2, 1, 2), torch.zeros(1, 2, 1, 2)
     >>> [round(x.item(), 3) for x in pixel_fg_bg_loss(s, t, torch.tensor([[[[1.0, 0.0]]]]))]
-    [1.0, 1.0]
+    [0.5, 0.5]
     """
+    c = teacher.shape[1]
     num_fg, den_fg = masked_sq_error(student, teacher, fg)
     num_bg, den_bg = masked_sq_error(student, teacher, 1.0 - fg)
-    return num_fg / (2 * den_fg).clamp(min=1.0), num_bg / (2 * den_bg).clamp(min=1.0)
+    return num_fg / (2 * c * den_fg).clamp(min=1.0), num_bg / (2 * c * den_bg).clamp(min=1.0)
+
+
+def binary_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Per-sample ``T^2 * sum_k KL(Bern(sigmoid(z_t/T)) || Bern(sigmoid(z_s/T)))`` of ``(N, K)`` logits: ``(N,)``.
+
+    The binary cross-entropy to the teacher's tempered score minus the teacher's (constant)
+    binary entropy; the gradient is ``T (sigmoid(z_s/T) - sigmoid(z_t/T))``.
+
+    >>> z = torch.tensor([[-3.0, 2.0]])
+    >>> binary_kl(z, z, 4.0).abs().item() < 1e-6, round(binary_kl(torch.zeros(1, 1), z[:, :1], 1.0).item(), 4)
+    (True, 0.5023)
+    """
+    t = temperature
+    return binary_kl_with_logits(student_logits / t, teacher_logits / t).sum(-1) * t * t
 
 
 def select_ncs(neg: Tensor, score: Tensor, mode: str, k: int = 100, threshold: float = 0.05) -> Tensor:
@@ -176,7 +214,14 @@ class NSD(KDComponent):
         "beta": Param("float", 8.0, 1.0, 16.0, help="NCKD beta for logit and angle KD (released 8)"),
         "temperature": Param("float", 4.0, 1.0, 8.0, help="temperature for logit and angle KD (released 4)"),
         "warmup_epochs": Param("float", 3.0, 0.0, 10.0, help="logit KD ramps up as min(epoch / E, 1); 0 = none"),
-        "ncs": Param("choice", "all", choices=("all", "topk", "threshold"), help="negative-core sample selection"),
+        "logit_form": Param(
+            "choice", "binary", choices=("binary", "softmax"),
+            help="logit KD: per-class binary KL (sigmoid heads) or the released softmax NCKD over the classes",
+        ),
+        "ncs": Param(
+            "choice", "topk", choices=("all", "topk", "threshold"),
+            help="negative-core samples: the teacher's hard negatives (topk, threshold) or all negatives",
+        ),
         "k": Param("int", 100, 10, 2000, log=True, help="negatives per image kept by ncs=topk"),
         "threshold": Param("float", 0.05, 0.01, 0.5, log=True, help="teacher score above which ncs=threshold keeps"),
         "csl_sigma": Param("float", 1.0, 0.0, 4.0, help="circular smoothing of the teacher's angle bins (bins)"),
@@ -192,6 +237,12 @@ class NSD(KDComponent):
             check_same_grid(cls.name, student, teacher)
         if hparams["logit"] or hparams["box"] or hparams["angle"]:
             check_same_anchors(cls.name, student, teacher)
+        if hparams["logit"] and hparams["logit_form"] == "softmax" and student.num_classes < 2:
+            raise ValueError(
+                f"KD method 'nsd' with logit_form: softmax compares softmax distributions over the classes, but with "
+                f"{student.num_classes} class the distribution is always 1 and the logit term identically 0; set "
+                "nsd.logit_form: binary (per-class sigmoid KL) or nsd.logit: false"
+            )
         if hparams["box"] and student.box_dim != teacher.box_dim:
             raise ValueError(
                 f"KD method 'nsd' (box: true) compares box regressions, but the student regresses "
@@ -214,6 +265,12 @@ class NSD(KDComponent):
                     f"KD method 'nsd' with angle: true compares angle bins, but the student has "
                     f"{student.angle_bins} and the teacher {teacher.angle_bins}"
                 )
+            if student.angle_bins < 3:
+                raise ValueError(
+                    f"KD method 'nsd' with angle: true distils the angle bins other than the target bin, but with "
+                    f"{student.angle_bins} angle bins one bin is left and the angle term is identically 0; "
+                    "set nsd.angle: false or use at least 3 bins"
+                )
 
     def __init__(self, student: DetectorInfo, teacher: DetectorInfo, **hparams: Any) -> None:
         super().__init__(student, teacher, **hparams)
@@ -231,7 +288,7 @@ class NSD(KDComponent):
             for adapter, fs, ft, fg in zip(self.adapters, student.features, teacher.features, fg_masks):
                 l_fg, l_bg = pixel_fg_bg_loss(adapter(fs), ft.detach(), fg)
                 total = total + hp["fg_weight"] * l_fg + hp["bg_weight"] * l_bg  # pixel-level loss
-            terms["pixel"] = total
+            terms["pixel"] = total / len(fg_masks)  # mean over levels, as the released detector
         if not (hp["logit"] or hp["box"] or hp["angle"]):
             return terms
 
@@ -243,7 +300,11 @@ class NSD(KDComponent):
         t = hp["temperature"]
         if hp["logit"]:
             warm = min(epoch / hp["warmup_epochs"], 1.0) if hp["warmup_epochs"] > 0 else 1.0
-            kl = non_target_kd(student.flat_cls()[sel], zt[sel], None, t)  # NCKD over the K classes
+            zs = student.flat_cls()[sel]
+            if hp["logit_form"] == "binary":
+                kl = binary_kl(zs, zt[sel], t)
+            else:
+                kl = non_target_kd(zs, zt[sel], None, t)  # NCKD over the K classes
             terms["logit"] = hp["logit_weight"] * warm * hp["beta"] * kl.sum() / n
         if hp["box"]:
             bs, bt = student.flat_box()[sel], teacher.flat_box().detach()[sel]

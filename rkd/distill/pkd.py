@@ -1,14 +1,18 @@
 """PKD: feature distillation with the Pearson correlation coefficient.
 
 Cao et al., "PKD: General Distillation Framework for Object Detectors via Pearson Correlation
-Coefficient", NeurIPS 2022. Each feature map is standardised per channel over batch and
-space, ``F^ = (F - mean) / (std + 1e-6)`` (unbiased std), and::
+Coefficient", NeurIPS 2022 (arXiv 2207.02039). Each feature map is standardised per channel over
+batch and space, ``F^ = (F - mean) / (std + 1e-6)`` (unbiased std, as MMRazor's ``PKDLoss``), and::
 
     L_PKD = w * sum_l 1/2 * mean (F^_s - F^_t)^2                                  (eq. 3-4)
 
 which equals ``w * (1 - r)`` per level up to the sample-size factor, ``r`` the Pearson
 correlation. Default w = 10: the MMRazor PKD config for RetinaNet (X101 -> R50), which
 uses ``loss_weight=10`` per FPN level. A 1x1 adapter aligns channels only where they differ.
+
+A level with one location (batch 1 on a small tile, B x H x W = 1) has no correlation to match:
+the unbiased std of one value is NaN (0/0), which made the whole loss NaN. There the population
+std (0) is used, the centred feature is exactly 0 and the level adds 0 with zero gradient.
 """
 
 from __future__ import annotations
@@ -25,14 +29,18 @@ from rkd.outputs import DetectorInfo, DetectorOutput, Targets
 
 
 def standardise(feature: Tensor, eps: float = 1e-6) -> Tensor:
-    """Per-channel standardisation over (B, H, W).
+    """Per-channel standardisation over (B, H, W); all zeros where B x H x W is 1.
 
     >>> f = standardise(torch.randn(2, 3, 4, 4) * 5 + 2)
     >>> bool(f.mean((0, 2, 3)).abs().max() < 1e-5), bool((f.std((0, 2, 3)) - 1).abs().max() < 1e-4)
     (True, True)
+    >>> standardise(torch.randn(1, 3, 1, 1)).abs().max().item()
+    0.0
     """
+    n = feature.numel() // max(feature.shape[1], 1)
     mean = feature.mean(dim=(0, 2, 3), keepdim=True)
-    std = feature.std(dim=(0, 2, 3), keepdim=True)
+    # Bessel's correction needs two values; with one, n - 1 = 0 would give std NaN.
+    std = feature.std(dim=(0, 2, 3), keepdim=True, correction=1 if n > 1 else 0)
     return (feature - mean) / (std + eps)
 
 

@@ -1,23 +1,32 @@
 """SSKDNet: self-supervised knowledge distillation for scene classification.
 
 Zhao, Liu, Yang & Wu, "Remote Sensing Image Scene Classification via Self-Supervised Learning and
-Knowledge Distillation", Remote Sensing 14(19):4813, 2022. No public code. The text available to
-this project (``shared/papers/004_*.txt``) is the abstract only, so the equation labels below
-(S1)-(S5) are this module's own, written from the abstract's description; where the abstract
-leaves a choice open, the choice made here is stated next to it.
+Knowledge Distillation", Remote Sensing 14(19):4813, 2022, DOI 10.3390/rs14194813. No public code.
+The text available to this project (``shared/papers/004_*.txt``) is the abstract only, so the
+equation labels below (S1)-(S5) are this module's own, written from the abstract's description;
+where the abstract leaves a choice open, the choice made here is stated next to it.
 
 The student trains with a branch attached to its lowest backbone level ``F_0`` (B, C_0, H, W),
 both optimised together in one stage, no pre-training:
 
-* **Background masking.** ``F_0`` is cut into ``P = (H/p)(W/p)`` patches of ``p x p`` cells;
-  exactly ``k = floor(mask_ratio * P + 1/2)`` of them per sample are replaced by a learned mask
-  token. ``mask_mode: random`` draws them uniformly; ``background`` hides the ``k`` patches of
-  lowest attention energy ``mean_c F_L^2`` of the deepest map (the least salient ones).
+* **Background masking** (the paper's masking, the default ``mask_mode: background``). ``F_0`` is
+  cut into ``P = (H/p)(W/p)`` patches of ``p x p`` cells; exactly ``k = floor(mask_ratio * P + 1/2)``
+  of them per sample are replaced by a learned mask token: the ``k`` patches of lowest attention
+  energy ``mean_c F_L^2`` of the deepest map (the least salient ones, i.e. the background; the
+  abstract names no saliency measure, this is the activation-based attention of Zagoruyko &
+  Komodakis, "Paying More Attention to Attention", ICLR 2017). ``mask_mode: random`` (an option,
+  not the paper's) draws them uniformly.
 * **Patch shuffling.** The patches are then permuted by a random per-sample permutation ``pi``.
-* **Restoration (S1).** The restorer ``g`` works on the masked, shuffled map; its output is put
-  back in place with ``pi^-1`` (exact, :func:`unshuffle_patches`) and must restore ``F_0``::
+* **Restoration (S1).** The restorer ``g`` gets the masked, shuffled map and nothing else: it must
+  infer where each patch belongs, so ``pi`` (and ``pi^-1``) never reach it; its output is compared
+  with ``F_0`` as it stands::
 
-      L_restore = mean_{b,c,h,w} (pi^-1(g(pi(M(F_0)))) - sg(F_0))^2                     (S1)
+      L_restore = mean_{b,c,h,w} (g(pi(M(F_0))) - sg(F_0))^2                             (S1)
+
+  ``g`` refines every cell from its (shuffled) neighbourhood with convs, then places patches:
+  each target slot ``j`` attends over the shuffled patches ``t_i`` with
+  ``A = softmax_i(q(e_j) . k(t_i) / sqrt(d))`` (``e_j`` a fixed sinusoidal code of the slot's
+  normalised row and column, so any map size works) and receives ``sum_i A_ji t_i``.
 
   ``sg`` (stop-gradient): the backbone's own maps are the supervision signal, a fixed target for
   the step, so the backbone cannot lower the loss by shrinking its features. The branch's input
@@ -133,7 +142,8 @@ def lowest_score_mask(scores: Tensor, count: int) -> Tensor:
 def patch_attention(feature: Tensor, grid: tuple[int, int]) -> Tensor:
     """``(B, P)`` attention energy ``mean_c F^2`` of ``feature`` resampled to the patch grid."""
     energy = feature.detach().pow(2).mean(dim=1, keepdim=True)
-    return F.interpolate(energy, size=grid, mode="bilinear", align_corners=False).flatten(1)
+    # antialias: where the patch grid is coarser than the map, average instead of sampling a few cells
+    return F.interpolate(energy, size=grid, mode="bilinear", align_corners=False, antialias=True).flatten(1)
 
 
 def mask_patches(x: Tensor, mask: Tensor, patch: int, fill: Tensor) -> Tensor:
@@ -180,17 +190,41 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn
     )
 
 
-class Restorer(nn.Module):
-    """``g`` of (S1): two 3x3 conv blocks (the second dilated, for a wider view of the shuffled
-    context) and a 1x1 projection back to the level's channels (linear, as features may be signed)."""
+def slot_codes(rows: int, cols: int, freqs: int, device=None) -> Tensor:
+    """``(rows*cols, 4*freqs)`` sinusoidal codes ``sin/cos(pi k r)`` of normalised slot centres, row-major.
 
-    def __init__(self, channels: int) -> None:
+    >>> slot_codes(2, 3, 2).shape
+    torch.Size([6, 8])
+    """
+    ys = (torch.arange(rows, device=device) + 0.5) / rows
+    xs = (torch.arange(cols, device=device) + 0.5) / cols
+    ys, xs = torch.meshgrid(ys, xs, indexing="ij")
+    k = torch.arange(1, freqs + 1, device=device)
+    angles = torch.stack([xs.flatten(), ys.flatten()], -1)[:, :, None] * math.pi * k  # (P, 2, freqs)
+    return torch.cat([angles.sin(), angles.cos()], -1).flatten(1)
+
+
+class Restorer(nn.Module):
+    """``g`` of (S1), from the masked, shuffled map alone: two 3x3 conv blocks (the second dilated,
+    for a wider view) and a 1x1 projection (linear, as features may be signed) refine each cell,
+    then every target slot gathers patches by attention from its position code (module doc)."""
+
+    def __init__(self, channels: int, patch: int, width: int = 32, freqs: int = 4) -> None:
         super().__init__()
+        self.patch, self.freqs = patch, freqs
         self.body = nn.Sequential(_conv_bn_relu(channels, channels), _conv_bn_relu(channels, channels, dilation=2))
         self.out = nn.Conv2d(channels, channels, 1)
+        self.key = nn.Linear(channels * patch * patch, width)
+        self.query = nn.Linear(4 * freqs, width)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(self.body(x))
+        b, c, h, w = x.shape
+        p = self.patch
+        tokens = to_patches(self.out(self.body(x)), p)  # (B, P, C, p, p), in shuffled order
+        flat = tokens.flatten(2)
+        queries = self.query(slot_codes(h // p, w // p, self.freqs, x.device).to(x.dtype))  # (P, d)
+        attn = torch.softmax(queries @ self.key(flat).transpose(1, 2) / math.sqrt(queries.shape[-1]), dim=-1)
+        return from_patches((attn @ flat).view_as(tokens), h, w)  # slot j <- sum_i A_ji t_i
 
 
 class DynamicFusion(nn.Module):
@@ -211,11 +245,11 @@ class DynamicFusion(nn.Module):
 class SSKDBranch(nn.Module):
     """The branch: restorer, strided stages mirroring the backbone's levels, fusion, classifier."""
 
-    def __init__(self, info: ClassifierInfo, fusion: bool) -> None:
+    def __init__(self, info: ClassifierInfo, fusion: bool, patch: int) -> None:
         super().__init__()
         chans, strides = info.level_channels, info.strides
         self.mask_token = nn.Parameter(torch.zeros(chans[0]))
-        self.restorer = Restorer(chans[0])
+        self.restorer = Restorer(chans[0], patch)
         self.stages = nn.ModuleList(
             _conv_bn_relu(chans[i - 1], chans[i], stride=strides[i] // strides[i - 1]) for i in range(1, len(chans))
         )
@@ -241,7 +275,10 @@ class SSKD(ClassifierKDComponent):
     params = {
         "mask_ratio": Param("float", 0.3, 0.0, 0.75, help="share of level-0 patches hidden by the mask token"),
         "patch": Param("choice", 2, choices=PATCH_SIZES, help="side of a masked/shuffled patch, in level-0 cells"),
-        "mask_mode": Param("choice", "random", choices=("random", "background"), help="which patches are hidden"),
+        "mask_mode": Param(
+            "choice", "background", choices=("random", "background"),
+            help="which patches are hidden: the least salient (the paper's background masking) or random ones",
+        ),
         "temperature": Param("float", 4.0, 1.0, 8.0, help="softening temperature T of (S4)"),
         "restore_weight": Param("float", 1.0, 1e-2, 10.0, log=True, help="w_r of (S5)"),
         "branch_weight": Param("float", 1.0, 1e-2, 10.0, log=True, help="w_b of (S5)"),
@@ -264,7 +301,7 @@ class SSKD(ClassifierKDComponent):
 
     def __init__(self, student: ClassifierInfo, teacher: ClassifierInfo | None, **hparams: Any) -> None:
         super().__init__(student, teacher, **hparams)
-        self.branch = SSKDBranch(student, self.hparams["fusion"])
+        self.branch = SSKDBranch(student, self.hparams["fusion"], self.hparams["patch"])
 
     def corrupt(self, low: Tensor, deepest: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(masked and shuffled map, patch mask (B, P), permutation (B, P))`` of a level-0 map."""
@@ -286,8 +323,8 @@ class SSKD(ClassifierKDComponent):
     ) -> dict[str, Tensor]:
         hp = self.hparams
         low = student.features[0]
-        corrupted, _, perm = self.corrupt(low, student.features[-1])
-        restored = unshuffle_patches(self.branch.restorer(corrupted), perm, hp["patch"])
+        corrupted, _, _ = self.corrupt(low, student.features[-1])
+        restored = self.branch.restorer(corrupted)  # (S1): the permutation stays out of reach
         branch_logits, _ = self.branch.classify(restored)
         return {
             "restore": hp["restore_weight"] * restore_loss(restored, low),

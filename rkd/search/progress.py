@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from ray import tune
 
@@ -41,8 +41,9 @@ def _short(v: Any) -> str:
 class ProgressPrinter(tune.Callback):
     """Prints one line per trial start, per epoch and per trial end."""
 
-    def __init__(self, total: int, stream: TextIO | None = None, metric: str = "map50") -> None:
-        self.total = total
+    def __init__(self, total: int, stream: TextIO | None = None, metric: str = "map50",
+                 describe: Callable[[dict[str, Any]], str] = describe_params) -> None:
+        self.total, self.describe = total, describe  # describe: a trial's config in its start line
         self.metric, self.label = metric, metric_label(metric)
         self.stream = stream  # None: sys.stdout at print time (Tune pickles callbacks; streams do not pickle)
         self.start = time.perf_counter()
@@ -59,7 +60,7 @@ class ProgressPrinter(tune.Callback):
         return f"trial {n}/{self.total}"
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._say(f"{self._n(trial)} started: {describe_params(trial.config)}")
+        self._say(f"{self._n(trial)} started: {self.describe(trial.config)}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "epoch" in result and "epochs" in result:

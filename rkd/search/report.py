@@ -390,6 +390,37 @@ def importances_html(rows: list[dict[str, Any]], acc: str = "map50") -> str:
     return out + "<table><tr><th>parameter</th><th>importance</th><th>groups</th><th></th></tr>" + body + "</table>"
 
 
+def confirm_html(confirm: dict[str, Any] | None) -> str:
+    """The confirm stage (``summary.json: confirm``): each point against its no-KD twin over the same seeds."""
+    if confirm is None:
+        return ""
+    from rkd.search.confirm import format_gain
+
+    label = metric_label(confirm["metric"])
+    out = (f"<h2>Confirmed gains over the student without KD</h2><p>The {confirm['top']} most accurate front points "
+           f"that use KD and their no-KD twins (same student, lr, epochs and data; KD off), each re-trained with seeds "
+           f"{html.escape(str(confirm['seed_list']))}. Gain: the mean of the per-seed differences, with its "
+           f"{confirm['level']:.0%} Student-t interval; where the interval includes 0 the gain is not told apart "
+           "from seed noise.</p>")
+    if not confirm["points"]:
+        return out + "<p>No front point uses KD: nothing to confirm.</p>"
+    head = ["trial", "KD methods", "GFLOPs", f"search {label}", "seeds", f"{label} mean", "sd", "no-KD twin mean",
+            "sd", "gain [interval]", "failed"]
+    body = []
+    for p in confirm["points"]:
+        cand, twin, gain = p["candidate"], p["twin"], p["gain"]
+        verdict = format_gain(gain)
+        # red where the interval includes 0 (not told apart from seed noise), green where it does not
+        style = {True: ' class="failed"', False: ' class="complete"'}.get(gain.get("includes_zero"), "")
+        cells = [html.escape(str(p["trial_id"])), _cell(p.get("kd_methods")), _cell(p.get("gflops")),
+                 _cell(p.get(f"search_{confirm['metric']}")), str(gain["n"]), _cell(cand["mean"]), _cell(cand["std"]),
+                 _cell(twin["mean"]), _cell(twin["std"]), f"<span{style}>{html.escape(verdict)}</span>",
+                 html.escape("; ".join(p.get("failed") or [])) or "-"]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head_html = "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+    return out + f'<table id="confirm">{head_html}{"".join(body)}</table>'
+
+
 def build_html(run_dir: Path) -> str:
     rows, summary = load_run(run_dir)
     curves = read_curves(run_dir)
@@ -416,6 +447,7 @@ def build_html(run_dir: Path) -> str:
     parts = [
         f"<h1>rkd search report: {name}</h1><p>{intro}</p>",
         "<h2>Pareto front</h2>", front_svg(rows, front, teacher, acc),
+        confirm_html(summary.get("confirm")),
         hypervolume_html(ordered, curve),
         importances_html(rows, acc),
         f"<h2>{metric_label(acc)} per epoch</h2>",

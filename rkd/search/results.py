@@ -172,10 +172,13 @@ def plot_front(
     title: str,
     latency: bool = False,
     accuracy: str = "map50",
+    confirmed: list[dict[str, Any]] | None = None,
 ) -> None:
     """``pareto.png``: all complete trials, the front highlighted, teacher and no-KD students marked.
 
     ``latency``: the front is over (mAP50, GFLOPs, latency); its points are coloured by latency.
+    ``confirmed``: the confirm stage's points (``summary.json: confirm.points``), ringed and labelled
+    with their gain over the no-KD twin.
     """
     import matplotlib
 
@@ -208,6 +211,17 @@ def plot_front(
         for r in published:
             ax.annotate(r["reference"].removesuffix(" defaults"), (r["gflops"], r[accuracy]), fontsize=7,
                         xytext=(4, 4), textcoords="offset points", color="#6a1b9a")
+    by_id = {r["trial_id"]: r for r in done}
+    ringed = [(by_id[p["trial_id"]], p) for p in confirmed or [] if p["trial_id"] in by_id]
+    if ringed:
+        from rkd.search.confirm import format_gain
+
+        ax.scatter([r["gflops"] for r, _ in ringed], [r[accuracy] for r, _ in ringed], marker="o", facecolors="none",
+                   edgecolors="#1a7f37", s=140, linewidths=1.6, label="confirmed: gain over no-KD twin", zorder=6)
+        for r, p in ringed:
+            ax.annotate(format_gain(p["gain"]).replace(" interval includes 0", " (includes 0)"),
+                        (r["gflops"], r[accuracy]), fontsize=7, xytext=(6, -12), textcoords="offset points",
+                        color="#1a7f37")
     ax.set_xlabel("student GFLOPs (lower is better)")
     ax.set_ylabel(f"val {metric_label(accuracy)} (higher is better)")
     ax.set_title(title)

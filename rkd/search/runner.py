@@ -23,10 +23,13 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from rkd import storage
+from rkd.data.dataset import SKIPPED_FILE, skipped_lines, write_skipped
 from rkd.errors import RkdError, SpecError
 from rkd.models.flops import count_flops
 from rkd.models.latency import measure_latency
 from rkd.schema import Section, join
+from rkd.search import confirm as confirm_stage
+from rkd.search.confirm import confirm_report, parse_confirm
 from rkd.search.progress import ProgressPrinter
 from rkd.search.results import (
     DEFAULT_OBJECTIVES,
@@ -49,7 +52,7 @@ from rkd.train.teacher import prepare_teacher, shared_checkpoint
 
 SEARCH_KEYS = {
     "space", "trials", "seed", "sampler", "objectives", "max_gflops", "initial_points", "published_defaults",
-    "scheduler", "stop",
+    "scheduler", "stop", "confirm",
 }
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 
@@ -66,6 +69,7 @@ class SearchConfig:
     published_defaults: bool  # also try each method of the space alone at its published defaults
     scheduler: dict[str, Any] | None  # {kind: asha, grace_period, reduction_factor}
     stop: dict[str, Any] | None  # {after_epochs, below_map}
+    confirm: dict[str, int] | None = None  # {top, seeds}: see rkd.search.confirm
 
 
 def parse_search(spec: RunSpec) -> SearchConfig:
@@ -83,6 +87,7 @@ def parse_search(spec: RunSpec) -> SearchConfig:
             published_defaults=sec.bool("published_defaults", False),
             scheduler=_scheduler(sec.section("scheduler")) if sec.raw("scheduler", None) is not None else None,
             stop=_stop(sec.section("stop")) if sec.raw("stop", None) is not None else None,
+            confirm=parse_confirm(sec.section("confirm")) if sec.raw("confirm", None) is not None else None,
         )
     except SpecError as err:
         raise spec.source.error(err) from None
@@ -148,6 +153,8 @@ def load_search_space(spec: RunSpec, search: SearchConfig) -> SearchSpace:
         student_check=lambda overrides: with_overrides(spec.student, overrides, task=spec.task),
         registry=TASKS[spec.task].method_registry(),
     )
+    if search.published_defaults:
+        space = space.with_balance_modes()  # the published points run the published weights as they are
     if not isinstance(search.initial_points, list):
         raise spec.source.error(SpecError("search.initial_points", "expected a list of {parameter: value} mappings"))
     names = {d.name for d in space.dims}
@@ -294,7 +301,7 @@ def _status(result: Any) -> tuple[str, str | None]:
     if metrics.get("status") == "infeasible":
         return "infeasible", "GFLOPs above search.max_gflops"
     if metrics.get("epochs") and metrics.get("epoch") == metrics.get("epochs"):
-        return "complete", None
+        return "complete", metrics.get("kd_warning")  # e.g. published KD weights that swamped the task loss
     return "stopped", f"stopped after {metrics.get('epoch', 0)} of {metrics.get('epochs', '?')} epochs"
 
 
@@ -359,14 +366,16 @@ def write_results(
     teacher: dict[str, Any],
     wall_s: float,
     objectives: tuple[str, ...] = DEFAULT_OBJECTIVES,
+    confirm: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Write the run's tables, plot and summary; ``confirm``: the confirm stage's results, once there are any."""
     run_dir = spec.run_dir
     front = front_rows(rows, objectives)
     write_parquet(trials_table(rows), run_dir / "trials.parquet")
     write_parquet(trials_table(front), run_dir / "pareto.parquet")
     latency = "latency_ms" in objectives
     plot_front(rows, front, run_dir / "pareto.png", teacher, f"rkd search: {spec.name}", latency=latency,
-               accuracy=objectives[0])
+               accuracy=objectives[0], confirmed=(confirm or {}).get("points"))
     # Reference point: no accuracy, 10% above the largest cost seen (the teacher's GFLOPs included).
     ref = {objectives[0]: 0.0}
     for key in objectives[1:]:
@@ -384,9 +393,26 @@ def write_results(
         "hypervolume": hypervolume_of(rows, objectives, ref_point),
         "hypervolume_ref": ref_point,
         "wall_s": round(wall_s, 1),
+        "skipped_lines": count_skipped_lines(run_dir),
+        **({"confirm": confirm} if confirm is not None else {}),
     }
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def record_skipped_lines(spec: RunSpec, log: Callable[[str], None]) -> list[str]:
+    """The label lines ``data.on_error: skip`` leaves out, listed in ``<run>/skipped_lines.txt`` (file:line: why)
+    and counted in ``summary.json``; a list of an earlier run of this name is replaced."""
+    lines = skipped_lines(spec.data) if spec.task == "detection" else []
+    (spec.run_dir / SKIPPED_FILE).unlink(missing_ok=True)
+    if write_skipped(lines, spec.run_dir):
+        log(f"[data] {len(lines)} label line(s) skipped (data.on_error: skip); listed in {spec.run_dir / SKIPPED_FILE}")
+    return lines
+
+
+def count_skipped_lines(run_dir: Path) -> int:
+    path = Path(run_dir) / SKIPPED_FILE
+    return len(path.read_text(encoding="utf-8").splitlines()) if path.is_file() else 0
 
 
 SEARCH_IDENTITY_FILE = "search_identity.json"
@@ -399,7 +425,9 @@ def search_identity(spec: RunSpec, search: SearchConfig) -> dict[str, Any]:
         "teacher": spec.teacher.to_dict(),
         "student": spec.student.to_dict(),
         "seed": spec.seed,
-        "search": {k: v for k, v in asdict(search).items() if k != "space_path"},
+        # The confirm stage keeps its own record of what it trained (rkd.search.confirm): changing
+        # it re-trains only what it lacks, never the search.
+        "search": {k: v for k, v in asdict(search).items() if k not in ("space_path", "confirm")},
         "space": search.space_path.read_text(),
     }
     return json.loads(json.dumps(identity, sort_keys=True, default=str))  # as it reads back from the file
@@ -438,6 +466,7 @@ def start_afresh(spec: RunSpec, search: SearchConfig) -> None:
         if old.exists():
             shutil.rmtree(old)
     (spec.run_dir / "summary.json").unlink(missing_ok=True)  # from now on, this search is the unfinished one
+    confirm_stage.clear(spec.run_dir, spec.ray_storage, spec.run_uri)  # its pairs belong to the earlier trials
     atomic_write_json(spec.run_dir / SEARCH_IDENTITY_FILE, search_identity(spec, search))
     if spec.run_uri:
         for old_uri in (storage.join(spec.ray_storage, "search"), storage.join(spec.ray_storage, "trials"),
@@ -459,6 +488,7 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
     # file:line, not inside a Ray worker after the teacher has trained.
     TASKS[spec.task].check_data(spec.data)
     spec.run_dir.mkdir(parents=True, exist_ok=True)
+    record_skipped_lines(spec, log)
     if spec.run_uri:  # what an earlier run left there: its identity, teacher, priors, results
         storage.pull(spec.run_uri, spec.run_dir, exclude=("ray",))
     resuming = prepare_resume(spec, search, resume)
@@ -536,6 +566,12 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
     rows = collect_rows(grid, spec.ray_storage if spec.run_uri else None)
     label_references(rows, reference_points(space, search))
     summary = write_results(spec, rows, teacher.to_dict(), time.perf_counter() - start, search.objectives)
+    confirmed = None
+    if search.confirm is not None:
+        # The search's results are written first: a confirm stage that is interrupted loses none of them.
+        confirmed = confirm_stage.run_confirm(spec, search.confirm, rows, search.objectives, ctx, log)
+        summary = write_results(spec, rows, teacher.to_dict(), time.perf_counter() - start, search.objectives,
+                                confirmed)
     if spec.run_uri:
         storage.push(spec.run_dir, spec.run_uri, exclude=("ray",))
     front = front_rows(rows, search.objectives)
@@ -543,6 +579,8 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
     log(f"Pareto front of {spec.name}: {len(front)} of {len(rows)} trials (teacher {TASKS[spec.task].metric_label} {teacher.score:.3f}, "
         f"{teacher.gflops:.3f} GFLOPs)")
     log(format_table(front, front_columns(search.objectives)) if front else "(no complete trial: nothing on the front)")
+    if confirmed is not None:
+        log(confirm_report(confirmed))
     log(f"\nresults in {spec.run_uri or spec.run_dir}: trials.parquet, pareto.parquet, pareto.png, summary.json "
         f"({summary['wall_s']:.0f}s)")
     return summary

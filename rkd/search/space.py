@@ -35,6 +35,9 @@ from rkd.schema import join
 from rkd.yamlio import SourceMap, load_yaml
 
 METHOD_SWITCH = "enabled"
+# The student's KD loss balance mode (rkd.distill.balance): published-defaults points run with "off",
+# the methods' weights as published; the sampler may choose either.
+BALANCE_MODE = "student.kd_balance.mode"
 
 
 @dataclass(frozen=True)
@@ -110,17 +113,26 @@ class SearchSpace:
         """Parameters of the "no KD" configuration: every switchable method off."""
         return {d.name: False for d in self.dims if d.condition is None and d.name.startswith("methods.") and d.kind == "choice"}
 
+    def with_balance_modes(self) -> SearchSpace:
+        """This space with the KD loss balance mode as a choice (auto | off), unless it has it already,
+        so that published-defaults points can run the published weights as they are."""
+        if any(d.name == BALANCE_MODE for d in self.dims):
+            return self
+        return SearchSpace([*self.dims, Dim(BALANCE_MODE, "choice", choices=("auto", "off"))], self.file, self.registry)
+
     def published_default_points(self) -> dict[str, dict[str, Any]]:
-        """For each switchable method: it alone, at its declared (published) defaults.
+        """For each switchable method: it alone, at its declared (published) defaults, and with the
+        loss balance off where the space has that choice (see :meth:`with_balance_modes`).
 
         A default the space's range excludes is left for the sampler (a partial point).
         Parameters outside the methods (the student's size, lr, ...) are left to the sampler too.
         """
         base = self.baseline_point()
+        balance = next((d for d in self.dims if d.name == BALANCE_MODE and d.admits("off")), None)
         points = {}
         for switch in base:
             method = switch.split(".", 1)[1]
-            point = {**base, switch: True}
+            point = {**base, switch: True, **({BALANCE_MODE: "off"} if balance is not None else {})}
             known = KD_METHODS if self.registry is None else self.registry
             declared = known[method].params if method in known else {}
             for d in self.dims:

@@ -90,7 +90,9 @@ class ClassificationTask:
         if train_cfg.get("methods"):
             try:
                 teacher_info = teacher.info if teacher is not None else None
-                distiller = build_classifier_distiller(train_cfg["methods"], student.info, teacher_info)
+                distiller = build_classifier_distiller(
+                    train_cfg["methods"], student.info, teacher_info, balance=train_cfg.get("kd_balance") or {}
+                )
             except SpecError as err:
                 raise err.within("methods") from None
         return student, teacher, distiller

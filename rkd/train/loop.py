@@ -70,9 +70,10 @@ class StudentWithKD(nn.Module):
         out = self.student(images, targets)
         terms = {f"gt.{k}": v for k, v in out.losses.items()}
         if self.distiller is not None:  # (teacher_out is None for self-distillation, e.g. SSKD)
+            task_loss = sum(out.losses.values())  # with its graph: the loss balance measures its gradient
             # KD losses compare small differences of features: always computed in fp32.
             with torch.autocast(images.device.type, enabled=False):
-                kd = self.distiller(to_float32(out), to_float32(teacher_out), targets, epoch)
+                kd = self.distiller(to_float32(out), to_float32(teacher_out), targets, epoch, task_loss=task_loss)
             terms.update({f"kd.{k}": v for k, v in kd.items()})
         return terms
 
@@ -182,6 +183,16 @@ def effective_lr(train_cfg: dict[str, Any], world: int) -> float:
     return lr if not reference else lr * int(train_cfg["batch_size"]) * world / int(reference)
 
 
+def epoch_progress(step: int, steps_per_epoch: int) -> float:
+    """Epochs done at global ``step`` (0-based, counted over the whole run), with the fraction of the
+    current one: what KD components' epoch ramps (NSD's warm-up, DKD's) read.
+
+    >>> [epoch_progress(s, 10) for s in (0, 5, 10, 25)]
+    [0.0, 0.5, 1.0, 2.5]
+    """
+    return step / max(1, steps_per_epoch)
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` (None: plain fp32). ``auto``: bf16 on CUDA only,
     since CPU bf16 kernels are slower than fp32 ones on most machines."""
@@ -218,7 +229,9 @@ class DetectionTask:
         if cfg.get("teacher_checkpoint"):
             teacher, _ = load_detector(storage.local_copy(cfg["teacher_checkpoint"]))
             if train_cfg.get("methods"):
-                distiller = build_distiller(train_cfg["methods"], student.info, teacher.info)
+                distiller = build_distiller(
+                    train_cfg["methods"], student.info, teacher.info, balance=train_cfg.get("kd_balance") or {}
+                )
                 attach_prior_states(distiller, cfg.get("prior_states"))
         return student, teacher, distiller
 
@@ -262,6 +275,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
     loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=False)
 
     student, teacher, distiller = task.models(cfg, len(class_names))
+    if getattr(distiller, "balance", None) is not None:
+        distiller.balance.watch(list(student.parameters()))  # the KD strength is measured on the student
     channels_last = use_channels_last(train_cfg.get("channels_last", "auto"), device, student)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     amp_dtype = autocast_dtype(train_cfg.get("precision", "auto"), device)
@@ -316,7 +331,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
                 if teacher_output_needed:
                     with torch.no_grad():
                         teacher_out = teacher(images)
-                terms = model(images, targets, teacher_out, epoch + step / total_steps)
+                terms = model(images, targets, teacher_out, epoch_progress(step, steps_per_epoch))
             bad = nonfinite_terms(terms)
             if bad:
                 # Skip the step, but stop a run that keeps producing NaN/inf.
@@ -365,6 +380,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             start_epoch=start_epoch,  # > 0 when this process resumed from a checkpoint
             **cfg.get("extra_metrics", {}),
         )
+        metrics.update(balance_metrics(distiller))
         if resume_warning and epoch == start_epoch:
             metrics["resume_warning"] = resume_warning
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
@@ -387,6 +403,18 @@ def train_loop(cfg: dict[str, Any]) -> None:
         # Resumed a run whose training had already finished: report its last state again
         # so the caller gets the final metrics and checkpoint.
         ray.train.report(history[-1], checkpoint=resumed if rank == 0 else None)
+
+
+def balance_metrics(distiller: Any) -> dict[str, Any]:
+    """The KD loss balance's per-method scales and start ratios, and its warning if any."""
+    balance = getattr(distiller, "balance", None)
+    if balance is None or int(balance.seen) == 0:
+        return {}
+    out: dict[str, Any] = {f"kd_scale.{m}": v for m, v in balance.scales().items()}
+    out.update({f"kd_start_ratio.{m}": v for m, v in balance.start_ratios().items()})
+    if balance.warnings():
+        out["kd_warning"] = "; ".join(balance.warnings())
+    return out
 
 
 def _reduce_means(sums: dict[str, float], seen: int, world: int) -> dict[str, float]:

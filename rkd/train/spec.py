@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rkd import storage
+from rkd.distill.balance import BALANCE_DEFAULTS, BALANCE_MODES
 from rkd.errors import RkdError, SpecError
 from rkd.models import validate_model_spec
 from rkd.models.factory import backbone_keys
@@ -32,7 +33,7 @@ LOOP_OPTION_KEYS = {
 }
 TRAIN_KEYS = {"model", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "eval_every", "grad_clip"} | LOOP_OPTION_KEYS
 TEACHER_KEYS = TRAIN_KEYS | {"checkpoint", "min_map"}
-STUDENT_KEYS = TRAIN_KEYS | {"methods"}
+STUDENT_KEYS = TRAIN_KEYS | {"methods", "kd_balance"}
 RESOURCE_KEYS = {"workers", "cpus_per_worker", "gpus_per_worker", "max_concurrent_trials", "ray_address"}
 
 
@@ -49,6 +50,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate after the last epoch only
     grad_clip: float = 10.0
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # How the KD methods' losses are scaled against the task loss (rkd.distill.balance).
+    # None for a teacher (no KD), and then absent from to_dict(), so teacher hashes stay as they were.
+    kd_balance: dict[str, Any] | None = None
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     schedule: str = "cosine"  # after the warm-up: cosine decay, or steps at step_epochs
     step_epochs: list[int] = field(default_factory=list)
@@ -59,7 +63,10 @@ class TrainConfig:
     logging: dict[str, bool] = field(default_factory=dict)  # {tensorboard: true, mlflow: true}
 
     def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self.__dict__)
+        out = copy.deepcopy(self.__dict__)
+        if out["kd_balance"] is None:
+            del out["kd_balance"]
+        return out
 
 
 @dataclass
@@ -147,8 +154,19 @@ def _train_config(
         eval_every=sec.int("eval_every", 0, low=0),
         grad_clip=sec.float("grad_clip", 10.0, low=0.0),
         methods=methods,
+        **({"kd_balance": _kd_balance(sec.section("kd_balance"))} if "kd_balance" in allowed else {}),
         **_loop_options(sec),
     )
+
+
+def _kd_balance(sec: Section) -> dict[str, Any]:
+    """The student's ``kd_balance`` section with its defaults (see :mod:`rkd.distill.balance`)."""
+    sec.reject_unknown(set(BALANCE_DEFAULTS))
+    return {
+        "mode": sec.str("mode", BALANCE_DEFAULTS["mode"], choices=list(BALANCE_MODES)),
+        "ratio": sec.float("ratio", BALANCE_DEFAULTS["ratio"], low=1e-6, high=1e6),
+        "steps": sec.int("steps", BALANCE_DEFAULTS["steps"], low=1),
+    }
 
 
 LOGGERS = {"tensorboard": "tensorboardX", "mlflow": "mlflow"}  # logger -> the package it needs

@@ -1,0 +1,181 @@
+"""Loss balance: each KD method starts at a set strength against the task loss, whatever its weights.
+
+Published KD weights were tuned for other detectors, feature widths and loss normalisations
+(NSD's for a 256-channel R101 FPN in mmrotate): on another pair a method can start 10^4 times
+stronger than the detection loss and wreck the student, or 10^4 times weaker and do nothing.
+Nor does a KD loss's *value* say how hard it pulls: a feature MSE or a soft-target BCE sits on
+a floor the student cannot go below (the teacher's feature variance it cannot reproduce, the
+teacher's entropy), so two terms of equal value can differ 30x in gradient (measured on UCAS-AOD:
+FitNet's MSE started 28x the detection loss and fell 10% in 8 epochs). What moves the student
+is the gradient, so ``mode: auto`` measures, over the first ``steps`` training steps, the norm of
+each method's gradient on the student's parameters against the task loss's,
+
+    r_m = mean_{first steps} ||grad_theta L_m|| / ||grad_theta L_task||
+
+(theta: the student's parameters, not the KD parts' own), multiplies the method's terms (at
+their own relative weights) by ``s_m = ratio / r_m`` and freezes ``s_m`` for the rest of the
+run: each method starts pulling on the student ``ratio`` times as hard as the task loss. This is
+the initial balancing of GradNorm (Chen et al., "GradNorm: Gradient Normalization for Adaptive
+Loss Balancing in Deep Multitask Networks", ICML 2018, PMLR 80:794-803), fixed after a window
+instead of adapted, so the run stays an ordinary fixed-weight training. While the window is open
+``s_m`` uses the steps seen so far; each of those steps costs one extra backward pass per method.
+The scales are buffers (saved with the KD parts, restored on resume) and reported as metrics.
+
+``mode: off`` uses the weights as given (the published points) and measures the ratio of the
+loss *values* instead (no extra backward), so a trial whose KD loss dominates the task loss by
+orders of magnitude can say so. Without parameters to measure on (:meth:`LossBalance.watch` not
+called, as in a component's unit tests) ``auto`` falls back to the loss values too.
+
+Under DDP the ratios are averaged over the ranks, so every rank applies the same scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+BALANCE_MODES = ("auto", "off")
+BALANCE_DEFAULTS: dict[str, Any] = {"mode": "auto", "ratio": 1.0, "steps": 10}
+# A KD method that starts this many times larger than the task loss is named in a warning.
+DOMINANT_RATIO = 100.0
+
+
+def check_balance(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``cfg`` with defaults filled in; ``ValueError`` naming the key for a bad entry.
+
+    >>> check_balance({"ratio": 0.5})
+    {'mode': 'auto', 'ratio': 0.5, 'steps': 10}
+    >>> check_balance({"mode": "of"})
+    Traceback (most recent call last):
+    ...
+    ValueError: mode: expected one of ['auto', 'off'], got 'of'
+    """
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - set(BALANCE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown key; kd_balance has {sorted(BALANCE_DEFAULTS)}")
+    out = {**BALANCE_DEFAULTS, **cfg}
+    if out["mode"] not in BALANCE_MODES:
+        raise ValueError(f"mode: expected one of {list(BALANCE_MODES)}, got {out['mode']!r}")
+    ratio = out["ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < float("inf"):
+        raise ValueError(f"ratio: expected a finite number > 0, got {ratio!r}")
+    steps = out["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    out["ratio"] = float(ratio)
+    return out
+
+
+class LossBalance(nn.Module):
+    """Per-method scales fitted over the first steps and then frozen (see the module doc)."""
+
+    def __init__(self, methods: Sequence[str], mode: str = "auto", ratio: float = 1.0, steps: int = 10) -> None:
+        super().__init__()
+        self.methods = list(methods)
+        self.mode, self.ratio, self.steps = mode, float(ratio), int(steps)
+        # float64 sums: ratios can span 1e-6..1e6 between methods.
+        self.register_buffer("ratio_sum", torch.zeros(len(self.methods), dtype=torch.float64))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
+        self._params: list[Tensor] = []
+
+    def watch(self, params: Sequence[Tensor]) -> None:
+        """The student's parameters the gradients are measured on (``mode: auto``)."""
+        self._params = [p for p in params if p.requires_grad]
+
+    @property
+    def calibrating(self) -> bool:
+        return int(self.seen) < self.steps
+
+    @property
+    def by_gradient(self) -> bool:
+        return self.mode == "auto" and bool(self._params)
+
+    def start_ratios(self) -> dict[str, float]:
+        """Each method's measured ratio to the task loss (mean over the steps seen so far)."""
+        n = max(1, int(self.seen))
+        return {m: float(self.ratio_sum[i]) / n for i, m in enumerate(self.methods)}
+
+    def scales(self) -> dict[str, float]:
+        """The multiplier of each method's terms (1 with ``mode: off``, before any step, and for a
+        method that had no measurable effect on the student)."""
+        if self.mode == "off" or int(self.seen) == 0:
+            return {m: 1.0 for m in self.methods}
+        return {m: self.ratio / r if r > 1e-12 else 1.0 for m, r in self.start_ratios().items()}
+
+    def observe(self, method_losses: Mapping[str, Tensor], task_loss: Tensor) -> None:
+        """Add one step's ratios to the window (no-op once it is closed). ``task_loss`` and the
+        method losses must still hold their graphs when the ratios are gradient norms."""
+        if not self.calibrating:
+            return
+        if self.by_gradient:
+            task = self._grad_norm(task_loss)
+            sizes = [self._grad_norm(method_losses[m]) for m in self.methods]
+        else:
+            task = task_loss.detach().double().reshape(())
+            sizes = [method_losses[m].detach().double().reshape(()) for m in self.methods]
+        ratios = torch.stack(sizes) / task.clamp_min(1e-12)
+        ratios = torch.nan_to_num(ratios, nan=0.0, posinf=0.0)  # a non-finite step is skipped by the loop
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ratios = ratios.to(_collective_device())
+            torch.distributed.all_reduce(ratios)
+            ratios = ratios / torch.distributed.get_world_size()
+        self.ratio_sum += ratios.to(self.ratio_sum.device)
+        self.seen += 1
+
+    def _grad_norm(self, loss: Tensor) -> Tensor:
+        """``||d loss / d theta||`` over the watched parameters (0 when the loss does not reach them)."""
+        if not loss.requires_grad:
+            return torch.zeros((), dtype=torch.float64)
+        grads = torch.autograd.grad(loss, self._params, retain_graph=True, allow_unused=True)
+        squares = [g.detach().double().pow(2).sum() for g in grads if g is not None]
+        return torch.stack(squares).sum().sqrt().cpu() if squares else torch.zeros((), dtype=torch.float64)
+
+    def warnings(self) -> list[str]:
+        """With ``mode: off``, the methods whose loss started orders of magnitude above the task loss."""
+        if self.mode != "off" or int(self.seen) == 0:
+            return []
+        return [
+            f"{m}: its KD loss started {r:.3g}x the task loss (weights as given, kd_balance off)"
+            for m, r in self.start_ratios().items()
+            if r > DOMINANT_RATIO
+        ]
+
+    def extra_repr(self) -> str:
+        return f"methods={self.methods}, mode={self.mode!r}, ratio={self.ratio:g}, steps={self.steps}"
+
+
+def balanced_terms(
+    balance: LossBalance | None,
+    per_method: Mapping[str, Mapping[str, Tensor]],
+    task_loss: Tensor | None,
+    training: bool,
+) -> dict[str, Tensor]:
+    """``"<method>.<term>"`` -> term, each method's terms scaled by ``balance`` (as given when None).
+
+    A training step with ``task_loss`` (with its graph: gradients are measured) first adds its
+    ratios to the balance's window while that is open.
+    """
+    scales = {name: 1.0 for name in per_method}
+    if balance is not None:
+        if training and task_loss is not None and balance.calibrating:
+            balance.observe({m: _sum(t) for m, t in per_method.items()}, task_loss)
+        scales = balance.scales()
+    return {f"{m}.{term}": v * scales[m] for m, terms in per_method.items() for term, v in terms.items()}
+
+
+def _sum(terms: Mapping[str, Tensor]) -> Tensor:
+    return torch.stack([t.reshape(()) for t in terms.values()]).sum() if terms else torch.zeros(())
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo takes CPU ones."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+__all__ = ["BALANCE_DEFAULTS", "BALANCE_MODES", "DOMINANT_RATIO", "LossBalance", "balanced_terms", "check_balance"]
