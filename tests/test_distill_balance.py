@@ -36,6 +36,22 @@ def test_scales_follow_the_float64_rule_and_freeze_after_the_window():
     assert not balance.calibrating and int(balance.seen) == 4
 
 
+def test_with_every_the_scale_is_re_measured_and_moves_halfway_to_the_new_ratio():
+    kd = [4.0, 2.0, 9.0, 9.0, 9.0, 50.0, 50.0, 50.0]  # ratios to a task loss of 1; the term grows later
+    balance = LossBalance(["a"], ratio=1.0, steps=2, every=3)
+    expected, current = [], 0.0
+    for step, value in enumerate(kd):
+        balance.observe({"a": torch.tensor(value)}, torch.tensor(1.0))
+        if step < 2:
+            current = float(np.mean(kd[: step + 1]))  # the first window: its mean
+        elif step % 3 == 0:
+            current = 0.5 * current + 0.5 * value  # steps 3 and 6 are measured again
+        expected.append(1.0 / current)
+        assert balance.scales()["a"] == pytest.approx(expected[-1], rel=1e-12), step
+    assert balance.start_ratios() == {"a": pytest.approx(3.0)}  # the first window's mean stays on record
+    assert int(balance.step) == len(kd)
+
+
 def test_auto_balance_puts_each_method_at_the_ratio_of_the_task_loss_on_the_first_step():
     info = make_info()
     student = make_output(info, requires_grad=True)
@@ -114,7 +130,7 @@ def test_kd_balance_spec_section_is_validated_with_its_path():
     model = {"kind": "retinanet", "boxes": "obb", "backbone": {"name": "convnet", "width": 0.25}}
     ok = _train_config(Section({"model": model, "kd_balance": {"ratio": 2}}, "student"), STUDENT_KEYS,
                        {"epochs": 1, "lr": 1e-3})
-    assert ok.kd_balance == {"mode": "auto", "ratio": 2.0, "steps": 10}
+    assert ok.kd_balance == {"mode": "auto", "ratio": 2.0, "steps": 10, "every": 0}
     with pytest.raises(SpecError, match=r"student\.kd_balance\.mode: expected one of \['auto', 'off'\]"):
         _train_config(Section({"model": model, "kd_balance": {"mode": "none"}}, "student"), STUDENT_KEYS,
                       {"epochs": 1, "lr": 1e-3})

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 BALANCE_MODES = ("auto", "off")
-BALANCE_DEFAULTS: dict[str, Any] = {"mode": "auto", "ratio": 1.0, "steps": 10}
+BALANCE_DEFAULTS: dict[str, Any] = {"mode": "auto", "ratio": 1.0, "steps": 10, "every": 0}
 # A KD method that starts this many times larger than the task loss is named in a warning.
 DOMINANT_RATIO = 100.0
 
@@ -47,7 +47,7 @@ def check_balance(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     """``cfg`` with defaults filled in; ``ValueError`` naming the key for a bad entry.
 
     >>> check_balance({"ratio": 0.5})
-    {'mode': 'auto', 'ratio': 0.5, 'steps': 10}
+    {'mode': 'auto', 'ratio': 0.5, 'steps': 10, 'every': 0}
     >>> check_balance({"mode": "of"})
     Traceback (most recent call last):
     ...
@@ -66,20 +66,27 @@ def check_balance(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     steps = out["steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    every = out["every"]
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"every: expected an integer >= 0, got {every!r}")
     out["ratio"] = float(ratio)
     return out
 
 
 class LossBalance(nn.Module):
-    """Per-method scales fitted over the first steps and then frozen (see the module doc)."""
+    """Per-method scales fitted over the first steps, then frozen or re-measured (see the module doc)."""
 
-    def __init__(self, methods: Sequence[str], mode: str = "auto", ratio: float = 1.0, steps: int = 10) -> None:
+    def __init__(
+        self, methods: Sequence[str], mode: str = "auto", ratio: float = 1.0, steps: int = 10, every: int = 0
+    ) -> None:
         super().__init__()
         self.methods = list(methods)
-        self.mode, self.ratio, self.steps = mode, float(ratio), int(steps)
-        # float64 sums: ratios can span 1e-6..1e6 between methods.
+        self.mode, self.ratio, self.steps, self.every = mode, float(ratio), int(steps), int(every)
+        # float64: ratios can span 1e-6..1e6 between methods.
         self.register_buffer("ratio_sum", torch.zeros(len(self.methods), dtype=torch.float64))
-        self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("current", torch.zeros(len(self.methods), dtype=torch.float64))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.int64))  # measurements in the first window
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))  # training steps observed
         self._params: list[Tensor] = []
 
     def watch(self, params: Sequence[Tensor]) -> None:
@@ -88,14 +95,20 @@ class LossBalance(nn.Module):
 
     @property
     def calibrating(self) -> bool:
+        """Whether the first window is still open."""
         return int(self.seen) < self.steps
+
+    @property
+    def measuring(self) -> bool:
+        """Whether the next training step is measured: in the first window, then every ``every`` steps."""
+        return self.calibrating or (self.every > 0 and int(self.step) % self.every == 0)
 
     @property
     def by_gradient(self) -> bool:
         return self.mode == "auto" and bool(self._params)
 
     def start_ratios(self) -> dict[str, float]:
-        """Each method's measured ratio to the task loss (mean over the steps seen so far)."""
+        """Each method's measured ratio to the task loss over the first window (so far)."""
         n = max(1, int(self.seen))
         return {m: float(self.ratio_sum[i]) / n for i, m in enumerate(self.methods)}
 
@@ -104,27 +117,38 @@ class LossBalance(nn.Module):
         method that had no measurable effect on the student)."""
         if self.mode == "off" or int(self.seen) == 0:
             return {m: 1.0 for m in self.methods}
-        return {m: self.ratio / r if r > 1e-12 else 1.0 for m, r in self.start_ratios().items()}
+        return {m: self.ratio / float(r) if r > 1e-12 else 1.0 for m, r in zip(self.methods, self.current)}
 
     def observe(self, method_losses: Mapping[str, Tensor], task_loss: Tensor) -> None:
-        """Add one step's ratios to the window (no-op once it is closed). ``task_loss`` and the
-        method losses must still hold their graphs when the ratios are gradient norms."""
-        if not self.calibrating:
-            return
+        """Count one training step, measuring it when :attr:`measuring`. ``task_loss`` and the
+        method losses must still hold their graphs when the ratios are gradient norms.
+
+        In the first window the estimate is the mean of the window's ratios; each later
+        measurement (``every > 0``) moves it halfway to the new ratio."""
+        if self.measuring:
+            ratios = self._ratios(method_losses, task_loss)
+            if self.calibrating:
+                self.ratio_sum += ratios
+                self.seen += 1
+                self.current.copy_(self.ratio_sum / self.seen)
+            else:
+                self.current.mul_(0.5).add_(0.5 * ratios)
+        self.step += 1
+
+    def _ratios(self, method_losses: Mapping[str, Tensor], task_loss: Tensor) -> Tensor:
         if self.by_gradient:
             task = self._grad_norm(task_loss)
             sizes = [self._grad_norm(method_losses[m]) for m in self.methods]
         else:
-            task = task_loss.detach().double().reshape(())
-            sizes = [method_losses[m].detach().double().reshape(()) for m in self.methods]
+            task = task_loss.detach().double().reshape(()).cpu()
+            sizes = [method_losses[m].detach().double().reshape(()).cpu() for m in self.methods]
         ratios = torch.stack(sizes) / task.clamp_min(1e-12)
         ratios = torch.nan_to_num(ratios, nan=0.0, posinf=0.0)  # a non-finite step is skipped by the loop
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             ratios = ratios.to(_collective_device())
             torch.distributed.all_reduce(ratios)
             ratios = ratios / torch.distributed.get_world_size()
-        self.ratio_sum += ratios.to(self.ratio_sum.device)
-        self.seen += 1
+        return ratios.to(self.ratio_sum.device)
 
     def _grad_norm(self, loss: Tensor) -> Tensor:
         """``||d loss / d theta||`` over the watched parameters (0 when the loss does not reach them)."""
@@ -161,7 +185,7 @@ def balanced_terms(
     """
     scales = {name: 1.0 for name in per_method}
     if balance is not None:
-        if training and task_loss is not None and balance.calibrating:
+        if training and task_loss is not None:
             balance.observe({m: _sum(t) for m, t in per_method.items()}, task_loss)
         scales = balance.scales()
     return {f"{m}.{term}": v * scales[m] for m, terms in per_method.items() for term, v in terms.items()}

@@ -166,6 +166,7 @@ def _kd_balance(sec: Section) -> dict[str, Any]:
         "mode": sec.str("mode", BALANCE_DEFAULTS["mode"], choices=list(BALANCE_MODES)),
         "ratio": sec.float("ratio", BALANCE_DEFAULTS["ratio"], low=1e-6, high=1e6),
         "steps": sec.int("steps", BALANCE_DEFAULTS["steps"], low=1),
+        "every": sec.int("every", BALANCE_DEFAULTS["every"], low=0),
     }
 
 
