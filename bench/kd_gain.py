@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import fcntl
 import json
-import math
 import os
 import platform
 import statistics
@@ -37,8 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scipy import stats
-
+from rkd.search.confirm import paired_gain  # the confirm stage's paired t interval
 from rkd.train.runner import ensure_ray
 from rkd.train.spec import load_spec, with_overrides
 from rkd.train.stages import distil_student
@@ -117,17 +114,6 @@ def _last_metrics(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def paired_gain(diffs: list[float]) -> dict[str, Any]:
-    """Mean paired difference, its sample std and the 95% Student-t interval (None for n < 2)."""
-    n = len(diffs)
-    mean = statistics.fmean(diffs)
-    if n < 2:
-        return {"n": n, "mean": mean, "std": None, "ci95": None}
-    sd = statistics.stdev(diffs)
-    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "std": sd, "ci95": [mean - half, mean + half]}
-
-
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by: dict[str, dict[int, float]] = {}
     for r in runs:
@@ -138,9 +124,9 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         values = list(scores.values())
         row = {"config": config, "n": len(values), "mean": statistics.fmean(values),
                "std": statistics.stdev(values) if len(values) > 1 else None}
-        paired = [scores[s] - base[s] for s in scores if s in base]
-        if config != "nokd" and paired:
-            row["gain"] = paired_gain(paired)
+        seeds = [s for s in scores if s in base]
+        if config != "nokd" and seeds:
+            row["gain"] = paired_gain([scores[s] for s in seeds], [base[s] for s in seeds])
         rows.append(row)
     return rows
 
@@ -153,9 +139,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         std = f"{r['std']:.3f}" if r["std"] is not None else "-"
         gain = f"{g['mean']:+.3f}" if g else "-"
         ci = "-"
-        if g and g["ci95"]:
-            lo, hi = g["ci95"]
-            ci = f"[{lo:+.3f}, {hi:+.3f}]" + (" includes 0" if lo <= 0 <= hi else "")
+        if g and g["low"] is not None:
+            ci = f"[{g['low']:+.3f}, {g['high']:+.3f}]" + (" includes 0" if g["includes_zero"] else "")
         lines.append(f"| {r['config']} | {r['n']} | {r['mean']:.3f} | {std} | {gain} | {ci} |")
     return "\n".join(lines)
 

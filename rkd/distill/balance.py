@@ -20,6 +20,9 @@ Loss Balancing in Deep Multitask Networks", ICML 2018, PMLR 80:794-803), fixed a
 instead of adapted, so the run stays an ordinary fixed-weight training. While the window is open
 ``s_m`` uses the steps seen so far; each of those steps costs one extra backward pass per method.
 The scales are buffers (saved with the KD parts, restored on resume) and reported as metrics.
+With ``every: N > 0`` the ratio is measured again every N steps after the window and the estimate
+moves halfway to each new measurement: for a term whose pull grows after the start (an adapter
+initialised near zero, as NSD's, lets almost no gradient reach the student in the first steps).
 
 ``mode: off`` uses the weights as given (the published points) and measures the ratio of the
 loss *values* instead (no extra backward), so a trial whose KD loss dominates the task loss by
