@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rkd import __version__
 from rkd.errors import RkdError
+from rkd.schema import ALLOW_CODE_ENV
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -30,16 +31,17 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from rkd.search.preflight import check_inputs, check_resources
     from rkd.train.runner import ensure_ray
     from rkd.train.spec import load_spec
     from rkd.train.stages import run_stages
-    from rkd.train.tasks import TASKS
 
     spec = load_spec(args.spec)
     if args.output_dir is not None:
         spec.output_dir = Path(args.output_dir).resolve()
-    TASKS[spec.task].check_data(spec.data)  # every label file is read (and checked) before Ray starts
+    check_inputs(spec)  # every label file and image is read (and checked) before Ray starts
     ensure_ray(spec.resources.ray_address)
+    check_resources(spec)
     run_stages(spec, args.stage)
     return 0
 
@@ -64,7 +66,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
     import pyarrow.parquet as pq
 
-    from rkd.search.results import front_rows, knee, format_table, run_objectives
+    from rkd.search.results import front_rows, knee, format_table, run_objectives, trials_path
     from rkd.search.confirm import confirm_report
     from rkd.search.runner import front_columns
     from rkd.train.tasks import metric_label
@@ -72,10 +74,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
     from rkd import storage
 
     run = storage.local_run(args.run)
-    path = run / "trials.parquet"
-    if not path.is_file():
-        raise RkdError(f"{path}: no trials table here; is {run} a search run folder (runs/<name>)?")
-    rows = pq.read_table(path).to_pylist()
+    rows = pq.read_table(trials_path(run)).to_pylist()
     objectives = run_objectives(run)
     front = front_rows(rows, objectives)
     accuracy = objectives[0]
@@ -96,6 +95,11 @@ def _cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _allow_code_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-code", action="store_true",
+                   help=f"let the spec import and run the Python it names (a prior's `target`); same as {ALLOW_CODE_ENV}=1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rkd", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"rkd {__version__}")
@@ -109,12 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--resume", action="store_true",
                        help="continue the interrupted search of this spec (the default whenever there is one)")
     again.add_argument("--fresh", action="store_true", help="discard an earlier search of this name and start over")
+    _allow_code_flag(p)
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("train", help="train (or load) the teacher, then distil the spec's student with its methods")
     p.add_argument("spec", help="the run spec (YAML)")
     p.add_argument("--stage", choices=["all", "teacher", "student"], default="all", help="default: all")
     p.add_argument("--output-dir", help="where runs/<name> goes (default: ./runs, or the spec's output_dir)")
+    _allow_code_flag(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("flops", help="GFLOPs and parameters of the spec's teacher and student")
@@ -141,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "allow_code", False):
+        os.environ[ALLOW_CODE_ENV] = "1"  # read where specs are validated, and inherited by the local Ray's workers
     # Ray's own chatter is not what a user of rkd needs to read.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     try:

@@ -12,12 +12,29 @@ rkd.errors.SpecError: student.lr: expected a number, got 'x'
 from __future__ import annotations
 
 import difflib
+import math
+import os
 from pathlib import Path
 from typing import Any
 
 from rkd.errors import SpecError
 
 _MISSING = object()
+ALLOW_CODE_ENV = "RKD_ALLOW_CODE"
+
+
+def refuse_code(node: Any, path: str) -> None:
+    """Refuse an entry that names Python to import and run (a prior's ``target: "package.module:Name"``)
+    unless the user opted in: a spec from someone else must not run ``os:system`` on this machine."""
+    if os.environ.get(ALLOW_CODE_ENV) == "1":
+        return
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        where = join(path, str(key))
+        if key == "target" and isinstance(value, str):
+            raise SpecError(where, f"names Python code to import and run ({value!r}); a spec is code then, so rkd "
+                                   f"runs it only when asked: rerun with --allow-code or {ALLOW_CODE_ENV}=1 if you trust it")
+        refuse_code(value, where)
 
 
 def join(path: str, key: str) -> str:
@@ -77,7 +94,11 @@ class Section:
         self._range(key, value, low, high)
         return value
 
-    def float(self, key: str, default: Any = _MISSING, low: float | None = None, high: float | None = None) -> float:
+    def float(
+        self, key: str, default: Any = _MISSING, low: float | None = None, high: float | None = None,
+        above: float | None = None,
+    ) -> float:
+        """A finite number in ``[low, high]``; ``above``: an exclusive lower bound (an lr of 0 trains nothing)."""
         value = self.raw(key, default)
         if isinstance(value, str):
             try:  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -86,6 +107,10 @@ class Section:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(self.where(key), f"expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN compares false with every bound: it would pass them all
+            raise SpecError(self.where(key), f"expected a finite number, got {value!r}")
+        if above is not None and value <= above:
+            raise SpecError(self.where(key), f"must be > {above}, got {value}")
         self._range(key, value, low, high)
         return float(value)
 

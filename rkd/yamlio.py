@@ -38,18 +38,20 @@ class SourceMap:
         return SpecError(err.path, err.message, self.file, self.line(err.path))
 
 
-def _walk(node: yaml.Node, path: str, lines: dict[str, int]) -> None:
+def _walk(node: yaml.Node, path: str, lines: dict[str, int], file: str) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = str(key_node.value)
             child = f"{path}.{key}" if path else key
+            if child in lines:  # YAML keeps the last of two equal keys without a word
+                raise SpecError(child, f"given twice (also on line {lines[child]})", file, key_node.start_mark.line + 1)
             lines[child] = key_node.start_mark.line + 1
-            _walk(value_node, child, lines)
+            _walk(value_node, child, lines, file)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             child = f"{path}.{i}" if path else str(i)
             lines[child] = item.start_mark.line + 1
-            _walk(item, child, lines)
+            _walk(item, child, lines, file)
 
 
 def load_yaml_text(text: str, file: str) -> tuple[Any, SourceMap]:
@@ -62,7 +64,7 @@ def load_yaml_text(text: str, file: str) -> tuple[Any, SourceMap]:
         raise SpecError("", f"invalid YAML: {problem}", file, mark.line + 1 if mark else None) from None
     lines: dict[str, int] = {"": 1}
     if node is not None:
-        _walk(node, "", lines)
+        _walk(node, "", lines, file)
     return data, SourceMap(file, lines)
 
 
@@ -71,4 +73,11 @@ def load_yaml(path: str | Path) -> tuple[Any, SourceMap]:
     path = Path(path)
     if not path.is_file():
         raise SpecError("", "file not found", str(path))
-    return load_yaml_text(path.read_text(encoding="utf-8"), str(path))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise SpecError("", f"not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); save it as UTF-8",
+                        str(path), line) from None
+    return load_yaml_text(text, str(path))

@@ -178,8 +178,10 @@ def test_spec_prior_default_and_builtin_are_resolved_at_load(tmp_path: Path) -> 
     assert comp.options == {"prior": {"kind": "builtin", "stride": 8}} and "prior" not in comp.hparams
 
 
-def test_spec_prior_module_kind_builds_the_target(tmp_path: Path) -> None:
+def test_spec_prior_module_kind_builds_the_target(tmp_path: Path, monkeypatch) -> None:
     from rkd.distill import build_distiller, validate_methods
+
+    monkeypatch.setenv("RKD_ALLOW_CODE", "1")  # a spec that names code runs it only when asked
     from rkd.train.spec import load_spec
 
     target = "{kind: module, target: 'rkd.distill.priors:EdgeSaliencyPrior', args: {stride: 2}}"
@@ -208,9 +210,11 @@ def test_spec_prior_module_kind_builds_the_target(tmp_path: Path) -> None:
         ("{kind: sam, checkpoint: w.pth, model_type: vit_q}", ":10: student.methods.ifkd.prior.model_type: unknown segment_anything model type 'vit_q'; choose from ['default', 'vit_b', 'vit_h', 'vit_l']"),
     ],
 )
-def test_spec_prior_errors_name_the_field(tmp_path: Path, prior: str, message: str) -> None:
+def test_spec_prior_errors_name_the_field(tmp_path: Path, prior: str, message: str, monkeypatch) -> None:
     from rkd.errors import SpecError
     from rkd.train.spec import load_spec
+
+    monkeypatch.setenv("RKD_ALLOW_CODE", "1")  # past the opt-in: the target's own checks
 
     path = _spec_file(tmp_path, prior)
     with pytest.raises(SpecError) as err:

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import shutil
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,11 @@ from rkd.cli import main
 from rkd.data.dataset import build_dataset, skipped_lines, validate_data_spec, write_skipped
 from rkd.data.dota import DOTA_CLASSES, read_dota
 from rkd.data.inspect import available_splits, check_dataset
+from rkd.data.voc import read_dior
 from rkd.errors import DataError
 from rkd.eval import evaluate_detections
 from rkd.eval.cli import evaluate_files
-from rkd.geometry import poly_to_obb, rotated_iou_aligned
+from rkd.geometry import obb_to_poly, poly_to_obb, rotated_iou_aligned
 from rkd.geometry.polygon_iou import is_convex, polygon_iou, polygon_iou_aligned
 
 DATA = Path(__file__).parent / "data"
@@ -363,9 +365,9 @@ def write_dataset(rng: np.random.Generator, root: Path, num_images: int) -> dict
     return dets
 
 
-def write_task1(dets: dict[str, list], folder: Path) -> None:
+def write_task1(dets: dict[str, list], folder: Path, classes: list[str] = CLASSES) -> None:
     folder.mkdir()
-    for name in CLASSES:
+    for name in classes:
         rows = [
             f"{image} {score!r} " + " ".join(repr(float(v)) for v in poly) for image, score, poly in dets.get(name, [])
         ]
@@ -475,3 +477,121 @@ def test_a_search_lists_the_skipped_lines_in_its_run_folder_and_counts_them(tmp_
     clean = validate_data_spec({"format": "synthetic", "num_classes": 2, "num_train": 2, "num_val": 1, "input_size": 64})
     record_skipped_lines(SimpleNamespace(data=clean, task="detection", run_dir=run_dir), logged.append)
     assert count_skipped_lines(run_dir) == 0 and not (run_dir / "skipped_lines.txt").exists()
+
+
+# ---------------------------------------------------------------- DIOR-R: the robndbox corners as written
+
+DIOR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fixtures" / "dior"
+DIOR_CORNERS = ("left_top", "right_top", "right_bottom", "left_bottom")  # the order rkd's polygons keep
+
+
+def dior_objects(xml: Path) -> list[tuple[np.ndarray, str, int]]:
+    """``(corners (8,), name, difficult)`` of every ``<object>``, read with xml.etree (not rkd's parser)."""
+    out = []
+    for obj in ET.parse(xml).getroot().findall("object"):
+        corners = [float(obj.find(f"robndbox/{axis}_{corner}").text) for corner in DIOR_CORNERS for axis in "xy"]
+        out.append((np.array(corners), obj.find("name").text.strip(), int(obj.findtext("difficult", "0"))))
+    return out
+
+
+def usable(objects: list[tuple[np.ndarray, str, int]]) -> list[tuple[np.ndarray, str, int]]:
+    """The objects a devkit-style reference keeps: zero-area polygons dropped (see module doc)."""
+    return [o for o in objects if shapely.Polygon(o[0].reshape(4, 2)).area > 1e-6]
+
+
+def assert_records_keep_the_corners(records, names, gt: dict[str, list[tuple[np.ndarray, str, int]]]) -> None:
+    """Row i of polygons, labels, difficulty and boxes is the i-th usable object of the XML, in file order;
+    the boxes (what training sees) are the corners' minimum-area rectangles, as before polygons were kept."""
+    assert [r.image_id for r in records] == sorted(gt)
+    for record in records:
+        objects = gt[record.image_id]
+        corners = np.stack([p for p, _, _ in objects]).reshape(-1, 8) if objects else np.zeros((0, 8))
+        assert record.polygons.dtype == torch.float64 and record.difficulty.dtype == torch.long
+        np.testing.assert_array_equal(record.polygons.numpy(), corners)
+        assert [names[i] for i in record.labels.tolist()] == [n for _, n, _ in objects]
+        assert record.difficulty.tolist() == [d for *_, d in objects]
+        assert record.difficult.tolist() == [d == 1 for *_, d in objects]
+        assert record.boxes.dtype == torch.float32
+        assert torch.equal(record.boxes, poly_to_obb(torch.from_numpy(corners)).float())
+
+
+def evaluate_json(capsys, root: Path, task1: Path, *args: str) -> dict:
+    code = main(["evaluate", "--gt", str(root), "--gt-format", "dior", "--pred", str(task1), *args, "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    return json.loads(out)
+
+
+def assert_matches_reference(result: dict, gt, dets) -> None:
+    """mAP50 / mAP75 and per-class APs equal the shapely VOC all-point reference (difficult ignored)."""
+    assert result["protocol"]["iou"] == "polygon" and result["protocol"]["ap"] == "all-point"
+    for thr, key in ((0.5, "mAP50"), (0.75, "mAP75")):
+        ref = dota_task1(gt, dets, thr)
+        assert result[key] == pytest.approx(np.mean(list(ref.values())), abs=1e-6)
+        for name, ap in ref.items():
+            assert result["per_class"][name][key.replace("mAP", "ap")] == pytest.approx(ap, abs=1e-6)
+
+
+@pytest.mark.skipif(not DIOR.is_dir(), reason=f"{DIOR} not present")
+def test_dior_fixture_map_is_taken_on_the_robndbox_corners(tmp_path, capsys):
+    gt = {"00001": dior_objects(DIOR / "Annotations" / "Oriented Bounding Boxes" / "00001.xml")}
+    records, names, report = read_dior(DIOR, "demo")
+    assert names == ["golffield"] and report.skipped == []
+    assert_records_keep_the_corners(records, names, gt)
+    (corners, name, _), = gt["00001"]
+    quad = corners.reshape(4, 2)
+    middle = quad.mean(0)
+    rng = np.random.default_rng(11)
+    dets = {name: [
+        ("00001", 0.95, np.array([20.0, 20, 110, 30, 100, 150, 10, 140])),  # nothing there: a false positive
+        ("00001", 0.9, dart(corners)),  # concave: IoU 0.35
+        ("00001", 0.8, (middle + 1.25 * (quad - middle)).reshape(8)),  # 25% too large all round: IoU 0.64
+        ("00001", 0.7, jittered(rng, corners, 12.0)),  # corners moved: not a rectangle any more
+        ("00001", 0.6, (quad + [[30.0, 0], [0, 0], [-40, 25], [0, 0]]).reshape(8)),  # a skewed trapezoid
+    ]}
+    assert not is_convex(torch.from_numpy(dets[name][1][2][None]))[0]
+    write_task1(dets, tmp_path / "task1", names)
+    result = evaluate_json(capsys, DIOR, tmp_path / "task1", "--split", "demo")
+    assert_matches_reference(result, gt, dets)
+    assert result["per_class"]["golffield"]["num_gt"] == 1 and result["protocol"]["split"] == "demo"
+    assert 0 < result["mAP75"] < result["mAP50"] < 1  # the false positive and the loose quads count
+
+
+def dior_from_dota(dota: Path, dior: Path, size: int = 128) -> None:
+    """The labels of a DOTA folder as DIOR-R XML without images (difficult 2, the DOTA splitter's, becomes 1)."""
+    (dior / "Annotations").mkdir(parents=True)
+    for label in sorted((dota / "labelTxt").glob("*.txt")):
+        objects = []
+        for fields in (line.split() for line in label.read_text().splitlines()):
+            if len(fields) != 10:  # imagesource: / gsd: headers
+                continue
+            tags = [f"{axis}_{corner}" for corner in DIOR_CORNERS for axis in "xy"]
+            box = "".join(f"<{t}>{v}</{t}>" for t, v in zip(tags, fields[:8]))
+            objects.append(
+                f"<object><name>{fields[8]}</name><difficult>{min(int(fields[9]), 1)}</difficult>"
+                f"<robndbox>{box}</robndbox><angle>0</angle></object>"
+            )
+        text = f"<annotation><size><width>{size}</width><height>{size}</height></size>{''.join(objects)}</annotation>"
+        (dior / "Annotations" / f"{label.stem}.xml").write_text(text)
+
+
+def test_dior_map_on_quadrilateral_labels_equals_the_shapely_reference(tmp_path, capsys):
+    """Non-rectangular and concave labels, difficult ones and zero-area ones: polygons as written, not rectangles."""
+    rng = np.random.default_rng(5)
+    dets = write_dataset(rng, tmp_path / "dota", 30)
+    dior_from_dota(tmp_path / "dota", tmp_path / "dior")
+    gt = {p.stem: usable(dior_objects(p)) for p in sorted((tmp_path / "dior" / "Annotations").glob("*.xml"))}
+    records, names, report = read_dior(tmp_path / "dior", "all")
+    assert names == sorted(CLASSES) and len(report.skipped) > 3  # the zero-area objects, dropped from every field
+    assert_records_keep_the_corners(records, names, gt)
+    assert any(d == 1 for objs in gt.values() for *_, d in objs)
+    write_task1(dets, tmp_path / "task1")
+    result = evaluate_json(capsys, tmp_path / "dior", tmp_path / "task1")
+    assert_matches_reference(result, gt, dets)
+    assert result["protocol"]["skipped_lines"] == len(report.skipped)
+    # Labels replaced by their minimum-area rectangles (what rkd compared before) give another number.
+    fitted = {
+        image: [(obb_to_poly(poly_to_obb(torch.from_numpy(p[None])))[0].numpy(), n, d) for p, n, d in objs]
+        for image, objs in gt.items()
+    }
+    assert abs(np.mean(list(dota_task1(fitted, dets, 0.5).values())) - result["mAP50"]) > 1e-3

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from rkd.cli import main
 from rkd.data.tiling import tile_records
@@ -14,6 +16,7 @@ from rkd.data.ucas import read_ucas
 from rkd.errors import DataError
 from rkd.eval import evaluate_detections, write_dota_task1, write_json_predictions
 from rkd.eval.cli import evaluate_files
+from rkd.geometry import poly_to_obb
 
 UCAS = Path("/work/shared/data/ucas50")
 
@@ -64,7 +67,7 @@ def test_ground_truth_as_predictions_scores_one(tmp_path, capsys, val):
     write_dota_task1(tmp_path / "task1", gt_as_predictions(records), names)
     result = run_json(capsys, "--pred", str(tmp_path / "task1"))
     assert set(result) == {"mAP", "mAP50", "mAP75", "per_class", "protocol"}
-    # UCAS ground truth is rotated boxes, Task1 detections polygons: compared as polygons (the boxes' corners)
+    # UCAS ground truth keeps its labelled corners, Task1 detections are polygons: compared as polygons
     assert result["protocol"] == {
         "iou": "polygon", "ap": "all-point", "matching": "voc", "difficult": "ignored", "split": "val",
         "skipped_lines": 0,
@@ -87,10 +90,10 @@ def test_perturbed_predictions_match_evaluate_detections(tmp_path, capsys, val):
     preds = perturbed(records, seed=0)
     write_dota_task1(tmp_path / "task1", preds, names)
     write_json_predictions(tmp_path / "preds.json", preds, names)
-    truths = [{"boxes": r.boxes, "labels": r.labels, "difficult": r.difficult} for r in records]
+    truths = [{"boxes": r.polygons, "labels": r.labels, "difficult": r.difficult} for r in records]
     detections = [preds[r.image_id] for r in records]
 
-    def direct(iou: float):  # rotated boxes: the same regions as the files' polygons, the same (VOC/DOTA) matching
+    def direct(iou: float):  # the labelled corners and the files' polygons, the same (VOC/DOTA) matching
         return evaluate_detections(detections, truths, len(names), iou_threshold=iou, matching="voc")
 
     from_task1 = run_json(capsys, "--pred", str(tmp_path / "task1"), "--iou", "0.6")
@@ -101,6 +104,23 @@ def test_perturbed_predictions_match_evaluate_detections(tmp_path, capsys, val):
     assert from_task1["mAP50"] == pytest.approx(direct(0.5).map, abs=1e-12)
     assert from_task1["mAP75"] == pytest.approx(direct(0.75).map, abs=1e-12)
     assert from_task1["per_class"]["car"]["ap75"] == pytest.approx(direct(0.75).per_class[1], abs=1e-12)
+
+
+def test_records_keep_the_labelled_corners_beside_unchanged_boxes(val):
+    """Evaluation gets the corners as written (in pixels); training still gets their minimum-area rectangles."""
+    records, _ = val
+    assert sum(len(r.labels) for r in records) == 76
+    for r in records:
+        with Image.open(r.image_path) as im:
+            w, h = im.size
+        path = UCAS / "labels" / "val" / f"{r.image_id}.txt"
+        rows = [line.split() for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        corners = np.array([[float(v) for v in f[1:]] for f in rows]).reshape(-1, 8) * np.array([w, h] * 4)
+        np.testing.assert_array_equal(r.polygons.numpy(), corners)
+        assert r.labels.tolist() == [int(f[0]) for f in rows]
+        assert r.difficulty.tolist() == [0] * len(rows) and not r.difficult.any()
+        assert r.boxes.dtype == torch.float32
+        assert torch.equal(r.boxes, poly_to_obb(torch.from_numpy(corners)).float())
 
 
 def test_patch_predictions_are_merged_into_scenes(tmp_path, val):

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from rkd.data.images import find_images, image_size
-from rkd.data.parsing import PolygonRecord, parse_coords, parse_int, polygons_to_boxes, read_text_lines
-from rkd.data.sample import OnError, ReadReport, empty_targets
+from rkd.data.images import find_images
+from rkd.data.parsing import PolygonRecord, header_size, parse_coords, parse_int, polygon_record, read_text_lines
+from rkd.data.sample import OnError, ReadReport
 from rkd.errors import DataError
 
 HEADER_PREFIXES = ("imagesource:", "gsd:")
@@ -146,21 +146,13 @@ def read_dota(
         wheres = [w for w, ok in zip(wheres, known) if ok]
         labels = torch.tensor([index[n] for n, ok in zip(found, known) if ok], dtype=torch.long)
         level = torch.tensor([d for d, ok in zip(difficulty, known) if ok], dtype=torch.long)
-        polygons = torch.tensor(polys, dtype=torch.float64).reshape(-1, 8)
-        if polys:
-            boxes, keep = polygons_to_boxes(polys, wheres, report)
-            labels, level, polygons = labels[keep], level[keep], polygons[keep]
-        else:
-            boxes, labels, _ = empty_targets()
-            level = torch.zeros(0, dtype=torch.long)
-        size = image_size(image_path)
-        records.append(
-            PolygonRecord(
-                image_id, size, boxes, labels, level != 0, image_path=image_path, polygons=polygons, difficulty=level
-            )
-        )
+        size = header_size(image_path, report)
+        if size is None:
+            continue
+        record = polygon_record(image_id, size, polys, labels, level, wheres, report, image_path)
+        records.append(record)
         report.images += 1
-        report.objects += len(labels)
+        report.objects += len(record.labels)
     return records, names, report
 
 

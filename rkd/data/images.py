@@ -10,6 +10,7 @@ coordinates refer to the stored pixel grid.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,36 @@ def require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise DataError(f"{path}: {what} folder not found")
     return path
+
+
+def decoded_size(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of the fully decoded pixels of ``path``: a file whose header reads but whose pixels do
+    not (truncated, corrupt) raises :class:`DataError`. A file that decoded once is not decoded again:
+    its size is kept under rkd's cache folder by the hash of its bytes, so a search re-validates its
+    images at the cost of reading them."""
+    from rkd.atomic import atomic_write_text
+    from rkd.storage import cache_root
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read image: {e.strerror or e}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    record = cache_root() / "decoded" / digest[:2] / digest
+    if record.is_file():
+        h, w = record.read_text().split()
+        return int(h), int(w)
+    h, w = read_image(path).shape[1:]
+    atomic_write_text(record, f"{h} {w}\n")
+    return int(h), int(w)
+
+
+def pixel_problems(paths: list[Path]) -> list[str]:
+    """One ``"path: why"`` line per image whose pixels cannot be decoded."""
+    problems = []
+    for path in dict.fromkeys(paths):
+        try:
+            decoded_size(path)
+        except DataError as e:
+            problems.append(str(e))
+    return problems

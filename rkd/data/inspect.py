@@ -251,7 +251,8 @@ def check_dataset(root: Path, fmt: str, splits: list[str] | None = None, classes
     decoded, so a truncated or unreadable file, or one whose size disagrees with
     its labels, is listed too. An empty list means the dataset is clean.
     """
-    from rkd.data.images import read_image
+    from rkd.data.images import decoded_size
+    from rkd.data.parsing import outside_boxes
 
     problems: list[str] = []
     for split in splits if splits is not None else available_splits(root, fmt):
@@ -268,13 +269,17 @@ def check_dataset(root: Path, fmt: str, splits: list[str] | None = None, classes
             for record in items:
                 if record.image_path is None and record.render is None:
                     problems.append(f"{root}: image {record.image_id}: no image file (no image folder: labels only)")
+                for i in outside_boxes(record.boxes, record.image_size):
+                    cx, cy = (round(float(v), 1) for v in record.boxes[i, :2])
+                    problems.append(f"{record.image_path or record.image_id}: box {i} (centre {cx}, {cy}) lies "
+                                    f"entirely outside the {record.image_size[1]}x{record.image_size[0]} image")
             checks = [(r.image_path, r.image_size) for r in items if r.image_path is not None]
         for path, expected in checks:
             try:
-                image = read_image(path)
+                decoded = decoded_size(path)
             except DataError as e:
                 problems.append(str(e))
                 continue
-            if expected is not None and tuple(image.shape[1:]) != tuple(expected):
-                problems.append(f"{path}: decoded size {tuple(image.shape[1:])} differs from the header's {expected}")
+            if expected is not None and decoded != tuple(expected):
+                problems.append(f"{path}: decoded size {decoded} differs from the header's {expected}")
     return list(dict.fromkeys(problems))  # overlapping splits (VOC trainval/train) report a problem once

@@ -1,4 +1,4 @@
-"""Helpers the text/XML readers share: UTF-8 lines, numbers with precise error messages, polygons to boxes.
+"""Helpers the text/XML readers share: UTF-8 lines, numbers with precise error messages, polygons to boxes and records.
 
 Each helper returns ``None`` after reporting a problem through the
 :class:`~rkd.data.sample.ReadReport`, so a reader skips the line (``on_error="skip"``)
@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from rkd.data.images import image_size
 from rkd.data.sample import DetectionRecord, ReadReport
+from rkd.errors import DataError
 
 # Polygons with a smaller area (pixels^2) cannot be a labelled object.
 MIN_POLYGON_AREA = 1e-6
@@ -34,6 +36,29 @@ class PolygonRecord(DetectionRecord):
 
     polygons: Tensor | None = None
     difficulty: Tensor | None = None
+
+
+def header_size(path: Path, report: ReadReport) -> tuple[int, int] | None:
+    """``(H, W)`` of an image, or None after reporting a header that does not read, so that the
+    other images of the split (and their label problems) are still read."""
+    try:
+        return image_size(path)
+    except DataError as e:
+        report.problem(str(path), str(e).removeprefix(f"{path}: "))
+        return None
+
+
+def outside_boxes(boxes: Tensor, size: tuple[int, int]) -> list[int]:
+    """Indices of the le90 ``boxes`` (N, 5) lying entirely outside an image of ``size`` (H, W).
+
+    >>> outside_boxes(torch.tensor([[5.0, 5, 4, 4, 0], [30, 5, 4, 4, 0], [11, 5, 4, 4, 0.5]]), (10, 10))
+    [1]
+    """
+    cx, cy, w, h, a = boxes.double().unbind(-1) if len(boxes) else (torch.zeros(0),) * 5
+    ex = (w / 2 * torch.cos(a)).abs() + (h / 2 * torch.sin(a)).abs()  # half-extents of the circumscribed box
+    ey = (w / 2 * torch.sin(a)).abs() + (h / 2 * torch.cos(a)).abs()
+    out = (cx + ex <= 0) | (cx - ex >= size[1]) | (cy + ey <= 0) | (cy - ey >= size[0])
+    return out.nonzero().flatten().tolist()
 
 
 def drop(report: ReadReport, where: str, why: str) -> None:
@@ -126,3 +151,29 @@ def polygons_to_boxes(polys: list[list[float]], wheres: list[str], report: ReadR
         drop(report, wheres[i], "polygon has zero area (corners on a line)")
     boxes = poly_to_obb(p[keep].reshape(-1, 8)).to(torch.float32)
     return boxes, keep
+
+
+def polygon_record(
+    image_id: str,
+    size: tuple[int, int],
+    polys: list[list[float]],
+    labels: Tensor,
+    difficulty: Tensor,
+    wheres: list[str],
+    report: ReadReport,
+    image_path: Path | None = None,
+) -> PolygonRecord:
+    """The record of an image whose labels are 4-corner polygons ``polys`` (N lists of 8 file pixels).
+
+    ``labels`` and ``difficulty`` (N,) long are row for row with ``polys``. The record keeps
+    the polygons as written (evaluation takes their IoU, as DOTA's devkit does) beside their
+    minimum-area le90 boxes (training targets, exactly :func:`polygons_to_boxes`), and
+    ``difficult`` where ``difficulty`` is non-zero. A degenerate polygon is dropped from every
+    field alike, so that row i of each is the same object.
+    """
+    boxes, keep = polygons_to_boxes(polys, wheres, report)
+    polygons = torch.tensor(polys, dtype=torch.float64).reshape(-1, 8)[keep]
+    labels, difficulty = labels[keep], difficulty[keep]
+    return PolygonRecord(
+        image_id, size, boxes, labels, difficulty != 0, image_path=image_path, polygons=polygons, difficulty=difficulty
+    )

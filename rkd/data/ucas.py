@@ -9,6 +9,11 @@ Corner ``x`` values are divided by the image width and ``y`` by its height, so
 the image size (read from the header, pixels are not decoded) turns them back
 into pixels. An image without a label file has no objects (YOLO convention);
 a label file without an image is a problem.
+
+Records keep the corners (in pixels, in the file's order) beside their minimum-area
+le90 boxes, as DOTA's and DIOR-R's do (:func:`rkd.data.parsing.polygon_record`), so that
+``rkd evaluate`` takes the IoU of the labelled quadrilaterals. There is no difficult flag:
+``difficulty`` is 0.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from rkd.data.images import find_images, image_size, require_dir
-from rkd.data.parsing import parse_coords, parse_int, polygons_to_boxes
-from rkd.data.sample import DetectionRecord, OnError, ReadReport, empty_targets
+from rkd.data.images import find_images, require_dir
+from rkd.data.parsing import PolygonRecord, header_size, parse_coords, parse_int, polygon_record
+from rkd.data.sample import OnError, ReadReport
 
 UCAS_CLASSES = ["plane", "car"]
 
@@ -30,7 +35,7 @@ NORMALISED_MARGIN = 0.05
 
 def read_ucas(
     root: Path, split: str, class_names: list[str] | None = None, on_error: OnError = "raise"
-) -> tuple[list[DetectionRecord], list[str], ReadReport]:
+) -> tuple[list[PolygonRecord], list[str], ReadReport]:
     """Records of one split, the class names (``["plane", "car"]`` unless given) and a report."""
     root = Path(root)
     names = list(class_names) if class_names is not None else list(UCAS_CLASSES)
@@ -44,21 +49,23 @@ def read_ucas(
 
     records = []
     for image_id, image_path in images.items():
-        size = image_size(image_path)
-        label_path = label_dir / f"{image_id}.txt"
-        boxes, labels, difficult = (
-            _read_label_file(label_path, size, names, report) if label_path.is_file() else empty_targets()
-        )
-        records.append(DetectionRecord(image_id, size, boxes, labels, difficult, image_path=image_path))
+        size = header_size(image_path, report)
+        if size is None:
+            continue
+        polys, classes, wheres = _read_label_file(label_dir / f"{image_id}.txt", size, names, report)
+        labels = torch.tensor(classes, dtype=torch.long)
+        record = polygon_record(image_id, size, polys, labels, torch.zeros_like(labels), wheres, report, image_path)
+        records.append(record)
         report.images += 1
-        report.objects += len(labels)
+        report.objects += len(record.labels)
     return records, names, report
 
 
 def _read_label_file(path: Path, size: tuple[int, int], names: list[str], report: ReadReport):
+    """``(polygons in pixels, class indices, wheres)`` of the valid lines of one file (no file: no objects)."""
     height, width = size
     polys, classes, wheres = [], [], []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
     for lineno, line in enumerate(lines, start=1):
         fields = line.split()
         if not fields:
@@ -83,6 +90,4 @@ def _read_label_file(path: Path, size: tuple[int, int], names: list[str], report
         polys.append([c * (width if i % 2 == 0 else height) for i, c in enumerate(coords)])
         classes.append(cls)
         wheres.append(where)
-    boxes, keep = polygons_to_boxes(polys, wheres, report)
-    labels = torch.tensor(classes, dtype=torch.long)[keep] if classes else torch.zeros(0, dtype=torch.long)
-    return boxes, labels, torch.zeros(len(labels), dtype=torch.bool)
+    return polys, classes, wheres

@@ -21,7 +21,10 @@ it, and loading pixels fails naming the record.
 le90 boxes with :func:`rkd.geometry.hbb_to_obb`, as everywhere in rkd: ``w >= h``,
 so a tall box gets angle ``-pi/2``; the report says ``horizontal``. DIOR-R's four
 ``robndbox`` corners become their minimum-area le90 rectangle (its ``<angle>``
-field is redundant and ignored). ``difficult`` is ``0`` or ``1`` (missing: ``0``).
+field is redundant and ignored), and its records are
+:class:`~rkd.data.parsing.PolygonRecord` objects that keep the corners as written, so that
+``rkd evaluate`` takes the IoU of the labelled quadrilaterals as DOTA does.
+``difficult`` is ``0`` or ``1`` (missing: ``0``).
 
 **Problems** (XML that does not parse, a bad number, an empty box, a listed id
 without annotation, a missing image) are reported as ``file:line: ...`` with
@@ -41,7 +44,7 @@ import torch
 from torch import Tensor
 
 from rkd.data.images import find_images, image_size
-from rkd.data.parsing import parse_float, polygons_to_boxes
+from rkd.data.parsing import PolygonRecord, parse_float, polygon_record
 from rkd.data.sample import DetectionRecord, OnError, ReadReport, empty_targets
 from rkd.errors import DataError
 
@@ -212,9 +215,13 @@ def read_xml_dataset(
     report: ReadReport,
     layout: XmlLayout,
     parse: ObjectParser,
-    to_boxes: BoxMaker,
+    to_boxes: BoxMaker | None,
 ) -> tuple[list[DetectionRecord], list[str]]:
-    """Records and class names of one split of an XML-per-image dataset (see module doc)."""
+    """Records and class names of one split of an XML-per-image dataset (see module doc).
+
+    ``to_boxes`` makes the le90 boxes of the objects' geometries; ``None`` when the geometries
+    are 4-corner polygons, which the records then keep as written (:func:`polygon_record`).
+    """
     root = Path(root)
     annotation_dir = first_dir(root, layout.annotation_dirs, f"{layout.name} annotation")
     images, image_dirs = image_index(root, layout)
@@ -263,15 +270,21 @@ def read_xml_dataset(
                 known.append(o)
             else:
                 report.problem(o.where, f"class {o.name!r} is not one of the {len(names)} class names {names}")
-        if known:
-            boxes, keep = to_boxes([o.geometry for o in known], [o.where for o in known], report)
-            labels = torch.tensor([index[o.name] for o in known], dtype=torch.long)[keep]
-            difficult = torch.tensor([o.difficult for o in known], dtype=torch.bool)[keep]
+        geometry, wheres = [o.geometry for o in known], [o.where for o in known]
+        labels = torch.tensor([index[o.name] for o in known], dtype=torch.long)
+        difficulty = torch.tensor([o.difficult for o in known], dtype=torch.long)
+        if to_boxes is None:
+            record = polygon_record(image_id, size, geometry, labels, difficulty, wheres, report, image_path)
+        elif known:
+            boxes, keep = to_boxes(geometry, wheres, report)
+            record = DetectionRecord(
+                image_id, size, boxes.float(), labels[keep], difficulty[keep] != 0, image_path=image_path
+            )
         else:
-            boxes, labels, difficult = empty_targets()
-        records.append(DetectionRecord(image_id, size, boxes.float(), labels, difficult, image_path=image_path))
+            record = DetectionRecord(image_id, size, *empty_targets(), image_path=image_path)
+        records.append(record)
         report.images += 1
-        report.objects += len(labels)
+        report.objects += len(record.labels)
     return records, names
 
 
@@ -355,10 +368,12 @@ def read_voc(
 
 def read_dior(
     root: Path, split: str, class_names: list[str] | None = None, on_error: OnError = "raise"
-) -> tuple[list[DetectionRecord], list[str], ReadReport]:
-    """Records of one split of a DIOR-R dataset, the class names (sorted found names unless given), a report."""
+) -> tuple[list[PolygonRecord], list[str], ReadReport]:
+    """Records of one split of a DIOR-R dataset, the class names (sorted found names unless given), a report.
+
+    The records keep each object's 4 ``robndbox`` corners as written (``polygons``) and its
+    ``<difficult>`` as ``difficulty`` 0/1 beside the le90 ``boxes`` (see module doc).
+    """
     report = ReadReport(on_error=on_error)
-    records, names = read_xml_dataset(
-        Path(root), split, class_names, report, DIOR_LAYOUT, parse_dior_objects, polygons_to_boxes
-    )
+    records, names = read_xml_dataset(Path(root), split, class_names, report, DIOR_LAYOUT, parse_dior_objects, None)
     return records, names, report

@@ -13,8 +13,8 @@ DOTA devkit's (``dota_evaluation_task1.py``, the same as the VOC devkit's):
 all-point AP, each detection judged against its best-overlapping ground truth
 (matching ``"voc"``, :mod:`rkd.eval.matching`), difficult objects ignored. The IoU
 is that of the polygons as written when the labels or the predictions are
-polygons (DOTA labels, Task1 files, JSON ``poly``), else of the rotated boxes;
-the output says which (``protocol``).
+polygons (DOTA, DIOR-R and UCAS-AOD labels, Task1 files, JSON ``poly``), else of
+the rotated boxes; the output says which (``protocol``).
 """
 
 from __future__ import annotations

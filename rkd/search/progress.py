@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from ray import tune
 
+from rkd.search.results import loss_growth
 from rkd.train.tasks import metric_label
 
 
@@ -55,34 +57,52 @@ class ProgressPrinter(tune.Callback):
         stream = self.stream or sys.stdout
         print(f"[search {_fmt_elapsed(time.perf_counter() - self.start)}] {text}", file=stream, flush=True)
 
-    def _n(self, trial: Any) -> str:
-        n = self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)
+    def _n(self, trial: Any, trials: list) -> str:
+        # Numbered by its place among all trials: a resumed search (whose callback starts empty)
+        # keeps the numbers of the trials it restored.
+        n = next((i + 1 for i, t in enumerate(trials) if t.trial_id == trial.trial_id), None)
+        n = self.numbers.setdefault(trial.trial_id, n or len(self.numbers) + 1)
         return f"trial {n}/{self.total}"
 
+    def _done(self, trials: list, trial: Any) -> int:
+        """Trials finished so far, this one included (restored ones too)."""
+        ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials if t.trial_id != trial.trial_id)
+        self.finished = max(self.finished + 1, ended + 1)
+        return self.finished
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._say(f"{self._n(trial)} started: {self.describe(trial.config)}")
+        self._say(f"{self._n(trial, trials)} started: {self.describe(trial.config)}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "epoch" in result and "epochs" in result:
             self._say(
-                f"{self._n(trial)} epoch {result['epoch']}/{result['epochs']} loss {result.get('loss', float('nan')):.4f}"
+                f"{self._n(trial, trials)} epoch {result['epoch']}/{result['epochs']} loss {result.get('loss', float('nan')):.4f}"
                 f" {self.label} {result.get(self.metric, float('nan')):.3f} ({result.get('images_per_s', 0):.1f} img/s)"
             )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.finished += 1
+        finished = self._done(trials, trial)
         last = trial.last_result or {}
         done = last.get("epoch") == last.get("epochs") and last.get("status") != "infeasible"
-        if done and self.metric in last:
+        grown = loss_growth(last) if done else None
+        if done and not grown and self.metric in last:
             if self.best is None or last[self.metric] > self.best[0]:
                 self.best = (last[self.metric], last.get("gflops", float("nan")))
         best = f"best {self.label} {self.best[0]:.3f} at {self.best[1]:.3f} GFLOPs" if self.best else "no complete trial yet"
-        state = "complete" if done else last.get("status", "stopped")
+        state = ("diverged" if grown else "complete") if done else last.get("status", "stopped")
         self._say(
-            f"{self._n(trial)} {state}: {self.label} {last.get(self.metric, float('nan')):.3f} GFLOPs "
-            f"{last.get('gflops', float('nan')):.3f} | {self.finished}/{self.total} done, {best}"
+            f"{self._n(trial, trials)} {state}: {self.label} {last.get(self.metric, float('nan')):.3f} GFLOPs "
+            f"{last.get('gflops', float('nan')):.3f} | {finished}/{self.total} done, {best}"
         )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.finished += 1
-        self._say(f"{self._n(trial)} FAILED ({self.finished}/{self.total} done); the search goes on")
+        from rkd.search.runner import error_reason  # the runner imports this module
+
+        finished = self._done(trials, trial)
+        try:
+            text = Path(trial.error_file).read_text(errors="replace") if trial.error_file else ""
+        except OSError:
+            text = ""
+        reason = error_reason(text) if text else "its error is in the trial's folder"
+        state = "diverged" if "DivergenceError" in reason else "failed"
+        self._say(f"{self._n(trial, trials)} {state} ({finished}/{self.total} done; the search goes on): {reason}")

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from rkd.errors import RkdError
-from rkd.search.results import DEFAULT_OBJECTIVES, front_rows, hypervolume, knee
+from rkd.search.results import DEFAULT_OBJECTIVES, front_rows, hypervolume, knee, trials_path
 from rkd.train.tasks import metric_label
 from rkd.train.checkpoint import atomic_write_text
 
@@ -40,10 +40,7 @@ PALETTE = ["#1f6feb", "#e08a00", "#2da44e", "#c62828", "#8250df", "#0a7f8f", "#b
 
 def load_run(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The trials (rows of ``trials.parquet``) and ``summary.json`` (``{}`` if absent)."""
-    path = run_dir / "trials.parquet"
-    if not path.is_file():
-        raise RkdError(f"{path}: no trials table here; is {run_dir} a search run folder (runs/<name>)?")
-    rows = pq.read_table(path).to_pylist()
+    rows = pq.read_table(trials_path(run_dir)).to_pylist()
     summary_path = run_dir / "summary.json"
     summary: dict[str, Any] = {}
     if summary_path.is_file():

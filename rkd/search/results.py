@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rkd.errors import RkdError
 from rkd.train.checkpoint import atomic_write_bytes
 from rkd.train.tasks import metric_label
 
@@ -44,6 +45,32 @@ BASE_COLUMNS = [
 # What a search can optimise, and which way (True: maximise).
 OBJECTIVES = {"map50": True, "top1": True, "gflops": False, "latency_ms": False}
 DEFAULT_OBJECTIVES = ("map50", "gflops")
+
+
+LOSS_GROWTH = 1e3  # a finite loss this many times its start: the run diverged even without a NaN
+
+
+def loss_growth(metrics: dict[str, Any]) -> str | None:
+    """Why a trial that trained to the end diverged anyway (its loss blew up), or None.
+
+    >>> loss_growth({"loss_start": 2.0, "loss": 1.5e12, "epoch": 1})
+    'diverged: the loss grew from 2 (first step) to 1.5e+12 (epoch 1)'
+    """
+    start, last = metrics.get("loss_start"), metrics.get("loss")
+    if not all(isinstance(v, (int, float)) for v in (start, last)) or start <= 0 or not last > LOSS_GROWTH * start:
+        return None
+    return f"diverged: the loss grew from {start:.3g} (first step) to {last:.3g} (epoch {metrics.get('epoch')})"
+
+
+def trials_path(run: Path) -> Path:
+    """``RUN/trials.parquet`` of a finished search; otherwise an :class:`RkdError` saying what ``run`` is."""
+    path = Path(run) / "trials.parquet"
+    if path.is_file():
+        return path
+    if (Path(run) / "search_identity.json").is_file() or (Path(run) / "ray" / "search").is_dir():
+        raise RkdError(f"{run}: the search of this folder is unfinished (interrupted, or still running); "
+                       "run `rkd search` on its spec again to finish it (it resumes), then ask for its results")
+    raise RkdError(f"{path}: no trials table here; is {run} a search run folder (runs/<name>)?")
 
 
 def nondominated(points: np.ndarray, maximise: list[bool]) -> np.ndarray:

@@ -30,12 +30,14 @@ from rkd.models.latency import measure_latency
 from rkd.schema import Section, join
 from rkd.search import confirm as confirm_stage
 from rkd.search.confirm import confirm_report, parse_confirm
+from rkd.search.preflight import check_inputs, check_resources
 from rkd.search.progress import ProgressPrinter
 from rkd.search.results import (
     DEFAULT_OBJECTIVES,
     OBJECTIVES,
     hypervolume_of,
     front_rows,
+    loss_growth,
     knee,
     format_table,
     plot_front,
@@ -157,14 +159,18 @@ def load_search_space(spec: RunSpec, search: SearchConfig) -> SearchSpace:
         space = space.with_balance_modes()  # the published points run the published weights as they are
     if not isinstance(search.initial_points, list):
         raise spec.source.error(SpecError("search.initial_points", "expected a list of {parameter: value} mappings"))
-    names = {d.name for d in space.dims}
+    dims = {d.name: d for d in space.dims}
     for i, point in enumerate(search.initial_points):
         where = f"search.initial_points.{i}"
         if not isinstance(point, dict):
             raise spec.source.error(SpecError(where, f"expected a mapping of parameter names to values, got {point!r}"))
-        for key in point:
-            if key not in names:
-                raise spec.source.error(SpecError(f"{where}.{key}", f"not a parameter of the space; it has {sorted(names)}"))
+        for key, value in point.items():
+            if key not in dims:
+                raise spec.source.error(SpecError(f"{where}.{key}", f"not a parameter of the space; it has {sorted(dims)}"))
+            if not dims[key].admits(value):  # Optuna would fail on it after the teacher stage
+                raise spec.source.error(SpecError(
+                    f"{where}.{key}", f"{value!r} is outside the space's {dims[key].describe()} ({search.space_path.name})"
+                ))
     return space
 
 
@@ -301,8 +307,23 @@ def _status(result: Any) -> tuple[str, str | None]:
     if metrics.get("status") == "infeasible":
         return "infeasible", "GFLOPs above search.max_gflops"
     if metrics.get("epochs") and metrics.get("epoch") == metrics.get("epochs"):
+        grown = loss_growth(metrics)
+        if grown is not None:
+            return "diverged", grown
         return "complete", metrics.get("kd_warning")  # e.g. published KD weights that swamped the task loss
     return "stopped", f"stopped after {metrics.get('epoch', 0)} of {metrics.get('epochs', '?')} epochs"
+
+
+def mark_collapsed(rows: list[dict[str, Any]], accuracy: str) -> None:
+    """A trained trial scoring 0 where the student without KD scores above it did not learn: diverged."""
+    reference = next((r for r in rows if r.get("reference") == "no KD" and r["status"] == "complete"), None)
+    if reference is None or not (reference.get(accuracy) or 0) > 0:
+        return
+    for row in rows:
+        if row["status"] == "complete" and row.get(accuracy) == 0:
+            row.update(status="diverged", checkpoint=None, reason=(
+                f"diverged: val {metric_label(accuracy)} 0 after training, the no-KD reference "
+                f"{reference['trial_id']} reaches {reference[accuracy]:.3f}"))
 
 
 def collect_rows(grid: Any, storage_uri: str | None = None) -> list[dict[str, Any]]:
@@ -416,6 +437,7 @@ def count_skipped_lines(run_dir: Path) -> int:
 
 
 SEARCH_IDENTITY_FILE = "search_identity.json"
+RESULT_FILES = ("summary.json", "trials.parquet", "pareto.parquet", "pareto.png", "report.html")
 
 
 def search_identity(spec: RunSpec, search: SearchConfig) -> dict[str, Any]:
@@ -437,9 +459,9 @@ def prepare_resume(spec: RunSpec, search: SearchConfig, mode: str) -> bool:
     """Decide whether this run continues an earlier one of the same name (``mode``: auto, resume, fresh).
 
     Returns True to resume. A search of the same spec is resumed: an interrupted one
-    continues, a finished one just rewrites its results. A finished search of a different
-    spec is replaced. An *interrupted* search of a different spec is never discarded
-    silently: the user chooses ``--fresh`` or another ``name``.
+    continues, a finished one just rewrites its results. What an earlier search of a
+    different spec left, finished or interrupted, is never discarded without ``--fresh``:
+    the user chooses that or another ``name``.
     """
     experiment = storage.join(spec.ray_storage, "search")
     if mode == "fresh":
@@ -447,15 +469,18 @@ def prepare_resume(spec: RunSpec, search: SearchConfig, mode: str) -> bool:
     earlier_path = spec.run_dir / SEARCH_IDENTITY_FILE
     earlier = json.loads(earlier_path.read_text()) if earlier_path.is_file() else None
     restorable = tune.Tuner.can_restore(experiment)
+    finished = (spec.run_dir / "summary.json").is_file()
     identity = search_identity(spec, search)
     same = earlier == identity
     if mode == "resume" and not restorable:
         raise RkdError(f"--resume: there is no interrupted search to resume in {experiment}")
-    if restorable and not same and (mode == "resume" or not (spec.run_dir / "summary.json").is_file()):
+    if (restorable or finished) and not (restorable and same):
+        what = "an interrupted" if restorable and not finished else "a finished"
         changed = sorted(k for k, v in identity.items() if earlier is None or earlier.get(k) != v)
+        why = f"made from a different spec (changed: {', '.join(changed)})" if not same else "whose Ray state is gone"
         raise RkdError(
-            f"{spec.run_dir} holds an interrupted search made from a different spec (changed: {', '.join(changed)}); "
-            "rerun with --fresh to discard it, or give this search another `name`"
+            f"{spec.run_dir} holds {what} search {why}; nothing was changed. Give this search another `name` "
+            f"(or --output-dir) to keep both, or rerun with --fresh to delete the earlier one"
         )
     return restorable and same
 
@@ -465,12 +490,13 @@ def start_afresh(spec: RunSpec, search: SearchConfig) -> None:
     for old in (spec.run_dir / "ray" / "search", spec.run_dir / "ray" / "trials"):
         if old.exists():
             shutil.rmtree(old)
-    (spec.run_dir / "summary.json").unlink(missing_ok=True)  # from now on, this search is the unfinished one
+    for name in RESULT_FILES:  # from now on, this search is the unfinished one: no stale front may be read
+        (spec.run_dir / name).unlink(missing_ok=True)
     confirm_stage.clear(spec.run_dir, spec.ray_storage, spec.run_uri)  # its pairs belong to the earlier trials
     atomic_write_json(spec.run_dir / SEARCH_IDENTITY_FILE, search_identity(spec, search))
     if spec.run_uri:
         for old_uri in (storage.join(spec.ray_storage, "search"), storage.join(spec.ray_storage, "trials"),
-                        storage.join(spec.run_uri, "summary.json")):
+                        *(storage.join(spec.run_uri, name) for name in RESULT_FILES)):
             storage.delete(old_uri)
         storage.push(spec.run_dir / SEARCH_IDENTITY_FILE, storage.join(spec.run_uri, SEARCH_IDENTITY_FILE))
 
@@ -484,10 +510,9 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
     start = time.perf_counter()
     search = parse_search(spec)
     space = load_search_space(spec, search)
-    # Read every label file now: a line that does not parse must fail here, with its
-    # file:line, not inside a Ray worker after the teacher has trained.
-    TASKS[spec.task].check_data(spec.data)
-    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    # Read every label file and decode every image now: a line that does not parse must fail
+    # here, with its file:line, not inside a Ray worker after the teacher has trained.
+    check_inputs(spec)
     record_skipped_lines(spec, log)
     if spec.run_uri:  # what an earlier run left there: its identity, teacher, priors, results
         storage.pull(spec.run_uri, spec.run_dir, exclude=("ray",))
@@ -495,7 +520,10 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
     # Tune saves the experiment's state (trials, searcher) at most this often; a search
     # killed between two saves redoes at most what happened since the last one.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # A trial that fails gets one line with its reason (ProgressPrinter), not Tune's traceback.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     ensure_ray(spec.resources.ray_address)
+    check_resources(spec)
     teacher = prepare_teacher(spec, log)
 
     ctx = {
@@ -565,6 +593,7 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
         storage.pull(experiment, spec.run_dir / "ray" / "search")
     rows = collect_rows(grid, spec.ray_storage if spec.run_uri else None)
     label_references(rows, reference_points(space, search))
+    mark_collapsed(rows, search.objectives[0])
     summary = write_results(spec, rows, teacher.to_dict(), time.perf_counter() - start, search.objectives)
     confirmed = None
     if search.confirm is not None:

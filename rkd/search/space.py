@@ -31,7 +31,8 @@ from typing import Any
 import rkd.distill  # noqa: F401  (importing the package registers every method)
 from rkd.distill.base import KD_METHODS, Param, resolve_options
 from rkd.errors import SpecError
-from rkd.schema import join
+from rkd.schema import join, refuse_code
+from rkd.train.tasks import check_declared_sign
 from rkd.yamlio import SourceMap, load_yaml
 
 METHOD_SWITCH = "enabled"
@@ -72,7 +73,8 @@ class Dim:
             return any(value == c and type(value) is type(c) for c in self.choices)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
-        return self.low <= value <= self.high and (self.kind != "int" or float(value).is_integer())
+        on_grid = self.step is None or abs((value - self.low) / self.step - round((value - self.low) / self.step)) < 1e-9
+        return self.low <= value <= self.high and (self.kind != "int" or float(value).is_integer()) and on_grid
 
     def describe(self) -> str:
         if self.kind == "fixed":
@@ -177,16 +179,33 @@ def _dim_from_entry(name: str, entry: Any, where: str, declared: Param | None, c
         kind = entry.get("type") or ("int" if declared is not None and declared.kind == "int" else "float")
         if kind not in ("int", "float"):
             raise SpecError(join(where, "type"), f"expected int or float, got {kind!r}")
-        low, high, log = float(entry["low"]), float(entry["high"]), bool(entry.get("log", False))
-        if not low < high:
-            raise SpecError(where, f"needs low < high, got low={low:g}, high={high:g}")
+        low, high, log = float(entry["low"]), float(entry["high"]), entry.get("log", False)
+        if not isinstance(log, bool):  # the string 'false' is truthy
+            raise SpecError(join(where, "log"), f"expected true or false, got {log!r}")
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise SpecError(where, f"needs finite low < high, got low={low:g}, high={high:g}")
         if log and low <= 0:
             raise SpecError(join(where, "log"), f"a log range needs low > 0, got {low:g}")
-        step = entry.get("step")
+        step = _step(entry.get("step"), log, kind, high - low, join(where, "step"))
+        if declared is not None:
+            _check_value(name, low, join(where, "low"), declared)
         return Dim(name, kind, low=low, high=high, log=log, step=step, condition=condition)
     if isinstance(entry, list):
         raise SpecError(where, "a list is ambiguous here: write {choices: [...]} to search over it")
     return Dim(name, "fixed", value=entry, condition=condition)
+
+
+def _step(step: Any, log: bool, kind: str, width: float, where: str) -> float | None:
+    """A range's ``step``: a positive number no wider than the range, never with ``log`` (Optuna refuses both)."""
+    if step is None:
+        return None
+    if log:
+        raise SpecError(where, "a range cannot have both step and log: true (Optuna samples one or the other)")
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= width:
+        raise SpecError(where, f"expected a number > 0 and <= high - low ({width:g}), got {step!r}")
+    if kind == "int" and not float(step).is_integer():
+        raise SpecError(where, f"an int range needs a whole step, got {step!r}")
+    return step
 
 
 def _check_value(name: str, value: Any, where: str, declared: Param | None) -> None:
@@ -195,6 +214,7 @@ def _check_value(name: str, value: Any, where: str, declared: Param | None) -> N
             declared.validate(value, where)
         except ValueError as err:
             raise SpecError(where, str(err).split(": ", 1)[-1]) from None
+        check_declared_sign(declared, value, where)
 
 
 def compile_space(data: Any, file: str, student_check: Any = None, registry: dict[str, Any] | None = None) -> SearchSpace:
@@ -229,6 +249,7 @@ def compile_space(data: Any, file: str, student_check: Any = None, registry: dic
     methods = data.get("methods") or {}
     if not isinstance(methods, dict):
         raise SpecError("methods", "expected a mapping of KD method names to their parameters")
+    refuse_code(methods, "methods")
     for method, params in methods.items():
         where = join("methods", str(method))
         if method not in known:

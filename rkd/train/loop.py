@@ -50,6 +50,9 @@ UNSCORED = -1.0
 log = logging.getLogger(__name__)
 
 
+START_STEPS = 1  # steps whose mean loss is reported as loss_start: the first, before any update
+
+
 class DivergenceError(RuntimeError):
     """Training produced non-finite losses too often; the trial ends as ``diverged``."""
 
@@ -300,6 +303,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
     step, nonfinite_steps, score, start_epoch, val_images = 0, 0, 0.0, 0, 0
     history: list[dict[str, Any]] = []
+    start_losses: list[float] = []  # the first steps' losses: the level a diverging run grows away from
     resume_warning = ""
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
@@ -313,6 +317,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, step, score = int(state["epoch"]), int(state["step"]), float(state[task.metric])
         nonfinite_steps, history = int(state["nonfinite_steps"]), list(state["history"])
+        start_losses = [history[-1]["loss_start"]] * START_STEPS if history and "loss_start" in history[-1] else []
         generator.set_state(state["sampler_rng"])
         torch.set_rng_state(state["torch_rng"])
 
@@ -354,6 +359,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * images.shape[0]
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * images.shape[0]
+            if len(start_losses) < START_STEPS:
+                start_losses.append(float(loss.detach()))
         elapsed = time.perf_counter() - start
         if seen == 0 and len(loader) > 0:
             raise DivergenceError(f"no finite step in epoch {epoch + 1}: non-finite loss terms {bad}")
@@ -376,6 +383,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             channels_last=int(channels_last),
             **{SCORE_METRIC: float(score) if evaluated else UNSCORED},
             nonfinite_steps=nonfinite_steps,
+            **({"loss_start": sum(start_losses) / len(start_losses)} if start_losses else {}),
             epoch_s=elapsed,
             start_epoch=start_epoch,  # > 0 when this process resumed from a checkpoint
             **cfg.get("extra_metrics", {}),

@@ -22,7 +22,7 @@ from rkd.distill.balance import BALANCE_DEFAULTS, BALANCE_MODES
 from rkd.errors import RkdError, SpecError
 from rkd.models import validate_model_spec
 from rkd.models.factory import backbone_keys
-from rkd.schema import Section, join, set_dotted
+from rkd.schema import Section, join, refuse_code, set_dotted
 from rkd.train.tasks import TASKS
 from rkd.yamlio import SourceMap, load_yaml
 
@@ -148,7 +148,7 @@ def _train_config(
         model=model,
         epochs=epochs,
         batch_size=sec.int("batch_size", 8, low=1),
-        lr=sec.float("lr", defaults["lr"], low=0.0),
+        lr=sec.float("lr", defaults["lr"], above=0.0),
         weight_decay=sec.float("weight_decay", 1e-4, low=0.0),
         warmup_epochs=sec.float("warmup_epochs", 1.0, low=0.0),
         eval_every=sec.int("eval_every", 0, low=0),
@@ -232,10 +232,12 @@ def with_overrides(
 def parse_spec(data: Any, spec_path: Path, source: SourceMap) -> RunSpec:
     root = Section(data, "")
     root.reject_unknown(TOP_LEVEL_KEYS)
+    refuse_code(data, "")  # before the methods' validation imports it; workers revalidate what passed here
     base = spec_path.parent
     name = root.str("name", spec_path.stem)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise SpecError("name", f"use letters, digits, '.', '_' or '-' only (it names a folder), got {name!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not name.strip("."):
+        # '.' and '..' would put the run in output_dir itself or in its parent (and --fresh would delete there)
+        raise SpecError("name", f"one plain folder name: letters, digits, '.', '_' or '-', not '.' or '..'; got {name!r}")
 
     task = root.str("task", "detection", choices=list(TASKS))
     data_sec = root.section("data", required=True)

@@ -17,6 +17,20 @@ from typing import Any, Callable
 from torch import nn
 
 
+def check_declared_sign(param: Any, value: Any, where: str) -> None:
+    """Refuse a value on the wrong side of 0 for its declared range: a range declared above 0 (KD weights
+    on a log scale, temperatures) admits nothing <= 0, one starting at 0 nothing below it. A negative KD
+    weight pushes the student away from the teacher; a temperature of 0 divides by zero."""
+    from rkd.errors import SpecError
+
+    if param.kind not in ("float", "int") or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if param.low > 0 and value <= 0:
+        raise SpecError(where, f"must be > 0 (declared range {param.low:g} to {param.high:g}), got {value!r}")
+    if param.low >= 0 and value < 0:
+        raise SpecError(where, f"must be >= 0 (declared range {param.low:g} to {param.high:g}), got {value!r}")
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -40,10 +54,17 @@ class Task:
         if self.name == "classification":
             from rkd.distill.classifier_kd import validate_classifier_methods
 
-            return validate_classifier_methods(methods)
-        from rkd.distill.distiller import validate_methods
+            resolved = validate_classifier_methods(methods)
+        else:
+            from rkd.distill.distiller import validate_methods
 
-        return validate_methods(methods, base)
+            resolved = validate_methods(methods, base)
+        registry = self.method_registry()
+        for name, values in resolved.items():
+            for key, param in registry[name].params.items():
+                if key in values:
+                    check_declared_sign(param, values[key], f"{name}.{key}")
+        return resolved
 
     def method_registry(self) -> dict[str, Any]:
         """Name -> component class: what a search space's ``methods:`` refers to."""
@@ -73,17 +94,21 @@ class Task:
 
         return class_names(data)
 
-    def check_data(self, data: dict[str, Any]) -> None:
-        """Read every label (or class folder) of both splits now: problems surface before Ray starts."""
+    def check_data(self, data: dict[str, Any]) -> list[Path]:
+        """Read every label (or class folder) of both splits now: problems surface before Ray starts.
+        Returns the image files the two splits read (none for generated data), for a check of their pixels."""
+        files: list[Path] = []
         for split in ("train", "val"):
             if self.name == "classification":
                 from rkd.data.scene_dataset import build_scene_dataset
 
-                build_scene_dataset(data, split, train=False)
+                files += [path for path, _ in build_scene_dataset(data, split, train=False).items]
             else:
                 from rkd.data.dataset import build_dataset
 
-                build_dataset(data, split, train=False)
+                dataset = build_dataset(data, split, train=False)
+                files += [r.image_path for r in dataset.scenes or dataset.records if r.image_path is not None]
+        return files
 
     def build_model(self, model_spec: dict[str, Any], num_classes: int) -> nn.Module:
         if self.name == "classification":
