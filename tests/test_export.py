@@ -1,4 +1,4 @@
-"""`rkd export`: trial picking, and round trips of the exported student (safetensors, ONNX, TorchScript).
+"""`rkd export`: trial picking, and round trips of the exported student (safetensors, ONNX, .pt2, TorchScript).
 
 A real run folder: students saved with ``save_detector`` where a search puts
 them, a ``trials.parquet`` written by ``rkd.search.results`` and a ``summary.json``.
@@ -20,13 +20,17 @@ import rkd.cli
 from rkd.deploy.export import (
     CARD_FILE,
     ONNX_FILE,
+    POSTPROCESS_FILE,
+    PT2_FILE,
+    README_FILE,
     TORCHSCRIPT_FILE,
     WEIGHTS_FILE,
+    DetectionNetwork,
     RawNetwork,
     export_student,
     load_exported,
-    output_names,
     pick_trial,
+    raw_output_names,
 )
 from rkd.errors import RkdError
 from rkd.models import build_detector
@@ -114,6 +118,15 @@ def exported(run, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def exported_raw(run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "raw"
+    argv = ["export", str(run), "--pick", "t_mid", "--out", str(out), "--latency-runs", "1", "--raw",
+            "--format", "onnx,torchscript"]
+    assert rkd_main(argv) == 0
+    return out
+
+
 def rows_of(run: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
@@ -179,12 +192,19 @@ def test_export_rejects_weights_with_kd_parts(run, tmp_path):
 
 def test_exported_files_and_card(exported, run):
     names = {p.name for p in exported.iterdir()}
-    assert names == {WEIGHTS_FILE, ONNX_FILE, TORCHSCRIPT_FILE, CARD_FILE, "model_spec.json"}
+    assert names == {WEIGHTS_FILE, ONNX_FILE, PT2_FILE, CARD_FILE, README_FILE, POSTPROCESS_FILE, "model_spec.json"}
     card = json.loads((exported / CARD_FILE).read_text())
     assert card["trial"]["id"] == "t_mid" and card["trial"]["on_front"] is True
-    assert card["classes"] == CLASSES and card["input"]["shape"] == [1, 3, SIZE, SIZE]
+    assert card["classes"] == CLASSES and card["input"]["shape"] == ["batch", 3, SIZE, SIZE]
     assert card["input"]["mean"] == [0.485, 0.456, 0.406] and card["boxes"]["convention"] == "le90"
     assert card["metrics"]["map50"] == 0.5 and card["metrics"]["latency_ms"] > 0
+    latency = card["metrics"]["latency"]
+    # the headline figure is onnxruntime's at batch 1, stated with its threads and runtime
+    assert card["metrics"]["latency_ms"] == latency["onnxruntime_cpu_batch1"]["median_ms"]
+    for batch in (1, 8):
+        entry = latency[f"onnxruntime_cpu_batch{batch}"]
+        assert entry["batch"] == batch and entry["threads"] >= 1 and entry["runtime"].startswith("onnxruntime")
+    assert latency["eager_torch_cpu_batch1"]["median_ms"] > 0
     assert card["metrics"]["params"] == sum(p.numel() for p in build_detector(model_spec(0.5, "fcos"), 2).parameters())
     assert card["trial"]["params"]["methods.fitnet.weight"] == 2.0 and card["trial"]["kd_methods"] == ["fitnet"]
     teacher = Path(card["teacher"]["checkpoint"])
@@ -192,8 +212,22 @@ def test_exported_files_and_card(exported, run):
 
     assert card["teacher"]["sha256"] == hashlib.sha256(teacher.read_bytes()).hexdigest()
     assert card["teacher"]["map50"] == 0.7 and card["rkd_version"] == rkd.__version__
-    # an FCOS head: centerness outputs follow the box maps
-    assert [o["name"] for o in card["outputs"]][-3:] == ["centerness_0", "centerness_1", "centerness_2"]
+    # an oriented end-to-end graph: candidates out of both files, NMS in postprocess.py
+    assert [(o["name"], o["file"]) for o in card["outputs"]] == [
+        (n, f) for f in (ONNX_FILE, PT2_FILE) for n in ("boxes", "scores", "labels")]
+    assert card["outputs"][0]["shape"] == ["batch", 512 + 128 + 32, 5]  # FCOS: every (point, class) of 16x16, 8x8, 4x4
+    # the postprocessing shipped is rkd's own file, and it imports nothing but numpy
+    source = (exported / POSTPROCESS_FILE).read_text()
+    assert source == (Path(rkd.__file__).parent / "deploy" / POSTPROCESS_FILE).read_text()
+    assert {line.split()[1] for line in source.splitlines() if line.startswith(("import ", "from "))} <= {
+        "__future__", "numpy"}
+
+
+def test_readme_card_says_what_and_how(exported):
+    text = (exported / README_FILE).read_text()
+    for needle in ("ship, plane", "## Input", "## Outputs", "## Metrics", "onnxruntime_cpu_batch8", "fitnet",
+                   "teacher.pt", "import numpy as np, onnxruntime as ort", "detections(out"):
+        assert needle in text, needle
 
 
 def test_safetensors_hold_the_student_alone(exported, run):
@@ -220,7 +254,7 @@ def reference(run):
 def test_safetensors_round_trip_is_exact(exported, reference):
     model, images, outs = reference
     loaded, spec = load_exported(exported)
-    assert spec["class_names"] == CLASSES and spec["input_size"] == SIZE
+    assert spec["class_names"] == CLASSES and spec["input_size"] == SIZE and spec["graph"] == "end-to-end"
     with torch.no_grad():
         again = RawNetwork(loaded)(images)
     assert len(again) == len(outs)
@@ -230,27 +264,44 @@ def test_safetensors_round_trip_is_exact(exported, reference):
     assert all(torch.equal(x["boxes"], y["boxes"]) and torch.equal(x["scores"], y["scores"]) for x, y in zip(p, q))
 
 
-def test_onnx_matches_torch(exported, reference):
+def test_raw_onnx_matches_torch(exported_raw, reference):
     import onnx
     import onnxruntime as ort
 
     model, images, outs = reference
-    proto = onnx.load(str(exported / ONNX_FILE))
+    assert {p.name for p in exported_raw.iterdir()} >= {ONNX_FILE, TORCHSCRIPT_FILE}
+    assert not (exported_raw / POSTPROCESS_FILE).exists() and not (exported_raw / PT2_FILE).exists()
+    proto = onnx.load(str(exported_raw / ONNX_FILE))
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
-    session = ort.InferenceSession(str(exported / ONNX_FILE), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == output_names(model.info)
+    session = ort.InferenceSession(str(exported_raw / ONNX_FILE), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == raw_output_names(model.info)
     got = session.run(None, {"images": images.numpy()})  # batch 2: the batch axis is dynamic
     for a, b in zip(got, outs):
         np.testing.assert_allclose(a, b.numpy(), atol=1e-4, rtol=0)
 
 
-def test_torchscript_matches_torch(exported, reference):
+def test_torchscript_only_when_named_and_matches_torch(exported, exported_raw, reference):
+    assert not (exported / TORCHSCRIPT_FILE).exists()
     _, images, outs = reference
-    scripted = torch.jit.load(str(exported / TORCHSCRIPT_FILE))
+    scripted = torch.jit.load(str(exported_raw / TORCHSCRIPT_FILE))
     with torch.no_grad():
         got = scripted(images)
     for a, b in zip(got, outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_pt2_is_an_exported_program_with_a_dynamic_batch(exported, reference):
+    model, images, _ = reference
+    program = torch.export.load(str(exported / PT2_FILE))
+    assert isinstance(program, torch.export.ExportedProgram)
+    expected = DetectionNetwork(model, SIZE).eval()
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            got, want = program.module()(x), expected(x)
+        assert got[0].shape == (batch, 672, 5)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
 def test_a_moved_run_folder_still_exports(tmp_path):

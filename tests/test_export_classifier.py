@@ -18,7 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from aid_images import AID, load_aid
-from rkd.deploy.export import CARD_FILE, ONNX_FILE, TORCHSCRIPT_FILE, WEIGHTS_FILE, load_exported, pick_trial
+from rkd.deploy.export import load_exported, pick_trial
+from rkd.deploy.export import CARD_FILE, ONNX_FILE, POSTPROCESS_FILE, PT2_FILE, README_FILE  # noqa: I001
+from rkd.deploy.export import TORCHSCRIPT_FILE, WEIGHTS_FILE
 from rkd.deploy.predict import CLASS_PREDICTIONS_FILE
 from rkd.models import build_classifier
 from rkd.search.results import trials_table, write_parquet
@@ -82,7 +84,8 @@ def run(tmp_path_factory) -> Path:
 def exported(run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("clf_exports") / "best"
     # the default pick, best, is the highest top-1 on the front
-    assert rkd_main(["export", str(run), "--out", str(out), "--latency-runs", "1"]) == 0
+    argv = ["export", str(run), "--out", str(out), "--latency-runs", "1", "--format", "safetensors,onnx,pt2,torchscript"]
+    assert rkd_main(argv) == 0
     return out
 
 
@@ -111,15 +114,17 @@ def test_pick_uses_top1(run, capsys, tmp_path):
 
 
 def test_card_describes_a_classifier(exported, run):
-    assert {p.name for p in exported.iterdir()} == {WEIGHTS_FILE, ONNX_FILE, TORCHSCRIPT_FILE, CARD_FILE,
-                                                    "model_spec.json"}
+    assert {p.name for p in exported.iterdir()} == {WEIGHTS_FILE, ONNX_FILE, PT2_FILE, TORCHSCRIPT_FILE, CARD_FILE,
+                                                    README_FILE, POSTPROCESS_FILE, "model_spec.json"}
     card = json.loads((exported / CARD_FILE).read_text())
     assert card["task"] == "classification" and card["classes"] == CLASSES
     assert card["trial"]["id"] == "t_big" and card["trial"]["on_front"] is True
     assert card["trial"]["kd_methods"] == ["sskd"] and card["trial"]["params"]["methods.sskd.weight"] == 0.5
-    assert card["input"]["shape"] == [1, 3, SIZE, SIZE] and card["input"]["mean"] == [0.485, 0.456, 0.406]
+    assert card["input"]["shape"] == ["batch", 3, SIZE, SIZE] and card["input"]["mean"] == [0.485, 0.456, 0.406]
     assert card["input"]["std"] == [0.229, 0.224, 0.225] and card["input"]["resize"].startswith("resize (not letterbox)")
-    assert card["outputs"] == [{"name": "logits", "shape": [1, len(CLASSES)]}] and "boxes" not in card
+    assert [(o["name"], o["file"], o["shape"]) for o in card["outputs"]] == [
+        ("logits", f, ["batch", len(CLASSES)]) for f in (ONNX_FILE, PT2_FILE)] and "boxes" not in card
+    assert "Image.BILINEAR)))" in (exported / README_FILE).read_text()  # resized whole, no letterbox
     student = build_classifier(model_spec(0.5), len(CLASSES))
     assert card["metrics"]["top1"] == 0.80 and card["metrics"]["latency_ms"] > 0
     assert card["metrics"]["params"] == sum(p.numel() for p in student.parameters())
@@ -154,8 +159,11 @@ def test_onnx_matches_checkpoint_on_aid(exported, reference):
     np.testing.assert_allclose(got, logits.numpy(), atol=1e-4, rtol=0)
 
 
-def test_torchscript_matches_checkpoint_on_aid(exported, reference):
+def test_torchscript_and_pt2_match_checkpoint_on_aid(exported, reference):
     _, images, logits = reference
+    program = torch.export.load(str(exported / PT2_FILE))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(images), logits, atol=1e-4, rtol=0)
     scripted = torch.jit.load(str(exported / TORCHSCRIPT_FILE))
     with torch.no_grad():
         torch.testing.assert_close(scripted(images), logits, atol=1e-4, rtol=0)

@@ -12,7 +12,7 @@ from rkd.data.images import read_image
 from rkd.data.sample import Sample
 from rkd.data.transforms import letterbox
 from rkd.deploy.export import export_student, load_exported
-from rkd.deploy.predict import detect_tiled, dota_lines, model_detector, normalize, window_starts
+from rkd.deploy.predict import detect_tiled, dota_lines, load_detector, model_detector, normalize, window_starts
 from rkd.errors import RkdError
 
 from rkd.train.checkpoint import atomic_torch_save, read_checkpoint
@@ -22,17 +22,33 @@ from test_export import CLASSES, make_run, rkd_main, rows_of
 UCAS_VAL = Path("/work/shared/data/ucas50/images/val")
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("predict")
+def export_t_small(root: Path, state_dict: dict | None, formats: list[str]) -> Path:
+    """A run's t_small student with ``state_dict`` (or its own, class logits sharpened), exported."""
     run = make_run(root)
-    # Random heads score every location ~0.01; sharper class logits make the detections depend on the image.
     student = Path(next(r for r in rows_of(run) if r["trial_id"] == "t_small")["checkpoint"])
     ckpt = read_checkpoint(student)
-    ckpt["state_dict"]["head.cls_out.weight"] *= 1000
-    ckpt["state_dict"]["head.cls_out.bias"].zero_()
+    if state_dict is None:
+        # Random heads score every location ~0.01; sharper class logits make the detections depend on the image.
+        ckpt["state_dict"]["head.cls_out.weight"] *= 1000
+        ckpt["state_dict"]["head.cls_out.bias"].zero_()
+    else:
+        ckpt["state_dict"] = state_dict
     atomic_torch_save(ckpt, student)
-    return export_student(run, root / "model", pick="t_small", formats=["safetensors"], latency_runs=1).out
+    return export_student(run, root / "model", pick="t_small", formats=formats, latency_runs=1).out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    return export_t_small(tmp_path_factory.mktemp("predict"), None, ["safetensors"])
+
+
+@pytest.fixture(scope="module")
+def exported_trained(tmp_path_factory) -> Path:
+    """t_small as a RetinaNet OBB trained briefly on UCAS-AOD (distinct scores, no ties), with its ONNX."""
+    from test_export_e2e import trained, ucas_batches
+
+    state = trained("retinanet", "obb", ucas_batches()).state_dict()  # the same architecture as t_small
+    return export_t_small(tmp_path_factory.mktemp("predict_trained"), state, ["safetensors", "onnx"])
 
 
 # --- a detector whose output is known: it finds each uniquely coloured rectangle it sees --------------
@@ -156,3 +172,37 @@ def test_predict_errors_are_clear(exported, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("x")
     assert rkd_main(["predict", str(exported), str(tmp_path / "notes.txt")]) == 2
     assert "not an image file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tile", [None, 512])
+def test_onnxruntime_backend_equals_torch_on_ucas_scenes(exported_trained, tile):
+    from test_export_e2e import same_detections
+
+    torch_detect, _ = load_detector(exported_trained, "torch", 0.05, 0.1)
+    ort_detect, _ = load_detector(exported_trained, "onnxruntime", 0.05, 0.1)
+    total = 0
+    for path in sorted(UCAS_VAL.glob("*.png"))[:2]:  # 1280x659 .. 1372x941 scenes: 6 windows of 512 each
+        image = read_image(path)
+        want = detect_tiled(torch_detect, image, tile, 128)
+        got = detect_tiled(ort_detect, image, tile, 128)
+        same_detections({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in want.items()}, True)
+        total += len(want["boxes"])
+    assert total > 10
+
+
+def test_predict_skips_a_corrupt_image_and_finishes_the_rest(exported_trained, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good = sorted(UCAS_VAL.glob("*.png"))[:2]
+    for path in good:
+        shutil.copy(path, folder / path.name)
+    # sorts between the two good ones, so images after it must still be processed
+    (folder / f"{good[0].stem}_broken.png").write_bytes(good[0].read_bytes()[:2000])  # a truncated PNG
+    out = tmp_path / "dets"
+    code = rkd_main(["predict", str(exported_trained), str(folder), "--out", str(out), "--backend", "onnxruntime"])
+    assert code == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}.txt" for p in good)
+    err = capsys.readouterr().err
+    assert "1 image(s) skipped" in err and f"{good[0].stem}_broken.png" in err and "cannot read image" in err

@@ -124,6 +124,43 @@ def test_submit_reports_spec_errors_first(tmp_path, capsys):
     assert "resources.workers" in err and "spec.yaml" in err
 
 
+def code_spec(tmp_path: Path) -> Path:
+    """The tiny spec with a prior that names Python to import (``target:``)."""
+    doc = tiny_spec()
+    prior = {"kind": "module", "target": "rkd.distill.priors:EdgeSaliencyPrior"}
+    doc["student"]["methods"] = {"ifkd": {"prior": prior}}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    return spec
+
+
+def test_submit_refuses_a_spec_that_names_code_unless_allowed(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("rkd.data.dataset")
+    monkeypatch.setenv("RKD_ALLOW_CODE", "0")  # restored after the test: --allow-code sets it to 1 below
+    spec = code_spec(tmp_path)
+    address = f"http://127.0.0.1:{free_port()}"  # no cluster: refusing must not need one
+    assert rkd_main(["submit", str(spec), "--address", address]) == 2
+    err = capsys.readouterr().err
+    assert "student.methods.ifkd.prior.target: names Python code" in err and "--allow-code" in err, err
+    assert "cannot reach" not in err  # refused before the cluster was contacted
+    # with the flag the spec passes, says it runs code on the cluster, and only then looks for the server
+    assert rkd_main(["submit", str(spec), "--address", address, "--allow-code"]) == 2
+    captured = capsys.readouterr()
+    assert "code allowed" in captured.out and "RKD_ALLOW_CODE=1 in the job's environment" in captured.out
+    assert "cannot reach the Ray job server" in captured.err and "names Python code" not in captured.err
+
+
+def test_allowed_code_reaches_the_jobs_environment():
+    from rkd.deploy.submit import job_runtime_env
+
+    env = {"pip": ["rkd"], "env_vars": {"OMP_NUM_THREADS": "1"}}
+    assert job_runtime_env(env, False) == env
+    assert job_runtime_env(env, True) == {"pip": ["rkd"], "env_vars": {"OMP_NUM_THREADS": "1", "RKD_ALLOW_CODE": "1"}}
+    assert job_runtime_env({}, True) == {"env_vars": {"RKD_ALLOW_CODE": "1"}}
+    with pytest.raises(RkdError, match="env_vars: expected a mapping"):
+        job_runtime_env({"env_vars": ["A=1"]}, True)
+
+
 def tiny_spec() -> dict:
     model = lambda width: {  # noqa: E731
         "kind": "retinanet", "boxes": "obb", "backbone": {"name": "convnet", "width": width, "depth": 1},

@@ -36,7 +36,8 @@ from rkd.data.sample import Sample
 from rkd.data.scene_dataset import SceneDataset
 from rkd.data.tiling import window_starts
 from rkd.data.transforms import letterbox
-from rkd.errors import RkdError
+from rkd.deploy import postprocess
+from rkd.errors import DataError, RkdError
 from rkd.eval.merge import nms_merge
 from rkd.geometry import obb_to_poly
 from rkd.geometry.boxes import hbb_to_obb
@@ -56,10 +57,9 @@ def normalize(image: Tensor, input_cfg: dict[str, Any]) -> Tensor:
     return (image.float() * float(input_cfg.get("scale", 1 / 255)) - mean) / std
 
 
-def model_detector(
-    model: torch.nn.Module, input_size: int, input_cfg: dict[str, Any], score: float, nms_iou: float = 0.1
-) -> DetectFn:
-    """``image (3, H, W) uint8 -> detections in that image's pixels`` for a loaded detector."""
+def _letterboxed(infer: Callable[[Tensor], Detections], input_size: int, input_cfg: dict[str, Any]) -> DetectFn:
+    """``image (3, H, W) uint8 -> detections in that image's pixels`` around ``infer``, which maps one
+    normalised letterboxed ``(1, 3, S, S)`` input to its detections in input pixels."""
 
     @torch.no_grad()
     def detect(image: Tensor) -> Detections:
@@ -67,7 +67,7 @@ def model_detector(
         empty = torch.zeros(0, 5)
         sample = Sample(image, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool), "", (h, w))
         boxed, scale = letterbox(sample, input_size)
-        det = model.predict(normalize(boxed.image, input_cfg)[None], score_threshold=score, nms_iou=nms_iou)[0]
+        det = infer(normalize(boxed.image, input_cfg)[None])
         boxes = det["boxes"].float()
         if boxes.shape[-1] == 4:  # a horizontal-box model: write its boxes as angle-0 rectangles
             boxes = hbb_to_obb(boxes)
@@ -78,6 +78,28 @@ def model_detector(
         return {"boxes": boxes[inside], "scores": det["scores"][inside].float(), "labels": det["labels"][inside]}
 
     return detect
+
+
+def model_detector(
+    model: torch.nn.Module, input_size: int, input_cfg: dict[str, Any], score: float, nms_iou: float = 0.1
+) -> DetectFn:
+    """``image (3, H, W) uint8 -> detections in that image's pixels`` for a loaded detector (torch)."""
+    return _letterboxed(lambda x: model.predict(x, score_threshold=score, nms_iou=nms_iou)[0], input_size, input_cfg)
+
+
+def onnx_detector(session: Any, input_size: int, input_cfg: dict[str, Any], score: float, nms_iou: float = 0.1
+                  ) -> DetectFn:
+    """The same as :func:`model_detector` for an end-to-end ``model.onnx`` in an onnxruntime session,
+    finished by the export's numpy post-processing."""
+    names = [i.name for i in session.get_inputs()]
+    out_names = [o.name for o in session.get_outputs()]
+
+    def infer(x: Tensor) -> Detections:
+        outputs = dict(zip(out_names, session.run(None, postprocess.inputs(names, x.numpy(), score, nms_iou))))
+        det = postprocess.detections(outputs, 1, score, nms_iou)[0]
+        return {key: torch.from_numpy(value) for key, value in det.items()}
+
+    return _letterboxed(infer, input_size, input_cfg)
 
 
 def _owned(lo: int, hi: int, length: int, inner_lo: int, inner_hi: int) -> tuple[float, float]:
@@ -141,6 +163,45 @@ def list_images(source: Path) -> dict[str, Path]:
     return images
 
 
+BACKENDS = ("auto", "torch", "onnxruntime")
+
+
+def load_detector(exported: Path, backend: str, score: float, nms_iou: float,
+                  int8: bool = False) -> tuple[DetectFn, dict[str, Any]]:
+    """The export's detector on ``backend`` and its spec. ``auto``: torch where the export has its
+    weights (``model.safetensors``), else onnxruntime on ``model.onnx``. ``int8``: onnxruntime on
+    ``model.int8.onnx`` (``rkd export --int8``)."""
+    from rkd.deploy.export import INT8_FILE, ONNX_FILE, WEIGHTS_FILE, load_exported, read_spec
+
+    exported = Path(exported)
+    if backend not in BACKENDS:
+        raise RkdError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    spec = read_spec(exported)
+    if spec["kind"] != "detector":
+        raise RkdError(f"{exported}: holds a {spec['kind']}, not a detector; use classify_files")
+    if int8:
+        if backend == "torch":
+            raise RkdError("--int8 runs model.int8.onnx in onnxruntime; leave out --backend torch")
+        if not (exported / INT8_FILE).is_file():
+            raise RkdError(f"{exported / INT8_FILE}: missing; write it with 'rkd export --int8'")
+        backend = "onnxruntime"
+    if backend == "auto":
+        backend = "torch" if (exported / WEIGHTS_FILE).is_file() else "onnxruntime"
+    size = int(spec["input_size"])
+    if backend == "torch":
+        model, spec = load_exported(exported)
+        return model_detector(model, size, spec["input"], score, nms_iou), spec
+    if spec["graph"] != "end-to-end" or not (exported / ONNX_FILE).is_file():
+        raise RkdError(f"{exported}: --backend onnxruntime needs an end-to-end {ONNX_FILE} "
+                       "(written by 'rkd export' with onnx in --format and without --raw)")
+    try:
+        from rkd.deploy.latency import ort_session
+    except ImportError:
+        raise RkdError("--backend onnxruntime needs the 'onnxruntime' package: pip install onnxruntime") from None
+    graph = exported / (INT8_FILE if int8 else ONNX_FILE)
+    return onnx_detector(ort_session(graph), size, spec["input"], score, nms_iou), spec
+
+
 def predict_files(
     exported: Path,
     source: Path,
@@ -150,26 +211,32 @@ def predict_files(
     overlap: int = 200,
     nms_iou: float = 0.1,
     log: Callable[[str], None] = print,
-) -> dict[str, int]:
-    """Run the exported student on ``source`` (an image or a folder); returns detections per image id."""
-    from rkd.deploy.export import load_exported
+    backend: str = "auto",
+    int8: bool = False,
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Run the exported student on ``source`` (an image or a folder).
 
+    Returns detections per image id, and the images skipped because they could not be read
+    (``{file name: why}``): one bad file does not stop the others.
+    """
     if tile is not None and tile < 32:
         raise RkdError(f"--tile {tile}: use at least 32 pixels")
     images = list_images(Path(source))
-    model, spec = load_exported(Path(exported))
-    if spec["kind"] != "detector":
-        raise RkdError(f"{exported}: holds a {spec['kind']}, not a detector; use classify_files")
-    detect = model_detector(model, int(spec["input_size"]), spec["input"], score, nms_iou)
-    counts = {}
+    detect, spec = load_detector(Path(exported), backend, score, nms_iou, int8)
+    counts, skipped = {}, {}
     for image_id, path in images.items():
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except DataError as exc:
+            skipped[path.name] = str(exc)
+            log(f"{path.name}: skipped ({exc})")
+            continue
         det = detect_tiled(detect, image, tile, overlap, nms_iou)
         lines = dota_lines(det, spec["class_names"], tuple(image.shape[-2:]))
         atomic_write_text(Path(out) / f"{image_id}.txt", "".join(f"{line}\n" for line in lines))
         counts[image_id] = len(lines)
         log(f"{path.name}: {len(lines)} detections")
-    return counts
+    return counts, skipped
 
 
 def classify_files(

@@ -16,12 +16,17 @@ EFS, Filestore). On a single-node cluster ``--storage`` may be left out; the
 run then goes to ``~/rkd-runs`` on the head node.
 ``data.root`` is read on the cluster (data is not uploaded), so it must be an
 absolute path valid there.
+
+A spec that names Python to import and run (a ``target:`` entry) is refused before anything is
+submitted unless ``allow_code`` (``--allow-code``, or ``RKD_ALLOW_CODE=1`` here, as for ``rkd search``);
+with it, the job's environment carries ``RKD_ALLOW_CODE=1`` so the search on the cluster runs that code too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import shlex
 import shutil
 import tempfile
@@ -33,6 +38,7 @@ from typing import Any
 import yaml
 
 from rkd.errors import RkdError
+from rkd.schema import ALLOW_CODE_ENV
 from rkd.storage import check_writable, is_uri
 
 DEFAULT_RUNTIME_ENV = Path("clusters") / "runtime_env.yaml"
@@ -157,6 +163,17 @@ def load_runtime_env(path: Path | None) -> dict[str, Any]:
     return env
 
 
+def job_runtime_env(runtime_env: dict[str, Any], allow_code: bool) -> dict[str, Any]:
+    """``runtime_env`` with the code opt-in in its ``env_vars`` when ``allow_code`` (the job's
+    ``rkd search`` and its trial workers validate the spec again on the cluster)."""
+    if not allow_code:
+        return runtime_env
+    env_vars = runtime_env.get("env_vars") or {}
+    if not isinstance(env_vars, dict):
+        raise RkdError(f"runtime_env env_vars: expected a mapping of NAME: value, got {env_vars!r}")
+    return {**runtime_env, "env_vars": {**env_vars, ALLOW_CODE_ENV: "1"}}
+
+
 def submit(
     spec_path: Path,
     address: str,
@@ -164,11 +181,21 @@ def submit(
     wait: bool = True,
     runtime_env_file: Path | None = None,
     log: Callable[[str], None] = print,
+    allow_code: bool = False,
 ) -> str:
-    """Submit ``rkd search`` of ``spec_path`` to the cluster at ``address``; returns the job id."""
+    """Submit ``rkd search`` of ``spec_path`` to the cluster at ``address``; returns the job id.
+
+    ``allow_code``: let the spec's ``target:`` entries run, here while validating and on the cluster.
+    """
     spec_path = Path(spec_path)
-    validate_spec(spec_path)  # before contacting the cluster: a typo should not wait for the network
-    runtime_env = load_runtime_env(runtime_env_file)
+    if allow_code:
+        os.environ[ALLOW_CODE_ENV] = "1"  # the spec loader reads the opt-in from there, as under rkd.cli
+    allow_code = os.environ.get(ALLOW_CODE_ENV) == "1"
+    validate_spec(spec_path)  # before contacting the cluster: a typo (or unasked-for code) should not wait
+    runtime_env = job_runtime_env(load_runtime_env(runtime_env_file), allow_code)
+    if allow_code:
+        log(f"{spec_path}: code allowed: the Python its `target:` entries name is imported and run on the "
+            f"cluster ({ALLOW_CODE_ENV}=1 in the job's environment)")
     jobs = client(address)
     output_dir = check_storage(storage, alive_nodes(address))
     with tempfile.TemporaryDirectory(prefix="rkd-submit-") as tmp:

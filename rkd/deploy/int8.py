@@ -1,0 +1,136 @@
+"""``rkd export --int8``: an INT8 ``model.int8.onnx`` beside ``model.onnx``, and what it costs in mAP50.
+
+onnxruntime's static quantisation (QDQ format, per-channel int8 weights, int8 activations,
+MinMax ranges) calibrated on training images of the run's data (``RUN/search_identity.json``),
+letterboxed and normalised exactly as in training and ``rkd predict``.
+
+Only the network is quantised - the nodes the exporter scoped under the backbone, neck and head;
+the end-to-end graph's decoding, top-k and NonMaxSuppression stay float32 in the same file. Those
+ops carry box coordinates in input pixels and scores compared with thresholds: 8 bits over a
+128..1024 pixel range would move boxes by pixels and scores across the threshold, and onnxruntime
+has no int8 TopK or NonMaxSuppression to gain speed from.
+
+Both graphs are then scored on the val split with rkd's own mAP (:func:`rkd.eval.evaluate_detections`,
+the decode thresholds of training's validation) through onnxruntime and ``postprocess.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from rkd.data.dataset import build_dataset, collate_detection, validate_data_spec
+from rkd.deploy import postprocess
+from rkd.deploy.export import INT8_FILE
+from rkd.deploy.graphs import DEFAULT_IOU, DEFAULT_SCORE
+from rkd.deploy.latency import ort_latency, ort_session
+from rkd.errors import RkdError, SpecError
+from rkd.eval import evaluate_detections
+from rkd.train.evaluate import merge_into_scenes
+
+DEFAULT_IMAGES = 32
+# Scopes the ONNX exporter gives the detector's submodules: the network, not the decoding after it.
+NETWORK_SCOPES = ("/backbone/", "/neck/", "/head/")
+EVAL_BATCH = 8
+
+
+def run_data(run: Path) -> dict[str, Any]:
+    """The validated ``data`` section the search ``run`` trained on."""
+    path = Path(run) / "search_identity.json"
+    try:
+        data = json.loads(path.read_text())["data"]
+        return validate_data_spec(data)
+    except FileNotFoundError:
+        raise RkdError(f"{path}: missing; --int8 calibrates on the run's training data and reads its data "
+                       "section from there") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise RkdError(f"{path}: no readable data section ({type(exc).__name__}: {exc})") from None
+    except SpecError as exc:
+        raise RkdError(f"{path}: its data section no longer validates here: {exc}") from None
+
+
+class TrainingImages(CalibrationDataReader):
+    """``count`` training images spread evenly over the split, one per calibration batch."""
+
+    def __init__(self, data: dict[str, Any], count: int, input_names: list[str]) -> None:
+        train = build_dataset(data, "train", train=False)
+        if len(train) == 0:
+            raise RkdError("--int8: the run's training split has no images to calibrate on")
+        picks = np.unique(np.linspace(0, len(train) - 1, min(count, len(train))).round().astype(int))
+        self.count = len(picks)
+        self._feeds = (postprocess.inputs(input_names, collate_detection([train[int(i)]])[0].numpy()) for i in picks)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def quantise(onnx_path: Path, out: Path, data: dict[str, Any], images: int) -> dict[str, Any]:
+    """Write the INT8 graph of ``onnx_path`` to ``out``; returns how (for the card)."""
+    if images < 1:
+        raise RkdError(f"--int8-images {images}: calibrate on at least one image")
+    prepared = out.with_name(out.stem + ".prep.onnx")
+    try:
+        # Shape inference and graph folding first, as onnxruntime advises for static quantisation.
+        quant_pre_process(str(onnx_path), str(prepared))
+        source, pre_processed = prepared, True
+    except Exception:  # a graph its symbolic shape inference cannot follow: quantise it as exported
+        source, pre_processed = onnx_path, False
+    model = onnx.load(str(source))
+    nodes = [n.name for n in model.graph.node if n.name.startswith(NETWORK_SCOPES)]
+    reader = TrainingImages(data, images, [i.name for i in model.graph.input])
+    try:
+        quantize_static(str(source), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                        calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        prepared.unlink(missing_ok=True)
+    return {
+        "file": out.name,
+        "quantised": "the network (backbone, neck, head convolutions and their activations): QDQ, per-channel "
+                     "int8 weights, int8 activations; decoding, top-k and NMS stay float32",
+        "calibration": {"images": reader.count, "split": "train", "method": "MinMax",
+                        "preprocessing": "letterbox and normalise, as training and rkd predict"},
+        "pre_processed": pre_processed,
+    }
+
+
+def onnx_map50(path: Path, data: dict[str, Any], num_classes: int) -> tuple[float, int]:
+    """``(val mAP50, images scored)`` of an end-to-end detector graph in onnxruntime, scored as
+    training's validation scores the torch model (:mod:`rkd.train.evaluate`)."""
+    val = build_dataset(data, "val", train=False)
+    session = ort_session(path)
+    names, out_names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+    tiled = getattr(val, "windows", None) is not None  # patches are merged in scene pixels
+    detections, truths = [], []
+    for start in range(0, len(val), EVAL_BATCH):
+        images, targets, metas = collate_detection([val[i] for i in range(start, min(start + EVAL_BATCH, len(val)))])
+        raw = session.run(None, postprocess.inputs(names, images.numpy(), DEFAULT_SCORE, DEFAULT_IOU))
+        found = postprocess.detections(dict(zip(out_names, raw)), len(images), DEFAULT_SCORE, DEFAULT_IOU)
+        for det, boxes, labels, meta in zip(found, targets.boxes, targets.labels, metas):
+            det = {key: torch.from_numpy(np.array(value)) for key, value in det.items()}
+            if tiled:
+                det["boxes"][:, :4] /= meta["scale"]
+            detections.append(det)
+            truths.append({"boxes": boxes, "labels": labels, "difficult": meta.get("difficult")})
+    if tiled:
+        detections, truths = merge_into_scenes(val, detections)
+    return float(evaluate_detections(detections, truths, num_classes=num_classes, iou_threshold=0.5).map), len(detections)
+
+
+def int8_section(onnx_path: Path, data: dict[str, Any], num_classes: int, images: int, latency_runs: int,
+                 size: int) -> dict[str, Any]:
+    """Quantise ``onnx_path`` into ``INT8_FILE`` beside it and measure both graphs: the card's ``int8``."""
+    out = onnx_path.with_name(INT8_FILE)
+    section = quantise(onnx_path, out, data, images)
+    float_map, count = onnx_map50(onnx_path, data, num_classes)
+    int8_map, _ = onnx_map50(out, data, num_classes)
+    section["map50"] = {"float_onnx": round(float_map, 4), "int8_onnx": round(int8_map, 4), "val_images": count}
+    section["latency"] = {"onnxruntime_cpu_batch1": ort_latency(out, size, 1, latency_runs)}
+    return section
