@@ -82,7 +82,7 @@ def run_one(args: argparse.Namespace, name: str, seed: int, teacher: Any) -> dic
     balance = overrides.pop("kd_balance", None)
     if args.epochs:
         overrides["epochs"] = args.epochs
-    spec.student = with_overrides(spec.student, overrides, methods)
+    spec.student = with_overrides(spec.student, overrides, methods, task=spec.task)
     if balance is not None:
         spec.student.kd_balance = {**spec.student.kd_balance, **balance}
     start = time.perf_counter()
@@ -131,8 +131,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| configuration | seeds | val mAP50 mean | std | paired gain over no KD | 95% interval |",
+def markdown(rows: list[dict[str, Any]], metric: str = "mAP50") -> str:
+    lines = [f"| configuration | seeds | val {metric} mean | std | paired gain over no KD | 95% interval |",
              "|---|---:|---:|---:|---:|---|"]
     for r in rows:
         g = r.get("gain")
@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         ensure_ray(spec.resources.ray_address)
         with training_lock():
             teacher = prepare_teacher(spec)
-        record["teacher"] = {"checkpoint": teacher.checkpoint, "map50": teacher.score, "gflops": teacher.gflops}
+        # "map50" holds the task's score (val top-1 for classifiers); "metric" says which
+        record["teacher"] = {"checkpoint": teacher.checkpoint, "map50": teacher.score, "gflops": teacher.gflops,
+                             "metric": teacher.metric}
         record["machine"] = f"{platform.node()} {os.cpu_count()} CPUs, {platform.python_version()}"
         record["spec"] = str(Path(args.spec).resolve().relative_to(ROOT))
         done = {(r["config"], r["seed"], r.get("epochs")) for r in record["runs"]}
@@ -175,17 +177,22 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 with training_lock():
                     row = run_one(args, name, seed, teacher)
-                record["runs"].append(row)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_suffix(".tmp")
-                tmp.write_text(json.dumps(record, indent=1))
-                tmp.replace(out)
+                    # read again: another benchmark process may have added runs to --out meanwhile
+                    if out.is_file():
+                        record["runs"] = json.loads(out.read_text())["runs"]
+                    record["runs"].append(row)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps(record, indent=1))
+                    tmp.replace(out)
                 print(f"[kd_gain] {row['config']} seed {seed}: mAP50 {row['map50']:.3f} ({row['wall_s']:.0f}s)",
                       flush=True)
+    teacher_record = record.get("teacher", {})
+    metric = {"top1": "top-1"}.get(teacher_record.get("metric"), "mAP50")
     for epochs in sorted({r.get("epochs") for r in record["runs"]}):
         rows = summarise([r for r in record["runs"] if r.get("epochs") == epochs])
-        print(f"\nstudent epochs {epochs}, teacher mAP50 {record.get('teacher', {}).get('map50', float('nan')):.3f}")
-        print(markdown(rows))
+        print(f"\nstudent epochs {epochs}, teacher {metric} {teacher_record.get('map50', float('nan')):.3f}")
+        print(markdown(rows, metric))
     return 0
 
 

@@ -163,3 +163,23 @@ def test_a_spec_error_raised_in_a_worker_reaches_the_driver_intact():
     err = SpecError("nsd.angle", "needs an angle classification branch", "spec.yaml", 12)
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is SpecError and str(back) == "spec.yaml:12: nsd.angle: needs an angle classification branch"
+
+
+def test_a_warm_up_multiplies_its_term_after_the_balance_which_measures_it_at_full_strength():
+    # NSD's logit term ramps up over warmup_epochs. Balanced on its ramped value, a term measured at a
+    # tenth of its strength would pull ten times `ratio` once the warm-up ends.
+    info = make_info()
+    student = make_output(info, requires_grad=True)
+    teacher = make_output(info, gen=torch.Generator().manual_seed(1))
+    targets = make_targets()
+    parts = {"pixel": False, "box": False, "angle": False}
+    ramped = build_distiller({"nsd": {**parts, "warmup_epochs": 3.0}}, info, info, balance={"steps": 1}).train()
+    flat = build_distiller({"nsd": {**parts, "warmup_epochs": 0.0}}, info, info, balance={"steps": 1}).train()
+    task = torch.tensor(2.0)
+    early = ramped(student, teacher, targets, epoch=0.3, task_loss=task)  # ramp 0.1, in the balance's window
+    full = flat(student, teacher, targets, epoch=0.3, task_loss=task)
+    assert ramped.balance.scales()["nsd"] == pytest.approx(flat.balance.scales()["nsd"], rel=1e-6)
+    assert float(full["nsd.logit"]) == pytest.approx(2.0, rel=1e-5)  # ratio 1 x the task loss (value rule)
+    assert float(early["nsd.logit"]) == pytest.approx(0.1 * 2.0, rel=1e-5)
+    after = ramped(student, teacher, targets, epoch=3.0, task_loss=task)
+    assert float(after["nsd.logit"]) == pytest.approx(2.0, rel=1e-5)

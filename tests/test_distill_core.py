@@ -191,6 +191,7 @@ def _golden_case(name: str):
     if name == "fitnet":
         d = build_distiller({"fitnet": {"weight": 0.7}}, s_info, t_info)
         set_conv_weights(d.components["fitnet"], 5)
+        d.components["fitnet"].adapter_scale.done.fill_(True)  # these weights as set (see test_distill_adapters)
         ref = ref_fitnet(s, t, d.components["fitnet"].adapters, 0.7)
     elif name == "hinton_sigmoid":
         d = build_distiller({"hinton": {"weight": 1.3, "temperature": 3.0}}, s_info, t_info)
@@ -301,7 +302,10 @@ def test_distiller_names_and_sums_terms():
     terms2 = d2(s, t, make_targets())
     assert float(terms2["fitnet.feat"]) == pytest.approx(2 * float(terms["fitnet.feat"]), rel=1e-6)
     assert float(terms2["hinton.cls"]) == pytest.approx(0.5 * float(terms["hinton.cls"]), rel=1e-6)
-    assert d.hparams == {"fitnet": {"weight": 1.0}, "hinton": {"weight": 1.0, "temperature": 2.0, "form": "sigmoid"}}
+    assert d.hparams == {
+        "fitnet": {"weight": 1.0, "adapter_init": "teacher_scale"},
+        "hinton": {"weight": 1.0, "temperature": 2.0, "form": "sigmoid"},
+    }
 
 
 def test_empty_methods_is_no_kd():
@@ -328,7 +332,10 @@ def test_nonfinite_terms():
 
 def test_validate_fills_defaults_and_accepts_default_string():
     out = validate_methods({"fitnet": None, "hinton": {"temperature": "default", "form": "softmax", "weight": 2}})
-    assert out == {"fitnet": {"weight": 1.0}, "hinton": {"weight": 2.0, "temperature": 2.0, "form": "softmax"}}
+    assert out == {
+        "fitnet": {"weight": 1.0, "adapter_init": "teacher_scale"},
+        "hinton": {"weight": 2.0, "temperature": 2.0, "form": "softmax"},
+    }
     assert isinstance(out["hinton"]["weight"], float)
 
 

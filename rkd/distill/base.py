@@ -157,6 +157,14 @@ class KDComponent(nn.Module):
     ) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def ramps(self, epoch: float) -> dict[str, float]:
+        """Factors of named terms at ``epoch``, applied after the loss balance (none by default).
+
+        A warm-up belongs here, not in :meth:`forward`: the balance (:mod:`rkd.distill.balance`)
+        then measures each term at full strength, and the ramp still starts it at 0.
+        """
+        return {}
+
     # A component that needs a stage of its own before distillation (DS2D2's high-frequency
     # amplifier is trained on the teacher alone) overrides these; the training layer runs that
     # stage once, caches ``prior_state_dict()`` by content hash and reuses it across trials.
@@ -255,3 +263,13 @@ def check_compatible(
         raise ValueError("student and teacher have different numbers of FPN levels")
     if hparams is not None:
         cls.check_models(student, teacher, hparams)
+
+
+def linear_ramp(epoch: float, warmup_epochs: float) -> float:
+    """``min(epoch / warmup_epochs, 1)``; 1 without a warm-up.
+
+    >>> linear_ramp(0.5, 2.0), linear_ramp(3.0, 2.0), linear_ramp(0.0, 0.0)
+    (0.25, 1.0, 1.0)
+    """
+    return min(epoch / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
+

@@ -79,6 +79,10 @@ class ClassifierKDComponent(nn.Module):
     ) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def ramps(self, epoch: float) -> dict[str, float]:
+        """Warm-up factors of named terms, applied after the loss balance (see ``KDComponent.ramps``)."""
+        return {}
+
 
 CLASSIFIER_KD_METHODS: dict[str, type[ClassifierKDComponent]] = {}
 
@@ -163,7 +167,8 @@ class ClassifierDistiller(nn.Module):
             if comp.needs_teacher and teacher_out is None:
                 raise ValueError(f"KD method {name!r} needs the teacher's output for this batch")
             per_method[name] = comp(student_out, teacher_out, labels, epoch)
-        return balanced_terms(self.balance, per_method, task_loss, self.training)
+        ramps = {name: comp.ramps(epoch) for name, comp in self.components.items()}
+        return balanced_terms(self.balance, per_method, task_loss, self.training, ramps)
 
     total = staticmethod(Distiller.total)  # the same sum as detection's
 

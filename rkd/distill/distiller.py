@@ -133,7 +133,8 @@ class Distiller(nn.Module):
             return {}
         teacher_out = detach_output(teacher_out)
         per_method = {name: comp(student_out, teacher_out, targets, epoch) for name, comp in self.components.items()}
-        return balanced_terms(self.balance, per_method, task_loss, self.training)
+        ramps = {name: comp.ramps(epoch) for name, comp in self.components.items()}
+        return balanced_terms(self.balance, per_method, task_loss, self.training, ramps)
 
     @staticmethod
     def total(terms: Mapping[str, Tensor]) -> Tensor:

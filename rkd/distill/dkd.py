@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rkd.distill.base import Param
+from rkd.distill.base import Param, linear_ramp
 from rkd.distill.classifier_kd import ClassifierKDComponent, register_classifier
 from rkd.distill.functional import non_target_kd
 from rkd.outputs import ClassifierOutput
@@ -92,6 +92,9 @@ class DKD(ClassifierKDComponent):
     ) -> dict[str, Tensor]:
         assert teacher is not None
         hp: dict[str, Any] = self.hparams
-        ramp = min(1.0, epoch / hp["warmup_epochs"]) if hp["warmup_epochs"] > 0 else 1.0
         t, n = dkd_loss(student.logits, teacher.logits, labels, hp["alpha"], hp["beta"], hp["temperature"])
-        return {"tckd": ramp * t, "nckd": ramp * n}
+        return {"tckd": t, "nckd": n}
+
+    def ramps(self, epoch: float) -> dict[str, float]:
+        ramp = linear_ramp(epoch, self.hparams["warmup_epochs"])  # applied after the loss balance
+        return {"tckd": ramp, "nckd": ramp}

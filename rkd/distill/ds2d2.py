@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rkd.distill.base import PRIOR_STAGE_OPTIONS, KDComponent, Param, number_option, register
+from rkd.distill.fitnet import AdapterScaleInit, adapter_init_param
 from rkd.distill.functional import bce_values
 from rkd.distill.masks import as_rotated, box_frame_coords
 from rkd.distill.wavelets import check_wavelet, coefficient_centres, dwt2_stacked
@@ -375,6 +376,7 @@ class DS2D2(KDComponent):
         "hf_weight": Param("float", 1.0, 0.1, 10.0, log=True, help="weight of the high-frequency amplifier"),
         "beta": Param("float", 1.0, 0.5, 2.0, help="exponent of the quality-focal factor |p_s - p_t|^beta"),
         "hf_channels": Param("int", 16, 8, 256, help="hidden channels of the high-frequency amplifier head"),
+        "adapter_init": adapter_init_param("released: PyTorch's default init"),
     }
     # prior_epochs, prior_lr: the HF head's training schedule. The paper does not size the HF
     # head; rkd's default is a narrow one trained longer, because the prior stage runs once per
@@ -416,6 +418,9 @@ class DS2D2(KDComponent):
         self.adapters = nn.ModuleList(
             nn.Conv2d(cs, ct, 1, bias=False) for cs, ct in zip(student.level_channels, teacher.level_channels)
         )
+        # the full-frequency amplifier runs the teacher's head on the adapted features: they must
+        # arrive at the teacher's scale (measured on UCAS-AOD: without it the amplifier loss stayed flat)
+        self.adapter_scale = AdapterScaleInit(self.hparams["adapter_init"])
         self.has_prior_stage = bool(self.hparams["hf_amplifier"])
         self.hf_head: HFHead | None = None
         if self.hparams["hf_amplifier"]:
@@ -455,6 +460,7 @@ class DS2D2(KDComponent):
     ) -> dict[str, Tensor]:
         hp = self.hparams
         wav = hp["wavelet"]
+        self.adapter_scale(self.adapters, student.features, teacher.features)
         adapted = [a(f) for a, f in zip(self.adapters, student.features)]
         t_feats = [f.detach() for f in teacher.features]
         for lvl, (s, t) in enumerate(zip(adapted, t_feats)):

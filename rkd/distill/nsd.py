@@ -9,7 +9,9 @@ the released code it says so.
 
 Four switchable parts (``pixel``, ``logit``, ``box``, ``angle``; any non-empty subset):
 
-* pixel - feature imitation through a per-level 3x3 adapter (weights N(0, 1e-4^2)), split by
+* pixel - feature imitation through a per-level 3x3 adapter (weights N(0, 1e-4^2); by default
+  rescaled at the first step to the teacher's feature scale, ``adapter_init``, see
+  :class:`rkd.distill.fitnet.AdapterScaleInit`: released ``plain``), split by
   the GT foreground mask ``m`` (a location is foreground if its cell overlaps a GT box), each
   a mean over the masked elements (locations x the teacher's ``C`` channels)::
 
@@ -73,8 +75,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rkd.distill.base import KDComponent, Param, register
-from rkd.distill.fitnet import check_same_anchors, check_same_grid, conv_adapters
+from rkd.distill.base import KDComponent, Param, linear_ramp, register
+from rkd.distill.fitnet import AdapterScaleInit, adapter_init_param, check_same_anchors, check_same_grid, conv_adapters
 from rkd.distill.functional import binary_kl_with_logits, masked_sq_error, non_target_kd
 from rkd.distill.masks import foreground_masks
 from rkd.outputs import Assignment, DetectorInfo, DetectorOutput, Targets, flatten_levels
@@ -226,6 +228,7 @@ class NSD(KDComponent):
         "threshold": Param("float", 0.05, 0.01, 0.5, log=True, help="teacher score above which ncs=threshold keeps"),
         "csl_sigma": Param("float", 1.0, 0.0, 4.0, help="circular smoothing of the teacher's angle bins (bins)"),
         "ce_mix": Param("float", 0.5, 0.0, 1.0, help="weight of the category direction prior in the angle target"),
+        "adapter_init": adapter_init_param("released: N(0, 1e-4^2) weights"),
     }
 
     @classmethod
@@ -276,6 +279,10 @@ class NSD(KDComponent):
         super().__init__(student, teacher, **hparams)
         if self.hparams["pixel"]:
             self.adapters = conv_adapters(student, teacher, kernel_size=3, init_std=1e-4)
+            self.adapter_scale = AdapterScaleInit(self.hparams["adapter_init"])
+
+    def ramps(self, epoch: float) -> dict[str, float]:
+        return {"logit": linear_ramp(epoch, self.hparams["warmup_epochs"])}  # min(epoch / E_warm, 1)
 
     def forward(
         self, student: DetectorOutput, teacher: DetectorOutput, targets: Targets, epoch: float = 0.0
@@ -284,6 +291,7 @@ class NSD(KDComponent):
         terms: dict[str, Tensor] = {}
         if hp["pixel"]:
             fg_masks = foreground_masks(targets, student)
+            self.adapter_scale(self.adapters, student.features, teacher.features)
             total = student.features[0].new_zeros(())
             for adapter, fs, ft, fg in zip(self.adapters, student.features, teacher.features, fg_masks):
                 l_fg, l_bg = pixel_fg_bg_loss(adapter(fs), ft.detach(), fg)
@@ -299,13 +307,12 @@ class NSD(KDComponent):
         n = sel.sum().clamp(min=1)
         t = hp["temperature"]
         if hp["logit"]:
-            warm = min(epoch / hp["warmup_epochs"], 1.0) if hp["warmup_epochs"] > 0 else 1.0
             zs = student.flat_cls()[sel]
             if hp["logit_form"] == "binary":
                 kl = binary_kl(zs, zt[sel], t)
             else:
                 kl = non_target_kd(zs, zt[sel], None, t)  # NCKD over the K classes
-            terms["logit"] = hp["logit_weight"] * warm * hp["beta"] * kl.sum() / n
+            terms["logit"] = hp["logit_weight"] * hp["beta"] * kl.sum() / n  # warm-up: ramps()
         if hp["box"]:
             bs, bt = student.flat_box()[sel], teacher.flat_box().detach()[sel]
             terms["box"] = hp["box_weight"] * (bs - bt).abs().sum() / (n * bs.shape[-1])
