@@ -116,6 +116,10 @@ def test_sigkill_then_rerun_continues_without_losing_or_repeating_trials(tmp_pat
     assert second.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()
     out = (tmp_path / "second.log").read_text()
     assert "resuming" in out
+    # trials keep their numbers across the resume: the finished first one is not started again,
+    # and no trial of the second process calls itself trial 1 (issue 21, item 8)
+    assert f"trial 1/{TRIALS} started" not in out, out
+    assert f"{TRIALS}/{TRIALS} done" in out, out
 
     rows = pq.read_table(run_dir / "trials.parquet").to_pylist()
     assert len(rows) == TRIALS and len(list(experiment.glob("*/result.json"))) == TRIALS

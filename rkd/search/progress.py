@@ -9,7 +9,7 @@ from typing import Any, Callable, TextIO
 
 from ray import tune
 
-from rkd.search.results import loss_growth
+from rkd.search.results import error_reason, loss_growth
 from rkd.train.tasks import metric_label
 
 
@@ -96,8 +96,6 @@ class ProgressPrinter(tune.Callback):
         )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from rkd.search.runner import error_reason  # the runner imports this module
-
         finished = self._done(trials, trial)
         try:
             text = Path(trial.error_file).read_text(errors="replace") if trial.error_file else ""

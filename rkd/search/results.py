@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +264,24 @@ def plot_front(
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$")
+
+
+def error_reason(text: str) -> str:
+    """The line of a (Ray-wrapped) traceback that says what went wrong, rkd's own errors first.
+
+    >>> error_reason("Traceback...\\nValueError: inner\\n\\nrkd.errors.SpecError: backbone.weights: cannot load x")
+    'rkd.errors.SpecError: backbone.weights: cannot load x'
+    """
+    lines = text.replace("\\n", "\n").splitlines()
+    found = [(i, m) for i, line in enumerate(lines) if (m := _ERROR_LINE.match(line))]
+    if not found:
+        return text.strip().splitlines()[-1][:500] if text.strip() else "unknown error"
+    own = [(i, m) for i, m in found if m.group(1).startswith("rkd.")]
+    i, m = (own or found)[-1]
+    message = m.group(0).strip()
+    if message.endswith(":") and i + 1 < len(lines):  # the message continues on the next line
+        message += " " + lines[i + 1].strip()
+    return message[:1000]

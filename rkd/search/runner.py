@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from rkd.search.results import (
     OBJECTIVES,
     hypervolume_of,
     front_rows,
+    error_reason,
     loss_growth,
     knee,
     format_table,
@@ -276,27 +276,6 @@ def _distill_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         local_dir=Path(ctx["local_storage"]),
     )
     trainer.fit()
-
-
-_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$")
-
-
-def error_reason(text: str) -> str:
-    """The line of a (Ray-wrapped) traceback that says what went wrong, rkd's own errors first.
-
-    >>> error_reason("Traceback...\\nValueError: inner\\n\\nrkd.errors.SpecError: backbone.weights: cannot load x")
-    'rkd.errors.SpecError: backbone.weights: cannot load x'
-    """
-    lines = text.replace("\\n", "\n").splitlines()
-    found = [(i, m) for i, line in enumerate(lines) if (m := _ERROR_LINE.match(line))]
-    if not found:
-        return text.strip().splitlines()[-1][:500] if text.strip() else "unknown error"
-    own = [(i, m) for i, m in found if m.group(1).startswith("rkd.")]
-    i, m = (own or found)[-1]
-    message = m.group(0).strip()
-    if message.endswith(":") and i + 1 < len(lines):  # the message continues on the next line
-        message += " " + lines[i + 1].strip()
-    return message[:1000]
 
 
 def _status(result: Any) -> tuple[str, str | None]:
