@@ -13,11 +13,11 @@ the section (``fitnet.weight``); callers prefix their own path with ``SpecError.
 >>> info = DetectorInfo(level_channels=(8, 8), strides=(8, 16), num_classes=3, num_anchors=1, box_dim=5)
 >>> d = build_distiller({"fitnet": {"weight": 0.5}}, info, info)
 >>> d.hparams
-{'fitnet': {'weight': 0.5}}
+{'fitnet': {'weight': 0.5, 'adapter_init': 'teacher_scale'}}
 >>> validate_methods({"fitnet": {"wieght": 1}})
 Traceback (most recent call last):
 ...
-rkd.errors.SpecError: fitnet.wieght: unknown parameter; fitnet has ['weight']
+rkd.errors.SpecError: fitnet.wieght: unknown parameter; fitnet has ['adapter_init', 'weight']
 """
 
 from __future__ import annotations
