@@ -65,7 +65,6 @@ class AdapterScaleInit(nn.Module):
         super().__init__()
         if mode not in ADAPTER_INITS:
             raise ValueError(f"adapter_init: expected one of {list(ADAPTER_INITS)}, got {mode!r}")
-        self.mode = mode
         # saved with the KD parts: a resumed run does not rescale its trained adapters again
         self.register_buffer("done", torch.tensor(mode != "teacher_scale"))
 
