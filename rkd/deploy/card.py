@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,17 +16,10 @@ from rkd.inputs import IMAGENET_MEAN, IMAGENET_STD
 from rkd.models import Classifier, count_flops, measure_latency
 from rkd.models.detector import Detector
 from rkd.search.results import DEFAULT_OBJECTIVES, front_rows
+from rkd.train.prior import file_digest
 from rkd.train.tasks import metric_label
 
 EXPORT_FORMAT_VERSION = 2  # 2: end-to-end detector graphs, model.pt2
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _teacher_identity(summary: dict[str, Any], accuracy: str) -> dict[str, Any] | None:
@@ -37,7 +29,7 @@ def _teacher_identity(summary: dict[str, Any], accuracy: str) -> dict[str, Any] 
     path = Path(teacher.get("checkpoint") or "")
     return {
         "checkpoint": teacher.get("checkpoint"),
-        "sha256": _sha256(path) if path.is_file() else None,
+        "sha256": file_digest(path) if path.is_file() else None,
         "config_hash": teacher.get("config_hash"),
         accuracy: teacher.get(accuracy),
         "metric": accuracy,

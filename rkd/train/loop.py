@@ -358,9 +358,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
             seen += images.shape[0]
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * images.shape[0]
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * images.shape[0]
+            loss_value = float(loss.detach())  # one host sync for both uses
+            sums["loss"] = sums.get("loss", 0.0) + loss_value * images.shape[0]
             if len(start_losses) < START_STEPS:
-                start_losses.append(float(loss.detach()))
+                start_losses.append(loss_value)
         elapsed = time.perf_counter() - start
         if seen == 0 and len(loader) > 0:
             raise DivergenceError(f"no finite step in epoch {epoch + 1}: non-finite loss terms {bad}")
