@@ -213,6 +213,27 @@ def test_polygon_iou_of_quadrilaterals_as_given_equals_shapely():
     assert np.abs(rect - expected).max() > 0.05
 
 
+def test_polygons_sharing_edges_or_touching_equal_shapely():
+    """Edges on a common line are on both boundaries: counted once when the polygons overlap along them,
+    not at all when they only touch; identical polygons, in either orientation, have IoU exactly 1."""
+    square = [0.0, 0, 2, 0, 2, 2, 0, 2]
+    others = [
+        square, [0.0, 2, 2, 2, 2, 0, 0, 0], [2.0, 2, 0, 2, 0, 0, 2, 0],  # the same square: clockwise, rolled
+        [0.0, 1, 2, 1, 2, 3, 0, 3], [1.0, 0, 3, 0, 3, 2, 1, 2], [1.0, 0, 2, 0, 2, 1, 1, 1],  # shared edge parts
+        [2.0, 0, 4, 0, 4, 2, 2, 2], [2.0, 2, 3, 2, 3, 3, 2, 3], [2.0, -1, 3, -1, 3, 3, 2, 3],  # touching outside
+        [0.5, 0.5, 1.5, 0.5, 1.5, 1.5, 0.5, 1.5], [1.0, -1, 3, 1, 1, 3, -1, 1],  # inside; a diamond around
+    ]
+    a = np.array([square] * len(others))
+    b = np.array(others)
+    pa, pb = shapely.polygons(a.reshape(-1, 4, 2)), shapely.polygons(b.reshape(-1, 4, 2))
+    inter = shapely.area(shapely.intersection(pa, pb))
+    expected = inter / (shapely.area(pa) + shapely.area(pb) - inter)
+    for x, y in ((a, b), (b, a)):  # either side first: the shared-edge rule is not symmetric in the code
+        got = polygon_iou_aligned(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-12)
+    assert expected[:3].tolist() == [1.0, 1.0, 1.0] and expected[6:9].tolist() == [0.0, 0.0, 0.0]
+
+
 def test_non_convex_and_self_intersecting_quadrilaterals_match_the_devkit():
     """Random 4 points: about a third cross themselves (shapely calls them invalid); the devkit still gives a value."""
     rng = np.random.default_rng(1)

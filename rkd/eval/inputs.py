@@ -10,7 +10,7 @@ import torch
 
 from rkd.errors import DataError
 from rkd.geometry.boxes import obb_to_hbb, obb_to_poly
-from rkd.geometry.polygon_iou import polygon_hbb, signed_area
+from rkd.geometry.polygon_iou import signed_area
 
 
 def _array(x: Any) -> np.ndarray:
@@ -78,7 +78,7 @@ class FlatBoxes:
         if any(len(b) and b.shape[1] == 8 for b in boxes):
             boxes, width = _as_polygons(boxes), 8
         boxes = [b if len(b) else np.zeros((0, width)) for b in boxes]
-        self.boxes = np.concatenate(boxes).astype(np.float64) if boxes else np.zeros((0, width))
+        self.boxes = np.concatenate(boxes).astype(np.float64, copy=False) if boxes else np.zeros((0, width))
         raw_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         self.images = np.repeat(np.arange(len(counts)), counts)
         self._check(np.isfinite(self.boxes).all(1), "boxes", "contains NaN or infinite values")
@@ -113,9 +113,11 @@ class FlatBoxes:
             self._polygon_geometry()
 
     def _polygon_geometry(self) -> None:
-        polys = torch.from_numpy(self.boxes)
-        self.hbb = polygon_hbb(polys).numpy()
-        self.area = signed_area(polys).abs().numpy()  # what DOTA's devkit divides by
+        b = self.boxes
+        # column by column: numpy reduces long 1-D columns far faster than rows of 4
+        x, y = [b[:, k] for k in range(0, 8, 2)], [b[:, k] for k in range(1, 8, 2)]
+        self.hbb = np.stack([np.minimum.reduce(x), np.minimum.reduce(y), np.maximum.reduce(x), np.maximum.reduce(y)], 1)
+        self.area = np.abs(signed_area(torch.from_numpy(b)).numpy())  # what DOTA's devkit divides by
 
     def _check(self, ok: np.ndarray, key: str, message: str) -> None:
         """Raise for the first row that is not ``ok``, naming its image and position."""

@@ -11,9 +11,10 @@ two winding numbers, which does not depend on O; the union is
 ``|area A| + |area B| - intersection`` with shoelace areas.
 
 * Convex quadrilaterals (nearly all labels and detections): w is 0 or 1, the sum is
-  the area of the intersection polygon, which is clipped exactly: the corners of A
-  inside B, the corners of B inside A and the 16 edge crossings, sorted around
-  their mean (the same candidate scheme as :mod:`rkd.geometry.rotated_iou`).
+  the area of the intersection polygon. Its boundary is the part of each polygon's
+  boundary inside the other, so by Green's theorem the area is a sum over both
+  polygons' edges, each clipped to the other polygon (one interval per edge, no
+  vertex sorting: :func:`_boundary_inside`).
 * Non-convex or self-intersecting quadrilaterals (a few labels in real files): each
   polygon is cut into its two signed fan triangles from vertex 0, (v0, v1, v2) and
   (v0, v2, v3), and the 4 signed triangle-triangle intersections are summed: the
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from rkd.geometry.boxes import as_tensor
-from rkd.geometry.rotated_iou import _REL_TOL, _check_mode, _chunk, aligned_inputs, convex_hull_area, edge_crossings
+from rkd.geometry.rotated_iou import _REL_TOL, _check_mode, _chunk, aligned_inputs
 
 
 def _check(polys: Tensor, name: str) -> None:
@@ -94,13 +95,48 @@ def _inside_convex(x: Tensor, y: Tensor, px: Tensor, py: Tensor, orient: Tensor)
     return (cross >= offset[:, None, :]).all(-1)
 
 
+def _boundary_inside(
+    px: Tensor, py: Tensor, qx: Tensor, qy: Tensor, orient_p: Tensor, orient_q: Tensor, keep_shared: bool
+) -> Tensor:
+    """Green's-theorem share (P,) of polygon P's boundary inside convex polygon Q: ``sum_i f_i cross(p_i, d_i) / 2``.
+
+    Edge ``i`` of P, ``p_i + t d_i`` with ``t`` in [0, 1], is clipped to Q's half-planes (Cyrus & Beck,
+    "Generalized two- and three-dimensional clipping", Computers & Graphics 3(1), 1978,
+    DOI 10.1016/0097-8493(78)90021-3): a convex Q keeps one interval ``[t_lo, t_hi]`` of it, and the
+    clipped segment adds ``cross(p_i + t_lo d_i, p_i + t_hi d_i) / 2 = (t_hi - t_lo) cross(p_i, d_i) / 2``
+    to the area of P ∩ Q, whose boundary is the parts of each polygon's boundary inside the other.
+    An edge lying on one of Q's edge lines is shared by both boundaries and must count once:
+    ``keep_shared`` keeps it when both run the same way (P ∩ Q is on its inner side), the other call
+    drops it; run opposite ways, the polygons only touch there.
+    """
+    dx, dy = px.roll(-1, dims=1) - px, py.roll(-1, dims=1) - py  # as given: a clockwise P's edges run backwards
+    ex, ey = (qx.roll(-1, dims=1) - qx) * orient_q[:, None], (qy.roll(-1, dims=1) - qy) * orient_q[:, None]
+    dx, dy, ex, ey = dx[:, :, None], dy[:, :, None], ex[:, None, :], ey[:, None, :]  # (P, n, 1), (P, 1, m)
+    # signed side of Q's edge line j along P's edge i: n0 + t * n1 (>= 0 inside), both times |e_j|
+    anchor = ex * qy[:, None, :] - ey * qx[:, None, :]  # cross(e_j, q_j)
+    n0 = ex * py[:, :, None] - ey * px[:, :, None] - anchor
+    n1 = ex * dy - ey * dx
+    span = (qx.amax(1) - qx.amin(1)).maximum(qy.amax(1) - qy.amin(1))[:, None, None]
+    parallel = n1 * n1 <= 1e-24 * ((dx * dx + dy * dy) * (ex * ex + ey * ey))  # |sin| <= 1e-12
+    on_line = parallel & (n0.abs() <= 2 * _REL_TOL * span * span + 1e-12)
+    shared_ok = ((dx * ex + dy * ey) * orient_p[:, None, None] > 0) if keep_shared else torch.zeros_like(on_line)
+    out = parallel & (n0 < 0) & ~(on_line & shared_ok)  # beside a line of Q, outside it: nothing inside
+    t = -n0 / torch.where(parallel, torch.ones_like(n1), n1)
+    t_lo = torch.where(~parallel & (n1 > 0), t, torch.zeros_like(t)).amax(2).clamp_min(0)  # entering Q
+    t_hi = torch.where(~parallel & (n1 < 0), t, torch.ones_like(t)).amin(2).clamp_max(1)  # leaving Q
+    keep = ~(out | (on_line & ~shared_ok)).any(2)
+    fraction = torch.where(keep, (t_hi - t_lo).clamp_min(0), torch.zeros_like(t_hi))
+    dx, dy = dx[:, :, 0], dy[:, :, 0]
+    return orient_p * (fraction * (px * dy - py * dx)).sum(1) / 2
+
+
 def _convex_intersection(ax: Tensor, ay: Tensor, bx: Tensor, by: Tensor, orient_a: Tensor, orient_b: Tensor) -> Tensor:
     """Area (P,) of the intersection of convex polygons A (P, n) and B (P, m) of orientations +-1 (P,)."""
-    px, py, crossing_ok = edge_crossings(ax, ay, bx, by)
-    x = torch.cat([ax, bx, px], dim=1)
-    y = torch.cat([ay, by, py], dim=1)
-    inside = [_inside_convex(ax, ay, bx, by, orient_b), _inside_convex(bx, by, ax, ay, orient_a)]
-    return convex_hull_area(x, y, torch.cat([*inside, crossing_ok], dim=1))
+    ox, oy = ax.mean(1, keepdim=True), ay.mean(1, keepdim=True)  # a common origin near both: well conditioned
+    ax, ay, bx, by = ax - ox, ay - oy, bx - ox, by - oy
+    area = _boundary_inside(ax, ay, bx, by, orient_a, orient_b, True)
+    area = area + _boundary_inside(bx, by, ax, ay, orient_b, orient_a, False)
+    return area.clamp_min(0)
 
 
 def _fan_triangles(p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
