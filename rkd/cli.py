@@ -69,7 +69,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
     from rkd.search.results import front_rows, knee, format_table, run_objectives, trials_path
     from rkd.search.confirm import confirm_report
     from rkd.search.runner import front_columns
-    from rkd.train.tasks import metric_label
+    from rkd.metrics import metric_label
 
     from rkd import storage
 

@@ -124,7 +124,7 @@ def test_card_describes_a_classifier(exported, run):
     assert card["input"]["std"] == [0.229, 0.224, 0.225] and card["input"]["resize"].startswith("resize (not letterbox)")
     assert [(o["name"], o["file"], o["shape"]) for o in card["outputs"]] == [
         ("logits", f, ["batch", len(CLASSES)]) for f in (ONNX_FILE, PT2_FILE)] and "boxes" not in card
-    assert "Image.BILINEAR)))" in (exported / README_FILE).read_text()  # resized whole, no letterbox
+    assert "normalize(resize(image, " in (exported / README_FILE).read_text()  # resized whole, no letterbox
     student = build_classifier(model_spec(0.5), len(CLASSES))
     assert card["metrics"]["top1"] == 0.80 and card["metrics"]["latency_ms"] > 0
     assert card["metrics"]["params"] == sum(p.numel() for p in student.parameters())

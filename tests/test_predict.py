@@ -3,23 +3,39 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from rkd.data.images import read_image
+from rkd.data.images import read_image, read_rgb
 from rkd.data.sample import Sample
 from rkd.data.transforms import letterbox
+from rkd.deploy import postprocess
 from rkd.deploy.export import export_student, load_exported
-from rkd.deploy.predict import detect_tiled, dota_lines, load_detector, model_detector, normalize, window_starts
+from rkd.deploy.predict import (
+    detect_tiled,
+    dota_lines,
+    hbb_to_le90,
+    load_detector,
+    model_detector,
+    normalize,
+    window_starts,
+)
 from rkd.errors import RkdError
+from rkd.geometry import hbb_to_obb
 
 from rkd.train.checkpoint import atomic_torch_save, read_checkpoint
 
 from test_export import CLASSES, make_run, rkd_main, rows_of
 
-UCAS_VAL = Path("/work/shared/data/ucas50/images/val")
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+UCAS_VAL = SHARED / "ucas50" / "images" / "val"
+AID_VAL = SHARED / "aid150" / "val"
 
 
 def export_t_small(root: Path, state_dict: dict | None, formats: list[str]) -> Path:
@@ -54,23 +70,22 @@ def exported_trained(tmp_path_factory) -> Path:
 # --- a detector whose output is known: it finds each uniquely coloured rectangle it sees --------------
 
 
-def colour_scene(height: int, width: int, objects: list[tuple[int, int, int, int]], seed: int = 0) -> torch.Tensor:
-    """Noise in channels 0-1 below 200 and blue 0; object ``i`` is the colour (200 + i, 255, 255)."""
-    g = torch.Generator().manual_seed(seed)
-    image = torch.randint(0, 200, (3, height, width), generator=g, dtype=torch.uint8)
-    image[2] = 0
+def colour_scene(height: int, width: int, objects: list[tuple[int, int, int, int]], seed: int = 0) -> np.ndarray:
+    """``(H, W, 3)``: noise in channels 0-1 below 200 and blue 0; object ``i`` is the colour (200 + i, 255, 255)."""
+    image = np.random.default_rng(seed).integers(0, 200, (height, width, 3), dtype=np.uint8)
+    image[..., 2] = 0
     for i, (x0, y0, w, h) in enumerate(objects):
-        image[:, y0 : y0 + h, x0 : x0 + w] = torch.tensor([200 + i, 255, 255], dtype=torch.uint8).view(3, 1, 1)
+        image[y0 : y0 + h, x0 : x0 + w] = (200 + i, 255, 255)
     return image
 
 
-def colour_detector(image: torch.Tensor) -> dict[str, torch.Tensor]:
+def colour_detector(image: np.ndarray) -> dict[str, np.ndarray]:
     """Box of the visible pixels of each object colour; an object cut by the window edge scores lower."""
     boxes, scores, labels = [], [], []
-    marked = image[2] == 255
-    for value in image[0][marked].unique().tolist():
-        ys, xs = torch.nonzero(marked & (image[0] == value), as_tuple=True)
-        x0, x1, y0, y1 = xs.min().item(), xs.max().item() + 1, ys.min().item(), ys.max().item() + 1
+    marked = image[..., 2] == 255
+    for value in np.unique(image[..., 0][marked]).tolist():
+        ys, xs = np.nonzero(marked & (image[..., 0] == value))
+        x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
         w, h = x1 - x0, y1 - y0
         # le90: w >= h; a tall box is the wide one turned by -90 degrees
         box = [(x0 + x1) / 2, (y0 + y1) / 2, w, h, 0.0] if w >= h else [(x0 + x1) / 2, (y0 + y1) / 2, h, w, -math.pi / 2]
@@ -78,13 +93,13 @@ def colour_detector(image: torch.Tensor) -> dict[str, torch.Tensor]:
         scores.append(0.5 + 0.4 * min(1.0, len(xs) / 2000))
         labels.append((value - 200) % 2)
     return {
-        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 5),
-        "scores": torch.tensor(scores, dtype=torch.float32),
-        "labels": torch.tensor(labels, dtype=torch.long),
+        "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 5),
+        "scores": np.array(scores, dtype=np.float32),
+        "labels": np.array(labels, dtype=np.int64),
     }
 
 
-def as_set(det: dict[str, torch.Tensor]) -> set[tuple]:
+def as_set(det: dict[str, np.ndarray]) -> set[tuple]:
     return {
         (tuple(round(v, 3) for v in b), round(s, 4), lab)
         for b, s, lab in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist())
@@ -109,7 +124,7 @@ def test_tiled_equals_untiled_for_objects_seen_whole():
     tiled = detect_tiled(colour_detector, image, tile=400, overlap=120)
     assert as_set(tiled) == as_set(whole)
     # without the ownership rule, cut-off duplicates would show up: check there are windows that cut objects
-    cut = sum(len(colour_detector(image[:, y : y + 400, x : x + 400])["boxes"])
+    cut = sum(len(colour_detector(image[y : y + 400, x : x + 400])["boxes"])
               for y in window_starts(900, 400, 120) for x in window_starts(1300, 400, 120))
     assert cut > len(objects)
     assert detect_tiled(colour_detector, image, tile=None, overlap=0)["boxes"].shape == (len(objects), 5)
@@ -120,25 +135,57 @@ def test_tiling_checks_overlap():
         detect_tiled(colour_detector, colour_scene(900, 900, []), tile=400, overlap=400)
 
 
+def training_letterbox(image: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
+    """Training's letterbox (rkd.data.transforms) of a ``(3, H, W)`` image."""
+    sample = Sample(image, torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool),
+                    "x", tuple(image.shape[-2:]))
+    boxed, scale = letterbox(sample, size)
+    return boxed.image, scale
+
+
 def test_model_detector_maps_boxes_back_to_file_pixels(exported):
     model, spec = load_exported(exported)
     image = read_image(sorted(UCAS_VAL.glob("*.png"))[0])
     detect = model_detector(model, spec["input_size"], spec["input"], score=0.0)
-    det = detect(image)
+    det = detect(image.permute(1, 2, 0).numpy())
     assert len(det["boxes"]) > 0
-    # the same, by hand: letterbox, normalise, predict, then undo the scale
-    sample = Sample(image, torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool),
-                    "x", tuple(image.shape[-2:]))
-    boxed, scale = letterbox(sample, spec["input_size"])
-    ref = model.predict(normalize(boxed.image, spec["input"])[None], score_threshold=0.0)[0]
+    # the same, by hand with training's letterbox and normalisation: predict, then undo the scale
+    boxed, scale = training_letterbox(image, spec["input_size"])
+    mean, std = torch.tensor(spec["input"]["mean"]).view(3, 1, 1), torch.tensor(spec["input"]["std"]).view(3, 1, 1)
+    ref = model.predict(((boxed.float() / 255 - mean) / std)[None], score_threshold=0.0)[0]
     inside = ref["boxes"][:, 1] / scale < image.shape[1]  # what lies on the bottom padding is dropped
-    torch.testing.assert_close(det["boxes"][:, :4], ref["boxes"][inside][:, :4] / scale)
-    torch.testing.assert_close(det["scores"], ref["scores"][inside])
+    torch.testing.assert_close(torch.from_numpy(det["boxes"][:, :4]), ref["boxes"][inside][:, :4] / scale,
+                               atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(det["scores"]), ref["scores"][inside], atol=1e-5, rtol=0)
+
+
+def test_numpy_letterbox_and_resize_give_trainings_pixels_on_real_images():
+    """rkd predict's numpy preprocessing against training's torch resampling, shrinking and enlarging:
+    at most one pixel value in 10^4 differs, by 1 (float32 rounding order)."""
+    differing = total = 0
+    for path in [*sorted(UCAS_VAL.glob("*.png"))[:2], *sorted(AID_VAL.glob("*/*.jpg"))[:2]]:
+        image = read_image(path)
+        for size in (320, 512, 1024):
+            want, want_scale = training_letterbox(image, size)
+            got, scale = postprocess.letterbox(image.permute(1, 2, 0).numpy(), size)
+            diff = np.abs(got.astype(int) - want.permute(1, 2, 0).numpy().astype(int))
+            assert scale == want_scale and diff.max() <= 1, (path.name, size)
+            differing, total = differing + int((diff > 0).sum()), total + diff.size
+        # scene classifiers: antialiased bilinear to a square, float (SceneDataset)
+        want = F.interpolate(image.float()[None], size=(128, 128), mode="bilinear", align_corners=False,
+                             antialias=True)[0].clamp(0, 255).permute(1, 2, 0).numpy()
+        got = postprocess.resize(image.permute(1, 2, 0).numpy(), 128, 128).clip(0, 255)
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+    assert differing / total < 1e-4
+
+
+def test_horizontal_boxes_become_le90_as_in_rkd_geometry():
+    xyxy = np.array([[0.0, 0, 4, 2], [10, 10, 12, 20], [5, 5, 8, 8]], dtype=np.float32)
+    np.testing.assert_allclose(hbb_to_le90(xyxy), hbb_to_obb(torch.from_numpy(xyxy)).numpy(), atol=1e-6)
 
 
 def test_dota_lines_are_clipped_polygons():
-    det = {"boxes": torch.tensor([[10.0, 20.0, 40.0, 10.0, 0.0]]), "scores": torch.tensor([0.75]),
-           "labels": torch.tensor([1])}
+    det = {"boxes": np.array([[10.0, 20.0, 40.0, 10.0, 0.0]]), "scores": np.array([0.75]), "labels": np.array([1])}
     assert dota_lines(det, CLASSES, (100, 100)) == ["30.0 25.0 0.0 25.0 0.0 15.0 30.0 15.0 plane 0.7500"]
 
 
@@ -153,7 +200,7 @@ def test_predict_cli_on_ucas_images(exported, tmp_path, tile, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}.txt" for p in images)
     total = 0
     for path in images:
-        h, w = read_image(path).shape[-2:]
+        h, w = read_rgb(path).shape[:2]
         for line in (out / f"{path.stem}.txt").read_text().splitlines():
             fields = line.split()
             assert len(fields) == 10 and fields[8] in CLASSES and 0.8 < float(fields[9]) <= 1
@@ -182,10 +229,10 @@ def test_onnxruntime_backend_equals_torch_on_ucas_scenes(exported_trained, tile)
     ort_detect, _ = load_detector(exported_trained, "onnxruntime", 0.05, 0.1)
     total = 0
     for path in sorted(UCAS_VAL.glob("*.png"))[:2]:  # 1280x659 .. 1372x941 scenes: 6 windows of 512 each
-        image = read_image(path)
+        image = read_rgb(path)
         want = detect_tiled(torch_detect, image, tile, 128)
         got = detect_tiled(ort_detect, image, tile, 128)
-        same_detections({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in want.items()}, True)
+        same_detections(got, want, True)
         total += len(want["boxes"])
     assert total > 10
 
@@ -206,3 +253,62 @@ def test_predict_skips_a_corrupt_image_and_finishes_the_rest(exported_trained, t
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}.txt" for p in good)
     err = capsys.readouterr().err
     assert "1 image(s) skipped" in err and f"{good[0].stem}_broken.png" in err and "cannot read image" in err
+
+
+def test_predict_runs_without_torch_and_equals_the_torch_backend(exported_trained, tmp_path):
+    """With torch not importable, rkd predict picks onnxruntime by itself; its files equal torch's."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(UCAS_VAL.glob("*.png"))[:2]:
+        (images / path.name).symlink_to(path)
+    args = [str(exported_trained), str(images), "--score", "0.05", "--tile", "512", "--overlap", "128"]
+    assert rkd_main(["predict", *args, "--out", str(tmp_path / "torch"), "--backend", "torch"]) == 0
+    blocked = ("import sys; sys.modules['torch'] = None; from rkd.cli import main; "
+               "sys.exit(main(sys.argv[1:]))")
+    run = subprocess.run([sys.executable, "-c", blocked, "predict", *args, "--out", str(tmp_path / "ort")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    run = subprocess.run([sys.executable, "-c", blocked, "predict", *args, "--out", str(tmp_path / "x"),
+                          "--backend", "torch"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "--backend torch needs PyTorch" in run.stderr
+    total = 0
+    for path in sorted(images.iterdir()):
+        want = [line.split() for line in (tmp_path / "torch" / f"{path.stem}.txt").read_text().splitlines()]
+        got = [line.split() for line in (tmp_path / "ort" / f"{path.stem}.txt").read_text().splitlines()]
+        assert len(got) == len(want) and [g[8] for g in got] == [w[8] for w in want]
+        # corners are written to 0.1 px and scores to 1e-4: allow one unit of the last digit
+        np.testing.assert_allclose(np.array([g[:8] for g in got], float), np.array([w[:8] for w in want], float),
+                                   atol=0.1 + 1e-9)
+        np.testing.assert_allclose(np.array([g[9] for g in got], float), np.array([w[9] for w in want], float),
+                                   atol=1e-4 + 1e-9)
+        total += len(want)
+    assert total > 10
+
+
+def test_the_readme_snippet_runs_with_onnxruntime_alone_and_finds_what_predict_finds(exported_trained, monkeypatch):
+    """The model card's ten lines, run as written beside model.onnx (torch blocked), on a UCAS-AOD scene."""
+    from rkd.deploy.export import README_FILE
+
+    text = (exported_trained / README_FILE).read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    scene = sorted(UCAS_VAL.glob("*.png"))[0]
+    # the briefly trained model scores below the card's 0.3: keep more
+    code = code.replace('"scene.png"', repr(str(scene))).replace("score_threshold=0.3", "score_threshold=0.05")
+    monkeypatch.chdir(exported_trained)
+    monkeypatch.syspath_prepend(str(exported_trained))
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.delitem(sys.modules, "postprocess", raising=False)
+    namespace: dict = {"print": lambda *args: None}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the card's own snippet
+    monkeypatch.delitem(sys.modules, "torch")  # back to the real one for the reference
+    monkeypatch.undo()
+    detect, _ = load_detector(exported_trained, "torch", 0.05, 0.1)
+    want = detect(read_rgb(scene))
+    got = namespace["det"]
+    # predict also drops what lies on the letterbox padding; the snippet keeps it
+    image_h, image_w = read_rgb(scene).shape[:2]
+    inside = (got["boxes"][:, 0] < image_w) & (got["boxes"][:, 1] < image_h)
+    from test_export_e2e import same_detections
+
+    same_detections({k: v[inside] for k, v in got.items()}, want, True)
+    assert len(want["boxes"]) > 0

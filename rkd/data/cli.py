@@ -36,6 +36,14 @@ def _formats() -> list[str]:
     return [*READERS, SCENES]
 
 
+def format_name(text: str) -> str:
+    """``--format``'s check, run when the option is given (the readers import torch; building rkd's
+    parser must not, as ``rkd predict`` runs without it)."""
+    if text not in _formats():
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(_formats())})")
+    return text
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     from rkd.data.inspect import (
         SCENES,
@@ -85,7 +93,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = data_sub.add_parser("stats", help="images, objects per class, box size and aspect-ratio histograms")
     p.add_argument("path", help="the dataset's root folder")
-    p.add_argument("--format", required=True, choices=_formats(), help=FORMAT_HELP)
+    p.add_argument("--format", required=True, type=format_name, help=FORMAT_HELP)
     p.add_argument("--split", action="append", help="split to describe; repeat for several (default: every split)")
     p.add_argument("--plot", metavar="OUT_PNG", help="also draw the histograms into this PNG")
     p.add_argument("--classes", type=class_list, help=CLASSES_HELP)
@@ -93,7 +101,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = data_sub.add_parser("check", help="list every unreadable image or label (file:line and why); exit 1 if any")
     p.add_argument("path", help="the dataset's root folder")
-    p.add_argument("--format", required=True, choices=_formats(), help=FORMAT_HELP)
+    p.add_argument("--format", required=True, type=format_name, help=FORMAT_HELP)
     p.add_argument("--split", action="append", help="split to check; repeat for several (default: every split found)")
     p.add_argument("--classes", type=class_list, help=CLASSES_HELP)
     p.set_defaults(func=_cmd_check)

@@ -13,10 +13,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is imported by read_image only: rkd predict reads images without it
+    from torch import Tensor
 
 from rkd.errors import DataError
 
@@ -50,14 +53,20 @@ def to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def read_image(path: Path) -> Tensor:
-    """Pixels of an image file as a ``(3, H, W)`` uint8 RGB tensor."""
+def read_rgb(path: Path) -> np.ndarray:
+    """Pixels of an image file as a writable ``(H, W, 3)`` uint8 RGB array."""
     try:
         with Image.open(path) as im:
-            array = to_rgb8(im)
+            return np.array(to_rgb8(im), copy=True)  # PIL arrays are read-only
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read image: {e}") from e
-    return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).contiguous()  # PIL arrays are read-only
+
+
+def read_image(path: Path) -> Tensor:
+    """Pixels of an image file as a ``(3, H, W)`` uint8 RGB tensor."""
+    import torch
+
+    return torch.from_numpy(read_rgb(path)).permute(2, 0, 1).contiguous()
 
 
 def find_images(folder: Path) -> dict[str, Path]:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from rkd.atomic import atomic_write_bytes
 from rkd.data.sample import DetectionRecord, Sample
+from rkd.data.windows import window_starts
 from rkd.errors import DataError
 from rkd.geometry.boxes import normalize_le90, obb_to_poly
 
@@ -55,23 +56,6 @@ class Window(NamedTuple):
     @property
     def width(self) -> int:
         return self.x1 - self.x0
-
-
-def window_starts(length: int, size: int, overlap: int) -> list[int]:
-    """Start offsets of windows of ``size`` pixels covering ``length``, neighbours sharing ``>= overlap``.
-
-    The last window is flush with the end (it may share more than ``overlap``).
-
-    >>> window_starts(1000, 400, 100)
-    [0, 300, 600]
-    >>> window_starts(300, 400, 100)
-    [0]
-    """
-    if length <= size:
-        return [0]
-    step = size - overlap
-    starts = list(range(0, length - size, step))
-    return starts + [length - size]
 
 
 def _check_tiling(size: int, overlap: int, min_area_fraction: float = 0.5) -> None:

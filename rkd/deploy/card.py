@@ -17,7 +17,7 @@ from rkd.models import Classifier, count_flops, measure_latency
 from rkd.models.detector import Detector
 from rkd.search.results import DEFAULT_OBJECTIVES, front_rows
 from rkd.train.prior import file_digest
-from rkd.train.tasks import metric_label
+from rkd.metrics import metric_label
 
 EXPORT_FORMAT_VERSION = 2  # 2: end-to-end detector graphs, model.pt2
 
@@ -194,24 +194,22 @@ def _run_snippet(card: dict[str, Any]) -> str:
     head = f"""```python
 import numpy as np, onnxruntime as ort
 from PIL import Image
-from postprocess import detections, inputs, normalize  # beside model.onnx; numpy only
+from postprocess import detections, inputs, letterbox, normalize, resize  # beside model.onnx; numpy only
 CLASSES = {card['classes']!r}
-image = Image.open("scene.png").convert("RGB")
+image = np.asarray(Image.open("scene.png").convert("RGB"))
 session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
 """
     if card["task"] == "classification":
-        return head + f"""x = normalize(np.asarray(image.resize(({size}, {size}), Image.BILINEAR)))
+        return head + f"""x = normalize(resize(image, {size}, {size}).clip(0, 255))  # training's resize: no letterbox
 logits = session.run(None, {{"images": x}})[0]
 print(CLASSES[int(logits[0].argmax())])
 ```"""
-    return head + f"""scale = {size} / max(image.size)  # letterbox: longer side to {size}, pad bottom/right
-canvas = np.full(({size}, {size}, 3), {list(PAD_RGB)}, np.uint8)
-small = np.asarray(image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR))
-canvas[: small.shape[0], : small.shape[1]] = small
+    return head + f"""canvas, scale = letterbox(image, {size})  # training's: longer side to {size}, pad bottom/right
 names = [i.name for i in session.get_inputs()]
 out = dict(zip([o.name for o in session.get_outputs()],
                session.run(None, inputs(names, normalize(canvas), score_threshold=0.3))))
-det = detections(out, num_images=1, score_threshold=0.3)[0]  # boxes in input pixels: / scale for the file's
+det = detections(out, num_images=1, score_threshold=0.3)[0]
+det["boxes"][:, :4] /= scale  # from input pixels to the file's
 print(det["boxes"], det["scores"], [CLASSES[i] for i in det["labels"]])
 ```"""
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from rkd import storage
 from rkd.errors import RkdError
 from rkd.schema import ALLOW_CODE_ENV
-from rkd.train.tasks import metric_label
 
 
 def metric_of(metrics: dict) -> str:
@@ -23,6 +22,7 @@ def metric_of(metrics: dict) -> str:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from rkd.deploy.export import export_student, parse_formats
+    from rkd.metrics import metric_label
 
     result = export_student(
         storage.local_run(args.run),
@@ -51,13 +51,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from rkd.deploy.export import exported_kind
+    # no torch here: with --backend onnxruntime (auto where torch is absent) none is needed
+    from rkd.deploy.files import exported_kind
     from rkd.deploy.predict import CLASS_PREDICTIONS_FILE, classify_files, predict_files
 
     if exported_kind(Path(args.exported)) == "classifier":
         if args.tile is not None:
             raise RkdError(f"--tile: {args.exported} holds a scene classifier, which sees each image whole")
-        classes = classify_files(Path(args.exported), Path(args.images), Path(args.out))
+        if args.int8:
+            raise RkdError(f"--int8: {args.exported} holds a scene classifier; INT8 graphs are written for detectors")
+        classes = classify_files(Path(args.exported), Path(args.images), Path(args.out), backend=args.backend)
         print(f"{len(classes)} images classified, written to {Path(args.out) / CLASS_PREDICTIONS_FILE}")
         return 0
     counts, skipped = predict_files(
@@ -142,8 +145,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=int, default=200, help="pixels shared by neighbouring windows (default 200)")
     p.add_argument("--nms-iou", type=float, default=0.1, help="rotated IoU of class-wise NMS (default 0.1)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
-                   help="detectors: torch (model.safetensors) or onnxruntime (model.onnx, end-to-end); auto: torch "
-                        "where the export has its weights, else onnxruntime")
+                   help="torch (model.safetensors) or onnxruntime (model.onnx, end-to-end for detectors); auto: "
+                        "torch where it is installed and the export has its weights, else onnxruntime")
     p.add_argument("--int8", action="store_true",
                    help="detectors: run model.int8.onnx (written by rkd export --int8) in onnxruntime")
     p.set_defaults(func=_cmd_predict)

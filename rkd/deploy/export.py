@@ -42,6 +42,19 @@ from torch import nn
 from rkd import storage
 from rkd.deploy import card as cards
 from rkd.deploy import writers
+from rkd.deploy.files import (  # noqa: F401 - the file names, read_spec and exported_kind are part of export's API
+    CARD_FILE,
+    INT8_FILE,
+    ONNX_FILE,
+    POSTPROCESS_FILE,
+    PT2_FILE,
+    README_FILE,
+    SPEC_FILE,
+    TORCHSCRIPT_FILE,
+    WEIGHTS_FILE,
+    exported_kind,
+    read_spec,
+)
 from rkd.deploy.graphs import DetectionNetwork, LogitsNetwork, RawNetwork, output_names, raw_output_names
 from rkd.errors import RkdError
 from rkd.inputs import IMAGENET_MEAN, IMAGENET_STD
@@ -49,19 +62,11 @@ from rkd.models import Classifier
 from rkd.models.detector import Detector
 from rkd.search.results import DEFAULT_OBJECTIVES, front_rows, knee, trials_path
 from rkd.train.checkpoint import atomic_write_json, read_checkpoint
-from rkd.train.tasks import TASK_OF_KIND, TASK_OF_METRIC, metric_label
+from rkd.metrics import metric_label
+from rkd.train.tasks import TASK_OF_KIND, TASK_OF_METRIC
 
 FORMATS = ("safetensors", "onnx", "pt2", "torchscript")
 DEFAULT_FORMATS = ("safetensors", "onnx", "pt2")
-WEIGHTS_FILE = "model.safetensors"
-SPEC_FILE = "model_spec.json"
-ONNX_FILE = "model.onnx"
-PT2_FILE = "model.pt2"
-TORCHSCRIPT_FILE = "model.torchscript.pt"
-INT8_FILE = "model.int8.onnx"  # --int8 (rkd.deploy.int8)
-CARD_FILE = "model_card.json"
-README_FILE = "README.md"
-POSTPROCESS_FILE = "postprocess.py"
 EXPORT_FORMAT_VERSION = cards.EXPORT_FORMAT_VERSION
 
 # Network input normalisation: RGB / 255, then the training collate's mean/std per channel
@@ -352,47 +357,6 @@ def _int8_data(run: Path) -> dict[str, Any]:
 
 
 # --- reading ---------------------------------------------------------------------------------
-
-
-def exported_kind(folder: Path) -> str:
-    """``detector`` or ``classifier``: what the export folder holds (read from ``model_spec.json``)."""
-    spec_path = Path(folder) / SPEC_FILE
-    if not spec_path.is_file():
-        raise RkdError(f"{spec_path}: missing; is {folder} a folder written by 'rkd export'?")
-    try:
-        spec = json.loads(spec_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RkdError(f"{spec_path}: not valid JSON ({exc})") from None
-    kind = spec.get("kind", "detector") if isinstance(spec, dict) else None
-    if kind not in TASK_OF_KIND:
-        raise RkdError(f"{spec_path}: not an rkd model spec (kind {kind!r})")
-    return kind
-
-
-def read_spec(folder: Path) -> dict[str, Any]:
-    """``model_spec.json`` of an export folder, with the card's ``input`` section merged in when the card
-    is present (exports before end-to-end graphs carry no ``graph``: theirs are raw)."""
-    folder = Path(folder)
-    spec_path = folder / SPEC_FILE
-    if not spec_path.is_file():
-        raise RkdError(f"{spec_path}: missing; is {folder} a folder written by 'rkd export'?")
-    try:
-        spec = json.loads(spec_path.read_text())
-        # Exports made before classifiers could be exported carry no kind: they are detectors.
-        spec.setdefault("kind", "detector")
-        spec.setdefault("graph", "raw")
-        if spec["kind"] not in TASK_OF_KIND:
-            raise ValueError(f"unknown kind {spec['kind']!r}")
-        int(spec["input_size"]), list(spec["class_names"])  # noqa: B018 - present and well-typed
-    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise RkdError(f"{spec_path}: not an rkd model spec ({type(exc).__name__}: {exc})") from None
-    card_path = folder / CARD_FILE
-    try:
-        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    except json.JSONDecodeError as exc:
-        raise RkdError(f"{card_path}: not valid JSON ({exc})") from None
-    spec["input"] = card.get("input", {"mean": list(PIXEL_MEAN), "std": list(PIXEL_STD), "scale": 1 / 255})
-    return spec
 
 
 def load_exported(folder: Path) -> tuple[Detector | Classifier, dict[str, Any]]:

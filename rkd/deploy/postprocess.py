@@ -1,6 +1,11 @@
-"""Detections from an rkd-exported ``model.onnx``, with numpy alone.
+"""Images in and detections out of an rkd-exported ``model.onnx``, with numpy alone.
 
 ``rkd export`` copies this file beside the model; it needs nothing but numpy.
+
+Input: :func:`letterbox` (detectors) and :func:`resize` (scene classifiers) give the pixels
+training gave the network: torch's bilinear resampling (antialiased when shrinking; always for
+classifiers), computed in float32 in torch's order, so at most one pixel value in ~10^4 differs,
+by 1 (measured on UCAS-AOD and AID images); :func:`normalize` then makes the network input.
 
 * Oriented-box models output candidates ``boxes (B, M, 5)`` (le90: cx, cy, w, h, angle in input
   pixels, ``w >= h``, angle in ``[-pi/2, pi/2)`` from +x towards +y), ``scores (B, M)`` and
@@ -24,6 +29,73 @@ import numpy as np
 
 MEAN = (0.485, 0.456, 0.406)  # the network input is (RGB / 255 - MEAN) / STD, channels first
 STD = (0.229, 0.224, 0.225)
+PAD_RGB = (124, 116, 104)  # the letterbox's padding (rkd.data.transforms.PAD_RGB)
+_F32 = np.float32
+
+
+def _antialiased_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """First input index ``(out,)`` and weights ``(out, K)`` of each output pixel: a triangle filter
+    widened by the shrink factor and normalised, as torch's ``antialias=True`` bilinear (and PIL's)."""
+    scale = _F32(in_size) / _F32(out_size)
+    support, inv = (scale, _F32(1) / scale) if scale >= 1 else (_F32(1), _F32(1))
+    centre = scale * (np.arange(out_size, dtype=_F32) + _F32(0.5))
+    first = np.maximum((centre - support + _F32(0.5)).astype(np.int64), 0)
+    count = np.minimum((centre + support + _F32(0.5)).astype(np.int64), in_size) - first
+    j = np.arange(int(count.max()), dtype=_F32)[None]
+    w = np.maximum(_F32(0), _F32(1) - np.abs((j + first[:, None].astype(_F32) - centre[:, None] + _F32(0.5)) * inv))
+    w = np.where(j < count[:, None], w, _F32(0))
+    total = np.zeros(out_size, _F32)
+    for k in range(w.shape[1]):  # in torch's order, in float32
+        total += w[:, k]
+    return first, np.where(total[:, None] != 0, w / np.where(total != 0, total, _F32(1))[:, None], w).astype(_F32)
+
+
+def _antialiased(x: np.ndarray, axis: int, out_size: int) -> np.ndarray:
+    """Resample float32 ``x`` along ``axis`` to ``out_size`` with :func:`_antialiased_taps`."""
+    x = np.moveaxis(x, axis, -1)
+    first, w = _antialiased_taps(x.shape[-1], out_size)
+    out = np.zeros(x.shape[:-1] + (out_size,), _F32)
+    for k in range(w.shape[1]):  # taps past the end have weight 0
+        out += x[..., np.minimum(first + k, x.shape[-1] - 1)] * w[:, k]
+    return np.moveaxis(out, -1, axis)
+
+
+def _bilinear(x: np.ndarray, axis: int, out_size: int) -> np.ndarray:
+    """torch's plain bilinear (``align_corners=False``) along ``axis``: two taps, edges clamped."""
+    x = np.moveaxis(x, axis, -1)
+    n = x.shape[-1]
+    src = np.maximum((_F32(n) / _F32(out_size)) * (np.arange(out_size, dtype=_F32) + _F32(0.5)) - _F32(0.5), _F32(0))
+    lo = src.astype(np.int64)
+    frac = src - lo.astype(_F32)
+    hi = lo + (lo < n - 1)
+    return np.moveaxis(x[..., lo] * (_F32(1) - frac) + x[..., hi] * frac, -1, axis)
+
+
+def resize(image: np.ndarray, height: int, width: int, antialias: bool = True) -> np.ndarray:
+    """``(H, W, 3)`` pixels -> float32 ``(height, width, 3)``, bilinear, width first then height
+    (torch's order); ``antialias`` widens the filter when shrinking (scene classifiers: always on)."""
+    x = np.asarray(image, _F32)
+    step = _antialiased if antialias else _bilinear
+    if x.shape[1] != width:
+        x = step(x, 1, width)
+    if x.shape[0] != height:
+        x = step(x, 0, height)
+    return x
+
+
+def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """``(H, W, 3)`` uint8 RGB -> ``(size, size, 3)`` uint8 and the scale (input pixels per file pixel):
+    the longer side scaled to ``size`` (antialiased when shrinking), padded bottom/right with PAD_RGB."""
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    new_h, new_w = min(size, round(h * scale)), min(size, round(w * scale))
+    canvas = np.empty((size, size, 3), np.uint8)
+    canvas[:] = PAD_RGB
+    small = image
+    if (new_h, new_w) != (h, w):
+        small = np.clip(np.round(resize(image, new_h, new_w, antialias=scale < 1)), 0, 255).astype(np.uint8)
+    canvas[:new_h, :new_w] = small
+    return canvas, scale
 
 
 def normalize(images: np.ndarray) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 Detectors (:func:`predict_files`):
 
-Each image is letterboxed to the model's input size exactly as in training,
-detected, and its boxes are mapped back to the file's pixels. Scenes larger
+Each image is letterboxed to the model's input size as in training
+(:func:`rkd.deploy.postprocess.letterbox`, numpy), detected, and its boxes are mapped back to
+the file's pixels. Scenes larger
 than the tile size are cut into overlapping square windows of ``tile`` file
 pixels (each window letterboxed to the input size on its own). A window keeps
 only the detections whose centre lies in the part of it that it *owns* - its
@@ -16,75 +17,88 @@ Output: ``<out>/<image_id>.txt``, one line per detection,
 ``x1 y1 x2 y2 x3 y3 x4 y4 class score`` (corners of the oriented box in file
 pixels, clipped to the image; ``class`` is the class name).
 
-Scene classifiers (:func:`classify_files`): each image is resized to the input size
-exactly as in training (:class:`rkd.data.scene_dataset.SceneDataset`, no letterbox) and
-classified. Output: ``<out>/predictions.txt``, one line per image,
+Scene classifiers (:func:`classify_files`): each image is resized to the input size as in
+training (:func:`rkd.deploy.postprocess.resize`, antialiased bilinear, no letterbox) and
+classified.
+
+Backends: ``torch`` runs ``model.safetensors``, ``onnxruntime`` the exported ``model.onnx``
+(end-to-end for detectors). Reading, resizing, tiling, NMS and writing are numpy and Pillow,
+so the onnxruntime backend needs no torch, and ``auto`` picks it where torch is not installed
+(or the export has no weights). Output: ``<out>/predictions.txt``, one line per image,
 ``image_id class probability`` (the top-1 class name and its softmax probability).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from rkd.data.images import IMAGE_SUFFIXES, find_images, read_image
-from rkd.data.sample import Sample
-from rkd.data.scene_dataset import SceneDataset
-from rkd.data.tiling import window_starts
-from rkd.data.transforms import letterbox
+from rkd.atomic import atomic_write_text
+from rkd.data.images import IMAGE_SUFFIXES, find_images, read_rgb
+from rkd.data.windows import window_starts
 from rkd.deploy import postprocess
+from rkd.deploy.files import INT8_FILE, ONNX_FILE, WEIGHTS_FILE, read_spec
 from rkd.errors import DataError, RkdError
-from rkd.eval.merge import nms_merge
-from rkd.geometry import obb_to_poly
-from rkd.geometry.boxes import hbb_to_obb
-from rkd.train.checkpoint import atomic_write_text
 
 CLASS_PREDICTIONS_FILE = "predictions.txt"
 CLASSIFY_BATCH = 16
+BACKENDS = ("auto", "torch", "onnxruntime")
 
-Detections = dict[str, Tensor]  # boxes (M, 5) le90 in file pixels, scores (M,), labels (M,)
-DetectFn = Callable[[Tensor], Detections]
-
-
-def normalize(image: Tensor, input_cfg: dict[str, Any]) -> Tensor:
-    """uint8 ``(3, H, W)`` RGB -> the float network input the card describes."""
-    mean = torch.tensor(input_cfg["mean"], dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(input_cfg["std"], dtype=torch.float32).view(3, 1, 1)
-    return (image.float() * float(input_cfg.get("scale", 1 / 255)) - mean) / std
+Detections = dict[str, np.ndarray]  # boxes (M, 5) le90 float32 in file pixels, scores (M,), labels (M,)
+DetectFn = Callable[[np.ndarray], Detections]  # an (H, W, 3) uint8 RGB image -> its detections
 
 
-def _letterboxed(infer: Callable[[Tensor], Detections], input_size: int, input_cfg: dict[str, Any]) -> DetectFn:
-    """``image (3, H, W) uint8 -> detections in that image's pixels`` around ``infer``, which maps one
+def normalize(image: np.ndarray, input_cfg: dict[str, Any]) -> np.ndarray:
+    """``(S, S, 3)`` RGB pixels -> the float32 ``(3, S, S)`` network input the card describes."""
+    mean = np.asarray(input_cfg["mean"], np.float32)[:, None, None]
+    std = np.asarray(input_cfg["std"], np.float32)[:, None, None]
+    x = np.asarray(image, np.float32).transpose(2, 0, 1)
+    return (x * np.float32(input_cfg.get("scale", 1 / 255)) - mean) / std
+
+
+def hbb_to_le90(xyxy: np.ndarray) -> np.ndarray:
+    """Axis-aligned ``(N, 4)`` xyxy -> le90 ``(N, 5)``: a tall box is the wide one turned by -pi/2."""
+    x1, y1, x2, y2 = np.asarray(xyxy, np.float32).reshape(-1, 4).T
+    w, h = x2 - x1, y2 - y1
+    tall = h > w
+    return np.stack([(x1 + x2) / 2, (y1 + y2) / 2, np.where(tall, h, w), np.where(tall, w, h),
+                     np.where(tall, np.float32(-math.pi / 2), np.float32(0))], 1).astype(np.float32)
+
+
+def _letterboxed(infer: Callable[[np.ndarray], Detections], input_size: int, input_cfg: dict[str, Any]) -> DetectFn:
+    """``image (H, W, 3) uint8 -> detections in that image's pixels`` around ``infer``, which maps one
     normalised letterboxed ``(1, 3, S, S)`` input to its detections in input pixels."""
 
-    @torch.no_grad()
-    def detect(image: Tensor) -> Detections:
-        h, w = image.shape[-2:]
-        empty = torch.zeros(0, 5)
-        sample = Sample(image, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool), "", (h, w))
-        boxed, scale = letterbox(sample, input_size)
-        det = infer(normalize(boxed.image, input_cfg)[None])
-        boxes = det["boxes"].float()
-        if boxes.shape[-1] == 4:  # a horizontal-box model: write its boxes as angle-0 rectangles
-            boxes = hbb_to_obb(boxes)
-        boxes = boxes.clone()
-        boxes[:, :4] /= scale
+    def detect(image: np.ndarray) -> Detections:
+        h, w = image.shape[:2]
+        boxed, scale = postprocess.letterbox(image, input_size)
+        det = infer(normalize(boxed, input_cfg)[None])
+        boxes = np.asarray(det["boxes"], np.float32)
+        boxes = hbb_to_le90(boxes) if boxes.shape[-1] == 4 else boxes.copy()  # HBB models: angle-0 rectangles
+        boxes[:, :4] /= np.float32(scale)
         # Drop what was found on the letterbox padding, outside the image.
         inside = (boxes[:, 0] >= 0) & (boxes[:, 0] < w) & (boxes[:, 1] >= 0) & (boxes[:, 1] < h)
-        return {"boxes": boxes[inside], "scores": det["scores"][inside].float(), "labels": det["labels"][inside]}
+        return {"boxes": boxes[inside], "scores": np.asarray(det["scores"], np.float32)[inside],
+                "labels": np.asarray(det["labels"], np.int64)[inside]}
 
     return detect
 
 
-def model_detector(
-    model: torch.nn.Module, input_size: int, input_cfg: dict[str, Any], score: float, nms_iou: float = 0.1
-) -> DetectFn:
-    """``image (3, H, W) uint8 -> detections in that image's pixels`` for a loaded detector (torch)."""
-    return _letterboxed(lambda x: model.predict(x, score_threshold=score, nms_iou=nms_iou)[0], input_size, input_cfg)
+def model_detector(model: Any, input_size: int, input_cfg: dict[str, Any], score: float, nms_iou: float = 0.1
+                   ) -> DetectFn:
+    """``image (H, W, 3) uint8 -> detections in that image's pixels`` for a loaded torch detector."""
+    import torch
+
+    def infer(x: np.ndarray) -> Detections:
+        with torch.no_grad():
+            det = model.predict(torch.from_numpy(x), score_threshold=score, nms_iou=nms_iou)[0]
+        return {key: value.numpy() for key, value in det.items()}
+
+    return _letterboxed(infer, input_size, input_cfg)
 
 
 def onnx_detector(session: Any, input_size: int, input_cfg: dict[str, Any], score: float, nms_iou: float = 0.1
@@ -94,10 +108,9 @@ def onnx_detector(session: Any, input_size: int, input_cfg: dict[str, Any], scor
     names = [i.name for i in session.get_inputs()]
     out_names = [o.name for o in session.get_outputs()]
 
-    def infer(x: Tensor) -> Detections:
-        outputs = dict(zip(out_names, session.run(None, postprocess.inputs(names, x.numpy(), score, nms_iou))))
-        det = postprocess.detections(outputs, 1, score, nms_iou)[0]
-        return {key: torch.from_numpy(value) for key, value in det.items()}
+    def infer(x: np.ndarray) -> Detections:
+        outputs = dict(zip(out_names, session.run(None, postprocess.inputs(names, x, score, nms_iou))))
+        return postprocess.detections(outputs, 1, score, nms_iou)[0]
 
     return _letterboxed(infer, input_size, input_cfg)
 
@@ -106,9 +119,10 @@ def _owned(lo: int, hi: int, length: int, inner_lo: int, inner_hi: int) -> tuple
     return (lo if lo == 0 else lo + inner_lo / 2, hi if hi == length else hi - inner_hi / 2)
 
 
-def detect_tiled(detect: DetectFn, image: Tensor, tile: int | None, overlap: int, nms_iou: float = 0.1) -> Detections:
-    """Detections of the whole image, from windows when it is larger than ``tile`` (see module doc)."""
-    h, w = image.shape[-2:]
+def detect_tiled(detect: DetectFn, image: np.ndarray, tile: int | None, overlap: int, nms_iou: float = 0.1
+                 ) -> Detections:
+    """Detections of the whole ``(H, W, 3)`` image, from windows when it is larger than ``tile`` (module doc)."""
+    h, w = image.shape[:2]
     if tile is None or (h <= tile and w <= tile):
         return detect(image)
     if not 0 <= overlap < tile:
@@ -118,8 +132,8 @@ def detect_tiled(detect: DetectFn, image: Tensor, tile: int | None, overlap: int
     for iy, y0 in enumerate(ys):
         for ix, x0 in enumerate(xs):
             y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
-            det = detect(image[:, y0:y1, x0:x1])
-            b = det["boxes"].clone()
+            det = detect(image[y0:y1, x0:x1])
+            b = det["boxes"].copy()
             b[:, 0] += x0
             b[:, 1] += y0
             # The actual overlap with each neighbour (the last window may overlap more).
@@ -133,15 +147,17 @@ def detect_tiled(detect: DetectFn, image: Tensor, tile: int | None, overlap: int
             boxes.append(b[keep])
             scores.append(det["scores"][keep])
             labels.append(det["labels"][keep])
-    return nms_merge(torch.cat(boxes), torch.cat(scores), torch.cat(labels), nms_iou)
+    merged = {"boxes": np.concatenate(boxes), "scores": np.concatenate(scores), "labels": np.concatenate(labels)}
+    keep = postprocess.rotated_nms(merged["boxes"], merged["scores"], merged["labels"], nms_iou)  # by score
+    return {key: value[keep] for key, value in merged.items()}
 
 
 def dota_lines(det: Detections, class_names: list[str], size: tuple[int, int]) -> list[str]:
     """DOTA lines ``x1 y1 ... x4 y4 class score``, corners clipped to the ``(H, W)`` image."""
     h, w = size
-    poly = obb_to_poly(det["boxes"].double()).view(-1, 4, 2)
-    poly[..., 0].clamp_(0, w)
-    poly[..., 1].clamp_(0, h)
+    poly = postprocess.corners(det["boxes"])  # (N, 4, 2) float64
+    poly[..., 0] = poly[..., 0].clip(0, w)
+    poly[..., 1] = poly[..., 1].clip(0, h)
     lines = []
     for corners, label, score in zip(poly.reshape(-1, 8).tolist(), det["labels"].tolist(), det["scores"].tolist()):
         coords = " ".join(f"{c:.1f}" for c in corners)
@@ -163,19 +179,39 @@ def list_images(source: Path) -> dict[str, Path]:
     return images
 
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _backend(exported: Path, backend: str) -> str:
+    """The backend ``auto`` stands for: torch where torch is installed and the export has its weights."""
+    if backend not in BACKENDS:
+        raise RkdError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "torch" if (exported / WEIGHTS_FILE).is_file() and torch_available() else "onnxruntime"
+    if backend == "torch" and not torch_available():
+        raise RkdError("--backend torch needs PyTorch, which is not installed here; use --backend onnxruntime")
+    return backend
+
+
+def _ort_session(graph: Path) -> Any:
+    try:
+        from rkd.deploy.latency import ort_session
+    except ImportError:
+        raise RkdError("--backend onnxruntime needs the 'onnxruntime' package: pip install onnxruntime") from None
+    return ort_session(graph)
 
 
 def load_detector(exported: Path, backend: str, score: float, nms_iou: float,
                   int8: bool = False) -> tuple[DetectFn, dict[str, Any]]:
-    """The export's detector on ``backend`` and its spec. ``auto``: torch where the export has its
-    weights (``model.safetensors``), else onnxruntime on ``model.onnx``. ``int8``: onnxruntime on
-    ``model.int8.onnx`` (``rkd export --int8``)."""
-    from rkd.deploy.export import INT8_FILE, ONNX_FILE, WEIGHTS_FILE, load_exported, read_spec
-
+    """The export's detector on ``backend`` and its spec. ``auto``: torch where it is installed and the
+    export has its weights (``model.safetensors``), else onnxruntime on ``model.onnx``. ``int8``:
+    onnxruntime on ``model.int8.onnx`` (``rkd export --int8``)."""
     exported = Path(exported)
-    if backend not in BACKENDS:
-        raise RkdError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     spec = read_spec(exported)
     if spec["kind"] != "detector":
         raise RkdError(f"{exported}: holds a {spec['kind']}, not a detector; use classify_files")
@@ -185,21 +221,18 @@ def load_detector(exported: Path, backend: str, score: float, nms_iou: float,
         if not (exported / INT8_FILE).is_file():
             raise RkdError(f"{exported / INT8_FILE}: missing; write it with 'rkd export --int8'")
         backend = "onnxruntime"
-    if backend == "auto":
-        backend = "torch" if (exported / WEIGHTS_FILE).is_file() else "onnxruntime"
+    backend = _backend(exported, backend)
     size = int(spec["input_size"])
     if backend == "torch":
+        from rkd.deploy.export import load_exported
+
         model, spec = load_exported(exported)
         return model_detector(model, size, spec["input"], score, nms_iou), spec
     if spec["graph"] != "end-to-end" or not (exported / ONNX_FILE).is_file():
         raise RkdError(f"{exported}: --backend onnxruntime needs an end-to-end {ONNX_FILE} "
                        "(written by 'rkd export' with onnx in --format and without --raw)")
-    try:
-        from rkd.deploy.latency import ort_session
-    except ImportError:
-        raise RkdError("--backend onnxruntime needs the 'onnxruntime' package: pip install onnxruntime") from None
     graph = exported / (INT8_FILE if int8 else ONNX_FILE)
-    return onnx_detector(ort_session(graph), size, spec["input"], score, nms_iou), spec
+    return onnx_detector(_ort_session(graph), size, spec["input"], score, nms_iou), spec
 
 
 def predict_files(
@@ -226,43 +259,66 @@ def predict_files(
     counts, skipped = {}, {}
     for image_id, path in images.items():
         try:
-            image = read_image(path)
+            image = read_rgb(path)
         except DataError as exc:
             skipped[path.name] = str(exc)
             log(f"{path.name}: skipped ({exc})")
             continue
         det = detect_tiled(detect, image, tile, overlap, nms_iou)
-        lines = dota_lines(det, spec["class_names"], tuple(image.shape[-2:]))
+        lines = dota_lines(det, spec["class_names"], image.shape[:2])
         atomic_write_text(Path(out) / f"{image_id}.txt", "".join(f"{line}\n" for line in lines))
         counts[image_id] = len(lines)
         log(f"{path.name}: {len(lines)} detections")
     return counts, skipped
 
 
+def load_classifier(exported: Path, backend: str = "auto") -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+    """``(logits of a normalised (B, 3, S, S) batch, spec)`` of an exported scene classifier on ``backend``."""
+    exported = Path(exported)
+    spec = read_spec(exported)
+    if spec["kind"] != "classifier":
+        raise RkdError(f"{exported}: holds a {spec['kind']}, not a classifier; use predict_files")
+    if _backend(exported, backend) == "torch":
+        import torch
+
+        from rkd.deploy.export import load_exported
+
+        model, spec = load_exported(exported)
+
+        def logits(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return model(torch.from_numpy(x)).logits.numpy()
+
+        return logits, spec
+    if not (exported / ONNX_FILE).is_file():
+        raise RkdError(f"{exported / ONNX_FILE}: missing; --backend onnxruntime needs the classifier's ONNX graph")
+    session = _ort_session(exported / ONNX_FILE)
+    return (lambda x: session.run(None, {"images": x})[0]), spec
+
+
 def classify_files(
-    exported: Path, source: Path, out: Path, log: Callable[[str], None] = print
+    exported: Path, source: Path, out: Path, log: Callable[[str], None] = print, backend: str = "auto"
 ) -> dict[str, tuple[str, float]]:
     """Classify ``source`` (an image or a folder) with an exported classifier; writes
     ``<out>/predictions.txt`` atomically and returns ``{image_id: (class name, probability)}``."""
-    from rkd.deploy.export import load_exported
-
     images = list_images(Path(source))
-    model, spec = load_exported(Path(exported))
-    if spec["kind"] != "classifier":
-        raise RkdError(f"{exported}: holds a {spec['kind']}, not a classifier; use predict_files")
+    logits_of, spec = load_classifier(Path(exported), backend)
     class_names = list(spec["class_names"])
-    # The training dataset's own resizing (labels unused), so deployment sees what training saw.
-    scenes = SceneDataset([(path, 0) for path in images.values()], class_names, int(spec["input_size"]), train=False)
+    size = int(spec["input_size"])
     ids = list(images)
     results: dict[str, tuple[str, float]] = {}
-    with torch.no_grad():
-        for start in range(0, len(ids), CLASSIFY_BATCH):
-            batch = range(start, min(start + CLASSIFY_BATCH, len(ids)))
-            x = torch.stack([normalize(scenes[i][0], spec["input"]) for i in batch])
-            probabilities, labels = model(x).logits.softmax(dim=-1).max(dim=-1)
-            for i, label, probability in zip(batch, labels.tolist(), probabilities.tolist()):
-                results[ids[i]] = (class_names[label], probability)
-                log(f"{images[ids[i]].name}: {class_names[label]} ({probability:.3f})")
+    for start in range(0, len(ids), CLASSIFY_BATCH):
+        batch = ids[start : start + CLASSIFY_BATCH]
+        # the training dataset's resizing: antialiased bilinear to S x S, float, clamped to [0, 255]
+        x = np.stack([normalize(postprocess.resize(read_rgb(images[i]), size, size).clip(0, 255), spec["input"])
+                      for i in batch])
+        logits = logits_of(x).astype(np.float64)
+        probabilities = np.exp(logits - logits.max(1, keepdims=True))
+        probabilities /= probabilities.sum(1, keepdims=True)
+        for image_id, row in zip(batch, probabilities):
+            label = int(row.argmax())
+            results[image_id] = (class_names[label], float(row[label]))
+            log(f"{images[image_id].name}: {class_names[label]} ({row[label]:.3f})")
     lines = "".join(f"{image_id} {name} {probability:.6f}\n" for image_id, (name, probability) in results.items())
     atomic_write_text(Path(out) / CLASS_PREDICTIONS_FILE, lines)
     return results

@@ -25,17 +25,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+from typing import TYPE_CHECKING
 
 from rkd.data.cli import CLASSES_HELP, class_list
 from rkd.errors import DataError
-from rkd.eval.map import evaluate_detections
-from rkd.eval.merge import DEFAULT_MERGE_IOU, merge_patch_predictions
-from rkd.eval.predictions import read_dota_task1, read_json_predictions
+
+if TYPE_CHECKING:  # the evaluation itself imports torch when it runs, not when rkd's parser is built
+    import torch
 
 
 def read_predictions(source: Path, class_names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
     """Task1 folder or file, or a ``.json`` list; labels index ``class_names``."""
+    from rkd.eval.predictions import read_dota_task1, read_json_predictions
+
     if not source.exists():
         raise DataError(f"{source}: prediction file or folder not found")
     if source.is_file() and source.suffix.lower() == ".json":
@@ -55,7 +57,7 @@ def evaluate_files(
     pred: Path,
     split: str | None = None,
     iou_threshold: float = 0.5,
-    merge_iou: float = DEFAULT_MERGE_IOU,
+    merge_iou: float | None = None,
     classes: list[str] | None = None,
 ) -> dict[str, Any]:
     """``{"mAP", "mAP50", "mAP75", "per_class": {name: {"ap", "ap50", "ap75", "num_gt"}}, "protocol": {...}}``.
@@ -65,8 +67,14 @@ def evaluate_files(
     "difficult": "ignored", "split", "skipped_lines"}`` (see module doc). Label lines the
     reader leaves out (degenerate polygons) are counted in ``skipped_lines`` and listed on stderr.
     """
+    import torch
+
     from rkd.data.dataset import READERS
     from rkd.data.inspect import default_split
+    from rkd.eval.map import evaluate_detections
+    from rkd.eval.merge import DEFAULT_MERGE_IOU, merge_patch_predictions
+
+    merge_iou = DEFAULT_MERGE_IOU if merge_iou is None else merge_iou
 
     if gt_format not in READERS:
         raise DataError(f"--gt-format {gt_format!r}: expected one of {sorted(READERS)}")
@@ -165,8 +173,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument(
         "--merge-iou",
         type=float,
-        default=DEFAULT_MERGE_IOU,
-        help=f"NMS IoU when merging patch predictions into scenes (default {DEFAULT_MERGE_IOU})",
+        help="NMS IoU when merging patch predictions into scenes (default: the DOTA devkit's merge IoU)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=_cmd_evaluate)

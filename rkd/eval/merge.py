@@ -24,6 +24,7 @@ Detections = dict[str, Tensor]  # boxes (M, 5) le90, scores (M,), labels (M,); o
 # DOTA's devkit merges patch results with NMS at this IoU.
 DEFAULT_MERGE_IOU = 0.3
 
+
 _PATCH_ID = re.compile(r"^(?P<scene>.+)__(?P<scale>[0-9.]+)__(?P<x0>-?\d+)___(?P<y0>-?\d+)$")
 
 

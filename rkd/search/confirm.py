@@ -274,7 +274,7 @@ def confirm_report(confirm: dict[str, Any]) -> str:
 def confirm_table(confirm: dict[str, Any]) -> str:
     """The confirmed points as a text table (``rkd results``, the end of ``rkd search``)."""
     from rkd.search.results import format_table
-    from rkd.train.tasks import metric_label
+    from rkd.metrics import metric_label
 
     label = metric_label(confirm["metric"])
     rows = [{

@@ -10,7 +10,7 @@ from typing import Any, Callable, TextIO
 from ray import tune
 
 from rkd.search.results import error_reason, loss_growth
-from rkd.train.tasks import metric_label
+from rkd.metrics import metric_label
 
 
 def _fmt_elapsed(seconds: float) -> str:

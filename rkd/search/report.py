@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 
 from rkd.errors import RkdError
 from rkd.search.results import DEFAULT_OBJECTIVES, front_rows, hypervolume, knee, trials_path
-from rkd.train.tasks import metric_label
-from rkd.train.checkpoint import atomic_write_text
+from rkd.metrics import metric_label
+from rkd.atomic import atomic_write_text
 
 W, H = 640, 380  # chart size in px
 PAD_L, PAD_R, PAD_T, PAD_B = 56, 16, 14, 40

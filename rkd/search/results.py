@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rkd.errors import RkdError
-from rkd.train.checkpoint import atomic_write_bytes
-from rkd.train.tasks import metric_label
+from rkd.atomic import atomic_write_bytes
+from rkd.metrics import metric_label
 
 STATUSES = ("complete", "stopped", "failed", "diverged", "infeasible")
 BASE_COLUMNS = [

@@ -49,7 +49,8 @@ from rkd.train.checkpoint import atomic_write_json
 from rkd.train.loop import STUDENT_FILE
 from rkd.train.runner import build_trainer, ensure_ray
 from rkd.train.spec import RunSpec, with_overrides
-from rkd.train.tasks import TASKS, metric_label
+from rkd.metrics import metric_label
+from rkd.train.tasks import TASKS
 from rkd.train.teacher import prepare_teacher, shared_checkpoint
 
 SEARCH_KEYS = {

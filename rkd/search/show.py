@@ -16,9 +16,10 @@ import argparse
 import math
 from pathlib import Path
 
-import rkd.distill  # noqa: F401  (importing the package registers every method)
-from rkd.distill.base import KD_METHODS
-from rkd.search.space import Dim, SearchSpace, load_space
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the space module needs torch (the KD registry); building rkd's parser must not
+    from rkd.search.space import Dim, SearchSpace
 
 
 def method_combinations(space: SearchSpace) -> int:
@@ -66,7 +67,7 @@ def format_space(space: SearchSpace) -> str:
         # Parameters the space leaves out keep the method's defaults: show them so the
         # tree says everything the trial will run with.
         named = {d.name.rsplit(".", 1)[1] for d in params}
-        known = KD_METHODS if space.registry is None else space.registry
+        known = detection_methods() if space.registry is None else space.registry
         rest = [f"{p}={v.default!r}" for p, v in known[method].params.items() if p not in named]
         if rest:
             rows.append((f"    (defaults: {', '.join(rest)})", "", ""))
@@ -88,8 +89,17 @@ def format_space(space: SearchSpace) -> str:
     return "\n".join(lines)
 
 
+def detection_methods() -> dict:
+    """The detection KD registry; imported when used, so building rkd's parser needs no torch."""
+    import rkd.distill  # noqa: F401  (importing the package registers every method)
+    from rkd.distill.base import KD_METHODS
+
+    return KD_METHODS
+
+
 def show_space(path: str | Path, task: str = "detection") -> str:
     """Load (and so validate) the space at ``path`` and format it; errors carry file:line."""
+    from rkd.search.space import load_space
     from rkd.train.tasks import TASKS
 
     return format_space(load_space(path, registry=TASKS[task].method_registry()))

@@ -19,7 +19,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from rkd import storage
 from rkd.train.loop import SCORE_METRIC, UNSCORED, train_loop
 from rkd.train.spec import Resources
-from rkd.train.tasks import metric_label
+from rkd.metrics import metric_label
 
 # A run whose controller cannot start (e.g. resources that never free up) fails
 # after this many controller failures instead of retrying forever.

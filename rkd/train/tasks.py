@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from rkd.metrics import METRIC_LABELS
+
 
 def check_declared_sign(param: Any, value: Any, where: str) -> None:
     """Refuse a value on the wrong side of 0 for its declared range: a range declared above 0 (KD weights
@@ -170,18 +172,10 @@ class Task:
 
 
 TASKS = {
-    "detection": Task("detection", "map50", "mAP50", "detector", None, ("classifier",)),
-    "classification": Task("classification", "top1", "top-1", "classifier", ("classifier",), ()),
+    "detection": Task("detection", "map50", METRIC_LABELS["map50"], "detector", None, ("classifier",)),
+    "classification": Task("classification", "top1", METRIC_LABELS["top1"], "classifier", ("classifier",), ()),
 }
 TASK_OF_METRIC = {task.metric: task for task in TASKS.values()}  # a run's accuracy objective -> its task
 TASK_OF_KIND = {task.checkpoint_kind: task for task in TASKS.values()}  # a checkpoint's kind -> its task
 
 
-def metric_label(metric: str) -> str:
-    """How an accuracy metric is written for people (``map50`` -> ``mAP50``, ``top1`` -> ``top-1``).
-
-    >>> metric_label("top1"), metric_label("latency_ms")
-    ('top-1', 'latency_ms')
-    """
-    task = TASK_OF_METRIC.get(metric)
-    return task.metric_label if task else metric
