@@ -90,3 +90,63 @@ def test_int8_needs_the_end_to_end_onnx_graph_and_a_detector(tmp_path, capsys):
     assert rkd_main(["export", str(run), "--out", str(tmp_path / "m"), "--int8", "--latency-runs", "1"]) == 2
     assert "search_identity.json: missing; --int8 calibrates on the run's training data" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_int8_export_of_a_scene_classifier_keeps_its_top1_on_aid(tmp_path, capsys):
+    """A convnet trained briefly on three AID classes: quantised whole, scored by val top-1 in onnxruntime."""
+    from rkd.data.scene_dataset import build_scene_dataset, collate_scenes, validate_scene_data_spec
+    from rkd.models import build_classifier
+    from rkd.train.classify import save_classifier
+
+    aid = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "aid150"
+    classes = ["Airport", "Beach", "Forest"]
+    data = {"format": "scenes", "root": str(aid), "input_size": 96, "classes": classes, "max_per_class": 20}
+    train = build_scene_dataset(validate_scene_data_spec(data), "train", train=False)
+    images, labels = collate_scenes([train[i] for i in range(len(train))])
+    torch.manual_seed(0)
+    model_spec = {"backbone": {"name": "convnet", "width": 0.25}}
+    model = build_classifier(model_spec, len(classes))
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(60):
+        batch = torch.arange(step * 12, step * 12 + 12) % len(images)
+        loss = torch.nn.functional.cross_entropy(model(images[batch]).logits, labels[batch])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    run = tmp_path / "runs" / "aid"
+    ckpt = run / "ray" / "trials" / "trial-a" / "checkpoint_000000" / "student.pt"
+    save_classifier(ckpt, model, model_spec, classes, 96, meta={"top1": 0.5})
+    row = {"trial_id": "a", "status": "complete", "reason": None, "map50": None, "top1": 0.5, "gflops": 0.1,
+           "params_m": 0.1, "epochs_done": 1, "epochs": 1, "kd_methods": "", "wall_s": 1.0, "checkpoint": str(ckpt),
+           "config_json": "{}", "params": {}}
+    write_parquet(trials_table([row]), run / "trials.parquet")
+    (run / "summary.json").write_text(json.dumps({"name": "aid", "objectives": ["top1", "gflops"]}))
+    (run / "search_identity.json").write_text(json.dumps({"data": data}))
+
+    out = tmp_path / "model"
+    argv = ["export", str(run), "--out", str(out), "--format", "onnx", "--int8", "--int8-images", "8",
+            "--latency-runs", "2"]
+    assert rkd_main(argv) == 0
+    assert "val top-1 in onnxruntime" in capsys.readouterr().out
+    graph = onnx.load(str(out / INT8_FILE))
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) > 5  # the whole network, not a part
+    card = json.loads((out / CARD_FILE).read_text())
+    section = card["metrics"]["int8"]
+    assert section["metric"] == "top1" and "map50" not in section
+    scores = section["top1"]
+    # the float graph's top-1 is the torch model's on the same val images, preprocessed as training does
+    val = build_scene_dataset(validate_scene_data_spec(data), "val", train=False)
+    val_images, val_labels = collate_scenes([val[i] for i in range(len(val))])
+    with torch.no_grad():
+        want = float((model(val_images).logits.argmax(1) == val_labels).float().mean())
+    assert scores["float_onnx"] == pytest.approx(want, abs=1e-4) and want > 0.5  # it learnt something (3 classes)
+    assert abs(scores["int8_onnx"] - scores["float_onnx"]) <= 0.1 and scores["val_images"] == len(val)
+    assert "val top-1, model.int8.onnx" in (out / README_FILE).read_text()
+    # and rkd predict --int8 classifies with it
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    for path in sorted((aid / "val" / classes[1]).glob("*.jpg"))[:3]:
+        (folder / path.name).symlink_to(path)
+    assert rkd_main(["predict", str(out), str(folder), "--out", str(tmp_path / "p"), "--int8"]) == 0
+    assert len((tmp_path / "p" / "predictions.txt").read_text().splitlines()) == 3

@@ -182,9 +182,10 @@ def _int8_rows(int8: dict[str, Any] | None) -> str:
     """The metrics table's lines for ``model.int8.onnx`` (none without ``--int8``)."""
     if not int8:
         return ""
-    scores, ms = int8["map50"], int8["latency"]["onnxruntime_cpu_batch1"]["median_ms"]
-    return (f"| val mAP50, model.onnx in onnxruntime | {scores['float_onnx']:.3f} |\n"
-            f"| val mAP50, {int8['file']} (INT8: {int8['quantised']}; calibrated on "
+    metric = int8.get("metric", "map50")  # cards before classifier INT8 carry mAP50 only
+    scores, ms, label = int8[metric], int8["latency"]["onnxruntime_cpu_batch1"]["median_ms"], metric_label(metric)
+    return (f"| val {label}, model.onnx in onnxruntime | {scores['float_onnx']:.3f} |\n"
+            f"| val {label}, {int8['file']} (INT8: {int8['quantised']}; calibrated on "
             f"{int8['calibration']['images']} training images) | {scores['int8_onnx']:.3f} |\n"
             f"| {int8['file']} latency, onnxruntime CPU batch 1 | {ms:.2f} ms |\n")
 

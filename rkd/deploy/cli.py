@@ -44,9 +44,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         + ", ".join(sorted(result.card["files"].values()))
     )
     if "int8" in m:
-        scores = m["int8"]["map50"]
-        print(f"val mAP50 in onnxruntime: {scores['float_onnx']:.3f} float, {scores['int8_onnx']:.3f} INT8 "
-              f"({m['int8']['file']}, {scores['val_images']} val images)")
+        metric = m["int8"]["metric"]
+        scores = m["int8"][metric]
+        print(f"val {metric_label(metric)} in onnxruntime: {scores['float_onnx']:.3f} float, "
+              f"{scores['int8_onnx']:.3f} INT8 ({m['int8']['file']}, {scores['val_images']} val images)")
     return 0
 
 
@@ -58,9 +59,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if exported_kind(Path(args.exported)) == "classifier":
         if args.tile is not None:
             raise RkdError(f"--tile: {args.exported} holds a scene classifier, which sees each image whole")
-        if args.int8:
-            raise RkdError(f"--int8: {args.exported} holds a scene classifier; INT8 graphs are written for detectors")
-        classes = classify_files(Path(args.exported), Path(args.images), Path(args.out), backend=args.backend)
+        classes = classify_files(Path(args.exported), Path(args.images), Path(args.out), backend=args.backend,
+                                 int8=args.int8)
         print(f"{len(classes)} images classified, written to {Path(args.out) / CLASS_PREDICTIONS_FILE}")
         return 0
     counts, skipped = predict_files(
@@ -127,8 +127,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the export folder to create (must not exist, or be empty)")
     p.add_argument("--latency-runs", type=int, default=20, help="runs of each latency median (default 20)")
     p.add_argument("--int8", action="store_true",
-                   help="detectors: also write model.int8.onnx (onnxruntime static quantisation of the network, "
-                        "calibrated on the run's training images) and score it and model.onnx on val")
+                   help="also write model.int8.onnx (onnxruntime static quantisation of the network, calibrated "
+                        "on the run's training images) and score it and model.onnx on val (mAP50 or top-1)")
     p.add_argument("--int8-images", type=int, default=32,
                    help="training images the INT8 calibration sees (default 32)")
     p.set_defaults(func=_cmd_export)
@@ -148,7 +148,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="torch (model.safetensors) or onnxruntime (model.onnx, end-to-end for detectors); auto: "
                         "torch where it is installed and the export has its weights, else onnxruntime")
     p.add_argument("--int8", action="store_true",
-                   help="detectors: run model.int8.onnx (written by rkd export --int8) in onnxruntime")
+                   help="run model.int8.onnx (written by rkd export --int8) in onnxruntime")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("submit", help="run 'rkd search SPEC' as a Ray Job on a cluster")

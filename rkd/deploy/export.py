@@ -14,8 +14,8 @@ picks the weight formats; the cards are always written):
   beside the model: rotated NMS for oriented boxes). ``raw=True`` (``--raw``) writes the raw
   head maps instead (:class:`~rkd.deploy.graphs.RawNetwork`). A classifier:
   ``images (B, 3, S, S) -> logits (B, K)``.
-* ``model.int8.onnx`` with ``--int8`` (detectors): ``model.onnx`` with its network quantised to
-  INT8 (:mod:`rkd.deploy.int8`); the card gives both graphs' val mAP50 in onnxruntime.
+* ``model.int8.onnx`` with ``--int8``: ``model.onnx`` with its network quantised to INT8
+  (:mod:`rkd.deploy.int8`); the card gives both graphs' val mAP50 (top-1) in onnxruntime.
 * ``model.torchscript.pt`` (traced) only when asked for by name (``--format ...,torchscript``):
   PyTorch is retiring TorchScript.
 * ``model_card.json`` and ``README.md`` - what the model is, how to feed it, how good and fast it
@@ -288,9 +288,7 @@ def export_student(
                        f"expected one of {', '.join(TASK_OF_METRIC)}")
     row = pick_trial(rows, pick, min_map, max_gflops, objectives, (summary.get("confirm") or {}).get("points"))
     model, ckpt = _load_student(run, row, task)
-    if int8_images is not None and isinstance(model, Classifier):
-        raise RkdError(f"--int8: {run} is a classification run; INT8 export is for detectors only")
-    data = _int8_data(run) if int8_images is not None else None  # before any writing: a run without it fails fast
+    data = _int8_data(run, task) if int8_images is not None else None  # before any writing: a run without it fails fast
     size = int(ckpt["input_size"])
     network = inference_network(model, size, raw).eval()
 
@@ -335,7 +333,7 @@ def export_student(
             from rkd.deploy.int8 import int8_section
 
             card["metrics"]["int8"] = int8_section(tmp / ONNX_FILE, data, int(ckpt["num_classes"]), int8_images,
-                                                   latency_runs, size)
+                                                   latency_runs, size, classifier=isinstance(model, Classifier))
             card["files"]["int8_onnx"] = INT8_FILE
             card["outputs"] += [{**o, "file": INT8_FILE} for o in outputs if o["file"] == ONNX_FILE]
         atomic_write_json(tmp / CARD_FILE, card)
@@ -349,11 +347,11 @@ def export_student(
     return ExportResult(out, row, card)
 
 
-def _int8_data(run: Path) -> dict[str, Any]:
+def _int8_data(run: Path, task: Any) -> dict[str, Any]:
     writers.need("onnxruntime")
     from rkd.deploy.int8 import run_data
 
-    return run_data(run)
+    return run_data(run, task)
 
 
 # --- reading ---------------------------------------------------------------------------------

@@ -1,22 +1,26 @@
-"""``rkd export --int8``: an INT8 ``model.int8.onnx`` beside ``model.onnx``, and what it costs in mAP50.
+"""``rkd export --int8``: an INT8 ``model.int8.onnx`` beside ``model.onnx``, and what it costs in accuracy.
 
 onnxruntime's static quantisation (QDQ format, per-channel int8 weights, int8 activations,
 MinMax ranges) calibrated on training images of the run's data (``RUN/search_identity.json``),
-letterboxed and normalised exactly as in training and ``rkd predict``.
+preprocessed exactly as in training and ``rkd predict`` (letterboxed for detectors, resized for
+scene classifiers).
 
-Only the network is quantised - the nodes the exporter scoped under the backbone, neck and head;
-the end-to-end graph's decoding, top-k and NonMaxSuppression stay float32 in the same file. Those
-ops carry box coordinates in input pixels and scores compared with thresholds: 8 bits over a
-128..1024 pixel range would move boxes by pixels and scores across the threshold, and onnxruntime
-has no int8 TopK or NonMaxSuppression to gain speed from.
+Detectors: only the network is quantised - the nodes the exporter scoped under the backbone, neck
+and head; the end-to-end graph's decoding, top-k and NonMaxSuppression stay float32 in the same
+file. Those ops carry box coordinates in input pixels and scores compared with thresholds: 8 bits
+over a 128..1024 pixel range would move boxes by pixels and scores across the threshold, and
+onnxruntime has no int8 TopK or NonMaxSuppression to gain speed from. Scene classifiers: the
+whole graph is the network (backbone, pooling, classifier), and all of it is quantised.
 
-Both graphs are then scored on the val split with rkd's own mAP (:func:`rkd.eval.evaluate_detections`,
-the decode thresholds of training's validation) through onnxruntime and ``postprocess.py``.
+Both graphs are then scored on the val split through onnxruntime: detectors with rkd's own mAP
+(:func:`rkd.eval.evaluate_detections`, the decode thresholds of training's validation and
+``postprocess.py``), classifiers by val top-1.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +30,16 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from rkd.data.dataset import build_dataset, collate_detection, validate_data_spec
+from rkd.data.dataset import build_dataset, collate_detection
+from rkd.data.scene_dataset import build_scene_dataset, collate_scenes
 from rkd.deploy import postprocess
-from rkd.deploy.export import INT8_FILE
+from rkd.deploy.files import INT8_FILE
 from rkd.deploy.graphs import DEFAULT_IOU, DEFAULT_SCORE
 from rkd.deploy.latency import ort_latency, ort_session
 from rkd.errors import RkdError, SpecError
 from rkd.eval import evaluate_detections
 from rkd.train.evaluate import merge_into_scenes
+from rkd.train.tasks import Task
 
 DEFAULT_IMAGES = 32
 # Scopes the ONNX exporter gives the detector's submodules: the network, not the decoding after it.
@@ -41,12 +47,12 @@ NETWORK_SCOPES = ("/backbone/", "/neck/", "/head/")
 EVAL_BATCH = 8
 
 
-def run_data(run: Path) -> dict[str, Any]:
+def run_data(run: Path, task: Task) -> dict[str, Any]:
     """The validated ``data`` section the search ``run`` trained on."""
     path = Path(run) / "search_identity.json"
     try:
         data = json.loads(path.read_text())["data"]
-        return validate_data_spec(data)
+        return task.validate_data(data)
     except FileNotFoundError:
         raise RkdError(f"{path}: missing; --int8 calibrates on the run's training data and reads its data "
                        "section from there") from None
@@ -56,22 +62,31 @@ def run_data(run: Path) -> dict[str, Any]:
         raise RkdError(f"{path}: its data section no longer validates here: {exc}") from None
 
 
+def training_inputs(data: dict[str, Any], classifier: bool) -> tuple[int, Callable[[int], np.ndarray]]:
+    """``(count, i -> the (1, 3, S, S) network input of training image i)``, preprocessed as for validation."""
+    if classifier:
+        scenes = build_scene_dataset(data, "train", train=False)
+        return len(scenes), lambda i: collate_scenes([scenes[i]])[0].numpy()
+    train = build_dataset(data, "train", train=False)
+    return len(train), lambda i: collate_detection([train[i]])[0].numpy()
+
+
 class TrainingImages(CalibrationDataReader):
     """``count`` training images spread evenly over the split, one per calibration batch."""
 
-    def __init__(self, data: dict[str, Any], count: int, input_names: list[str]) -> None:
-        train = build_dataset(data, "train", train=False)
-        if len(train) == 0:
+    def __init__(self, data: dict[str, Any], count: int, input_names: list[str], classifier: bool) -> None:
+        total, network_input = training_inputs(data, classifier)
+        if total == 0:
             raise RkdError("--int8: the run's training split has no images to calibrate on")
-        picks = np.unique(np.linspace(0, len(train) - 1, min(count, len(train))).round().astype(int))
+        picks = np.unique(np.linspace(0, total - 1, min(count, total)).round().astype(int))
         self.count = len(picks)
-        self._feeds = (postprocess.inputs(input_names, collate_detection([train[int(i)]])[0].numpy()) for i in picks)
+        self._feeds = (postprocess.inputs(input_names, network_input(int(i))) for i in picks)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._feeds, None)
 
 
-def quantise(onnx_path: Path, out: Path, data: dict[str, Any], images: int) -> dict[str, Any]:
+def quantise(onnx_path: Path, out: Path, data: dict[str, Any], images: int, classifier: bool) -> dict[str, Any]:
     """Write the INT8 graph of ``onnx_path`` to ``out``; returns how (for the card)."""
     if images < 1:
         raise RkdError(f"--int8-images {images}: calibrate on at least one image")
@@ -83,20 +98,23 @@ def quantise(onnx_path: Path, out: Path, data: dict[str, Any], images: int) -> d
     except Exception:  # a graph its symbolic shape inference cannot follow: quantise it as exported
         source, pre_processed = onnx_path, False
     model = onnx.load(str(source))
-    nodes = [n.name for n in model.graph.node if n.name.startswith(NETWORK_SCOPES)]
-    reader = TrainingImages(data, images, [i.name for i in model.graph.input])
+    nodes = None if classifier else [n.name for n in model.graph.node if n.name.startswith(NETWORK_SCOPES)]
+    reader = TrainingImages(data, images, [i.name for i in model.graph.input], classifier)
     try:
         quantize_static(str(source), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
                         calibrate_method=CalibrationMethod.MinMax)
     finally:
         prepared.unlink(missing_ok=True)
+    quantised = ("the whole classifier (backbone convolutions, pooling, classifier) and its activations" if classifier
+                 else "the network (backbone, neck, head convolutions and their activations): QDQ, per-channel "
+                      "int8 weights, int8 activations; decoding, top-k and NMS stay float32")
     return {
         "file": out.name,
-        "quantised": "the network (backbone, neck, head convolutions and their activations): QDQ, per-channel "
-                     "int8 weights, int8 activations; decoding, top-k and NMS stay float32",
+        "quantised": quantised,
         "calibration": {"images": reader.count, "split": "train", "method": "MinMax",
-                        "preprocessing": "letterbox and normalise, as training and rkd predict"},
+                        "preprocessing": "resize and normalise, as training and rkd predict" if classifier
+                        else "letterbox and normalise, as training and rkd predict"},
         "pre_processed": pre_processed,
     }
 
@@ -124,13 +142,29 @@ def onnx_map50(path: Path, data: dict[str, Any], num_classes: int) -> tuple[floa
     return float(evaluate_detections(detections, truths, num_classes=num_classes, iou_threshold=0.5).map), len(detections)
 
 
+def onnx_top1(path: Path, data: dict[str, Any]) -> tuple[float, int]:
+    """``(val top-1, images scored)`` of a classifier graph in onnxruntime, on training's val preprocessing."""
+    val = build_scene_dataset(data, "val", train=False)
+    session = ort_session(path)
+    right = 0
+    for start in range(0, len(val), EVAL_BATCH):
+        images, labels = collate_scenes([val[i] for i in range(start, min(start + EVAL_BATCH, len(val)))])
+        (logits,) = session.run(None, {"images": images.numpy()})
+        right += int((logits.argmax(1) == labels.numpy()).sum())
+    return right / max(1, len(val)), len(val)
+
+
 def int8_section(onnx_path: Path, data: dict[str, Any], num_classes: int, images: int, latency_runs: int,
-                 size: int) -> dict[str, Any]:
-    """Quantise ``onnx_path`` into ``INT8_FILE`` beside it and measure both graphs: the card's ``int8``."""
+                 size: int, classifier: bool = False) -> dict[str, Any]:
+    """Quantise ``onnx_path`` into ``INT8_FILE`` beside it and measure both graphs: the card's ``int8``,
+    whose accuracy sits under the task's metric key (``map50`` or ``top1``)."""
     out = onnx_path.with_name(INT8_FILE)
-    section = quantise(onnx_path, out, data, images)
-    float_map, count = onnx_map50(onnx_path, data, num_classes)
-    int8_map, _ = onnx_map50(out, data, num_classes)
-    section["map50"] = {"float_onnx": round(float_map, 4), "int8_onnx": round(int8_map, 4), "val_images": count}
+    section = quantise(onnx_path, out, data, images, classifier)
+    score = (lambda graph: onnx_top1(graph, data)) if classifier else (lambda graph: onnx_map50(graph, data, num_classes))
+    float_score, count = score(onnx_path)
+    int8_score, _ = score(out)
+    section["metric"] = "top1" if classifier else "map50"
+    section[section["metric"]] = {"float_onnx": round(float_score, 4), "int8_onnx": round(int8_score, 4),
+                                  "val_images": count}
     section["latency"] = {"onnxruntime_cpu_batch1": ort_latency(out, size, 1, latency_runs)}
     return section

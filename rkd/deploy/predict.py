@@ -272,12 +272,21 @@ def predict_files(
     return counts, skipped
 
 
-def load_classifier(exported: Path, backend: str = "auto") -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
-    """``(logits of a normalised (B, 3, S, S) batch, spec)`` of an exported scene classifier on ``backend``."""
+def load_classifier(exported: Path, backend: str = "auto", int8: bool = False
+                    ) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+    """``(logits of a normalised (B, 3, S, S) batch, spec)`` of an exported scene classifier on ``backend``
+    (``int8``: ``model.int8.onnx`` in onnxruntime)."""
     exported = Path(exported)
     spec = read_spec(exported)
     if spec["kind"] != "classifier":
         raise RkdError(f"{exported}: holds a {spec['kind']}, not a classifier; use predict_files")
+    if int8:
+        if backend == "torch":
+            raise RkdError("--int8 runs model.int8.onnx in onnxruntime; leave out --backend torch")
+        if not (exported / INT8_FILE).is_file():
+            raise RkdError(f"{exported / INT8_FILE}: missing; write it with 'rkd export --int8'")
+        session = _ort_session(exported / INT8_FILE)
+        return (lambda x: session.run(None, {"images": x})[0]), spec
     if _backend(exported, backend) == "torch":
         import torch
 
@@ -297,12 +306,17 @@ def load_classifier(exported: Path, backend: str = "auto") -> tuple[Callable[[np
 
 
 def classify_files(
-    exported: Path, source: Path, out: Path, log: Callable[[str], None] = print, backend: str = "auto"
+    exported: Path,
+    source: Path,
+    out: Path,
+    log: Callable[[str], None] = print,
+    backend: str = "auto",
+    int8: bool = False,
 ) -> dict[str, tuple[str, float]]:
     """Classify ``source`` (an image or a folder) with an exported classifier; writes
     ``<out>/predictions.txt`` atomically and returns ``{image_id: (class name, probability)}``."""
     images = list_images(Path(source))
-    logits_of, spec = load_classifier(Path(exported), backend)
+    logits_of, spec = load_classifier(Path(exported), backend, int8)
     class_names = list(spec["class_names"])
     size = int(spec["input_size"])
     ids = list(images)
