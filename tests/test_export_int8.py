@@ -33,13 +33,18 @@ def trained_run(root: Path) -> tuple[Path, torch.nn.Module]:
     run = root / "runs" / "synthetic"
     ckpt = run / "ray" / "trials" / "trial-a" / "checkpoint_000000" / "student.pt"
     save_detector(ckpt, model, SPEC, ["a", "b"], SIZE)
-    row = {"trial_id": "a", "status": "complete", "reason": None, "map50": 0.5, "gflops": 0.1, "params_m": 0.1,
-           "epochs_done": 1, "epochs": 1, "kd_methods": "", "wall_s": 1.0, "checkpoint": str(ckpt),
-           "config_json": "{}", "params": {}}
-    write_parquet(trials_table([row]), run / "trials.parquet")
-    (run / "summary.json").write_text(json.dumps({"name": "synthetic", "objectives": ["map50", "gflops"]}))
-    (run / "search_identity.json").write_text(json.dumps({"data": DATA}))
+    write_one_trial_run(run, ckpt, "map50", DATA)
     return run, model
+
+
+def write_one_trial_run(run: Path, ckpt: Path, metric: str, data: dict) -> None:
+    """The files of a finished one-trial search around the student checkpoint ``ckpt``."""
+    row = {"trial_id": "a", "status": "complete", "reason": None, "map50": None, "top1": None, metric: 0.5,
+           "gflops": 0.1, "params_m": 0.1, "epochs_done": 1, "epochs": 1, "kd_methods": "", "wall_s": 1.0,
+           "checkpoint": str(ckpt), "config_json": "{}", "params": {}}
+    write_parquet(trials_table([row]), run / "trials.parquet")
+    (run / "summary.json").write_text(json.dumps({"name": run.name, "objectives": [metric, "gflops"]}))
+    (run / "search_identity.json").write_text(json.dumps({"data": data}))
 
 
 def top_detection(folder: Path) -> tuple[np.ndarray, str]:
@@ -117,12 +122,7 @@ def test_int8_export_of_a_scene_classifier_keeps_its_top1_on_aid(tmp_path, capsy
     run = tmp_path / "runs" / "aid"
     ckpt = run / "ray" / "trials" / "trial-a" / "checkpoint_000000" / "student.pt"
     save_classifier(ckpt, model, model_spec, classes, 96, meta={"top1": 0.5})
-    row = {"trial_id": "a", "status": "complete", "reason": None, "map50": None, "top1": 0.5, "gflops": 0.1,
-           "params_m": 0.1, "epochs_done": 1, "epochs": 1, "kd_methods": "", "wall_s": 1.0, "checkpoint": str(ckpt),
-           "config_json": "{}", "params": {}}
-    write_parquet(trials_table([row]), run / "trials.parquet")
-    (run / "summary.json").write_text(json.dumps({"name": "aid", "objectives": ["top1", "gflops"]}))
-    (run / "search_identity.json").write_text(json.dumps({"data": data}))
+    write_one_trial_run(run, ckpt, "top1", data)
 
     out = tmp_path / "model"
     argv = ["export", str(run), "--out", str(out), "--format", "onnx", "--int8", "--int8-images", "8",
