@@ -18,7 +18,7 @@ import torch
 from rkd.data.dataset import build_dataset, collate_detection, validate_data_spec
 from rkd.deploy import postprocess
 from rkd.deploy.graphs import DetectionNetwork, output_names
-from rkd.deploy.latency import ort_session
+from rkd.deploy.latency import cuda_available, ort_session
 from rkd.deploy.writers import write_onnx
 from rkd.geometry import obb_to_hbb
 from rkd.models import build_detector
@@ -125,3 +125,17 @@ def test_numpy_rotated_nms_equals_rkd_and_shapely_on_real_detections(ucas):
     for iou in (0.05, 0.1, 0.3, 0.7):
         kept = postprocess.rotated_nms(boxes.numpy(), scores.numpy(), labels.numpy(), iou)
         np.testing.assert_array_equal(kept, batched_rotated_nms(boxes, scores, labels, iou).numpy())
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a GPU and onnxruntime's CUDA provider")
+def test_card_latency_on_cuda_is_measured_by_the_cuda_provider(tmp_path):
+    from rkd.deploy.card import latency_section
+
+    model = build_detector(spec("retinanet", "obb"), 2).eval()
+    path = tmp_path / "model.onnx"
+    write_onnx(DetectionNetwork(model, SIZE).eval(), SIZE, path, output_names(model.info))
+    section = latency_section(model, SIZE, path, runs=3)
+    for batch in (1, 8):
+        cuda = section[f"onnxruntime_cuda_batch{batch}"]
+        assert cuda["provider"] == "CUDAExecutionProvider" and cuda["batch"] == batch and cuda["median_ms"] > 0
+    assert "cuda" not in section  # no "not measured" note
