@@ -119,10 +119,9 @@ def quantise(onnx_path: Path, out: Path, data: dict[str, Any], images: int, clas
     }
 
 
-def onnx_map50(path: Path, data: dict[str, Any], num_classes: int) -> tuple[float, int]:
-    """``(val mAP50, images scored)`` of an end-to-end detector graph in onnxruntime, scored as
-    training's validation scores the torch model (:mod:`rkd.train.evaluate`)."""
-    val = build_dataset(data, "val", train=False)
+def onnx_map50(path: Path, val: Any, num_classes: int) -> tuple[float, int]:
+    """``(val mAP50, images scored)`` of an end-to-end detector graph in onnxruntime on the ``val``
+    dataset, scored as training's validation scores the torch model (:mod:`rkd.train.evaluate`)."""
     session = ort_session(path)
     names, out_names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
     tiled = getattr(val, "windows", None) is not None  # patches are merged in scene pixels
@@ -142,9 +141,9 @@ def onnx_map50(path: Path, data: dict[str, Any], num_classes: int) -> tuple[floa
     return float(evaluate_detections(detections, truths, num_classes=num_classes, iou_threshold=0.5).map), len(detections)
 
 
-def onnx_top1(path: Path, data: dict[str, Any]) -> tuple[float, int]:
-    """``(val top-1, images scored)`` of a classifier graph in onnxruntime, on training's val preprocessing."""
-    val = build_scene_dataset(data, "val", train=False)
+def onnx_top1(path: Path, val: Any) -> tuple[float, int]:
+    """``(val top-1, images scored)`` of a classifier graph in onnxruntime on the ``val`` scenes
+    (training's val preprocessing)."""
     session = ort_session(path)
     right = 0
     for start in range(0, len(val), EVAL_BATCH):
@@ -160,7 +159,12 @@ def int8_section(onnx_path: Path, data: dict[str, Any], num_classes: int, images
     whose accuracy sits under the task's metric key (``map50`` or ``top1``)."""
     out = onnx_path.with_name(INT8_FILE)
     section = quantise(onnx_path, out, data, images, classifier)
-    score = (lambda graph: onnx_top1(graph, data)) if classifier else (lambda graph: onnx_map50(graph, data, num_classes))
+    if classifier:
+        val = build_scene_dataset(data, "val", train=False)  # read once, scored twice
+        score = lambda graph: onnx_top1(graph, val)  # noqa: E731
+    else:
+        val = build_dataset(data, "val", train=False)
+        score = lambda graph: onnx_map50(graph, val, num_classes)  # noqa: E731
     float_score, count = score(onnx_path)
     int8_score, _ = score(out)
     section["metric"] = "top1" if classifier else "map50"
