@@ -489,14 +489,18 @@ def test_a_search_lists_the_skipped_lines_in_its_run_folder_and_counts_them(tmp_
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     logged: list[str] = []
-    lines = record_skipped_lines(SimpleNamespace(data=data, task="detection", run_dir=run_dir), logged.append)
-    assert lines == skipped_lines(data) and len(lines) == 1
+    from rkd.train.tasks import TASKS
+
+    files, found = TASKS["detection"].check_data(data)  # what the search's input check reads, once
+    assert found == skipped_lines(data) and len(found) == 1 and files
+    lines = record_skipped_lines(SimpleNamespace(run_dir=run_dir), found, logged.append)
+    assert lines == found
     assert (run_dir / "skipped_lines.txt").read_text() == lines[0] + "\n"
     assert count_skipped_lines(run_dir) == 1
     assert logged == [f"[data] 1 label line(s) skipped (data.on_error: skip); listed in {run_dir / 'skipped_lines.txt'}"]
     # the data mended: the list of the earlier run goes, the count is 0
     clean = validate_data_spec({"format": "synthetic", "num_classes": 2, "num_train": 2, "num_val": 1, "input_size": 64})
-    record_skipped_lines(SimpleNamespace(data=clean, task="detection", run_dir=run_dir), logged.append)
+    record_skipped_lines(SimpleNamespace(run_dir=run_dir), TASKS["detection"].check_data(clean)[1], logged.append)
     assert count_skipped_lines(run_dir) == 0 and not (run_dir / "skipped_lines.txt").exists()
 
 

@@ -19,9 +19,10 @@ from rkd.train.tasks import TASKS
 SHOWN_PROBLEMS = 20  # a broken folder of thousands of images: the first ones say enough
 
 
-def check_inputs(spec: RunSpec) -> None:
-    """Output folder, labels, image pixels and teacher checkpoint of ``spec``; raises :class:`RkdError`."""
-    files = TASKS[spec.task].check_data(spec.data)
+def check_inputs(spec: RunSpec) -> list[str]:
+    """Output folder, labels, image pixels and teacher checkpoint of ``spec``; raises :class:`RkdError`.
+    Returns the label lines ``data.on_error: skip`` leaves out (``file:line: why``)."""
+    files, skipped = TASKS[spec.task].check_data(spec.data)
     problems = pixel_problems(files)
     if problems:
         shown = "\n  ".join(problems[:SHOWN_PROBLEMS])
@@ -29,6 +30,7 @@ def check_inputs(spec: RunSpec) -> None:
         raise DataError(f"{len(problems)} image(s) of the data whose pixels do not decode:\n  {shown}{more}")
     check_teacher_checkpoint(spec)
     make_run_dir(spec)  # last: bad input leaves no folder behind
+    return skipped
 
 
 def make_run_dir(spec: RunSpec) -> None:

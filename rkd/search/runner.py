@@ -22,7 +22,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from rkd import storage
-from rkd.data.dataset import SKIPPED_FILE, skipped_lines, write_skipped
+from rkd.data.dataset import SKIPPED_FILE, write_skipped
 from rkd.errors import RkdError, SpecError
 from rkd.models.flops import count_flops
 from rkd.models.latency import measure_latency
@@ -401,10 +401,10 @@ def write_results(
     return summary
 
 
-def record_skipped_lines(spec: RunSpec, log: Callable[[str], None]) -> list[str]:
-    """The label lines ``data.on_error: skip`` leaves out, listed in ``<run>/skipped_lines.txt`` (file:line: why)
-    and counted in ``summary.json``; a list of an earlier run of this name is replaced."""
-    lines = skipped_lines(spec.data) if spec.task == "detection" else []
+def record_skipped_lines(spec: RunSpec, lines: list[str], log: Callable[[str], None]) -> list[str]:
+    """The label ``lines`` ``data.on_error: skip`` left out (:func:`check_inputs`), listed in
+    ``<run>/skipped_lines.txt`` (file:line: why) and counted in ``summary.json``; a list of an earlier
+    run of this name is replaced."""
     (spec.run_dir / SKIPPED_FILE).unlink(missing_ok=True)
     if write_skipped(lines, spec.run_dir):
         log(f"[data] {len(lines)} label line(s) skipped (data.on_error: skip); listed in {spec.run_dir / SKIPPED_FILE}")
@@ -492,8 +492,7 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
     space = load_search_space(spec, search)
     # Read every label file and decode every image now: a line that does not parse must fail
     # here, with its file:line, not inside a Ray worker after the teacher has trained.
-    check_inputs(spec)
-    record_skipped_lines(spec, log)
+    record_skipped_lines(spec, check_inputs(spec), log)
     if spec.run_uri:  # what an earlier run left there: its identity, teacher, priors, results
         storage.pull(spec.run_uri, spec.run_dir, exclude=("ray",))
     resuming = prepare_resume(spec, search, resume)

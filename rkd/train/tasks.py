@@ -96,10 +96,12 @@ class Task:
 
         return class_names(data)
 
-    def check_data(self, data: dict[str, Any]) -> list[Path]:
+    def check_data(self, data: dict[str, Any]) -> tuple[list[Path], list[str]]:
         """Read every label (or class folder) of both splits now: problems surface before Ray starts.
-        Returns the image files the two splits read (none for generated data), for a check of their pixels."""
+        Returns the image files the two splits read (none for generated data), for a check of their pixels,
+        and the label lines ``on_error: skip`` left out (``file:line: why``; detection only)."""
         files: list[Path] = []
+        skipped: list[str] = []
         for split in ("train", "val"):
             if self.name == "classification":
                 from rkd.data.scene_dataset import build_scene_dataset
@@ -110,7 +112,8 @@ class Task:
 
                 dataset = build_dataset(data, split, train=False)
                 files += [r.image_path for r in dataset.scenes or dataset.records if r.image_path is not None]
-        return files
+                skipped += dataset.report.skipped if dataset.report is not None else []  # none for generated data
+        return files, list(dict.fromkeys(skipped))  # a split read twice (train == val) lists a line once
 
     def build_model(self, model_spec: dict[str, Any], num_classes: int) -> nn.Module:
         if self.name == "classification":
