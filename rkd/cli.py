@@ -95,6 +95,28 @@ def _cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    import datetime
+
+    from rkd.metrics import metric_label
+    from rkd.train import teacher_cache
+
+    if args.cache_action == "ls":
+        kept = teacher_cache.entries()
+        print(f"{len(kept)} trained teacher(s) kept in {teacher_cache.cache_dir()}")
+        for e in kept:
+            when = datetime.datetime.fromtimestamp(e.get("stored", 0.0)).strftime("%Y-%m-%d %H:%M")
+            metric = e.get("metric", "map50")
+            print(f"{e['hash'][:12]}  {when}  run {e.get('run')!r}  {metric_label(metric)} {e.get(metric, float('nan')):.3f}"
+                  f"  {e['bytes'] / 1e6:.1f} MB")
+        return 0
+    if not (args.hashes or args.all or args.older_than is not None):
+        raise RkdError("rkd cache prune: name the teachers (hashes from 'rkd cache ls'), or give --all or --older-than")
+    gone = teacher_cache.prune(args.hashes, args.all, args.older_than)
+    print(f"deleted {len(gone)} kept teacher(s), {sum(e['bytes'] for e in gone) / 1e6:.1f} MB")
+    return 0
+
+
 def _allow_code_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-code", action="store_true",
                    help=f"let the spec import and run the Python it names (a prior's `target`); same as {ALLOW_CODE_ENV}=1")
@@ -130,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="print the Pareto front and knee point of a finished search")
     p.add_argument("run", help="the run folder, runs/<name>, or its storage URI (s3://..., gs://...)")
     p.set_defaults(func=_cmd_results)
+
+    p = sub.add_parser("cache", help="trained teachers kept for reuse by any run with the same teacher and data")
+    actions = p.add_subparsers(dest="cache_action", required=True)
+    actions.add_parser("ls", help="list the kept teachers: hash, date, the run that trained them, score, size")
+    prune = actions.add_parser("prune", help="delete kept teachers (the next run that needs one trains it again)")
+    prune.add_argument("hashes", nargs="*", help="hashes (or unique prefixes) from 'rkd cache ls'")
+    prune.add_argument("--all", action="store_true", help="delete every kept teacher")
+    prune.add_argument("--older-than", type=float, metavar="DAYS", help="delete those kept more than DAYS ago")
+    p.set_defaults(func=_cmd_cache)
 
     from rkd.deploy.cli import add_commands as add_deploy_commands  # export, predict, submit, status, logs
     from rkd.search.report import add_commands as add_report_commands  # report

@@ -30,6 +30,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _own_teacher_cache(tmp_path_factory, monkeypatch):
+    """Each test its own cache of trained teachers (read by the driver only): a teacher another test
+    trained is never reused behind a test's back; tests of the cache share one on purpose."""
+    monkeypatch.setenv("RKD_TEACHER_CACHE", str(tmp_path_factory.mktemp("teacher-cache")))
+
+
 @pytest.fixture(scope="session")
 def two_node_ray():
     """One real two-node Ray cluster on 127.0.0.1 for every test that needs several nodes

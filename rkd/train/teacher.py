@@ -3,8 +3,9 @@
 A silently broken teacher is the most common KD failure, so the teacher's val
 mAP is always measured, recorded in ``teacher/teacher.json`` and compared with
 ``teacher.min_map`` before any student is distilled from it. A trained teacher
-is cached by a content hash of its config and data, so re-running a search (or
-another search on the same data) reuses it.
+is cached by a content hash of its config and data, in the run folder and in rkd's
+teacher cache (:mod:`rkd.train.teacher_cache`), so re-running a search, or another
+search or ``rkd train`` with the same teacher and data under any name, reuses it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rkd.train.artifacts import collect_stage
 from rkd.train.checkpoint import atomic_write_json, save_model
 from rkd.train.loop import STUDENT_FILE
 from rkd.train.runner import epoch_line, run_training
+from rkd.train import teacher_cache
 from rkd.train.spec import RunSpec, config_hash
 from rkd.train.tasks import TASKS
 
@@ -98,6 +100,14 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
         fields = {k: cached[k] for k in TeacherReport.__dataclass_fields__ if k in cached}
         fields.setdefault("score", cached.get("map50"))  # teacher.json written before scores had a metric
         report = TeacherReport(**{**fields, "source": "cached"})
+    elif spec.teacher.epochs > 0 and (kept := teacher_cache.lookup(digest)) is not None:
+        source, record = kept
+        target = folder / "teacher.pt"
+        teacher_cache.copy_atomic(source, target)
+        log(f"[teacher] reusing the teacher trained for run {record.get('run')!r}, kept in {source.parent} "
+            "(same config and data; 'rkd cache prune' frees it)")
+        fields = {k: record[k] for k in TeacherReport.__dataclass_fields__ if k in record}
+        report = TeacherReport(**{**fields, "checkpoint": str(target), "source": "cached"})
     elif spec.teacher.epochs == 0:
         # A model trained elsewhere (an OpenMMLab checkpoint), kept as it is: saved as an rkd
         # checkpoint so every trial loads it the same way, and scored on this run's val split.
@@ -129,6 +139,8 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
         )
     report.wall_s = round(time.perf_counter() - start, 1)
     atomic_write_json(record_path, report.to_dict())
+    if report.source == "trained":  # for any later run with the same teacher, whatever its name
+        teacher_cache.store(digest, Path(report.checkpoint), {**report.to_dict(), "run": spec.name})
     if remote:
         storage.push(folder, remote)
     label = task.metric_label
