@@ -24,11 +24,14 @@ Band order and names follow pywt's ``(cA, (cH, cV, cD))``:
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any
 
-import pywt
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    import pywt
 
 __all__ = ["dwt2", "dwt2_stacked", "dwt_filters", "dwt_output_size", "coefficient_centres", "check_wavelet"]
 
@@ -36,14 +39,25 @@ __all__ = ["dwt2", "dwt2_stacked", "dwt_filters", "dwt_output_size", "coefficien
 def check_wavelet(name: str) -> pywt.Wavelet:
     """The discrete ``pywt.Wavelet`` called ``name``, or ``ValueError`` naming the valid ones.
 
+    PyWavelets is imported here, when a wavelet is first asked for: ``import rkd.distill`` needs torch alone.
+
     >>> check_wavelet("db2").dec_len
     4
     """
+    pywt: Any = _pywt()
     if name not in pywt.wavelist(kind="discrete"):
         raise ValueError(
             f"unknown discrete wavelet {name!r}; use a PyWavelets name such as haar, db2, db4, sym4, coif1, bior2.2"
         )
     return pywt.Wavelet(name)
+
+
+def _pywt() -> Any:
+    try:
+        import pywt
+    except ImportError:
+        raise ImportError("DS2D2's wavelet transform needs PyWavelets: pip install PyWavelets") from None
+    return pywt
 
 
 def dwt_output_size(n: int, wavelet: str) -> int:
