@@ -202,13 +202,18 @@ def test_data_check_finds_a_box_outside_its_image(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_worker_larger_than_the_machine_is_refused_before_the_teacher(tmp_path, capsys):
+@pytest.mark.parametrize("entry", ["cpus_per_worker", "gpus_per_worker"])
+def test_a_worker_larger_than_the_machine_is_refused_before_the_teacher(entry, tmp_path, capsys):
     import os
 
     import ray
+    import torch
 
+    if entry == "gpus_per_worker" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: a quarter of one fits")
     spec = base_spec(tmp_path)
-    spec["resources"]["cpus_per_worker"] = (os.cpu_count() or 1) + 64
+    # a fractional GPU (four small students on one GPU) on a machine without any
+    spec["resources"][entry] = (os.cpu_count() or 1) + 64 if entry == "cpus_per_worker" else 0.25
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     try:
@@ -216,5 +221,6 @@ def test_a_worker_larger_than_the_machine_is_refused_before_the_teacher(tmp_path
     finally:
         ray.shutdown()
     err = capsys.readouterr().err
-    assert "resources.cpus_per_worker: asks" in err and "CPUs per worker, but this machine has" in err, err
+    kind = "CPUs" if entry == "cpus_per_worker" else "GPUs"
+    assert f"resources.{entry}: asks" in err and f"{kind} per worker, but this machine has" in err, err
     assert not (tmp_path / "runs" / "bad" / "teacher").exists()
