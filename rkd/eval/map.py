@@ -76,7 +76,10 @@ class CocoResult:
 
 def _rank_in_group(groups: np.ndarray, by_score: np.ndarray) -> np.ndarray:
     """Position of each detection within its group, given the global order ``by_score``."""
-    order = by_score[np.argsort(groups[by_score], kind="stable")]
+    keys = groups[by_score]
+    if len(keys) and 0 <= keys.min() and keys.max() < 1 << 16:
+        keys = keys.astype(np.uint16)  # numpy sorts 16-bit keys stably by radix sort: O(n), ~10x faster here
+    order = by_score[np.argsort(keys, kind="stable")]
     sorted_groups = groups[order]
     new_group = np.r_[True, sorted_groups[1:] != sorted_groups[:-1]]
     first = np.maximum.accumulate(np.where(new_group, np.arange(len(order)), 0))

