@@ -81,8 +81,11 @@ class FlatBoxes:
         self.boxes = np.concatenate(boxes).astype(np.float64, copy=False) if boxes else np.zeros((0, width))
         raw_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         self.images = np.repeat(np.arange(len(counts)), counts)
-        self._check(np.isfinite(self.boxes).all(1), "boxes", "contains NaN or infinite values")
-        self._check(raw_labels == np.round(raw_labels.astype(np.float64)), "labels", "class labels must be integers")
+        # whole-array tests first (contiguous, fast); the per-row masks that name the entry only on failure
+        if not np.isfinite(self.boxes).all():
+            self._check(np.isfinite(self.boxes).all(1), "boxes", "contains NaN or infinite values")
+        if raw_labels.dtype.kind not in "iub":
+            self._check(raw_labels == np.round(raw_labels.astype(np.float64)), "labels", "class labels must be integers")
         self.labels = raw_labels.astype(np.int64)
         self._check((self.labels >= 0) & (self.labels < num_classes), "labels", f"labels must be in [0, {num_classes})")
         self.groups = self.images * num_classes + self.labels
@@ -99,7 +102,8 @@ class FlatBoxes:
             self.ignore = np.concatenate(flags) if flags else np.zeros(0, bool)
         else:
             self.scores = np.concatenate(extra).astype(np.float64) if extra else np.zeros(0)
-            self._check(np.isfinite(self.scores), "scores", "contains NaN or infinite values")
+            if not np.isfinite(self.scores).all():
+                self._check(np.isfinite(self.scores), "scores", "contains NaN or infinite values")
 
     @property
     def polygons(self) -> bool:
