@@ -259,3 +259,24 @@ def test_coco_max_dets_keeps_the_highest_scores_per_image_and_class():
     p = ev.eval["precision"][:, :, :, 0, 0]
     assert few.map == pytest.approx(p[p > -1].mean(), abs=1e-12)
     assert few.map < evaluate_coco(dets, gts, num_classes=2, oriented=False).map - 0.02
+
+
+def test_bad_values_name_the_image_key_and_entry():
+    box = [50.0, 50.0, 20.0, 10.0, 0.1]
+    gts = [{"boxes": np.array([box]), "labels": np.array([0])}] * 2
+
+    def dets(boxes=None, labels=None, scores=None):
+        second = {"boxes": np.array(boxes or [box, box, box]), "labels": np.array(labels or [0, 0, 0]),
+                  "scores": np.array(scores or [0.9, 0.8, 0.7])}
+        return [{"boxes": np.array([box]), "labels": np.array([0]), "scores": np.array([0.5])}, second]
+
+    cases = [
+        (dets(boxes=[box, box, [50.0, np.nan, 20.0, 10.0, 0.1]]), r"detections\[1\]\['boxes'\]: contains NaN.*\(entry 2\)"),
+        (dets(labels=[0, 1.5, 0]), r"detections\[1\]\['labels'\]: class labels must be integers \(entry 1\)"),
+        (dets(scores=[0.9, 0.8, np.inf]), r"detections\[1\]\['scores'\]: contains NaN or infinite values \(entry 2\)"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(DataError, match=message):
+            evaluate_detections(bad, gts, num_classes=2, oriented=True)
+    # the clean input scores: ranked TP, FP, FP (duplicates in image 1), TP -> AP 0.5 * 1 + 0.5 * 0.5
+    assert evaluate_detections(dets(), gts, num_classes=2, oriented=True).map == pytest.approx(0.75)
