@@ -196,7 +196,8 @@ def test_gradients_reach_student_backbone_and_branch_never_the_teacher():
     torch.manual_seed(0)
     student = build_classifier({"backbone": {"width": 0.25}}, num_classes=4)
     teacher = build_classifier({"backbone": {"width": 0.25}}, num_classes=4)
-    distiller = build_classifier_distiller({"sskd": {}, "hinton": {}}, student.info, teacher.info)
+    # no warm-up: at epoch 0 it would hold the (S4) term at 0
+    distiller = build_classifier_distiller({"sskd": {"warmup_epochs": 0.0}, "hinton": {}}, student.info, teacher.info)
     x, y = torch.randn(3, 3, 64, 64), torch.tensor([0, 1, 3])
     teacher_out = teacher(x)  # deliberately WITH grad: the distiller must cut it off
     terms = distiller(student(x, y), teacher_out, y)
@@ -213,6 +214,38 @@ def test_gradients_reach_student_backbone_and_branch_never_the_teacher():
     only_distill.backward()
     assert student.fc.weight.grad.abs().sum() > 0
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in branch_params)
+
+
+@pytest.mark.parametrize("branch_grad", ["joint", "detached"])
+def test_branch_grad_decides_whether_the_branch_losses_train_the_backbone(branch_grad):
+    torch.manual_seed(0)
+    student = build_classifier({"backbone": {"width": 0.25}}, num_classes=4)
+    distiller = build_classifier_distiller({"sskd": {"branch_grad": branch_grad}}, student.info, None)
+    x, y = torch.randn(3, 3, 64, 64), torch.tensor([0, 1, 3])
+    terms = distiller(student(x, y), None, y)
+    (terms["sskd.restore"] + terms["sskd.branch_cls"]).backward()
+    stem = student.backbone.stages[0][0].weight
+    reached = stem.grad is not None and float(stem.grad.abs().sum()) > 0
+    assert reached == (branch_grad == "joint")
+    # the branch learns from them either way
+    assert all(p.grad is not None for p in distiller.components["sskd"].branch.restorer.parameters())
+
+
+def test_the_self_distillation_term_warms_up_after_the_balance():
+    student = build_classifier({"backbone": {"width": 0.25}}, num_classes=4)
+    distiller = build_classifier_distiller({"sskd": {"warmup_epochs": 4.0}}, student.info, None,
+                                           balance={"mode": "off"})
+    component = distiller.components["sskd"]
+    assert component.ramps(1.0) == {"distill": 0.25} and component.ramps(6.0) == {"distill": 1.0}
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    out = student(x, y)
+    torch.manual_seed(1)
+    early = distiller(out, None, y, epoch=1.0)
+    torch.manual_seed(1)
+    late = distiller(out, None, y, epoch=6.0)
+    assert float(early["sskd.distill"]) == pytest.approx(0.25 * float(late["sskd.distill"]), rel=1e-5)
+    assert float(early["sskd.restore"]) == pytest.approx(float(late["sskd.restore"]), rel=1e-6)
 
 
 def test_sskd_builds_without_a_teacher_and_checks_the_patch():

@@ -14,7 +14,8 @@ each method's gradient on the student's parameters against the task loss's,
 
 (theta: the student's parameters, not the KD parts' own), multiplies the method's terms (at
 their own relative weights) by ``s_m = ratio / r_m`` and freezes ``s_m`` for the rest of the
-run: each method starts pulling on the student ``ratio`` times as hard as the task loss. This is
+run: each method starts pulling on the student ``ratio`` times as hard as the task loss (times the
+method's ``balance_share``, 1 unless its measurements say otherwise: NSD's is 0.3). This is
 the initial balancing of GradNorm (Chen et al., "GradNorm: Gradient Normalization for Adaptive
 Loss Balancing in Deep Multitask Networks", ICML 2018, PMLR 80:794-803), fixed after a window
 instead of adapted, so the run stays an ordinary fixed-weight training. While the window is open
@@ -80,10 +81,18 @@ class LossBalance(nn.Module):
     """Per-method scales fitted over the first steps, then frozen or re-measured (see the module doc)."""
 
     def __init__(
-        self, methods: Sequence[str], mode: str = "auto", ratio: float = 1.0, steps: int = 10, every: int = 0
+        self,
+        methods: Sequence[str],
+        mode: str = "auto",
+        ratio: float = 1.0,
+        steps: int = 10,
+        every: int = 0,
+        shares: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.methods = list(methods)
+        # a method's target pull is ratio * share: its default strength relative to the others
+        self.shares = {m: float((shares or {}).get(m, 1.0)) for m in self.methods}
         self.mode, self.ratio, self.steps, self.every = mode, float(ratio), int(steps), int(every)
         # float64: ratios can span 1e-6..1e6 between methods.
         self.register_buffer("ratio_sum", torch.zeros(len(self.methods), dtype=torch.float64))
@@ -120,7 +129,9 @@ class LossBalance(nn.Module):
         method that had no measurable effect on the student)."""
         if self.mode == "off" or int(self.seen) == 0:
             return {m: 1.0 for m in self.methods}
-        return {m: self.ratio / float(r) if r > 1e-12 else 1.0 for m, r in zip(self.methods, self.current)}
+        return {
+            m: self.ratio * self.shares[m] / float(r) if r > 1e-12 else 1.0 for m, r in zip(self.methods, self.current)
+        }
 
     def observe(self, method_losses: Mapping[str, Tensor], task_loss: Tensor) -> None:
         """Count one training step, measuring it when :attr:`measuring`. ``task_loss`` and the

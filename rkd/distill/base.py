@@ -136,6 +136,9 @@ class KDComponent(nn.Module):
     params: ClassVar[dict[str, Param]] = {}
     options: ClassVar[dict[str, Option]] = {}
     requires: ClassVar[frozenset[str]] = frozenset()
+    # Default strength against the other methods under ``kd_balance: auto`` (rkd.distill.balance):
+    # the method pulls ``ratio * balance_share`` times as hard as the task loss. 1 unless measured.
+    balance_share: ClassVar[float] = 1.0
 
     def __init__(self, student: DetectorInfo, teacher: DetectorInfo, **hparams: Any) -> None:
         super().__init__()

@@ -54,6 +54,7 @@ class ClassifierKDComponent(nn.Module):
     # No options yet; declared so resolve_hparams treats both registries alike.
     options: ClassVar[dict[str, Any]] = {}
     needs_teacher: ClassVar[bool] = True
+    balance_share: ClassVar[float] = 1.0  # as KDComponent.balance_share
 
     def __init__(self, student: ClassifierInfo, teacher: ClassifierInfo | None, **hparams: Any) -> None:
         super().__init__()
@@ -140,7 +141,10 @@ class ClassifierDistiller(nn.Module):
         super().__init__()
         self.components = nn.ModuleDict(dict(components))
         self.hparams = {name: dict(c.hparams) for name, c in self.components.items()}
-        self.balance = LossBalance(list(self.components), **check_balance(balance)) if balance is not None else None
+        shares = {name: c.balance_share for name, c in self.components.items()}
+        self.balance = (
+            LossBalance(list(self.components), **check_balance(balance), shares=shares) if balance is not None else None
+        )
 
     @property
     def needs_teacher(self) -> bool:

@@ -113,7 +113,10 @@ class Distiller(nn.Module):
         self.hparams = {name: dict(c.hparams) for name, c in self.components.items()}
         self.options = {name: dict(c.options) for name, c in self.components.items() if c.options}
         # None: the weights as given and nothing measured (prior stages, unit tests of a component).
-        self.balance = LossBalance(list(self.components), **check_balance(balance)) if balance is not None else None
+        shares = {name: c.balance_share for name, c in self.components.items()}
+        self.balance = (
+            LossBalance(list(self.components), **check_balance(balance), shares=shares) if balance is not None else None
+        )
 
     def forward(
         self,

@@ -46,8 +46,11 @@ both optimised together in one stage, no pre-training:
 
       L_distill = T^2 * mean_b KL(softmax(sg(z_b)/T) || softmax(z_s/T))                   (S4)
 
-* **Total (S5):** ``w_r * L_restore + w_b * L_branch + w_d * L_distill`` (the student's own
+* **Total (S5):** ``w_r * L_restore + w_b * L_branch + w_d * r(e) * L_distill`` (the student's own
   cross-entropy is the training loop's ``gt.cls``). Terms: ``restore``, ``branch_cls``, ``distill``.
+  ``r(e) = min(e / warmup_epochs, 1)`` is rkd's, not the paper's: the branch starts from scratch, and
+  its early predictions are noise the backbone should not imitate (applied after the loss balance).
+  ``branch_grad: detached`` keeps (S1) and (S2) off the backbone (an ablation: measured far worse).
 
 The branch is a set of KD parts: it trains with the student and is never exported. A teacher,
 when one is given, is ignored (this is self-distillation).
@@ -62,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rkd.distill.base import Param
+from rkd.distill.base import Param, linear_ramp
 from rkd.distill.classifier_kd import ClassifierKDComponent, register_classifier
 from rkd.distill.functional import mse, softmax_kd
 from rkd.outputs import ClassifierInfo, ClassifierOutput
@@ -272,6 +275,9 @@ class SSKD(ClassifierKDComponent):
     """SSKDNet self-distillation (see module doc); terms ``restore``, ``branch_cls``, ``distill``."""
 
     needs_teacher = False
+    # Under kd_balance auto, SSKD pulls 0.3x the task loss by default: at 1x its branch, trained from scratch
+    # alongside the student, cost an 8-epoch AID student 8 points of top-1 (docs/benchmarks.md).
+    balance_share = 0.3
     params = {
         "mask_ratio": Param("float", 0.3, 0.0, 0.75, help="share of level-0 patches hidden by the mask token"),
         "patch": Param("choice", 2, choices=PATCH_SIZES, help="side of a masked/shuffled patch, in level-0 cells"),
@@ -284,6 +290,16 @@ class SSKD(ClassifierKDComponent):
         "branch_weight": Param("float", 1.0, 1e-2, 10.0, log=True, help="w_b of (S5)"),
         "distill_weight": Param("float", 1.0, 1e-2, 10.0, log=True, help="w_d of (S5)"),
         "fusion": Param("bool", True, help="dynamic multi-level fusion (S3) in the branch"),
+        "branch_grad": Param(
+            "choice", "joint", choices=("joint", "detached"),
+            help="whether the restoration and branch losses also train the backbone (joint, the paper's "
+                 "one-stage optimisation) or only the branch (detached: the backbone learns from (S4) alone)",
+        ),
+        "warmup_epochs": Param(
+            "float", 4.0, 0.0, 8.0,
+            help="(S4) ramps up as min(epoch / E, 1) while the branch, trained from scratch, learns; 0 = none "
+                 "(the paper's one stage has none; rkd's 4 measured on AID, docs/benchmarks.md)",
+        ),
     }
 
     @classmethod
@@ -323,6 +339,8 @@ class SSKD(ClassifierKDComponent):
     ) -> dict[str, Tensor]:
         hp = self.hparams
         low = student.features[0]
+        if hp["branch_grad"] == "detached":
+            low = low.detach()
         corrupted, _, _ = self.corrupt(low, student.features[-1])
         restored = self.branch.restorer(corrupted)  # (S1): the permutation stays out of reach
         branch_logits, _ = self.branch.classify(restored)
@@ -331,3 +349,6 @@ class SSKD(ClassifierKDComponent):
             "branch_cls": hp["branch_weight"] * branch_cls_loss(branch_logits, labels),
             "distill": hp["distill_weight"] * self_distill_loss(student.logits, branch_logits, hp["temperature"]),
         }
+
+    def ramps(self, epoch: float) -> dict[str, float]:
+        return {"distill": linear_ramp(epoch, self.hparams["warmup_epochs"])}
