@@ -14,13 +14,12 @@ import pytest
 import torch
 from shapely.geometry import Polygon
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_distill_core import make_info, make_output, make_targets, np64, set_conv_weights  # noqa: E402
-from test_distill_nsd import conv3x3_np, corners, touches_cell  # noqa: E402
+from test_distill_core import make_info, make_output, make_targets, np64, set_conv_weights
+from test_distill_nsd import conv3x3_np, corners, touches_cell
 
-from rkd.distill import KD_METHODS, build_distiller, validate_methods  # noqa: E402
-from rkd.distill.fgd import fgd_masks  # noqa: E402
-from rkd.errors import SpecError  # noqa: E402
+from rkd.distill import KD_METHODS, build_distiller, validate_methods
+from rkd.distill.fgd import fgd_masks
+from rkd.errors import SpecError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
 GOLDEN = Path(__file__).parent / "fixtures" / "kd_golden_core.json"
@@ -292,12 +291,7 @@ def test_hbb_detectors_work():
     assert len(terms) == 1 + 1 + 1 + 4 + 2 and all(torch.isfinite(v) for v in terms.values())
 
 
-def _regen() -> None:
-    old = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-    for name in CASES:
-        old[name] = {k: float(v) for k, v in case(name)[-2].items()}
-    GOLDEN.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
-
-
 if __name__ == "__main__" and "--regen" in sys.argv:
-    _regen()
+    from goldens import regenerate
+
+    regenerate(GOLDEN, {name: case(name)[-2] for name in CASES})

@@ -15,15 +15,14 @@ import pytest
 import torch
 from shapely.geometry import Polygon
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_distill_core import make_info, make_output, make_targets, np64, set_conv_weights  # noqa: E402
-from test_distill_nsd import corners, touches_cell  # noqa: E402
+from test_distill_core import make_info, make_output, make_targets, np64, set_conv_weights
+from test_distill_nsd import corners, touches_cell
 
-from rkd.distill import build_distiller, validate_methods  # noqa: E402
-from rkd.distill.cid import LightML  # noqa: E402
-from rkd.distill.masks import centerness_instance_masks  # noqa: E402
-from rkd.errors import SpecError  # noqa: E402
-from rkd.outputs import Targets  # noqa: E402
+from rkd.distill import build_distiller, validate_methods
+from rkd.distill.cid import LightML
+from rkd.distill.masks import centerness_instance_masks
+from rkd.errors import SpecError
+from rkd.outputs import Targets
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
 GOLDEN = Path(__file__).parent / "fixtures" / "kd_golden_core.json"
@@ -263,12 +262,7 @@ def test_cid_refuses_empty_selection_and_bad_values():
     assert not hasattr(d.components["cid"], "lightml")
 
 
-def _regen() -> None:
-    old = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-    for name in CASES:
-        old[name] = {k: float(v) for k, v in case(name)[-1].items()}
-    GOLDEN.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
-
-
 if __name__ == "__main__" and "--regen" in sys.argv:
-    _regen()
+    from goldens import regenerate
+
+    regenerate(GOLDEN, {name: case(name)[-1] for name in CASES})

@@ -394,13 +394,7 @@ def test_registry_has_core_methods():
         assert cls.name == name and "weight" in cls.params
 
 
-def _regen() -> None:
-    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-    for case in GOLDEN_CASES:
-        old[case] = _golden_case(case)[-1]  # from the float64 reference, not the implementation
-    GOLDEN.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
-
-
 if __name__ == "__main__" and "--regen" in sys.argv:
-    _regen()
+    from goldens import regenerate
+
+    regenerate(GOLDEN, {case: _golden_case(case)[-1] for case in GOLDEN_CASES})  # the float64 references

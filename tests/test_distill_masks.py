@@ -4,21 +4,18 @@ brute force (shapely polygon intersection per cell), and tiny boxes between cell
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from shapely.geometry import Polygon
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_distill_core import make_info, make_output, make_targets  # noqa: E402
-from test_distill_nsd import corners, touches_cell  # noqa: E402
+from test_distill_core import make_info, make_output, make_targets
+from test_distill_nsd import corners, touches_cell
 
-from rkd.distill.fgd import fgd_masks  # noqa: E402
-from rkd.distill.masks import cells_touching_boxes, centerness_instance_masks, foreground_masks  # noqa: E402
-from rkd.outputs import Targets  # noqa: E402
+from rkd.distill.fgd import fgd_masks
+from rkd.distill.masks import cells_touching_boxes, centerness_instance_masks, foreground_masks
+from rkd.outputs import Targets
 
 
 def ref_touched(box, h: int, w: int, stride: float) -> np.ndarray:

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_distill_core import make_info, make_output, make_targets, np64  # noqa: E402
-from test_distill_nsd import flat_np  # noqa: E402
+from test_distill_core import make_info, make_output, make_targets, np64
+from test_distill_nsd import flat_np
 
-from rkd.distill import build_distiller  # noqa: E402
-from rkd.distill.nsd import NSD, select_ncs  # noqa: E402
-from rkd.errors import SpecError  # noqa: E402
+from rkd.distill import build_distiller
+from rkd.distill.nsd import NSD, select_ncs
+from rkd.errors import SpecError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
 

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_distill_core import make_info, make_output, make_targets, np64  # noqa: E402
+from test_distill_core import make_info, make_output, make_targets, np64
 
-from rkd.distill import build_distiller  # noqa: E402
-from rkd.distill.pkd import pkd_loss  # noqa: E402
+from rkd.distill import build_distiller
+from rkd.distill.pkd import pkd_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
 

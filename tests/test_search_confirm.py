@@ -20,11 +20,10 @@ from scipy import stats
 from rkd.cli import main
 from rkd.search.confirm import candidates, confirm_seeds, format_gain, paired_gain, plan_jobs, twin_params
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_export import make_run, rkd_main, rows_of  # noqa: E402
-from test_spec_cli import base_spec, line_of, run_cli, write  # noqa: E402
+from test_export import make_run, rkd_main, rows_of
+from test_spec_cli import base_spec, line_of, run_cli, write
 
-from rkd.deploy.export import pick_trial  # noqa: E402
+from rkd.deploy.export import pick_trial
 
 # ---------------------------------------------------------------- interval arithmetic
 
