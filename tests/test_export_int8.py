@@ -47,6 +47,13 @@ def write_one_trial_run(run: Path, ckpt: Path, metric: str, data: dict) -> None:
     (run / "search_identity.json").write_text(json.dumps({"data": data}))
 
 
+def export_int8(run: Path, out: Path) -> None:
+    """``rkd export --int8`` of the run's one trial, ONNX only, calibrated on 8 training images."""
+    argv = ["export", str(run), "--out", str(out), "--format", "onnx", "--int8", "--int8-images", "8",
+            "--latency-runs", "2"]
+    assert rkd_main(argv) == 0
+
+
 def top_detection(folder: Path) -> tuple[np.ndarray, str]:
     fields = (folder / "val0.txt").read_text().splitlines()[0].split()  # highest score first
     return np.array([float(v) for v in fields[:8]]).reshape(4, 2).mean(0), fields[8]
@@ -55,9 +62,7 @@ def top_detection(folder: Path) -> tuple[np.ndarray, str]:
 def test_int8_export_runs_in_onnxruntime_and_keeps_the_float_models_detections(tmp_path, capsys):
     run, model = trained_run(tmp_path)
     out = tmp_path / "model"
-    argv = ["export", str(run), "--out", str(out), "--format", "onnx", "--int8", "--int8-images", "8",
-            "--latency-runs", "2"]
-    assert rkd_main(argv) == 0
+    export_int8(run, out)
     assert "INT8 (model.int8.onnx, 8 val images)" in capsys.readouterr().out
 
     graph = onnx.load(str(out / INT8_FILE))
@@ -125,9 +130,7 @@ def test_int8_export_of_a_scene_classifier_keeps_its_top1_on_aid(tmp_path, capsy
     write_one_trial_run(run, ckpt, "top1", data)
 
     out = tmp_path / "model"
-    argv = ["export", str(run), "--out", str(out), "--format", "onnx", "--int8", "--int8-images", "8",
-            "--latency-runs", "2"]
-    assert rkd_main(argv) == 0
+    export_int8(run, out)
     assert "val top-1 in onnxruntime" in capsys.readouterr().out
     graph = onnx.load(str(out / INT8_FILE))
     assert sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) > 5  # the whole network, not a part

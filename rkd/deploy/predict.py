@@ -206,22 +206,32 @@ def _ort_session(graph: Path) -> Any:
     return ort_session(graph)
 
 
+def _spec_of(exported: Path, kind: str, other: str) -> dict[str, Any]:
+    """The export's spec, refused unless it holds a ``kind`` (``other``: the function for the other kind)."""
+    spec = read_spec(exported)
+    if spec["kind"] != kind:
+        raise RkdError(f"{exported}: holds a {spec['kind']}, not a {kind}; use {other}")
+    return spec
+
+
+def _int8_graph(exported: Path, backend: str) -> Path:
+    """``model.int8.onnx`` of the export, which runs in onnxruntime only."""
+    if backend == "torch":
+        raise RkdError("--int8 runs model.int8.onnx in onnxruntime; leave out --backend torch")
+    if not (exported / INT8_FILE).is_file():
+        raise RkdError(f"{exported / INT8_FILE}: missing; write it with 'rkd export --int8'")
+    return exported / INT8_FILE
+
+
 def load_detector(exported: Path, backend: str, score: float, nms_iou: float,
                   int8: bool = False) -> tuple[DetectFn, dict[str, Any]]:
     """The export's detector on ``backend`` and its spec. ``auto``: torch where it is installed and the
     export has its weights (``model.safetensors``), else onnxruntime on ``model.onnx``. ``int8``:
     onnxruntime on ``model.int8.onnx`` (``rkd export --int8``)."""
     exported = Path(exported)
-    spec = read_spec(exported)
-    if spec["kind"] != "detector":
-        raise RkdError(f"{exported}: holds a {spec['kind']}, not a detector; use classify_files")
-    if int8:
-        if backend == "torch":
-            raise RkdError("--int8 runs model.int8.onnx in onnxruntime; leave out --backend torch")
-        if not (exported / INT8_FILE).is_file():
-            raise RkdError(f"{exported / INT8_FILE}: missing; write it with 'rkd export --int8'")
-        backend = "onnxruntime"
-    backend = _backend(exported, backend)
+    spec = _spec_of(exported, "detector", "classify_files")
+    graph = _int8_graph(exported, backend) if int8 else exported / ONNX_FILE
+    backend = "onnxruntime" if int8 else _backend(exported, backend)
     size = int(spec["input_size"])
     if backend == "torch":
         from rkd.deploy.export import load_exported
@@ -231,7 +241,6 @@ def load_detector(exported: Path, backend: str, score: float, nms_iou: float,
     if spec["graph"] != "end-to-end" or not (exported / ONNX_FILE).is_file():
         raise RkdError(f"{exported}: --backend onnxruntime needs an end-to-end {ONNX_FILE} "
                        "(written by 'rkd export' with onnx in --format and without --raw)")
-    graph = exported / (INT8_FILE if int8 else ONNX_FILE)
     return onnx_detector(_ort_session(graph), size, spec["input"], score, nms_iou), spec
 
 
@@ -277,17 +286,8 @@ def load_classifier(exported: Path, backend: str = "auto", int8: bool = False
     """``(logits of a normalised (B, 3, S, S) batch, spec)`` of an exported scene classifier on ``backend``
     (``int8``: ``model.int8.onnx`` in onnxruntime)."""
     exported = Path(exported)
-    spec = read_spec(exported)
-    if spec["kind"] != "classifier":
-        raise RkdError(f"{exported}: holds a {spec['kind']}, not a classifier; use predict_files")
-    if int8:
-        if backend == "torch":
-            raise RkdError("--int8 runs model.int8.onnx in onnxruntime; leave out --backend torch")
-        if not (exported / INT8_FILE).is_file():
-            raise RkdError(f"{exported / INT8_FILE}: missing; write it with 'rkd export --int8'")
-        session = _ort_session(exported / INT8_FILE)
-        return (lambda x: session.run(None, {"images": x})[0]), spec
-    if _backend(exported, backend) == "torch":
+    spec = _spec_of(exported, "classifier", "predict_files")
+    if not int8 and _backend(exported, backend) == "torch":
         import torch
 
         from rkd.deploy.export import load_exported
@@ -299,9 +299,10 @@ def load_classifier(exported: Path, backend: str = "auto", int8: bool = False
                 return model(torch.from_numpy(x)).logits.numpy()
 
         return logits, spec
-    if not (exported / ONNX_FILE).is_file():
-        raise RkdError(f"{exported / ONNX_FILE}: missing; --backend onnxruntime needs the classifier's ONNX graph")
-    session = _ort_session(exported / ONNX_FILE)
+    graph = _int8_graph(exported, backend) if int8 else exported / ONNX_FILE
+    if not graph.is_file():
+        raise RkdError(f"{graph}: missing; --backend onnxruntime needs the classifier's ONNX graph")
+    session = _ort_session(graph)
     return (lambda x: session.run(None, {"images": x})[0]), spec
 
 

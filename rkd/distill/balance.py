@@ -186,6 +186,15 @@ class LossBalance(nn.Module):
         return f"methods={self.methods}, mode={self.mode!r}, ratio={self.ratio:g}, steps={self.steps}"
 
 
+def build_balance(components: Mapping[str, Any], balance: Mapping[str, Any] | None) -> LossBalance | None:
+    """The loss balance of a distiller's ``components`` (their ``balance_share`` each) under the
+    ``kd_balance`` settings; None (weights as given, nothing measured) when ``balance`` is None."""
+    if balance is None:
+        return None
+    shares = {name: c.balance_share for name, c in components.items()}
+    return LossBalance(list(components), **check_balance(balance), shares=shares)
+
+
 def balanced_terms(
     balance: LossBalance | None,
     per_method: Mapping[str, Mapping[str, Tensor]],

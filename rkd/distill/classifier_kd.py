@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from rkd.distill.at import at_loss
 from rkd.distill.base import Param, resolve_hparams
-from rkd.distill.balance import LossBalance, balanced_terms, check_balance
+from rkd.distill.balance import balanced_terms, build_balance
 from rkd.distill.distiller import Distiller, validate_methods
 from rkd.distill.functional import mse, softmax_kd
 from rkd.errors import SpecError
@@ -141,10 +141,7 @@ class ClassifierDistiller(nn.Module):
         super().__init__()
         self.components = nn.ModuleDict(dict(components))
         self.hparams = {name: dict(c.hparams) for name, c in self.components.items()}
-        shares = {name: c.balance_share for name, c in self.components.items()}
-        self.balance = (
-            LossBalance(list(self.components), **check_balance(balance), shares=shares) if balance is not None else None
-        )
+        self.balance = build_balance(self.components, balance)
 
     @property
     def needs_teacher(self) -> bool:

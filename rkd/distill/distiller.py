@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rkd.distill.balance import LossBalance, balanced_terms, check_balance
+from rkd.distill.balance import balanced_terms, build_balance
 from rkd.distill.base import KD_METHODS, KDComponent, check_compatible, resolve_options
 from rkd.errors import SpecError
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
@@ -113,10 +113,7 @@ class Distiller(nn.Module):
         self.hparams = {name: dict(c.hparams) for name, c in self.components.items()}
         self.options = {name: dict(c.options) for name, c in self.components.items() if c.options}
         # None: the weights as given and nothing measured (prior stages, unit tests of a component).
-        shares = {name: c.balance_share for name, c in self.components.items()}
-        self.balance = (
-            LossBalance(list(self.components), **check_balance(balance), shares=shares) if balance is not None else None
-        )
+        self.balance = build_balance(self.components, balance)
 
     def forward(
         self,

@@ -103,7 +103,7 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
     elif spec.teacher.epochs > 0 and (kept := teacher_cache.lookup(digest)) is not None:
         source, record = kept
         target = folder / "teacher.pt"
-        teacher_cache.copy_atomic(source, target)
+        teacher_cache.copy_kept(source, target)
         log(f"[teacher] reusing the teacher trained for run {record.get('run')!r}, kept in {source.parent} "
             "(same config and data; 'rkd cache prune' frees it)")
         fields = {k: record[k] for k in TeacherReport.__dataclass_fields__ if k in record}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rkd import storage
+from rkd.atomic import atomic_write_bytes
 from rkd.errors import RkdError
 
 ENV = "RKD_TEACHER_CACHE"
@@ -30,6 +31,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get(ENV) or storage.cache_root() / "teachers")
 
 
+def copy_kept(source: Path, target: Path) -> None:
+    """A kept checkpoint copied into a run folder atomically (a reader never sees half a file)."""
+    with open(source, "rb") as src:
+        atomic_write_bytes(target, lambda fh: shutil.copyfileobj(src, fh))
+
+
 def lookup(digest: str) -> tuple[Path, dict[str, Any]] | None:
     """The kept checkpoint of a teacher of hash ``digest`` and its record, or None."""
     folder = cache_dir() / digest
@@ -38,19 +45,6 @@ def lookup(digest: str) -> tuple[Path, dict[str, Any]] | None:
     except (OSError, json.JSONDecodeError):
         return None
     return (folder / CHECKPOINT, record) if (folder / CHECKPOINT).is_file() else None
-
-
-def copy_atomic(source: Path, target: Path) -> None:
-    """``source`` copied to ``target`` under a temporary name first: a reader never sees half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def store(digest: str, checkpoint: Path, record: dict[str, Any]) -> Path:
