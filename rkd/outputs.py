@@ -114,6 +114,16 @@ class DetectorOutput:
     head_fn: Callable[[list[Tensor]], tuple[list[Tensor], list[Tensor]]] | None = None
     # The normalised input batch (B, 3, H, W), for methods with an external prior (IFKD's EDE).
     inputs: Tensor | None = None
+    # Two-stage detectors only (empty / None otherwise): the second stage's RoIs, per image
+    # (R_i, 4) xyxy in input pixels; its logits (R, K + 1), background last; its class-specific
+    # deltas (R, K * 4), class k in columns 4k..4k+3; the image of each RoI (R,); and the RoI head
+    # as a function of FPN features and per-image RoIs -> (logits, deltas), for methods that run
+    # a (frozen) second stage on other features (DS2D2's Faster R-CNN amplifier).
+    rois: list[Tensor] = field(default_factory=list)
+    roi_cls_logits: Tensor | None = None
+    roi_box_deltas: Tensor | None = None
+    roi_batch_index: Tensor | None = None
+    roi_head_fn: Callable[[list[Tensor], list[Tensor]], tuple[Tensor, Tensor]] | None = None
 
     def flat_cls(self) -> Tensor:
         """Class logits as ``(B, N, K)``."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rkd.distill import build_distiller
-from rkd.distill.ds2d2 import DS2D2, amplifier_loss, disw_map, disw_maps, explicit_loss
+from rkd.distill.ds2d2 import DS2D2, amplifier_loss, disw_map, disw_maps, explicit_loss, roi_amplifier_loss
 from rkd.outputs import Assignment, DetectorInfo, DetectorOutput, Targets
 
 GOLDEN = Path(__file__).parent / "fixtures" / "kd_golden_spectral.json"
@@ -521,3 +521,78 @@ def test_built_through_the_distiller() -> None:
     terms = d(student, teacher, targets)
     assert sorted(terms) == ["ds2d2.ff", "ds2d2.hf", "ds2d2.high", "ds2d2.low"]
     assert list(d.prior_stage_components()) == ["ds2d2"]
+
+
+# ----------------------------------------------------------------------------- Faster R-CNN form
+
+
+def ref_roi_amplifier(cs: np.ndarray, bs: np.ndarray, ct: np.ndarray, bt: np.ndarray, t: float = 3.0) -> float:
+    """0.5 T^2 mean_r KL(softmax(ct/T) || softmax(cs/T)) + mean_r |bs - bt|_1 on the teacher's argmax class."""
+    def log_softmax(z):
+        return z - np.logaddexp.reduce(z, axis=1, keepdims=True)
+
+    lp_s, lp_t = log_softmax(cs / t), log_softmax(ct / t)
+    kl = np.sum(np.exp(lp_t) * (lp_t - lp_s)) / cs.shape[0]
+    l1 = 0.0
+    k = ct.shape[1] - 1
+    for r, best in enumerate(ct.argmax(axis=1)):
+        if best < k:  # background: no deltas
+            l1 += np.abs(bs[r, 4 * best : 4 * best + 4] - bt[r, 4 * best : 4 * best + 4]).sum()
+    return float(0.5 * t**2 * kl + l1 / cs.shape[0])
+
+
+def test_roi_amplifier_loss_matches_reference_and_its_gradient_checks() -> None:
+    rng = np.random.default_rng(21)
+    cs, ct = rng.standard_normal((9, 4)) * 2, rng.standard_normal((9, 4)) * 2
+    ct[:3, 3] += 10.0  # three RoIs the teacher calls background: no box term there
+    bs, bt = rng.standard_normal((9, 12)), rng.standard_normal((9, 12))
+    got = roi_amplifier_loss(*(torch.from_numpy(x) for x in (cs, bs, ct, bt)))
+    assert float(got) == pytest.approx(ref_roi_amplifier(cs, bs, ct, bt), rel=1e-12)
+    # the background RoIs' deltas do not count: changing them changes nothing
+    bs2 = bs.copy()
+    bs2[:3] += 5.0
+    assert float(roi_amplifier_loss(*(torch.from_numpy(x) for x in (cs, bs2, ct, bt)))) == pytest.approx(float(got))
+    inputs = (torch.from_numpy(cs).requires_grad_(True), torch.from_numpy(bs + 0.01).requires_grad_(True))
+    assert torch.autograd.gradcheck(
+        lambda s, b: roi_amplifier_loss(s, b, torch.from_numpy(ct), torch.from_numpy(bt)), inputs
+    )
+
+
+def test_two_stage_teacher_is_distilled_through_its_roi_head() -> None:
+    """Faster R-CNN teacher: the full-frequency amplifier runs the teacher's RoI head on the adapted
+    student features at the teacher's RoIs (float64 reference built from the teacher's own modules),
+    gradients reach the student but not the teacher, and the dense RPN form is not used."""
+    from rkd.models import build_detector, validate_model_spec
+
+    def spec(channels: int) -> dict:
+        return validate_model_spec({"kind": "faster_rcnn", "boxes": "hbb", "backbone": {"name": "convnet", "width": 0.25},
+                                    "neck": {"channels": channels}, "head": {"fc_channels": 32, "proposals_test": 20}})
+
+    torch.manual_seed(0)
+    teacher = build_detector(spec(16), 3).double().eval().requires_grad_(False)
+    student = build_detector(spec(8), 3).double().train()
+    images = torch.randn(2, 3, 96, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    targets = Targets([torch.tensor([[16.0, 24, 44, 36], [60, 55, 80, 65]]), torch.tensor([[28.0, 38, 68, 58]])],
+                      [torch.tensor([0, 2]), torch.tensor([1])], (96, 96))
+    comp = DS2D2(student.info, teacher.info, hf_amplifier=False, adapter_init="plain").double()
+    s_out = student(images, targets)
+    with torch.no_grad():
+        t_out = teacher(images)
+    assert t_out.roi_head_fn is not None and sum(r.shape[0] for r in t_out.rois) > 0
+    terms = comp(s_out, t_out, targets)
+
+    adapted = [a(f) for a, f in zip(comp.adapters, s_out.features)]
+    feats = adapted[: len(teacher.roi_head.strides)]
+    cls_s, box_s, _ = teacher.roi_head(feats, t_out.rois)
+    cls_t, box_t, _ = teacher.roi_head(t_out.features[: len(teacher.roi_head.strides)], t_out.rois)
+    expected = ref_roi_amplifier(*(x.detach().numpy() for x in (cls_s, box_s, cls_t, box_t)))
+    assert terms["ff"].item() == pytest.approx(expected, rel=1e-9)
+    assert torch.allclose(cls_t, t_out.roi_cls_logits) and torch.allclose(box_t, t_out.roi_box_deltas)
+
+    terms["ff"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    grads = [p.grad for p in student.backbone.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    # a one-stage reading of the same teacher (no RoI head) gives the dense RPN form, another value
+    t_out.roi_head_fn = None
+    assert comp(s_out, t_out, targets)["ff"].item() != pytest.approx(expected, rel=1e-3)

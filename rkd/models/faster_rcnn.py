@@ -34,7 +34,7 @@ Oriented two-stage detectors are not built here: they come via the OpenMMLab ada
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,10 +55,7 @@ ROI_DELTA_SCALE = (10.0, 10.0, 5.0, 5.0)  # the usual RoI-head target weights: c
 class TwoStageOutput(DetectorOutput):
     """:class:`~rkd.outputs.DetectorOutput` of the RPN plus the RoI head's outputs (see module doc)."""
 
-    rois: list[Tensor] = field(default_factory=list)  # per image (R_i, 4) xyxy
-    roi_cls_logits: Tensor | None = None  # (R, K + 1), background last
-    roi_box_deltas: Tensor | None = None  # (R, K * 4)
-    roi_batch_index: Tensor | None = None  # (R,) long
+    # rois, roi_cls_logits, roi_box_deltas, roi_batch_index, roi_head_fn: DetectorOutput's, what KD may read
     roi_labels: Tensor | None = None  # (R,) training targets of the sampled RoIs (K = background)
     num_object_classes: int = 0
 
@@ -299,6 +296,7 @@ class FasterRCNN(Detector):
             anchors=self.head.anchors(features, self.info.strides),
             image_size=(images.shape[-2], images.shape[-1]),
             head_fn=self.head_fn,
+            roi_head_fn=self.roi_head_fn,
             inputs=images,
             num_object_classes=self.num_classes,
         )
@@ -315,6 +313,12 @@ class FasterRCNN(Detector):
         roi_losses = self.roi_head.loss(out.roi_cls_logits, out.roi_box_deltas, out.roi_labels, box_targets)
         out.losses = {**rpn_losses, **roi_losses}
         return out
+
+    def roi_head_fn(self, features: list[Tensor], rois: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """The second stage on any FPN features (all levels given, as ``forward`` has them) at given
+        per-image RoIs: ``(cls_logits (R, K+1), box_deltas (R, K*4))``."""
+        cls_logits, box_deltas, _ = self.roi_head(features[: len(self.roi_head.strides)], rois)
+        return cls_logits, box_deltas
 
     @torch.no_grad()
     def predict(self, images: Tensor, **decode_kwargs: Any) -> list[dict[str, Tensor]]:
