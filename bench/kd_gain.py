@@ -8,7 +8,9 @@ once. Configurations:
 
 * ``nokd``: the student alone;
 * ``<method>``: the method alone at rkd's defaults (its parameters' defaults, ``kd_balance: auto``);
-* ``<method>@published``: the method alone at its published weights (``kd_balance: off``);
+* ``<method>@published``: the method alone at its published configuration: published weights
+  (``kd_balance: off``) and each parameter's published value where rkd's default differs
+  (``Param.published``; before 2026-12-05 the other parameters kept rkd's defaults);
 * ``<name>=<json>``: any ``{methods: ..., kd_balance: ..., <student path>: value}`` mapping,
   e.g. the best configuration of a search.
 
@@ -35,17 +37,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rkd.distill import KD_METHODS
+from rkd.distill.base import published_hparams
 from rkd.search.confirm import paired_gain  # the confirm stage's paired t interval
 from rkd.train.runner import ensure_ray
 from rkd.train.spec import load_spec, with_overrides
 from rkd.train.stages import distil_student
+from rkd.train.tasks import TASKS
 from rkd.train.teacher import prepare_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def config_of(name: str) -> dict[str, Any]:
-    """The student overrides a configuration name stands for."""
+def config_of(name: str, registry: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The student overrides a configuration name stands for (``registry``: the task's KD methods)."""
     if "=" in name:
         return json.loads(name.split("=", 1)[1])
     if name == "nokd":
@@ -53,7 +58,14 @@ def config_of(name: str) -> dict[str, Any]:
     method, _, variant = name.partition("@")
     if variant not in ("", "published"):
         raise SystemExit(f"unknown variant {variant!r} in {name!r}: use <method> or <method>@published")
-    return {"methods": {method: {}}, "kd_balance": {"mode": "off" if variant else "auto"}}
+    if not variant:
+        return {"methods": {method: {}}, "kd_balance": {"mode": "auto"}}
+    registry = KD_METHODS if registry is None else registry
+    if method not in registry:
+        raise SystemExit(f"unknown KD method {method!r} in {name!r}; known: {', '.join(sorted(registry))}")
+    # the published configuration: the published weights, and the published value of every
+    # parameter whose rkd default differs from it (Param.published)
+    return {"methods": {method: published_hparams(registry[method].params)}, "kd_balance": {"mode": "off"}}
 
 
 def label_of(name: str) -> str:
@@ -77,7 +89,7 @@ def run_one(args: argparse.Namespace, name: str, seed: int, teacher: Any) -> dic
     # the run folder (and with it Ray's storage) is per code version: a same-config run of older
     # code must not be resumed as if it were this one's
     spec.name = f"{args.tag}-{label_of(name).replace('@', '-')}-s{seed}"
-    overrides = config_of(name)
+    overrides = config_of(name, TASKS[spec.task].method_registry())
     methods = overrides.pop("methods", {})
     balance = overrides.pop("kd_balance", None)
     if args.epochs:

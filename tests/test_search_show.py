@@ -73,6 +73,8 @@ def test_every_dim_is_listed_under_its_parent(tmp_path):
     # what the space leaves out keeps the method's declared defaults, and says so
     assert "(defaults: weight=1.0" in text  # hinton's weight
     assert "cls_weight=1.0" in text  # cid's
+    # and where rkd's default is not the published value, both (fitnet's adapter init)
+    assert "adapter_init='teacher_scale' (published 'plain')" in text
 
 
 def test_sizes_match_a_hand_count(tmp_path):

@@ -170,7 +170,7 @@ def test_published_default_points_switch_one_method_on_at_its_declared_defaults(
         assert on == [f"methods.{method}"]
         for name, value in point.items():
             if name.startswith(f"methods.{method}."):
-                assert value == KD_METHODS[method].params[name.rsplit(".", 1)[1]].default
+                assert value == KD_METHODS[method].params[name.rsplit(".", 1)[1]].published_value
         # Optuna really produces the point: enqueued, the define-by-run trial takes every given value
         study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
         study.enqueue_trial(point)
@@ -227,8 +227,8 @@ def test_published_default_points_run_the_published_weights_without_the_loss_bal
     from rkd.search.space import BALANCE_MODE
     from rkd.train.spec import load_spec, with_overrides
 
-    space = load_space(REPO / "search_spaces" / "skeleton.yaml").with_balance_modes()
-    assert space.with_balance_modes() is space  # added once
+    space = load_space(REPO / "search_spaces" / "skeleton.yaml").with_published_choices()
+    assert space.with_published_choices() is space  # added once
     points = space.published_default_points()
     assert {p[BALANCE_MODE] for p in points.values()} == {"off"}
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
@@ -238,3 +238,31 @@ def test_published_default_points_run_the_published_weights_without_the_loss_bal
     student_overrides, methods = split_params(trial.params)
     student = with_overrides(load_spec(REPO / "examples" / "quickstart.yaml").student, student_overrides, methods)
     assert student.kd_balance["mode"] == "off" and set(student.methods) == {"hinton"}
+
+
+def test_published_points_carry_published_values_the_space_does_not_search(tmp_path):
+    """A parameter whose rkd default differs from its published value (``Param.published``) and that
+    the space leaves to its default becomes a (default, published) choice, so the method's published
+    point runs the published configuration, not rkd's defaults."""
+    from rkd.distill.base import KD_METHODS, Param
+
+    declared = KD_METHODS["nsd"].params
+    assert declared["logit_form"].default == "binary" and declared["logit_form"].published_value == "softmax"
+    space = compile_space({"methods": {"nsd": {"bg_weight": "default"}}}, str(tmp_path / "s.yaml"))
+    assert {d.name for d in space.dims} == {"methods.nsd", "methods.nsd.bg_weight"}
+    space = space.with_published_choices()
+    added = {d.name: d for d in space.dims}
+    assert added["methods.nsd.logit_form"].choices == ("binary", "softmax")
+    assert added["methods.nsd.adapter_init"].choices == ("teacher_scale", "plain")
+    assert added["methods.nsd.logit_form"].condition == "methods.nsd"
+    point = space.published_default_points()["nsd"]
+    assert point["methods.nsd.logit_form"] == "softmax" and point["methods.nsd.adapter_init"] == "plain"
+    assert point["methods.nsd.bg_weight"] == declared["bg_weight"].default  # published = default there
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial(point)
+    trial = study.ask()
+    space.define_by_run(trial)
+    _, methods = split_params(trial.params)
+    assert methods["nsd"]["logit_form"] == "softmax" and methods["nsd"]["adapter_init"] == "plain"
+    with pytest.raises(ValueError, match="published: expected one of"):
+        Param("choice", "a", choices=("a", "b"), published="c")

@@ -44,6 +44,14 @@ class Param:
     log: bool = False
     choices: tuple[Any, ...] | None = None
     help: str = ""
+    # The paper's or released code's value where rkd's default differs from it (a default measured
+    # better on real data, with the figures beside the Param); None: the default is the published value.
+    published: Any = None
+
+    @property
+    def published_value(self) -> Any:
+        """What the method's published configuration uses (``published_defaults`` points, ``@published``)."""
+        return self.default if self.published is None else self.published
 
     def __post_init__(self) -> None:
         if self.kind not in ("float", "int", "bool", "choice"):
@@ -55,6 +63,8 @@ class Param:
                 raise ValueError("a log-scaled Param needs low > 0")
         if self.kind == "choice" and not self.choices:
             raise ValueError("a choice Param needs choices")
+        if self.published is not None:
+            self.validate(self.published, "published")
 
     def validate(self, value: Any, where: str) -> Any:
         """Return ``value`` coerced to this parameter's type, or raise ``ValueError``."""
@@ -102,6 +112,15 @@ class Option:
 
     def resolve(self, value: Any, base_dir: Path | None) -> Any:
         return value if self.check is None else self.check(value, base_dir)
+
+
+def published_hparams(params: dict[str, Param]) -> dict[str, Any]:
+    """The parameters whose published value differs from rkd's default, at their published value.
+
+    >>> published_hparams({"a": Param("bool", False, published=True), "b": Param("bool", True)})
+    {'a': True}
+    """
+    return {name: p.published for name, p in params.items() if p.published is not None}
 
 
 def number_option(kind: str, default: float, low: float | None = None, help: str = "") -> Option:

@@ -97,7 +97,7 @@ class AdapterScaleInit(nn.Module):
 def adapter_init_param(published: str) -> Param:
     """The ``adapter_init`` parameter of a method with feature adapters (see :class:`AdapterScaleInit`)."""
     return Param(
-        "choice", "teacher_scale", choices=ADAPTER_INITS,
+        "choice", "teacher_scale", choices=ADAPTER_INITS, published="plain",
         help=f"adapter output scaled to the teacher's feature RMS at the first step, or plain ({published})",
     )
 

@@ -277,7 +277,7 @@ class IFKD(KDComponent):
         "r": Param("float", 0.1, 0.02, 0.5, help="low-pass square side as a fraction of min(H, W)"),
         "p": Param("float", 0.5, 0.0, 1.0, help="probability of applying FDR in a training step"),
         "fdr_output": Param("choice", "real", choices=("real", "abs"), help="real part or magnitude of the IFFT"),
-        "fdr_init": Param("choice", "identity", choices=("small", "identity"),
+        "fdr_init": Param("choice", "identity", choices=("small", "identity"), published="small",
                           help="W_filter init: identity (1 + 0j) or small (released code's N(0, 0.02^2))"),
         "hsm": Param("bool", True, help="hyperbolic similarity mask"),
         "c": Param("float", 1.0, 1e-3, 2.0, log=True, help="curvature of the Poincare ball"),

@@ -221,7 +221,7 @@ class NSD(KDComponent):
         "temperature": Param("float", 4.0, 1.0, 8.0, help="temperature for logit and angle KD (released 4)"),
         "warmup_epochs": Param("float", 3.0, 0.0, 10.0, help="logit KD ramps up as min(epoch / E, 1); 0 = none"),
         "logit_form": Param(
-            "choice", "binary", choices=("binary", "softmax"),
+            "choice", "binary", choices=("binary", "softmax"), published="softmax",
             help="logit KD: per-class binary KL (sigmoid heads) or the released softmax NCKD over the classes",
         ),
         "ncs": Param(

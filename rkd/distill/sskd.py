@@ -296,7 +296,7 @@ class SSKD(ClassifierKDComponent):
                  "one-stage optimisation) or only the branch (detached: the backbone learns from (S4) alone)",
         ),
         "warmup_epochs": Param(
-            "float", 4.0, 0.0, 8.0,
+            "float", 4.0, 0.0, 8.0, published=0.0,
             help="(S4) ramps up as min(epoch / E, 1) while the branch, trained from scratch, learns; 0 = none "
                  "(the paper's one stage has none; rkd's 4 measured on AID, docs/benchmarks.md)",
         ),

@@ -157,7 +157,7 @@ def load_search_space(spec: RunSpec, search: SearchConfig) -> SearchSpace:
         registry=TASKS[spec.task].method_registry(),
     )
     if search.published_defaults:
-        space = space.with_balance_modes()  # the published points run the published weights as they are
+        space = space.with_published_choices()  # the published points run the published configuration as it is
     if not isinstance(search.initial_points, list):
         raise spec.source.error(SpecError("search.initial_points", "expected a list of {parameter: value} mappings"))
     dims = {d.name: d for d in space.dims}

@@ -68,7 +68,10 @@ def format_space(space: SearchSpace) -> str:
         # tree says everything the trial will run with.
         named = {d.name.rsplit(".", 1)[1] for d in params}
         known = detection_methods() if space.registry is None else space.registry
-        rest = [f"{p}={v.default!r}" for p, v in known[method].params.items() if p not in named]
+        rest = [
+            f"{p}={v.default!r}" + ("" if v.published is None else f" (published {v.published!r})")
+            for p, v in known[method].params.items() if p not in named
+        ]
         if rest:
             rows.append((f"    (defaults: {', '.join(rest)})", "", ""))
     width = max(len(label) for label, r, _ in rows if r) if any(r for _, r, _ in rows) else 0

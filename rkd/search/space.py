@@ -115,16 +115,27 @@ class SearchSpace:
         """Parameters of the "no KD" configuration: every switchable method off."""
         return {d.name: False for d in self.dims if d.condition is None and d.name.startswith("methods.") and d.kind == "choice"}
 
-    def with_balance_modes(self) -> SearchSpace:
-        """This space with the KD loss balance mode as a choice (auto | off), unless it has it already,
-        so that published-defaults points can run the published weights as they are."""
-        if any(d.name == BALANCE_MODE for d in self.dims):
-            return self
-        return SearchSpace([*self.dims, Dim(BALANCE_MODE, "choice", choices=("auto", "off"))], self.file, self.registry)
+    def with_published_choices(self) -> SearchSpace:
+        """This space with what published-defaults points need as choices the sampler may take too:
+        the KD loss balance mode (auto | off), so they run the published weights as they are, and,
+        for each method's parameter whose rkd default differs from its published value and that the
+        space does not search, the choice of the two (``Param.published``). Added once."""
+        names = {d.name for d in self.dims}
+        added = [] if BALANCE_MODE in names else [Dim(BALANCE_MODE, "choice", choices=("auto", "off"))]
+        for method in self.methods():
+            for pname, param in self._declared(method).items():
+                name = f"methods.{method}.{pname}"
+                if param.published is not None and name not in names:
+                    added.append(Dim(name, "choice", choices=(param.default, param.published), condition=f"methods.{method}"))
+        return SearchSpace([*self.dims, *added], self.file, self.registry) if added else self
+
+    def _declared(self, method: str) -> dict[str, Param]:
+        known = KD_METHODS if self.registry is None else self.registry
+        return known[method].params if method in known else {}
 
     def published_default_points(self) -> dict[str, dict[str, Any]]:
-        """For each switchable method: it alone, at its declared (published) defaults, and with the
-        loss balance off where the space has that choice (see :meth:`with_balance_modes`).
+        """For each switchable method: it alone, at its published values (``Param.published_value``),
+        and with the loss balance off where the space has that choice (see :meth:`with_published_choices`).
 
         A default the space's range excludes is left for the sampler (a partial point).
         Parameters outside the methods (the student's size, lr, ...) are left to the sampler too.
@@ -135,12 +146,13 @@ class SearchSpace:
         for switch in base:
             method = switch.split(".", 1)[1]
             point = {**base, switch: True, **({BALANCE_MODE: "off"} if balance is not None else {})}
-            known = KD_METHODS if self.registry is None else self.registry
-            declared = known[method].params if method in known else {}
+            declared = self._declared(method)
             for d in self.dims:
                 param = d.name.rsplit(".", 1)[1]
-                if d.condition == switch and d.kind != "fixed" and param in declared and d.admits(declared[param].default):
-                    point[d.name] = declared[param].default
+                if d.condition != switch or d.kind == "fixed" or param not in declared:
+                    continue
+                if d.admits(declared[param].published_value):
+                    point[d.name] = declared[param].published_value
             points[method] = point
         return points
 
