@@ -245,7 +245,7 @@ def ref_ds2d2_terms(
 def golden_component(**hparams) -> tuple[DS2D2, tuple]:
     """The golden case: every weight of the component drawn from a numpy seed."""
     student, teacher, targets, s_np, t_np, head_np, boxes, rng = case(seed=7)
-    comp = DS2D2(student.info, teacher.info, **hparams).double()
+    comp = DS2D2(student.info, teacher.info, **{"hf_amplifier": True, **hparams}).double()
     with torch.no_grad():
         for p in comp.parameters():
             p.copy_(torch.from_numpy(rng.standard_normal(tuple(p.shape)) * 0.15))
@@ -362,7 +362,7 @@ def test_amplifiers_are_normalised_by_the_released_number_of_positives() -> None
     (12-27x the positives on UCAS-AOD) and made the released amplifier weights that much too small.
     """
     student, teacher, targets, s_np, t_np, head_np, boxes, _ = case(seed=12)
-    comp = DS2D2(student.info, teacher.info, beta=1.3).double()
+    comp = DS2D2(student.info, teacher.info, beta=1.3, hf_amplifier=True).double()
     terms = comp(student, teacher, targets)
     released = ref_ds2d2_terms(comp, s_np, t_np, head_np, boxes, avg_factor=6.0)  # image 0: 5, image 1: max(1, 0)
     for name in ("ff", "hf"):
@@ -435,7 +435,7 @@ def test_forward_haar_defaults_match_reference() -> None:
 
 def test_terms_vanish_when_student_equals_teacher() -> None:
     student, teacher, targets, *_ = case(seed=5, cs=4, ct=4)
-    comp = DS2D2(student.info, teacher.info, w_low=1.0, w_high=1.0).double()
+    comp = DS2D2(student.info, teacher.info, w_low=1.0, w_high=1.0, hf_amplifier=True).double()
     with torch.no_grad():
         for a in comp.adapters:
             a.weight.copy_(torch.eye(4, dtype=torch.float64)[:, :, None, None])
@@ -452,7 +452,7 @@ def test_gradients_reach_student_and_adapters_never_teacher_or_frozen_heads() ->
     student, teacher, targets, *_ = case(seed=6)
     t_feats = [f.clone().requires_grad_(True) for f in teacher.features]
     teacher.features = t_feats
-    comp = DS2D2(student.info, teacher.info, w_low=1.0, w_high=1.0).double()
+    comp = DS2D2(student.info, teacher.info, w_low=1.0, w_high=1.0, hf_amplifier=True).double()
     sum(comp(student, teacher, targets).values()).backward()
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in student.features)
     assert all(a.weight.grad is not None and a.weight.grad.abs().sum() > 0 for a in comp.adapters)
@@ -462,7 +462,7 @@ def test_gradients_reach_student_and_adapters_never_teacher_or_frozen_heads() ->
     # each amplifier alone sends gradient through its head to the student
     for only in ("ff", "hf"):
         s2, t2, tg, *_ = case(seed=6)
-        c2 = DS2D2(s2.info, t2.info).double()
+        c2 = DS2D2(s2.info, t2.info, hf_amplifier=True).double()
         c2(s2, t2, tg)[only].backward()
         assert all(f.grad.abs().sum() > 0 for f in s2.features), only
 
@@ -472,7 +472,7 @@ def test_prior_stage_trains_the_hf_head_only() -> None:
     _, teacher, targets, *_ = case(seed=8)
     t_feats = [f.clone().requires_grad_(True) for f in teacher.features]
     teacher.features = t_feats
-    comp = DS2D2(make_info(6), teacher.info).double()
+    comp = DS2D2(make_info(6), teacher.info, hf_amplifier=True).double()
     assert comp.has_prior_stage and comp.prior_stage_modules() is comp.hf_head
     opt = torch.optim.Adam(comp.prior_stage_modules().parameters(), lr=1e-2)
     losses = []
@@ -493,10 +493,13 @@ def test_params_switches_and_errors() -> None:
     assert (p["wavelet"].default, p["w_low"].default, p["w_high"].default) == ("haar", 1e-5, 1e-5)
     assert (p["ff_weight"].default, p["hf_weight"].default, p["disw"].default) == (1.0, 1.0, True)
     assert p["w_low"].log and p["w_low"].low < 1e-5 < p["w_low"].high
+    # the HF amplifier is off by default (measured on UCAS-AOD), on in the published configuration
+    assert (p["hf_amplifier"].default, p["hf_amplifier"].published_value) == (False, True)
     assert {"haar", "db2", "db4", "sym4", "coif1", "bior2.2"} <= set(p["wavelet"].choices)
     student, teacher, targets, *_ = case(seed=9)
     off = DS2D2(student.info, teacher.info, hf_amplifier=False, ff_amplifier=False).double()
     assert not off.has_prior_stage and off.prior_stage_modules() is None and off.hf_head is None
+    assert not DS2D2(student.info, teacher.info).has_prior_stage  # the default: no HF head to train
     teacher.head_fn = None
     assert set(off(student, teacher, targets)) == {"low", "high"}
     ff = DS2D2(student.info, teacher.info, hf_amplifier=False).double()
@@ -508,7 +511,7 @@ def test_params_switches_and_errors() -> None:
         DS2D2(student.info, teacher.info, wavelet="morl")
     odd = DetectorInfo(level_channels=(4, 8), strides=(8, 16), num_classes=3, num_anchors=2, box_dim=5)
     with pytest.raises(ValueError, match="equal channels"):
-        DS2D2(student.info, odd)
+        DS2D2(student.info, odd, hf_amplifier=True)
     DS2D2(student.info, odd, hf_amplifier=False)  # fine without the shared HF head
     moved = DetectorInfo(level_channels=(4, 4), strides=(4, 8), num_classes=3, num_anchors=2, box_dim=5)
     with pytest.raises(ValueError, match="strides"):
@@ -517,7 +520,7 @@ def test_params_switches_and_errors() -> None:
 
 def test_built_through_the_distiller() -> None:
     student, teacher, targets, *_ = case(seed=10)
-    d = build_distiller({"ds2d2": {"wavelet": "sym4", "disw": False}}, student.info, teacher.info).double()
+    d = build_distiller({"ds2d2": {"wavelet": "sym4", "disw": False, "hf_amplifier": True}}, student.info, teacher.info).double()
     terms = d(student, teacher, targets)
     assert sorted(terms) == ["ds2d2.ff", "ds2d2.hf", "ds2d2.high", "ds2d2.low"]
     assert list(d.prior_stage_components()) == ["ds2d2"]

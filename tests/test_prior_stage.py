@@ -18,7 +18,7 @@ from rkd.train.prior import attach_prior_states, prepare_priors, read_prior_stat
 TEACHER = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": 16}, "head": {"convs": 1}}
 STUDENT = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": 8}, "head": {"convs": 1}}
 DATA = {"format": "synthetic", "num_classes": 2, "num_train": 16, "num_val": 4, "input_size": 64, "seed": 3}
-METHODS = {"ds2d2": {"hf_channels": 16, "prior_epochs": 3, "prior_lr": 3e-3}}
+METHODS = {"ds2d2": {"hf_amplifier": True, "hf_channels": 16, "prior_epochs": 3, "prior_lr": 3e-3}}
 
 
 @pytest.fixture(scope="module")
