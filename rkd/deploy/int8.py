@@ -38,7 +38,7 @@ from rkd.deploy.graphs import DEFAULT_IOU, DEFAULT_SCORE
 from rkd.deploy.latency import ort_latency, ort_session
 from rkd.errors import RkdError, SpecError
 from rkd.eval import evaluate_detections
-from rkd.train.evaluate import merge_into_scenes
+from rkd.train.evaluate import merge_into_scenes, scored
 from rkd.train.tasks import Task
 
 DEFAULT_IMAGES = 32
@@ -125,19 +125,21 @@ def onnx_map50(path: Path, val: Any, num_classes: int) -> tuple[float, int]:
     session = ort_session(path)
     names, out_names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
     tiled = getattr(val, "windows", None) is not None  # patches are merged in scene pixels
-    detections, truths = [], []
+    detections, truths, horizontal = [], [], False
     for start in range(0, len(val), EVAL_BATCH):
         images, targets, metas = collate_detection([val[i] for i in range(start, min(start + EVAL_BATCH, len(val)))])
         raw = session.run(None, postprocess.inputs(names, images.numpy(), DEFAULT_SCORE, DEFAULT_IOU))
         found = postprocess.detections(dict(zip(out_names, raw)), len(images), DEFAULT_SCORE, DEFAULT_IOU)
         for det, boxes, labels, meta in zip(found, targets.boxes, targets.labels, metas):
             det = {key: torch.from_numpy(np.array(value)) for key, value in det.items()}
+            horizontal = det["boxes"].shape[-1] == 4  # the graph's box kind, the same for every image
+            det, boxes = scored(det, boxes)
             if tiled:
                 det["boxes"][:, :4] /= meta["scale"]
             detections.append(det)
             truths.append({"boxes": boxes, "labels": labels, "difficult": meta.get("difficult")})
     if tiled:
-        detections, truths = merge_into_scenes(val, detections)
+        detections, truths = merge_into_scenes(val, detections, horizontal)
     return float(evaluate_detections(detections, truths, num_classes=num_classes, iou_threshold=0.5).map), len(detections)
 
 

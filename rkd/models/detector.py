@@ -7,8 +7,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rkd.geometry import obb_to_hbb
 from rkd.models.postprocess import decode
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
+
+
+def own_targets(targets: Targets | None, box_dim: int) -> Targets | None:
+    """``targets`` in a detector's box kind. rkd's readers give le90 ``(N, 5)`` boxes whatever the
+    file held; a horizontal-box detector (``box_dim`` 4) trains on the horizontal boxes enclosing
+    them, as DOTA's HBB task defines its ground truth. Other targets are returned as they are.
+
+    >>> t = own_targets(Targets([torch.tensor([[10.0, 10.0, 4.0, 2.0, 1.5707963]])], [torch.tensor([0])], (32, 32)), 4)
+    >>> [round(v, 4) for v in t.boxes[0][0].tolist()]
+    [9.0, 8.0, 11.0, 12.0]
+    """
+    if targets is None or box_dim != 4 or all(b.shape[-1] == 4 for b in targets.boxes):
+        return targets
+    boxes = [obb_to_hbb(b).to(b.dtype) if b.shape[-1] == 5 else b for b in targets.boxes]
+    return Targets(boxes, targets.labels, targets.image_size)
 
 
 class Detector(nn.Module):
@@ -43,6 +59,7 @@ class Detector(nn.Module):
         return self._info
 
     def forward(self, images: Tensor, targets: Targets | None = None) -> DetectorOutput:
+        targets = own_targets(targets, self._info.box_dim)
         features = self.neck(self.backbone(images))
         head_out = self.head(features)
         cls_logits, box_regs = head_out[0], head_out[1]

@@ -44,7 +44,7 @@ from torchvision.ops import batched_nms, box_iou, remove_small_boxes, roi_align
 
 from rkd.models.anchors import anchor_sizes, assign_batch, grid_anchors
 from rkd.models.coders import HbbCoder
-from rkd.models.detector import Detector
+from rkd.models.detector import Detector, own_targets
 from rkd.models.retinanet import conv_tower
 from rkd.outputs import Assignment, DetectorOutput, Targets
 
@@ -286,6 +286,7 @@ class FasterRCNN(Detector):
         self.proposals_train, self.proposals_test = proposals_train, proposals_test
 
     def forward(self, images: Tensor, targets: Targets | None = None) -> TwoStageOutput:
+        targets = own_targets(targets, self.info.box_dim)
         features = self.neck(self.backbone(images))
         cls_logits, box_regs, _ = self.head(features)
         out = TwoStageOutput(

@@ -3,7 +3,9 @@
 Each rank predicts the images ``rank, rank + world, ...``; the detections are
 gathered so every rank scores all val images (not just its own shard) and all
 ranks report the same number. On a tiled dataset the patches' detections are
-merged back into their scenes and mAP is measured on the whole scenes.
+merged back into their scenes and mAP is measured on the whole scenes. A horizontal-box
+detector is scored as DOTA's HBB task scores it: against the horizontal boxes enclosing the
+oriented ground truth (:func:`scored`).
 """
 
 from __future__ import annotations
@@ -13,12 +15,30 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from rkd.data.dataset import collate_detection
 from rkd.eval import MapResult, evaluate_detections
 from rkd.eval.merge import merge_patches
+from rkd.geometry import hbb_to_obb, obb_to_hbb
+
+
+def scored(det: dict[str, Any], gt_boxes: Tensor) -> tuple[dict[str, Any], Tensor]:
+    """Detections and ground-truth boxes of an image as validation scores them: le90 on both sides.
+
+    A horizontal-box detector's ``(M, 4)`` xyxy boxes become axis-aligned le90 boxes and the le90
+    ground truth the horizontal boxes enclosing it, so the rotated IoU the evaluator (and the tile
+    merge's rotated NMS) computes is the horizontal IoU. Oriented detections are returned as given.
+    """
+    if det["boxes"].shape[-1] != 4:
+        return det, gt_boxes
+    return {**det, "boxes": hbb_to_obb(det["boxes"]).to(det["boxes"].dtype)}, enclosing(gt_boxes)
+
+
+def enclosing(boxes: Tensor) -> Tensor:
+    """le90 boxes -> the le90 form of their enclosing horizontal boxes."""
+    return hbb_to_obb(obb_to_hbb(boxes)).to(boxes.dtype)
 
 
 @torch.no_grad()
@@ -35,8 +55,8 @@ def predict_shard(model: nn.Module, dataset: Dataset, rank: int, world: int, bat
     for images, targets, metas in loader:
         detections = model.predict(images.to(device))
         for det, boxes, labels, meta in zip(detections, targets.boxes, targets.labels, metas):
+            det, boxes = scored({k: v.cpu() for k, v in det.items()}, boxes)
             gt = {"boxes": boxes, "labels": labels, "difficult": meta.get("difficult")}
-            det = {k: v.cpu() for k, v in det.items()}
             if in_file_pixels:
                 det["boxes"] = det["boxes"].clone()
                 det["boxes"][:, :4] /= meta["scale"]  # letterboxing scales about the top-left corner
@@ -73,15 +93,22 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
     detections = [pair[0] for _, pair in shard]
     truths = [pair[1] for _, pair in shard]
     if getattr(dataset, "windows", None) is not None:
-        detections, truths = merge_into_scenes(dataset, detections)
+        horizontal = plain.info.box_dim == 4 if hasattr(plain, "info") else False
+        detections, truths = merge_into_scenes(dataset, detections, horizontal)
     return Validation(evaluate_detections(detections, truths, num_classes=num_classes, iou_threshold=0.5), len(detections))
 
 
-def merge_into_scenes(dataset: Any, patch_detections: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
-    """Per-scene detections (patches merged with rotated NMS) and the scenes' own ground truth."""
+def merge_into_scenes(
+    dataset: Any, patch_detections: list[dict[str, Any]], horizontal: bool = False
+) -> tuple[list[Any], list[Any]]:
+    """Per-scene detections (patches merged with rotated NMS) and the scenes' own ground truth
+    (enclosed by horizontal boxes for a ``horizontal`` detector, see :func:`scored`)."""
     per_scene: list[list[Any]] = [[] for _ in dataset.scenes]
     for (scene, window), det in zip(dataset.windows, patch_detections):
         per_scene[scene].append((window, det))
     detections = [merge_patches(patches) for patches in per_scene]
-    truths = [{"boxes": r.boxes, "labels": r.labels, "difficult": r.difficult} for r in dataset.scenes]
+    truths = [
+        {"boxes": enclosing(r.boxes) if horizontal else r.boxes, "labels": r.labels, "difficult": r.difficult}
+        for r in dataset.scenes
+    ]
     return detections, truths
