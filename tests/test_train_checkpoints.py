@@ -11,18 +11,18 @@ from pathlib import Path
 import pytest
 import ray
 import ray.cloudpickle
-import ray.train
 import torch
 
 from rkd.data.dataset import validate_data_spec
 from rkd.models import validate_model_spec
+from rkd.train import session
 from rkd.train.loop import TRAIN_STATE_FILE, make_loop_config, train_loop
 from rkd.train.runner import ensure_ray, run_training
 from rkd.train.spec import Resources
 
 pytestmark = pytest.mark.slow
 
-# The interrupted loop below runs in Ray workers, which cannot import this test module.
+# The interrupted loop below may run in a Ray worker, which cannot import this test module.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 MODEL = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": 16}, "head": {"convs": 1}}
@@ -37,7 +37,8 @@ def loop_config(**train: object) -> dict:
 
 def interrupted_loop(cfg: dict) -> None:
     """The real loop, failing right after its ``stop_after``-th report (a crash between epochs)."""
-    report, count = ray.train.report, [0]
+    run = session.current()  # in this process (one CPU worker) or a Ray Train worker's
+    report, count = run.report, [0]
 
     def report_then_fail(*args, **kwargs):
         report(*args, **kwargs)
@@ -45,11 +46,9 @@ def interrupted_loop(cfg: dict) -> None:
         if count[0] >= cfg["stop_after"]:
             raise RuntimeError("interrupted for the test")
 
-    ray.train.report = report_then_fail
-    try:
+    run.report = report_then_fail  # type: ignore[method-assign]
+    with session.active(run):
         train_loop(cfg)
-    finally:
-        ray.train.report = report
 
 
 def checkpoint_epochs(run_dir: Path) -> list[int]:

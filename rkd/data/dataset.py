@@ -210,7 +210,24 @@ def class_names(data_spec: dict[str, Any]) -> list[str]:
     return names
 
 
+# The splits read in this process, by split and data fingerprint (spec, and every file's name, size
+# and mtime): trials that one process runs in turn (Tune reuses a trial's process for the next) parse
+# the labels once. Sharing them is safe because records are never changed after reading: every epoch
+# of a run already reuses the same ones.
+_READ: dict[tuple[str, str], tuple[list[DetectionRecord], list[str], ReadReport]] = {}
+READ_KEPT = 4  # splits kept (the oldest goes first): a search reads two, train and val
+
+
 def _read(data_spec: dict[str, Any], split: str) -> tuple[list[DetectionRecord], list[str], ReadReport]:
+    key = (split, dataset_fingerprint(data_spec))
+    if key not in _READ:
+        if len(_READ) >= READ_KEPT:
+            _READ.pop(next(iter(_READ)))
+        _READ[key] = _read_files(data_spec, split)
+    return _READ[key]
+
+
+def _read_files(data_spec: dict[str, Any], split: str) -> tuple[list[DetectionRecord], list[str], ReadReport]:
     split_name = data_spec["train_split"] if split == "train" else data_spec["val_split"]
     reader = READERS[data_spec["format"]]
     return reader(Path(data_spec["root"]), split_name, data_spec.get("classes"), on_error=data_spec["on_error"])

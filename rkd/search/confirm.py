@@ -40,6 +40,7 @@ from rkd import storage
 from rkd.schema import Section
 from rkd.search.results import front_rows
 from rkd.train.checkpoint import atomic_write_json
+from rkd.train.runner import launcher_resources, reuse_trial_processes
 
 CONFIRM_KEYS = {"top", "seeds"}
 LEVEL = 0.95  # of the gain's interval
@@ -230,7 +231,8 @@ def run_confirm(
         jobs_path = spec.run_dir / JOBS_FILE
         earlier = json.loads(jobs_path.read_text()) if jobs_path.is_file() else None
         ctx = {**ctx, "jobs": jobs, "eval_each_epoch": False, "max_gflops": None, "objectives": (accuracy, "gflops")}
-        trainable = tune.with_resources(tune.with_parameters(confirm_trial, ctx=ctx), {"cpu": 0, "memory": 64 * 2**20})
+        trainable = tune.with_resources(
+            tune.with_parameters(confirm_trial, ctx=ctx), launcher_resources(ctx["resources"]))
         if earlier == todo and tune.Tuner.can_restore(experiment):
             log(f"[confirm] resuming {experiment}: unfinished trainings continue from their checkpoints")
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False)
@@ -243,7 +245,8 @@ def run_confirm(
             tuner = tune.Tuner(
                 trainable,
                 param_space={"job": tune.grid_search(todo)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials),
+                tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials,
+                                            reuse_actors=reuse_trial_processes(spec.resources)),
                 run_config=tune.RunConfig(
                     name=EXPERIMENT,
                     storage_path=spec.ray_storage,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -58,9 +59,13 @@ class ProgressPrinter(tune.Callback):
         print(f"[search {_fmt_elapsed(time.perf_counter() - self.start)}] {text}", file=stream, flush=True)
 
     def _n(self, trial: Any, trials: list) -> str:
-        # Numbered by its place among all trials: a resumed search (whose callback starts empty)
-        # keeps the numbers of the trials it restored.
-        n = next((i + 1 for i, t in enumerate(trials) if t.trial_id == trial.trial_id), None)
+        # Numbered as Tune numbered it when it created it (its experiment tag starts with that number),
+        # else by its place among all trials: a resumed search (whose callback starts empty) keeps the
+        # numbers of the trials it restored. Not the place alone: a resume re-adds the restored trials
+        # latest-reporting first, so a trial that was running comes before the finished ones.
+        created = re.match(r"(\d+)(_|$)", str(getattr(trial, "experiment_tag", "") or ""))
+        n = int(created.group(1)) if created else next(
+            (i + 1 for i, t in enumerate(trials) if t.trial_id == trial.trial_id), None)
         n = self.numbers.setdefault(trial.trial_id, n or len(self.numbers) + 1)
         return f"trial {n}/{self.total}"
 

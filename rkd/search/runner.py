@@ -2,7 +2,9 @@
 
 Every trial is a Tune function that builds a ``TorchTrainer`` for one student
 configuration and calls ``fit()``; the workers' per-epoch metrics reach Tune
-(and Optuna) through ``TuneReportCallback``. Optuna optimises two objectives:
+(and Optuna) through ``TuneReportCallback``. A trial of one CPU worker trains in
+its own process instead (:mod:`rkd.train.inprocess`), with the same checkpoints
+and metrics, and Tune runs the next trial in that process. Optuna optimises two objectives:
 val mAP50 (max) and the student's GFLOPs at the spec's input size (min).
 """
 
@@ -18,6 +20,7 @@ from typing import Any, Callable
 
 import optuna
 from ray import tune
+from ray.train import UserCallback
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
@@ -45,9 +48,10 @@ from rkd.search.results import (
     write_parquet,
 )
 from rkd.search.space import SearchSpace, load_space, split_params
+from rkd.timeline import mark
 from rkd.train.checkpoint import atomic_write_json
 from rkd.train.loop import STUDENT_FILE
-from rkd.train.runner import build_trainer, ensure_ray
+from rkd.train.runner import build_trainer, ensure_ray, launcher_resources, reuse_trial_processes, single_cpu_worker
 from rkd.train.spec import RunSpec, with_overrides
 from rkd.metrics import metric_label
 from rkd.train.tasks import TASKS
@@ -236,9 +240,8 @@ def distill_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
 
 def _distill_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     trial_id = tune.get_context().get_trial_id()
+    mark("trial_start", f"trial-{trial_id}")
     overrides, methods = split_params(config, ctx["base_methods"])
     task = TASKS[ctx["task"]]
     student = with_overrides(ctx["student"], overrides, methods, task=task.name)
@@ -272,11 +275,36 @@ def _distill_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         extra_metrics=extra,
         **prior,
     )
+    in_process = single_cpu_worker(ctx["resources"])  # this trial holds the worker's CPUs (launcher_resources)
     trainer = build_trainer(
-        loop_config, ctx["resources"], ctx["storage"], f"trial-{trial_id}", [TuneReportCallback()], loop=task.loop,
-        local_dir=Path(ctx["local_storage"]),
+        loop_config, ctx["resources"], ctx["storage"], f"trial-{trial_id}", [tune_reporter(in_process)],
+        loop=task.loop, local_dir=Path(ctx["local_storage"]), in_process=in_process,
     )
+    mark("trainer_built", f"trial-{trial_id}")
     trainer.fit()
+
+
+class TuneReport(UserCallback):
+    """Sends an in-process trial's reports to Tune as ``TuneReportCallback`` sends those of Train
+    workers: rank 0's metrics, plus the persisted checkpoint's path as ``checkpoint_path``."""
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+        row = dict(metrics[0])
+        if checkpoint is not None:
+            row[CHECKPOINT_PATH_KEY] = checkpoint.path
+        tune.report(row)
+
+
+def tune_reporter(in_process: bool) -> UserCallback:
+    """The callback that carries a trial's epochs to Tune: directly from this process when the
+    loop runs here, else Ray's from the Train controller (through a queue actor it starts)."""
+    if in_process:
+        return TuneReport()
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return TuneReportCallback()
 
 
 def _status(result: Any) -> tuple[str, str | None]:
@@ -531,9 +559,7 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
         points_to_evaluate=first_points(space, search),
     )
     limited = ConcurrencyLimiter(searcher, max_concurrent=spec.resources.max_concurrent_trials)
-    # The trial function only launches Train workers: it holds no CPU so the workers get
-    # all of them (Tune needs a non-empty bundle, hence a little memory instead).
-    trainable = tune.with_resources(tune.with_parameters(distill_trial, ctx=ctx), {"cpu": 0, "memory": 64 * 2**20})
+    trainable = tune.with_resources(tune.with_parameters(distill_trial, ctx=ctx), launcher_resources(spec.resources))
     scheduler = None
     if search.scheduler is not None:
         # Multi-fidelity on val mAP50: trials are compared at epochs grace, grace*rf, ...
@@ -557,7 +583,8 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
         log(f"[search] {search.trials} trials, sampler {search.sampler}, space {search.space_path.name}")
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=limited, num_samples=search.trials, scheduler=scheduler),
+            tune_config=tune.TuneConfig(search_alg=limited, num_samples=search.trials, scheduler=scheduler,
+                                        reuse_actors=reuse_trial_processes(spec.resources)),
             run_config=tune.RunConfig(
                 name="search",
                 storage_path=spec.ray_storage,

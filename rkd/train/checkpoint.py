@@ -75,9 +75,30 @@ def read_checkpoint(path: Path, kind: str = "detector") -> dict[str, Any]:
     return ckpt
 
 
-def load_model(path: Path, kind: str = "detector") -> tuple[nn.Module, dict[str, Any]]:
-    """Build the model a ``kind`` checkpoint describes and load its weights (strictly)."""
-    ckpt = read_checkpoint(path, kind)
+# Checkpoints read once per process (``load_model(keep=True)``: a teacher), by path, size and mtime:
+# the trials that one process runs in turn distil from the same teacher. Only read from, never changed.
+_KEPT: dict[tuple[str, str, int, int], dict[str, Any]] = {}
+KEPT_CHECKPOINTS = 2
+
+
+def read_checkpoint_kept(path: Path, kind: str = "detector") -> dict[str, Any]:
+    """:func:`read_checkpoint`, kept for the next read of the same unchanged file in this process."""
+    path = Path(path)
+    stat = path.stat() if path.is_file() else None
+    if stat is None:
+        return read_checkpoint(path, kind)  # its error names the file
+    key = (str(path.resolve()), kind, stat.st_size, stat.st_mtime_ns)
+    if key not in _KEPT:
+        if len(_KEPT) >= KEPT_CHECKPOINTS:
+            _KEPT.pop(next(iter(_KEPT)))
+        _KEPT[key] = read_checkpoint(path, kind)
+    return _KEPT[key]
+
+
+def load_model(path: Path, kind: str = "detector", keep: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model a ``kind`` checkpoint describes and load its weights (strictly); a new model
+    each call. ``keep``: read the file once per process (:func:`read_checkpoint_kept`)."""
+    ckpt = read_checkpoint_kept(path, kind) if keep else read_checkpoint(path, kind)
     model = TASK_OF_KIND[kind].build_model(ckpt["model_spec"], ckpt["num_classes"])
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
@@ -85,9 +106,9 @@ def load_model(path: Path, kind: str = "detector") -> tuple[nn.Module, dict[str,
     return model, ckpt
 
 
-def load_detector(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_detector(path: Path, keep: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Build the detector a checkpoint describes and load its weights (strictly)."""
-    return load_model(path, "detector")
+    return load_model(path, "detector", keep)
 
 
 # --- Ray Train checkpoints of a run (resume) --------------------------------------------------

@@ -36,9 +36,10 @@ def save_classifier(path: Path, model: nn.Module, model_spec: dict[str, Any], cl
     save_model(path, model, model_spec, class_names, input_size, meta, kind="classifier")
 
 
-def load_classifier(path: Path) -> tuple[Classifier, dict[str, Any]]:
-    """Build the classifier a checkpoint describes and load its weights strictly."""
-    return load_model(path, "classifier")  # type: ignore[return-value]
+def load_classifier(path: Path, keep: bool = False) -> tuple[Classifier, dict[str, Any]]:
+    """Build the classifier a checkpoint describes and load its weights strictly (``keep``: see
+    :func:`rkd.train.checkpoint.load_model`)."""
+    return load_model(path, "classifier", keep)  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ class ClassificationTask:
         student = build_classifier(train_cfg["model"], num_classes)
         teacher = None
         if cfg.get("teacher_checkpoint"):
-            teacher, ckpt = load_classifier(storage.local_copy(cfg["teacher_checkpoint"]))
+            teacher, ckpt = load_classifier(storage.local_copy(cfg["teacher_checkpoint"]), keep=True)
             if ckpt["num_classes"] != num_classes:
                 raise RkdError(
                     f"{cfg['teacher_checkpoint']}: the teacher has {ckpt['num_classes']} classes, the data {num_classes}"

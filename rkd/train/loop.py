@@ -1,4 +1,4 @@
-"""The training loop each Ray Train worker runs: teacher training and distillation alike.
+"""The training loop every training runs, on each Ray Train worker or in-process: teacher and students alike.
 
 The loop is a plain function of a JSON-able config (see :func:`make_loop_config`)
 so it runs unchanged on one process, on N DDP workers of one machine, or across
@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import ray
 import ray.train
-import ray.train.torch
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
@@ -35,7 +34,9 @@ from rkd.outputs import Targets
 from rkd.errors import RkdError
 from rkd.train.checkpoint import atomic_torch_save, load_detector, older_checkpoints, read_checkpoint_files, save_model
 from rkd.train.evaluate import evaluate
+from rkd.train import session
 from rkd.train.prior import attach_prior_states
+from rkd.timeline import mark
 
 STUDENT_FILE = "student.pt"
 KD_PARTS_FILE = "kd_parts.pt"
@@ -230,7 +231,7 @@ class DetectionTask:
         student = build_detector(train_cfg["model"], num_classes)
         teacher, distiller = None, None
         if cfg.get("teacher_checkpoint"):
-            teacher, _ = load_detector(storage.local_copy(cfg["teacher_checkpoint"]))
+            teacher, _ = load_detector(storage.local_copy(cfg["teacher_checkpoint"]), keep=True)
             if train_cfg.get("methods"):
                 distiller = build_distiller(
                     train_cfg["methods"], student.info, teacher.info, balance=train_cfg.get("kd_balance") or {}
@@ -261,15 +262,17 @@ def loop_task(name: str) -> Any:
 
 def train_loop(cfg: dict[str, Any]) -> None:
     """Ray Train worker entry point of every training: teacher, student, detection, classification."""
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run = session.current()
+    rank, world = run.world_rank, run.world_size
+    mark("loop_entered", run.run_name)
     torch.set_num_threads(max(1, int(cfg["threads"])))
     train_cfg, data_spec = cfg["train"], cfg["data"]
     task = loop_task(cfg.get("task", "detection"))
     generator = seed_everything(int(cfg["seed"]) + rank)
-    device = ray.train.torch.get_device()
+    device = run.device()
 
     train_set, val_set, class_names, collate = task.datasets(data_spec)
+    mark("data_loaded", run.run_name)
     batch_size = int(train_cfg["batch_size"])
     if world > 1:
         sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=int(cfg["seed"]))
@@ -278,6 +281,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=False)
 
     student, teacher, distiller = task.models(cfg, len(class_names))
+    mark("models_loaded", run.run_name)
     if getattr(distiller, "balance", None) is not None:
         distiller.balance.watch(list(student.parameters()))  # the KD strength is measured on the student
     channels_last = use_channels_last(train_cfg.get("channels_last", "auto"), device, student)
@@ -287,7 +291,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
         teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
     teacher_output_needed = task.needs_teacher_output(teacher, distiller)
     model = StudentWithKD(student, distiller).to(memory_format=memory_format)
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    model = run.prepare_model(model)
 
     params = trainable_parameters(model)
     base_lr = effective_lr(train_cfg, world)
@@ -305,7 +309,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     history: list[dict[str, Any]] = []
     start_losses: list[float] = []  # the first steps' losses: the level a diverging run grows away from
     resume_warning = ""
-    resumed = ray.train.get_checkpoint()
+    resumed = run.get_checkpoint()
     if resumed is not None:
         # Continue a killed or failed run where its last readable checkpoint left it.
         resumed, files, resume_warning = load_resume_files(resumed)
@@ -362,7 +366,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
             sums["loss"] = sums.get("loss", 0.0) + loss_value * images.shape[0]
             if len(start_losses) < START_STEPS:
                 start_losses.append(loss_value)
+            if step == 1:
+                mark("first_step", run.run_name)
         elapsed = time.perf_counter() - start
+        mark("epoch_end", run.run_name)
         if seen == 0 and len(loader) > 0:
             raise DivergenceError(f"no finite step in epoch {epoch + 1}: non-finite loss terms {bad}")
         last = epoch + 1 == epochs
@@ -407,11 +414,11 @@ def train_loop(cfg: dict[str, Any]) -> None:
             "torch_rng": torch.get_rng_state(),
             "kd_parts": {k: v.detach().cpu() for k, v in distiller.state_dict().items()} if distiller else {},
         }
-        _report(metrics, rank, student, distiller, state, train_cfg, class_names, data_spec, task)
+        _report(run, metrics, student, distiller, state, train_cfg, class_names, data_spec, task)
     if start_epoch >= epochs and history:
         # Resumed a run whose training had already finished: report its last state again
         # so the caller gets the final metrics and checkpoint.
-        ray.train.report(history[-1], checkpoint=resumed if rank == 0 else None)
+        run.report(history[-1], checkpoint=resumed if rank == 0 else None)
 
 
 def balance_metrics(distiller: Any) -> dict[str, Any]:
@@ -456,8 +463,8 @@ def _append_line(path: Path, row: dict[str, Any]) -> None:
 
 
 def _report(
+    run: session.Session,
     metrics: dict[str, Any],
-    rank: int,
     student: nn.Module,
     distiller: Distiller | None,
     state: dict[str, Any],
@@ -472,8 +479,8 @@ def _report(
     learnable KD parts apart (``kd_parts.pt``) and the training state needed to
     resume (``train_state.pt``: optimizer, scheduler, epoch, RNG, metrics history).
     """
-    if rank != 0:
-        ray.train.report(metrics)
+    if run.world_rank != 0:
+        run.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         save_model(
@@ -488,7 +495,7 @@ def _report(
         if distiller is not None:
             atomic_torch_save(state["kd_parts"], Path(tmp) / KD_PARTS_FILE)
         atomic_torch_save(state, Path(tmp) / TRAIN_STATE_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        run.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:

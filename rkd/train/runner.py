@@ -1,4 +1,4 @@
-"""Launching a training job on Ray Train (``TorchTrainer``, Train V2 API)."""
+"""Launching a training job on Ray Train (``TorchTrainer``, Train V2 API), or in-process for one CPU worker."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from rkd import storage
+from rkd.train import inprocess
+from rkd.train.inprocess import InProcessTrainer
 from rkd.train.loop import SCORE_METRIC, UNSCORED, train_loop
 from rkd.train.spec import Resources
 from rkd.metrics import metric_label
@@ -77,6 +79,39 @@ def _start_embedded(num_cpus: int, kwargs: dict[str, Any]) -> None:
                 os.environ[key] = value
 
 
+def single_cpu_worker(resources: Resources) -> bool:
+    """Whether a training of ``resources`` can run in the process that starts it: one worker, no GPU.
+
+    Such a run has no DDP to set up, so it needs no Ray Train worker group (see
+    :mod:`rkd.train.inprocess`); several workers or a GPU always go through ``TorchTrainer``, and
+    so does everything on a Ray whose Train internals the in-process trainer cannot use.
+    """
+    return resources.workers == 1 and resources.gpus_per_worker == 0 and inprocess.AVAILABLE
+
+
+def launcher_resources(resources: Resources) -> dict[str, float]:
+    """What a Tune trial that launches a training of ``resources`` holds.
+
+    A single CPU worker runs in the trial's own process, which then holds the worker's CPUs;
+    otherwise the trial only launches Train workers and holds no CPU, so the workers get all of
+    them (Tune needs a non-empty bundle, hence a little memory instead).
+    """
+    if single_cpu_worker(resources):
+        return {"cpu": resources.cpus_per_worker}
+    return {"cpu": 0, "memory": 64 * 2**20}
+
+
+def reuse_trial_processes(resources: Resources) -> bool:
+    """Whether Tune should run trial after trial in the same process (``reuse_actors``).
+
+    Only where the trials train in their own process: the next one then skips a process start
+    and finds the data's records and the teacher already read (once per process, see
+    :func:`rkd.train.checkpoint.read_checkpoint_kept`). A trial that launches Train workers keeps
+    nothing worth reusing.
+    """
+    return single_cpu_worker(resources)
+
+
 def build_trainer(
     loop_config: dict[str, Any],
     resources: Resources,
@@ -86,13 +121,23 @@ def build_trainer(
     max_failures: int = 0,
     loop: Callable[[dict[str, Any]], None] = train_loop,
     local_dir: Path | None = None,
-) -> TorchTrainer:
+    in_process: bool = False,
+) -> TorchTrainer | InProcessTrainer:
     """A ``TorchTrainer`` running ``loop`` (detection by default; classification passes its own).
 
     ``storage_path``: a folder or a storage URI (checkpoints go there); ``local_dir``: where
     this node's own logs go (default ``storage_path``, which must then be a folder).
+    ``in_process``: run the loop in the calling process instead (:class:`InProcessTrainer`, same
+    checkpoints and callbacks), for the caller that holds the worker's CPUs itself; only for
+    :func:`single_cpu_worker` resources and no retries, which are Ray Train's.
     """
     local = _local_dir(storage_path, local_dir)
+    train_cfg = loop_config.get("train", {})
+    if in_process:
+        if not single_cpu_worker(resources) or max_failures:
+            raise ValueError(f"in-process training needs one CPU worker and no retries, got {resources}")
+        return InProcessTrainer(loop, loop_config, str(storage_path), name, checkpoint_config(train_cfg),
+                                [*(callbacks or []), *logger_callbacks(train_cfg, local / name)])
     use_gpu = resources.gpus_per_worker > 0
     per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
     if use_gpu:
@@ -106,8 +151,8 @@ def build_trainer(
             name=name,
             storage_path=str(storage_path),
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
-            checkpoint_config=checkpoint_config(loop_config.get("train", {})),
-            callbacks=[*(callbacks or []), *logger_callbacks(loop_config.get("train", {}), local / name)],
+            checkpoint_config=checkpoint_config(train_cfg),
+            callbacks=[*(callbacks or []), *logger_callbacks(train_cfg, local / name)],
         ),
     )
 
@@ -254,7 +299,11 @@ def run_training(
     local = _local_dir(storage_path, local_dir)
     progress = local / name / "progress.jsonl" if on_epoch is not None else None
     config = {**loop_config, "progress_file": str(progress) if progress else None}
-    trainer = build_trainer(config, resources, storage_path, name, callbacks, loop=loop, local_dir=local)
+    # In this (the driver's) process only on the embedded local Ray: a cluster's driver may be a
+    # small machine, and there the worker belongs on a node Ray chooses.
+    in_process = single_cpu_worker(resources) and not (resources.ray_address or os.environ.get("RAY_ADDRESS"))
+    trainer = build_trainer(config, resources, storage_path, name, callbacks, loop=loop, local_dir=local,
+                            in_process=in_process)
     if progress is None:
         result = trainer.fit()
     else:
