@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rkd"
 
 # Modules every layer may use: shared types, errors and I/O helpers with no rkd dependency
 # beyond each other.
-SHARED = {"rkd", "outputs", "inputs", "errors", "atomic", "storage", "schema", "yamlio", "metrics"}
+SHARED = {"rkd", "outputs", "inputs", "errors", "atomic", "storage", "schema", "yamlio", "metrics", "timeline"}
 LEAVES = {"models", "distill", "data", "eval"}
 ALLOWED = {
     "geometry": set(),
