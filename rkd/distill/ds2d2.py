@@ -98,7 +98,7 @@ from torch import Tensor, nn
 
 from rkd.distill.base import PRIOR_STAGE_OPTIONS, KDComponent, Param, number_option, register
 from rkd.distill.fitnet import AdapterScaleInit, adapter_init_param
-from rkd.distill.functional import bce_values
+from rkd.distill.functional import bce_values, softmax_kd
 from rkd.distill.masks import as_rotated, box_frame_coords
 from rkd.distill.wavelets import check_wavelet, coefficient_centres, dwt2_stacked
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets, flatten_levels
@@ -304,17 +304,16 @@ def roi_amplifier_loss(
     >>> float(roi_amplifier_loss(z, d, z, d))
     0.0
     """
-    r = max(cls_t.shape[0], 1)
+    r = cls_t.shape[0]
+    if r == 0:  # no RoIs: nothing to distil (a mean over none would be NaN)
+        return cls_s.sum() * 0.0 + box_s.sum() * 0.0
     cls_t, box_t = cls_t.detach(), box_t.detach()
-    log_p_s = F.log_softmax(cls_s / temperature, dim=1)
-    log_p_t = F.log_softmax(cls_t / temperature, dim=1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum() / r
     num_classes = cls_t.shape[1] - 1
     best = cls_t.argmax(dim=1)
     fg = (best < num_classes).nonzero(as_tuple=True)[0]
     cols = best[fg, None] * 4 + torch.arange(4, device=best.device)  # (F, 4): the class's delta columns
     l1 = (box_s[fg[:, None], cols] - box_t[fg[:, None], cols]).abs().sum() / r
-    return kl_weight * temperature**2 * kl + l1
+    return kl_weight * softmax_kd(cls_s, cls_t, temperature) + l1
 
 
 def amplifier_avg_factor(student: DetectorOutput, teacher: DetectorOutput, targets: Targets) -> Tensor | float:

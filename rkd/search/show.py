@@ -67,10 +67,9 @@ def format_space(space: SearchSpace) -> str:
         # Parameters the space leaves out keep the method's defaults: show them so the
         # tree says everything the trial will run with.
         named = {d.name.rsplit(".", 1)[1] for d in params}
-        known = detection_methods() if space.registry is None else space.registry
         rest = [
             f"{p}={v.default!r}" + ("" if v.published is None else f" (published {v.published!r})")
-            for p, v in known[method].params.items() if p not in named
+            for p, v in space.declared_params(method).items() if p not in named
         ]
         if rest:
             rows.append((f"    (defaults: {', '.join(rest)})", "", ""))
@@ -90,14 +89,6 @@ def format_space(space: SearchSpace) -> str:
         + (" (infinite space)" if continuous else " (finite space)"),
     ]
     return "\n".join(lines)
-
-
-def detection_methods() -> dict:
-    """The detection KD registry; imported when used, so building rkd's parser needs no torch."""
-    import rkd.distill  # noqa: F401  (importing the package registers every method)
-    from rkd.distill.base import KD_METHODS
-
-    return KD_METHODS
 
 
 def show_space(path: str | Path, task: str = "detection") -> str:

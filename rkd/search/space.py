@@ -123,13 +123,14 @@ class SearchSpace:
         names = {d.name for d in self.dims}
         added = [] if BALANCE_MODE in names else [Dim(BALANCE_MODE, "choice", choices=("auto", "off"))]
         for method in self.methods():
-            for pname, param in self._declared(method).items():
+            for pname, param in self.declared_params(method).items():
                 name = f"methods.{method}.{pname}"
                 if param.published is not None and name not in names:
                     added.append(Dim(name, "choice", choices=(param.default, param.published), condition=f"methods.{method}"))
         return SearchSpace([*self.dims, *added], self.file, self.registry) if added else self
 
-    def _declared(self, method: str) -> dict[str, Param]:
+    def declared_params(self, method: str) -> dict[str, Param]:
+        """The parameters ``method`` declares, from the space's registry (detection's by default)."""
         known = KD_METHODS if self.registry is None else self.registry
         return known[method].params if method in known else {}
 
@@ -146,7 +147,7 @@ class SearchSpace:
         for switch in base:
             method = switch.split(".", 1)[1]
             point = {**base, switch: True, **({BALANCE_MODE: "off"} if balance is not None else {})}
-            declared = self._declared(method)
+            declared = self.declared_params(method)
             for d in self.dims:
                 param = d.name.rsplit(".", 1)[1]
                 if d.condition != switch or d.kind == "fixed" or param not in declared:
