@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rkd-installed
 
-.PHONY: install quickstart test ucas50 aid clean-runs openmmlab test-openmmlab
+.PHONY: install quickstart test lint ucas50 aid clean-runs openmmlab test-openmmlab
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ aid: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# ruff: the lint rules and the format in pyproject.toml ([tool.ruff]); CI runs it before the tests.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean-runs:
 	rm -rf runs

@@ -54,13 +54,17 @@ def main() -> None:
     teacher.eval().requires_grad_(False)
     train = teacher_batches(teacher, spec.data, "train", args.batch)
     val = teacher_batches(teacher, spec.data, "val", args.batch)
-    print(f"teacher {args.teacher}: {len(train)} train / {len(val)} val batches of {args.batch}; "
-          f"lr {args.lr}, torch {torch.__version__}\n")
+    print(
+        f"teacher {args.teacher}: {len(train)} train / {len(val)} val batches of {args.batch}; "
+        f"lr {args.lr}, torch {torch.__version__}\n"
+    )
     print("| hf_channels | " + " | ".join(f"val loss after {e} epochs" for e in args.report) + " | train s |")
     print("|---:|" + "---:|" * (len(args.report) + 1))
     for channels in args.channels:
         torch.manual_seed(0)
-        component = build_distiller({"ds2d2": {"hf_channels": channels}}, teacher.info, teacher.info).components["ds2d2"]
+        component = build_distiller({"ds2d2": {"hf_channels": channels}}, teacher.info, teacher.info).components[
+            "ds2d2"
+        ]
         head = component.prior_stage_modules()
         head.train().requires_grad_(True)
         optimizer = torch.optim.Adam(head.parameters(), lr=args.lr)

@@ -30,11 +30,16 @@ def make_data(num_images: int, gt_per_image: int, dets_per_image: int, num_class
     rng = np.random.default_rng(seed)
     gts, dets = [], []
     for _ in range(num_images):
-        g = np.stack([
-            rng.uniform(50, 974, gt_per_image), rng.uniform(50, 974, gt_per_image),
-            rng.uniform(15, 120, gt_per_image), rng.uniform(6, 40, gt_per_image),
-            rng.uniform(-math.pi / 2, math.pi / 2, gt_per_image),
-        ], 1)
+        g = np.stack(
+            [
+                rng.uniform(50, 974, gt_per_image),
+                rng.uniform(50, 974, gt_per_image),
+                rng.uniform(15, 120, gt_per_image),
+                rng.uniform(6, 40, gt_per_image),
+                rng.uniform(-math.pi / 2, math.pi / 2, gt_per_image),
+            ],
+            1,
+        )
         g_labels = rng.integers(0, num_classes, gt_per_image)
         copies = dets_per_image * 3 // 10  # 30% near the objects, 70% false positives
         src = rng.integers(0, gt_per_image, copies)
@@ -42,15 +47,28 @@ def make_data(num_images: int, gt_per_image: int, dets_per_image: int, num_class
         near[:, 4] = g[src, 4] + rng.normal(0, 0.15, copies)
         near[:, 2:4] = np.abs(near[:, 2:4])
         n_fp = dets_per_image - copies
-        far = np.stack([
-            rng.uniform(0, 1024, n_fp), rng.uniform(0, 1024, n_fp), rng.uniform(15, 120, n_fp),
-            rng.uniform(6, 40, n_fp), rng.uniform(-math.pi / 2, math.pi / 2, n_fp),
-        ], 1)
-        labels = np.r_[np.where(rng.uniform(size=copies) < 0.9, g_labels[src], rng.integers(0, num_classes, copies)),
-                       rng.integers(0, num_classes, n_fp)]
+        far = np.stack(
+            [
+                rng.uniform(0, 1024, n_fp),
+                rng.uniform(0, 1024, n_fp),
+                rng.uniform(15, 120, n_fp),
+                rng.uniform(6, 40, n_fp),
+                rng.uniform(-math.pi / 2, math.pi / 2, n_fp),
+            ],
+            1,
+        )
+        labels = np.r_[
+            np.where(rng.uniform(size=copies) < 0.9, g_labels[src], rng.integers(0, num_classes, copies)),
+            rng.integers(0, num_classes, n_fp),
+        ]
         gts.append({"boxes": g, "labels": g_labels})
-        dets.append({"boxes": np.concatenate([near, far]), "labels": labels,
-                     "scores": np.r_[rng.uniform(0.3, 1, copies), rng.uniform(0, 0.7, n_fp)]})
+        dets.append(
+            {
+                "boxes": np.concatenate([near, far]),
+                "labels": labels,
+                "scores": np.r_[rng.uniform(0.3, 1, copies), rng.uniform(0, 0.7, n_fp)],
+            }
+        )
     return dets, gts
 
 
@@ -76,8 +94,10 @@ def polygon(box: np.ndarray) -> shapely.Polygon:
         return shapely.Polygon(box.reshape(4, 2))
     cx, cy, w, h, a = box
     c, s = math.cos(a), math.sin(a)
-    corners = [(cx + sw * w / 2 * c - sh * h / 2 * s, cy + sw * w / 2 * s + sh * h / 2 * c)
-               for sw, sh in ((1, 1), (-1, 1), (-1, -1), (1, -1))]
+    corners = [
+        (cx + sw * w / 2 * c - sh * h / 2 * s, cy + sw * w / 2 * s + sh * h / 2 * c)
+        for sw, sh in ((1, 1), (-1, 1), (-1, -1), (1, -1))
+    ]
     return shapely.Polygon(corners)
 
 
@@ -90,8 +110,9 @@ def reference_map(dets, gts, num_classes: int, thr: float = 0.5) -> float:
         if npos == 0:
             continue
         taken = {i: [False] * len(p) for i, p in gt_polys.items()}
-        ranked = [(s, i, b) for i, d in enumerate(dets) for b, s, lab in zip(d["boxes"], d["scores"], d["labels"])
-                  if lab == c]
+        ranked = [
+            (s, i, b) for i, d in enumerate(dets) for b, s, lab in zip(d["boxes"], d["scores"], d["labels"]) if lab == c
+        ]
         ranked.sort(key=lambda x: -x[0])
         tp = []
         for _, i, box in ranked:
@@ -130,8 +151,10 @@ def main() -> None:
         to_quadrilaterals(gts, rng)
         to_quadrilaterals(dets, rng)
     kind = "quadrilaterals" if args.polygons else "oriented boxes"
-    print(f"{args.images} images, {args.images * args.gt_per_image} GT, {args.images * args.dets_per_image} "
-          f"detections ({kind}), {args.classes} classes")
+    print(
+        f"{args.images} images, {args.images * args.gt_per_image} GT, {args.images * args.dets_per_image} "
+        f"detections ({kind}), {args.classes} classes"
+    )
 
     # Warm both up (first calls pay one-off costs: lazy imports, allocator growth). The allocator only grows
     # to the full-size arrays on a full-size call, so rkd's first full call is timed on its own and reported.

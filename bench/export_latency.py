@@ -23,8 +23,13 @@ from rkd.deploy.writers import write_onnx
 from rkd.models import build_detector
 
 SIZE, RUNS, WARMUP = 256, 30, 3
-SPEC = {"kind": "retinanet", "boxes": "obb", "backbone": {"name": "convnet", "width": 0.5, "depth": 1},
-        "neck": {"channels": 32}, "head": {"convs": 1}}
+SPEC = {
+    "kind": "retinanet",
+    "boxes": "obb",
+    "backbone": {"name": "convnet", "width": 0.5, "depth": 1},
+    "neck": {"channels": 32},
+    "head": {"convs": 1},
+}
 
 
 def main() -> None:

@@ -134,8 +134,12 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for config, scores in by.items():
         values = list(scores.values())
-        row = {"config": config, "n": len(values), "mean": statistics.fmean(values),
-               "std": statistics.stdev(values) if len(values) > 1 else None}
+        row = {
+            "config": config,
+            "n": len(values),
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+        }
         seeds = [s for s in scores if s in base]
         if config != "nokd" and seeds:
             row["gain"] = paired_gain([scores[s] for s in seeds], [base[s] for s in seeds])
@@ -144,8 +148,10 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]], metric: str = "mAP50") -> str:
-    lines = [f"| configuration | seeds | val {metric} mean | std | paired gain over no KD | 95% interval |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = [
+        f"| configuration | seeds | val {metric} mean | std | paired gain over no KD | 95% interval |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         g = r.get("gain")
         std = f"{r['std']:.3f}" if r["std"] is not None else "-"
@@ -165,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--configs", nargs="+", default=["nokd"])
     parser.add_argument("--epochs", type=int, default=0, help="student epochs (0: the spec's)")
-    parser.add_argument("--tag", default="v1", help="names this code version's run folders (change it when the code changes)")
+    parser.add_argument(
+        "--tag", default="v1", help="names this code version's run folders (change it when the code changes)"
+    )
     parser.add_argument("--summary", action="store_true", help="print the table of --out and stop")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -177,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         with training_lock():
             teacher = prepare_teacher(spec)
         # "map50" holds the task's score (val top-1 for classifiers); "metric" says which
-        record["teacher"] = {"checkpoint": teacher.checkpoint, "map50": teacher.score, "gflops": teacher.gflops,
-                             "metric": teacher.metric}
+        record["teacher"] = {
+            "checkpoint": teacher.checkpoint,
+            "map50": teacher.score,
+            "gflops": teacher.gflops,
+            "metric": teacher.metric,
+        }
         record["machine"] = f"{platform.node()} {os.cpu_count()} CPUs, {platform.python_version()}"
         record["spec"] = str(Path(args.spec).resolve().relative_to(ROOT))
         done = {(r["config"], r["seed"], r.get("epochs")) for r in record["runs"]}
@@ -197,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
                     tmp = out.with_suffix(f".{os.getpid()}.tmp")
                     tmp.write_text(json.dumps(record, indent=1))
                     tmp.replace(out)
-                print(f"[kd_gain] {row['config']} seed {seed}: mAP50 {row['map50']:.3f} ({row['wall_s']:.0f}s)",
-                      flush=True)
+                print(
+                    f"[kd_gain] {row['config']} seed {seed}: mAP50 {row['map50']:.3f} ({row['wall_s']:.0f}s)",
+                    flush=True,
+                )
     teacher_record = record.get("teacher", {})
     metric = {"top1": "top-1"}.get(teacher_record.get("metric"), "mAP50")
     for epochs in sorted({r.get("epochs") for r in record["runs"]}):

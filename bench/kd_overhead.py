@@ -37,8 +37,12 @@ from rkd.models import build_detector, validate_model_spec
 from rkd.outputs import Targets
 
 TEACHER = {"kind": "retinanet", "backbone": {"name": "resnet18"}, "neck": {"channels": 64}, "head": {"convs": 2}}
-STUDENT = {"kind": "retinanet", "backbone": {"name": "mobilenet_v2", "width": 0.5}, "neck": {"channels": 32},
-           "head": {"convs": 1}}
+STUDENT = {
+    "kind": "retinanet",
+    "backbone": {"name": "mobilenet_v2", "width": 0.5},
+    "neck": {"channels": 32},
+    "head": {"convs": 1},
+}
 # Defaults everywhere, except where the pair needs it: these retinanets have no angle branch.
 OPTIONS = {"nsd": {"angle": False}, "ds2d2": {"hf_amplifier": True}}
 NUM_CLASSES = 3
@@ -110,10 +114,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=7, help="timed rounds (median)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--methods", nargs="*", default=None, help="default: every detection method")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads; 1 keeps ratios stable on a machine shared with other jobs")
-    ap.add_argument("--system-allocator", action="store_true",
-                    help="keep glibc's default allocator settings (see the module doc)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 keeps ratios stable on a machine shared with other jobs",
+    )
+    ap.add_argument(
+        "--system-allocator", action="store_true", help="keep glibc's default allocator settings (see the module doc)"
+    )
     args = ap.parse_args()
     if not args.system_allocator:
         reexec_with_steady_allocator()
@@ -143,12 +152,14 @@ def main() -> None:
     teacher_s = statistics.median(teacher_times)
     alone_s = statistics.median(configs[0].times)
     base = alone_s + teacher_s
-    print(f"teacher {TEACHER['backbone']['name']} retinanet, student {STUDENT['backbone']['name']} "
-          f"x{STUDENT['backbone']['width']} retinanet, input {args.size}, batch {args.batch}, "
-          f"{args.steps} timed rounds after {args.warmup} warm-up, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"{'system' if args.system_allocator else 'steady'} allocator; "
-          f"total {time.perf_counter() - wall:.0f}s\n")
+    print(
+        f"teacher {TEACHER['backbone']['name']} retinanet, student {STUDENT['backbone']['name']} "
+        f"x{STUDENT['backbone']['width']} retinanet, input {args.size}, batch {args.batch}, "
+        f"{args.steps} timed rounds after {args.warmup} warm-up, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"{'system' if args.system_allocator else 'steady'} allocator; "
+        f"total {time.perf_counter() - wall:.0f}s\n"
+    )
     print(f"student step alone {alone_s * 1e3:.0f} ms, teacher forward {teacher_s * 1e3:.0f} ms\n")
     print("| method | step (ms, median) | KD terms (ms) | ratio to student + teacher fwd | overhead | target |")
     print("|---|---:|---:|---:|---:|---|")
@@ -157,8 +168,10 @@ def main() -> None:
         ratio = step_s / base
         target = 1.30 if cfg.name == "all together" else 1.10
         verdict = "within" if ratio <= target else "over"
-        print(f"| {cfg.name} | {step_s * 1e3:.0f} | {(step_s - base) * 1e3:+.0f} | {ratio:.2f} | "
-              f"{(ratio - 1) * 100:+.0f}% | {verdict} (<= {(target - 1) * 100:.0f}%) |")
+        print(
+            f"| {cfg.name} | {step_s * 1e3:.0f} | {(step_s - base) * 1e3:+.0f} | {ratio:.2f} | "
+            f"{(ratio - 1) * 100:+.0f}% | {verdict} (<= {(target - 1) * 100:.0f}%) |"
+        )
 
 
 if __name__ == "__main__":

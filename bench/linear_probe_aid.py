@@ -77,8 +77,10 @@ def main() -> None:
     start = time.time()
     tx_img, ty = load_split("train", classes, args.size)
     vx_img, vy = load_split("val", classes, args.size)
-    print(f"AID: {len(classes)} classes, {len(ty)} train / {len(vy)} val images at {args.size} px "
-          f"(loaded in {time.time() - start:.0f} s)")
+    print(
+        f"AID: {len(classes)} classes, {len(ty)} train / {len(vy)} val images at {args.size} px "
+        f"(loaded in {time.time() - start:.0f} s)"
+    )
     rows = [("pretrained", True, True), ("random init", False, True), ("pretrained, no [-1,1] conversion", True, False)]
     for name, pretrained, convert in rows:
         torch.manual_seed(0)

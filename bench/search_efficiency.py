@@ -45,9 +45,17 @@ SPACE = {
 
 def spec_dict(name: str, args: argparse.Namespace, teacher_checkpoint: str | None) -> dict:
     teacher = {
-        "model": {"kind": "retinanet", "boxes": "obb", "backbone": {"name": "convnet", "width": 1.0, "depth": 1},
-                  "neck": {"channels": 48}, "head": {"convs": 1}},
-        "epochs": args.teacher_epochs, "batch_size": 4, "lr": 4.0e-3, "min_map": 0.0,
+        "model": {
+            "kind": "retinanet",
+            "boxes": "obb",
+            "backbone": {"name": "convnet", "width": 1.0, "depth": 1},
+            "neck": {"channels": 48},
+            "head": {"convs": 1},
+        },
+        "epochs": args.teacher_epochs,
+        "batch_size": 4,
+        "lr": 4.0e-3,
+        "min_map": 0.0,
     }
     if teacher_checkpoint:
         teacher["checkpoint"] = teacher_checkpoint
@@ -55,13 +63,26 @@ def spec_dict(name: str, args: argparse.Namespace, teacher_checkpoint: str | Non
         "name": name,
         "seed": 0,  # training noise is the same for every run; only the sampler's seed varies
         "output_dir": str(args.workdir / "runs"),
-        "data": {"format": "synthetic", "num_classes": 3, "num_train": args.train_images, "num_val": args.val_images,
-                 "input_size": 128, "seed": 0},
+        "data": {
+            "format": "synthetic",
+            "num_classes": 3,
+            "num_train": args.train_images,
+            "num_val": args.val_images,
+            "input_size": 128,
+            "seed": 0,
+        },
         "teacher": teacher,
         "student": {
-            "model": {"kind": "retinanet", "boxes": "obb", "backbone": {"name": "convnet", "width": 0.5, "depth": 1},
-                      "neck": {"channels": 32}, "head": {"convs": 1}},
-            "epochs": args.epochs, "batch_size": 4, "lr": 3.0e-3,
+            "model": {
+                "kind": "retinanet",
+                "boxes": "obb",
+                "backbone": {"name": "convnet", "width": 0.5, "depth": 1},
+                "neck": {"channels": 32},
+                "head": {"convs": 1},
+            },
+            "epochs": args.epochs,
+            "batch_size": 4,
+            "lr": 3.0e-3,
         },
         "search": {"space": str(args.workdir / "space.yaml"), "trials": args.trials},
         "resources": {"workers": 1, "cpus_per_worker": args.cpus},
@@ -89,8 +110,12 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=32, help="synthetic training images (default 32)")
     ap.add_argument("--val-images", type=int, default=16, help="synthetic validation images (default 16)")
     ap.add_argument("--cpus", type=int, default=1, help="CPUs per training worker (default 1)")
-    ap.add_argument("--ray-cpus", type=int, default=None,
-                    help="CPUs of the embedded Ray, so trials run --ray-cpus / --cpus at a time (default --cpus)")
+    ap.add_argument(
+        "--ray-cpus",
+        type=int,
+        default=None,
+        help="CPUs of the embedded Ray, so trials run --ray-cpus / --cpus at a time (default --cpus)",
+    )
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/rkd_search_efficiency"), help="scratch folder (wiped)")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here too")
     args = ap.parse_args()
@@ -138,16 +163,29 @@ def main() -> None:
     print("trials  " + "  ".join(f"{s:>8s}" for s in mean))
     for i in range(n):
         print(f"{i + 1:6d}  " + "  ".join(f"{mean[s][i]:8.4f}" for s in mean))
-    print(f"random search after {n} trials: {target:.4f}; TPE reaches it after "
-          + (f"{reach} trials" if reach else f"more than {n} trials")
-          + f" (target: <= {half}); per seed: {per_seed}")
+    print(
+        f"random search after {n} trials: {target:.4f}; TPE reaches it after "
+        + (f"{reach} trials" if reach else f"more than {n} trials")
+        + f" (target: <= {half}); per seed: {per_seed}"
+    )
     print(f"teacher: mAP50 {teacher.map50:.3f}, {teacher.gflops:.4g} GFLOPs; wall {time.perf_counter() - start:.0f}s")
     if args.out:
-        args.out.write_text(json.dumps({
-            "seeds": args.seeds, "trials": n, "epochs": args.epochs, "ref_gflops": ref,
-            "per_seed": {s: c for s, c in curves.items()}, "mean": {s: m.tolist() for s, m in mean.items()},
-            "random_final_hv": target, "tpe_trials_to_reach": reach, "tpe_trials_to_reach_per_seed": per_seed,
-        }, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "seeds": args.seeds,
+                    "trials": n,
+                    "epochs": args.epochs,
+                    "ref_gflops": ref,
+                    "per_seed": {s: c for s, c in curves.items()},
+                    "mean": {s: m.tolist() for s, m in mean.items()},
+                    "random_final_hv": target,
+                    "tpe_trials_to_reach": reach,
+                    "tpe_trials_to_reach_per_seed": per_seed,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

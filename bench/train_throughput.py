@@ -21,19 +21,33 @@ import torch
 from rkd.data.dataset import validate_data_spec
 from rkd.models import validate_model_spec
 from rkd.train.artifacts import read_history
-from rkd.train.loop import make_loop_config
+from rkd.train.config import make_loop_config
 from rkd.train.runner import ensure_ray, run_training
 from rkd.train.spec import Resources
 
-MODEL = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.5}, "neck": {"channels": 32}, "head": {"convs": 1}}
+MODEL = {
+    "kind": "retinanet",
+    "backbone": {"name": "convnet", "width": 0.5},
+    "neck": {"channels": 32},
+    "head": {"convs": 1},
+}
 
 
 def measure(workers: int, args: argparse.Namespace, storage: str) -> tuple[float, list[float]]:
     data = validate_data_spec(
         {"format": "synthetic", "num_classes": 3, "num_train": args.images, "num_val": 2, "input_size": args.size}
     )
-    train = {"model": validate_model_spec(MODEL), "epochs": args.epochs, "batch_size": args.batch, "lr": 1e-3,
-             "weight_decay": 1e-4, "warmup_epochs": 1.0, "grad_clip": 10.0, "eval_every": 0, "methods": {}}
+    train = {
+        "model": validate_model_spec(MODEL),
+        "epochs": args.epochs,
+        "batch_size": args.batch,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "warmup_epochs": 1.0,
+        "grad_clip": 10.0,
+        "eval_every": 0,
+        "methods": {},
+    }
     config = make_loop_config(data, train, seed=0, threads=1)
     outcome = run_training(config, Resources(workers=workers, cpus_per_worker=1), storage, f"throughput-{workers}")
     per_epoch = [float(row["images_per_s"]) for row in read_history(outcome.checkpoint_dir)]
@@ -47,8 +61,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="input size (px)")
     parser.add_argument("--batch", type=int, default=4, help="per-worker batch")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"GPU: {torch.cuda.is_available()}")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"GPU: {torch.cuda.is_available()}"
+    )
     ensure_ray(None, num_cpus=2)
     results = {}
     with tempfile.TemporaryDirectory() as storage:

@@ -25,10 +25,18 @@ from rkd.train.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ucas50"
 CONFIGS = {
-    "lite0_pretrained": {"kind": "retinanet", "boxes": "obb",
-                         "backbone": {"name": "efficientnet_lite0", "pretrained": True}, "neck": {"channels": 64}},
-    "convnet_scratch": {"kind": "retinanet", "boxes": "obb",
-                        "backbone": {"name": "convnet", "width": 1.0}, "neck": {"channels": 64}},
+    "lite0_pretrained": {
+        "kind": "retinanet",
+        "boxes": "obb",
+        "backbone": {"name": "efficientnet_lite0", "pretrained": True},
+        "neck": {"channels": 64},
+    },
+    "convnet_scratch": {
+        "kind": "retinanet",
+        "boxes": "obb",
+        "backbone": {"name": "convnet", "width": 1.0},
+        "neck": {"channels": 64},
+    },
 }
 
 
@@ -38,10 +46,19 @@ def run(name: str, model_spec: dict, data_spec: dict, args: argparse.Namespace) 
     val_set = build_dataset(data_spec, "val", train=False)
     model = build_detector(model_spec, num_classes=len(data_spec["classes"]))
     flops = count_flops(model, data_spec["input_size"])
-    print(f"== {name}: {flops.gflops:.2f} GFLOPs at {data_spec['input_size']} px, {flops.params / 1e6:.2f} M params; "
-          f"{len(train_set)} train / {len(val_set)} val images; budget {args.budget} s", flush=True)
-    loader = DataLoader(train_set, batch_size=args.batch, shuffle=True, collate_fn=collate_detection,
-                        generator=torch.Generator().manual_seed(0), drop_last=True)
+    print(
+        f"== {name}: {flops.gflops:.2f} GFLOPs at {data_spec['input_size']} px, {flops.params / 1e6:.2f} M params; "
+        f"{len(train_set)} train / {len(val_set)} val images; budget {args.budget} s",
+        flush=True,
+    )
+    loader = DataLoader(
+        train_set,
+        batch_size=args.batch,
+        shuffle=True,
+        collate_fn=collate_detection,
+        generator=torch.Generator().manual_seed(0),
+        drop_last=True,
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     print("epoch  train_s  loss     val_mAP50", flush=True)
     trained, step, epoch, result = 0.0, 0, 0, None
@@ -86,8 +103,9 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data_spec = validate_data_spec({"format": "ucas", "root": str(ROOT), "classes": ["plane", "car"],
-                                    "input_size": args.input_size})
+    data_spec = validate_data_spec(
+        {"format": "ucas", "root": str(ROOT), "classes": ["plane", "car"], "input_size": args.input_size}
+    )
     for name in args.configs:
         run(name, CONFIGS[name], data_spec, args)
 

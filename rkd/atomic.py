@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,12 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_copy(source: Path, target: Path) -> None:
+    """Copy a file atomically: a reader of ``target`` never sees half of it."""
+    with open(source, "rb") as src:
+        atomic_write_bytes(target, lambda fh: shutil.copyfileobj(src, fh))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -66,12 +66,10 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
     import pyarrow.parquet as pq
 
-    from rkd.search.results import front_rows, knee, format_table, run_objectives, trials_path
-    from rkd.search.confirm import confirm_report
-    from rkd.search.runner import front_columns
-    from rkd.metrics import metric_label
-
     from rkd import storage
+    from rkd.metrics import metric_label
+    from rkd.search.confirm import confirm_report
+    from rkd.search.results import format_table, front_columns, front_rows, knee, run_objectives, trials_path
 
     run = storage.local_run(args.run)
     rows = pq.read_table(trials_path(run)).to_pylist()
@@ -98,17 +96,31 @@ def _cmd_results(args: argparse.Namespace) -> int:
 def _cmd_cache(args: argparse.Namespace) -> int:
     import datetime
 
+    from rkd.data import cache as patch_cache
     from rkd.metrics import metric_label
     from rkd.train import teacher_cache
 
     if args.cache_action == "ls":
+        patches = patch_cache.scenes()
+        print(
+            f"{sum(s.patches for s in patches)} decoded patch(es) of {len(patches)} scene(s), "
+            f"{sum(s.bytes for s in patches) / 1e6:.1f} MB, in {patch_cache.cache_dir()}"
+        )
         kept = teacher_cache.entries()
         print(f"{len(kept)} trained teacher(s) kept in {teacher_cache.cache_dir()}")
         for e in kept:
             when = datetime.datetime.fromtimestamp(e.get("stored", 0.0)).strftime("%Y-%m-%d %H:%M")
             metric = e.get("metric", "map50")
-            print(f"{e['hash'][:12]}  {when}  run {e.get('run')!r}  {metric_label(metric)} {e.get(metric, float('nan')):.3f}"
-                  f"  {e['bytes'] / 1e6:.1f} MB")
+            print(
+                f"{e['hash'][:12]}  {when}  run {e.get('run')!r}  {metric_label(metric)} {e.get(metric, float('nan')):.3f}"
+                f"  {e['bytes'] / 1e6:.1f} MB"
+            )
+        return 0
+    if args.patches:
+        if args.hashes or args.all:
+            raise RkdError("rkd cache prune --patches: takes --older-than DAYS or nothing (every patch), not teachers")
+        scenes = patch_cache.prune_scenes(args.older_than)
+        print(f"deleted the decoded patches of {len(scenes)} scene(s), {sum(s.bytes for s in scenes) / 1e6:.1f} MB")
         return 0
     if not (args.hashes or args.all or args.older_than is not None):
         raise RkdError("rkd cache prune: name the teachers (hashes from 'rkd cache ls'), or give --all or --older-than")
@@ -117,9 +129,20 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from rkd.train.spec_schema import write_schemas
+
+    for path in write_schemas(Path(args.out)):
+        print(path)
+    return 0
+
+
 def _allow_code_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--allow-code", action="store_true",
-                   help=f"let the spec import and run the Python it names (a prior's `target`); same as {ALLOW_CODE_ENV}=1")
+    p.add_argument(
+        "--allow-code",
+        action="store_true",
+        help=f"let the spec import and run the Python it names (a prior's `target`); same as {ALLOW_CODE_ENV}=1",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,8 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="override search.trials")
     p.add_argument("--output-dir", help="where runs/<name> goes (default: ./runs, or the spec's output_dir)")
     again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue the interrupted search of this spec (the default whenever there is one)")
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted search of this spec (the default whenever there is one)",
+    )
     again.add_argument("--fresh", action="store_true", help="discard an earlier search of this name and start over")
     _allow_code_flag(p)
     p.set_defaults(func=_cmd_search)
@@ -153,20 +179,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="the run folder, runs/<name>, or its storage URI (s3://..., gs://...)")
     p.set_defaults(func=_cmd_results)
 
-    p = sub.add_parser("cache", help="trained teachers kept for reuse by any run with the same teacher and data")
+    p = sub.add_parser("cache", help="trained teachers and decoded patches kept for reuse by any run")
     actions = p.add_subparsers(dest="cache_action", required=True)
-    actions.add_parser("ls", help="list the kept teachers: hash, date, the run that trained them, score, size")
+    actions.add_parser(
+        "ls", help="the patch cache's size, and the kept teachers: hash, date, the run that trained them, score, size"
+    )
     prune = actions.add_parser("prune", help="delete kept teachers (the next run that needs one trains it again)")
     prune.add_argument("hashes", nargs="*", help="hashes (or unique prefixes) from 'rkd cache ls'")
     prune.add_argument("--all", action="store_true", help="delete every kept teacher")
     prune.add_argument("--older-than", type=float, metavar="DAYS", help="delete those kept more than DAYS ago")
+    prune.add_argument(
+        "--patches",
+        action="store_true",
+        help="delete decoded patches instead of teachers (every scene's, or with --older-than those "
+        "built more than DAYS ago)",
+    )
     p.set_defaults(func=_cmd_cache)
 
+    p = sub.add_parser(
+        "schema", help="write the JSON Schemas of spec and search-space files (editors validate and complete with them)"
+    )
+    p.add_argument(
+        "--out",
+        default="schemas",
+        help="the folder to write rkd-spec.schema.json and rkd-space.schema.json into (default: schemas)",
+    )
+    p.set_defaults(func=_cmd_schema)
+
+    from rkd.data.cli import add_commands as add_data_commands
     from rkd.deploy.cli import add_commands as add_deploy_commands  # export, predict, submit, status, logs
+    from rkd.eval.cli import add_commands as add_evaluate_commands
     from rkd.search.report import add_commands as add_report_commands  # report
     from rkd.search.show import add_commands as add_space_commands  # space show
-    from rkd.data.cli import add_commands as add_data_commands
-    from rkd.eval.cli import add_commands as add_evaluate_commands
 
     add_deploy_commands(sub)
     add_space_commands(sub)

@@ -32,8 +32,11 @@ def refuse_code(node: Any, path: str) -> None:
     for key, value in items:
         where = join(path, str(key))
         if key == "target" and isinstance(value, str):
-            raise SpecError(where, f"names Python code to import and run ({value!r}); a spec is code then, so rkd "
-                                   f"runs it only when asked: rerun with --allow-code or {ALLOW_CODE_ENV}=1 if you trust it")
+            raise SpecError(
+                where,
+                f"names Python code to import and run ({value!r}); a spec is code then, so rkd "
+                f"runs it only when asked: rerun with --allow-code or {ALLOW_CODE_ENV}=1 if you trust it",
+            )
         refuse_code(value, where)
 
 
@@ -57,6 +60,13 @@ def set_dotted(target: dict[str, Any], path: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def unknown_key(where: str, key: str, allowed: set[str] | list[str]) -> SpecError:
+    """The error for a key a mapping does not allow: the closest allowed key, then all of them."""
+    hint = difflib.get_close_matches(key, list(allowed), n=1)
+    did = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return SpecError(where, f"unknown key{did}; allowed: {', '.join(sorted(allowed))}")
+
+
 class Section:
     """A mapping from a spec being validated; every read checks type and range."""
 
@@ -73,9 +83,7 @@ class Section:
     def reject_unknown(self, allowed: set[str] | list[str]) -> None:
         for key in self.data:
             if key not in allowed:
-                hint = difflib.get_close_matches(str(key), list(allowed), n=1)
-                did = f" (did you mean {hint[0]!r}?)" if hint else ""
-                raise SpecError(self.where(str(key)), f"unknown key{did}; allowed: {', '.join(sorted(allowed))}")
+                raise unknown_key(self.where(str(key)), str(key), allowed)
 
     def raw(self, key: str, default: Any = _MISSING) -> Any:
         if key not in self.data or self.data[key] is None:
@@ -95,7 +103,11 @@ class Section:
         return value
 
     def float(
-        self, key: str, default: Any = _MISSING, low: float | None = None, high: float | None = None,
+        self,
+        key: str,
+        default: Any = _MISSING,
+        low: float | None = None,
+        high: float | None = None,
         above: float | None = None,
     ) -> float:
         """A finite number in ``[low, high]``; ``above``: an exclusive lower bound (an lr of 0 trains nothing)."""

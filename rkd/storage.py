@@ -97,8 +97,9 @@ def _remote_files(uri: str) -> list[tuple[str, int, float]]:
     root = root.rstrip("/")
     infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
     return [
-        (i.path[len(root) + 1:], i.size, i.mtime.timestamp() if i.mtime else 0.0)
-        for i in infos if i.type == pyarrow.fs.FileType.File
+        (i.path[len(root) + 1 :], i.size, i.mtime.timestamp() if i.mtime else 0.0)
+        for i in infos
+        if i.type == pyarrow.fs.FileType.File
     ]
 
 
@@ -221,8 +222,10 @@ def local_copy(location: str | os.PathLike[str], missing_ok: bool = False) -> Pa
         if missing_ok:
             return None
         raise RkdError(f"{uri}: no such file on the storage")
-    fresh = target.is_file() and target.stat().st_size == info.size and (
-        info.mtime is None or info.mtime.timestamp() <= target.stat().st_mtime
+    fresh = (
+        target.is_file()
+        and target.stat().st_size == info.size
+        and (info.mtime is None or info.mtime.timestamp() <= target.stat().st_mtime)
     )
     if not fresh:
         _download(fs, path, target)
@@ -258,7 +261,17 @@ def check_writable(uri: str) -> None:
 
 
 __all__ = [
-    "cache_root", "check_writable", "delete", "exists", "is_uri", "join", "local_copy", "local_run", "mirror_dir",
-    "pull", "push",
-    "resolve", "to_uri",
+    "cache_root",
+    "check_writable",
+    "delete",
+    "exists",
+    "is_uri",
+    "join",
+    "local_copy",
+    "local_run",
+    "mirror_dir",
+    "pull",
+    "push",
+    "resolve",
+    "to_uri",
 ]

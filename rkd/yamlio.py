@@ -78,6 +78,7 @@ def load_yaml(path: str | Path) -> tuple[Any, SourceMap]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise SpecError("", f"not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); save it as UTF-8",
-                        str(path), line) from None
+        raise SpecError(
+            "", f"not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); save it as UTF-8", str(path), line
+        ) from None
     return load_yaml_text(text, str(path))

@@ -37,6 +37,18 @@ def _own_teacher_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RKD_TEACHER_CACHE", str(tmp_path_factory.mktemp("teacher-cache")))
 
 
+@pytest.fixture(autouse=True)
+def _own_prior_cache(tmp_path_factory, monkeypatch):
+    """Each test its own machine-wide cache of prior stages (as for teachers)."""
+    monkeypatch.setenv("RKD_PRIOR_CACHE", str(tmp_path_factory.mktemp("prior-cache")))
+
+
+@pytest.fixture(autouse=True)
+def _own_patch_cache(tmp_path_factory, monkeypatch):
+    """Each test its own cache of decoded patches: a test of a miss never finds another test's entry."""
+    monkeypatch.setenv("RKD_PATCH_CACHE", str(tmp_path_factory.mktemp("patch-cache")))
+
+
 @pytest.fixture(scope="session")
 def two_node_ray():
     """One real two-node Ray cluster on 127.0.0.1 for every test that needs several nodes

@@ -31,7 +31,12 @@ def free_port() -> int:
 
 def node_ports() -> list[str]:
     """Every port a node opens by default, fresh (a second node on the same host must not reuse them)."""
-    names = ["dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"]
+    names = [
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+    ]
     return [f"--{n}={free_port()}" for n in names]
 
 
@@ -76,23 +81,60 @@ def two_node_cluster():
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     gcs, dashboard = free_port(), free_port()
-    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-              "--object-store-memory=100000000", "--disable-usage-stats"]
+    common = [
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        "--num-gpus=0",
+        "--object-store-memory=100000000",
+        "--disable-usage-stats",
+    ]
     procs = []
     try:
-        head_cmd = [RAY, "start", "--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
-                    f"--temp-dir={temp_dir}", *common, *node_ports()]
-        procs.append(subprocess.Popen(head_cmd, env=env, stdout=open(f"{temp_dir}/head.log", "w"),
-                                      stderr=subprocess.STDOUT, start_new_session=True))
+        head_cmd = [
+            RAY,
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={free_port()}",
+            f"--temp-dir={temp_dir}",
+            *common,
+            *node_ports(),
+        ]
+        procs.append(
+            subprocess.Popen(
+                head_cmd,
+                env=env,
+                stdout=open(f"{temp_dir}/head.log", "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         address = f"http://127.0.0.1:{dashboard}"
         _wait(lambda: urllib.request.urlopen(f"{address}/api/version", timeout=2).status == 200, "job server")
         # A temp dir of its own, as on another machine: nodes sharing one would also share (and
         # clean up) each other's runtime_env working_dir copies.
-        worker_cmd = [RAY, "start", f"--address=127.0.0.1:{gcs}", '--resources={"node2": 1}',
-                      f"--temp-dir={temp_dir}/n2", *common, *node_ports()]
-        procs.append(subprocess.Popen(worker_cmd, env=env, stdout=open(f"{temp_dir}/node2.log", "w"),
-                                      stderr=subprocess.STDOUT, start_new_session=True))
+        worker_cmd = [
+            RAY,
+            "start",
+            f"--address=127.0.0.1:{gcs}",
+            '--resources={"node2": 1}',
+            f"--temp-dir={temp_dir}/n2",
+            *common,
+            *node_ports(),
+        ]
+        procs.append(
+            subprocess.Popen(
+                worker_cmd,
+                env=env,
+                stdout=open(f"{temp_dir}/node2.log", "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         _wait(lambda: alive_nodes(address) == 2, "second node")
         yield address, f"127.0.0.1:{gcs}"
     finally:

@@ -42,7 +42,7 @@ class S3:
         for info in infos:
             if info.type == pyarrow.fs.FileType.File:
                 with fs.open_input_stream(info.path) as fh:
-                    out[info.path[len(root) + 1:]] = fh.read()
+                    out[info.path[len(root) + 1 :]] = fh.read()
         return out
 
 

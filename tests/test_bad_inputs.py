@@ -5,8 +5,9 @@ that names what is wrong and where. Nothing here trains a model; one case starts
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +17,12 @@ from PIL import Image
 
 from rkd.cli import main
 
-MODEL = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": 16}, "head": {"convs": 1}}
+MODEL = {
+    "kind": "retinanet",
+    "backbone": {"name": "convnet", "width": 0.25},
+    "neck": {"channels": 16},
+    "head": {"convs": 1},
+}
 
 
 def base_spec(tmp_path: Path) -> dict[str, Any]:
@@ -75,7 +81,9 @@ def output_under_a_file(tmp_path: Path, spec: dict) -> None:
 
 def shell_prior(tmp_path: Path, spec: dict) -> None:
     command = f"touch {tmp_path / 'ran'}"
-    spec["student"]["methods"] = {"ifkd": {"prior": {"kind": "module", "target": "os:system", "args": {"command": command}}}}
+    spec["student"]["methods"] = {
+        "ifkd": {"prior": {"kind": "module", "target": "os:system", "args": {"command": command}}}
+    }
 
 
 def methods_space(tmp_path: Path, spec: dict, hinton: dict) -> None:
@@ -93,22 +101,58 @@ SPEC_CASES = [
     ("lr-nan", student(lr=float("nan")), ["student.lr: expected a finite number"]),
     ("lr-inf", student(lr=float("inf")), ["student.lr: expected a finite number"]),
     ("lr-zero", student(lr=0.0), ["student.lr: must be > 0"]),
-    ("min-map-nan", lambda t, s: s["teacher"].update(min_map=float("nan")), ["teacher.min_map: expected a finite number"]),
-    ("negative-kd-weight", student(methods={"hinton": {"weight": -1.0}}), ["student.methods.hinton.weight: must be > 0"]),
-    ("zero-temperature", student(methods={"hinton": {"temperature": 0}}), ["student.methods.hinton.temperature: must be > 0"]),
-    ("space-step-and-log", lambda t, s: set_space(t, s, {"student": {"lr": {"low": 1e-3, "high": 5e-3, "log": True, "step": 1e-3}}}),
-     ["student.lr.step: a range cannot have both step and log"]),
-    ("space-log-string", lambda t, s: set_space(t, s, {"student": {"lr": {"low": 1e-3, "high": 5e-3, "log": "false"}}}),
-     ["student.lr.log: expected true or false, got 'false'"]),
-    ("space-negative-weight", lambda t, s: methods_space(t, s, {"weight": {"low": -1.0, "high": 1.0}}),
-     ["methods.hinton.weight.low: must be > 0"]),
-    ("space-zero-temperature", lambda t, s: methods_space(t, s, {"temperature": 0}), ["methods.hinton.temperature: must be > 0"]),
-    ("initial-point-outside", lambda t, s: s["search"].update(initial_points=[{"student.lr": 0.5}]),
-     ["search.initial_points.0.student.lr: 0.5 is outside the space's [0.001, 0.005] log float"]),
-    ("truncated-image", truncated_image, ["image(s) of the data whose pixels do not decode", "train1.png: cannot read image"]),
+    (
+        "min-map-nan",
+        lambda t, s: s["teacher"].update(min_map=float("nan")),
+        ["teacher.min_map: expected a finite number"],
+    ),
+    (
+        "negative-kd-weight",
+        student(methods={"hinton": {"weight": -1.0}}),
+        ["student.methods.hinton.weight: must be > 0"],
+    ),
+    (
+        "zero-temperature",
+        student(methods={"hinton": {"temperature": 0}}),
+        ["student.methods.hinton.temperature: must be > 0"],
+    ),
+    (
+        "space-step-and-log",
+        lambda t, s: set_space(t, s, {"student": {"lr": {"low": 1e-3, "high": 5e-3, "log": True, "step": 1e-3}}}),
+        ["student.lr.step: a range cannot have both step and log"],
+    ),
+    (
+        "space-log-string",
+        lambda t, s: set_space(t, s, {"student": {"lr": {"low": 1e-3, "high": 5e-3, "log": "false"}}}),
+        ["student.lr.log: expected true or false, got 'false'"],
+    ),
+    (
+        "space-negative-weight",
+        lambda t, s: methods_space(t, s, {"weight": {"low": -1.0, "high": 1.0}}),
+        ["methods.hinton.weight.low: must be > 0"],
+    ),
+    (
+        "space-zero-temperature",
+        lambda t, s: methods_space(t, s, {"temperature": 0}),
+        ["methods.hinton.temperature: must be > 0"],
+    ),
+    (
+        "initial-point-outside",
+        lambda t, s: s["search"].update(initial_points=[{"student.lr": 0.5}]),
+        ["search.initial_points.0.student.lr: 0.5 is outside the space's [0.001, 0.005] log float"],
+    ),
+    (
+        "truncated-image",
+        truncated_image,
+        ["image(s) of the data whose pixels do not decode", "train1.png: cannot read image"],
+    ),
     ("checkpoint-without-model-spec", checkpoint_without_model_spec, ["teacher.checkpoint:", "has no model_spec"]),
     ("output-dir-not-creatable", output_under_a_file, ["output_dir: cannot create"]),
-    ("code-in-spec", shell_prior, ["student.methods.ifkd.prior.target: names Python code", "--allow-code", "RKD_ALLOW_CODE=1"]),
+    (
+        "code-in-spec",
+        shell_prior,
+        ["student.methods.ifkd.prior.target: names Python code", "--allow-code", "RKD_ALLOW_CODE=1"],
+    ),
 ]
 
 
@@ -148,7 +192,9 @@ def test_allow_code_lets_the_spec_import_its_target(tmp_path, capsys, monkeypatc
 
     monkeypatch.delenv("RKD_ALLOW_CODE", raising=False)
     spec = base_spec(tmp_path)
-    spec["student"]["methods"] = {"ifkd": {"prior": {"kind": "module", "target": "rkd.distill.priors:EdgeSaliencyPrior"}}}
+    spec["student"]["methods"] = {
+        "ifkd": {"prior": {"kind": "module", "target": "rkd.distill.priors:EdgeSaliencyPrior"}}
+    }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert main(["flops", str(path)]) == 2 and "--allow-code" in capsys.readouterr().err
@@ -198,7 +244,9 @@ def test_data_check_finds_a_box_outside_its_image(tmp_path, capsys):
     (tmp_path / "labelTxt" / "a.txt").write_text("2 2 10 2 10 10 2 10 plane 0\n40 40 50 40 50 50 40 50 plane 0\n")
     assert main(["data", "check", str(tmp_path), "--format", "dota"]) == 1
     out = capsys.readouterr().out
-    assert f"{image}: box 1 (centre 45.0, 45.0) lies entirely outside the 32x32 image" in out and "1 problem(s)" in out, out
+    assert (
+        f"{image}: box 1 (centre 45.0, 45.0) lies entirely outside the 32x32 image" in out and "1 problem(s)" in out
+    ), out
 
 
 @pytest.mark.slow

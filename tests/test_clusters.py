@@ -117,7 +117,7 @@ def test_kuberay_rayjob():
 
 def test_kuberay_rayjob_spec_is_a_valid_rkd_spec(tmp_path):
     pytest.importorskip("rkd.data.dataset")  # the data layer the spec loader needs
-    from rkd.search.runner import load_search_space, parse_search
+    from rkd.search.config import load_search_space, parse_search
     from rkd.train.spec import load_spec
 
     data = {d["kind"]: d for d in load_all("kuberay/rayjob.yaml")}["ConfigMap"]["data"]

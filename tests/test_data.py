@@ -94,9 +94,7 @@ def test_dota_labeltxt_with_headers_and_difficult(tmp_path):
     (tmp_path / "train" / "labelTxt").mkdir(parents=True)
     Image.new("RGB", (100, 80)).save(tmp_path / "train" / "images" / "P0001.png")
     (tmp_path / "train" / "labelTxt" / "P0001.txt").write_text(
-        "imagesource:GoogleEarth\ngsd:0.5\n"
-        "10 10 50 10 50 30 10 30 ship 0\n"
-        "60 20 80 20 80 60 60 60 plane 1\n"
+        "imagesource:GoogleEarth\ngsd:0.5\n10 10 50 10 50 30 10 30 ship 0\n60 20 80 20 80 60 60 60 plane 1\n"
     )
     records, names, report = read_dota(tmp_path, "train", None)
     assert names == ["plane", "ship"]  # sorted when not given
@@ -144,8 +142,14 @@ def test_letterbox_keeps_boxes_on_the_same_pixels():
 
 def test_flip_twice_is_identity_and_keeps_le90():
     boxes = torch.tensor([[30.0, 20.0, 20.0, 10.0, 0.3], [10.0, 40.0, 12.0, 4.0, -np.pi / 2]])
-    sample = Sample(torch.randint(0, 255, (3, 50, 60), dtype=torch.uint8), boxes, torch.tensor([0, 1]),
-                    torch.zeros(2, dtype=torch.bool), "x", (50, 60))
+    sample = Sample(
+        torch.randint(0, 255, (3, 50, 60), dtype=torch.uint8),
+        boxes,
+        torch.tensor([0, 1]),
+        torch.zeros(2, dtype=torch.bool),
+        "x",
+        (50, 60),
+    )
     once = flip(sample, horizontal=True, vertical=False)
     assert (once.boxes[:, 4] >= -np.pi / 2).all() and (once.boxes[:, 4] < np.pi / 2).all()
     assert torch.equal(once.image, sample.image.flip(-1))

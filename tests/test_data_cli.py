@@ -55,8 +55,12 @@ def test_stats_numbers_match_the_xml(capsys, tmp_path):
     assert f"{len(ids)} images (0 without objects), {len(sizes)} objects ({difficult} difficult), 1 classes" in out
     row = next(line for line in out.splitlines() if line.strip().startswith("oilwell")).split()
     assert row[1:4] == [str(len(sizes)), str(difficult), str(len(ids))]
-    assert float(row[4]) == pytest.approx(sorted(sizes)[len(sizes) // 2] if len(sizes) % 2 else
-                                          sum(sorted(sizes)[len(sizes) // 2 - 1 : len(sizes) // 2 + 1]) / 2, abs=0.05)
+    assert float(row[4]) == pytest.approx(
+        sorted(sizes)[len(sizes) // 2]
+        if len(sizes) % 2
+        else sum(sorted(sizes)[len(sizes) // 2 - 1 : len(sizes) // 2 + 1]) / 2,
+        abs=0.05,
+    )
     assert printed_bins(out, "box size", 8) == bin_counts(sizes, SIZE_EDGES)
     assert printed_bins(out, "aspect ratio", 7) == bin_counts(aspects, ASPECT_EDGES)
     with Image.open(plot) as im:

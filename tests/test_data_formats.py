@@ -16,7 +16,8 @@ from PIL import Image
 from shapely.geometry import Point, Polygon, box
 
 from rkd.data.coco import read_coco
-from rkd.data.dataset import READERS, build_dataset, validate_data_spec
+from rkd.data.dataset import build_dataset, validate_data_spec
+from rkd.data.formats import READERS
 from rkd.data.hrsc import read_hrsc
 from rkd.data.images import read_image
 from rkd.data.scenes import read_scenes
@@ -416,7 +417,7 @@ def test_rgba_and_16_bit_images_become_8_bit_rgb(tmp_path):
 def test_a_16_bit_voc_image_loads(tmp_path):
     root = write_voc(tmp_path, ids=("a",))
     (root / "JPEGImages" / "a.png").unlink()
-    Image.fromarray((np.arange(1200, dtype=np.uint16).reshape(30, 40) * 50)).save(root / "JPEGImages" / "a.png")
+    Image.fromarray(np.arange(1200, dtype=np.uint16).reshape(30, 40) * 50).save(root / "JPEGImages" / "a.png")
     records, _, _ = read_voc(root, "train")
     sample = records[0].load()
     assert sample.image.shape == (3, 30, 40) and sample.image.dtype == torch.uint8 and int(sample.image.max()) == 255

@@ -69,11 +69,12 @@ class PatchOracle(nn.Module):
             sample = dataset[i]
             record = dataset.records[i]
             cut = record.difficult  # cut by the border (or difficult in the scene: ignored either way)
-            self.answers.append({"boxes": sample.boxes.float(), "labels": sample.labels.long(),
-                                 "scores": torch.where(cut, 0.1, 1.0)})
+            self.answers.append(
+                {"boxes": sample.boxes.float(), "labels": sample.labels.long(), "scores": torch.where(cut, 0.1, 1.0)}
+            )
 
     def predict(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        out, self.answers = self.answers[: len(images)], self.answers[len(images):]
+        out, self.answers = self.answers[: len(images)], self.answers[len(images) :]
         return out
 
 

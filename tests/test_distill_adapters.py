@@ -1,4 +1,4 @@
-"""Feature adapters start at the teacher's scale (rkd.distill.fitnet.AdapterScaleInit)."""
+"""Feature adapters start at the teacher's scale (rkd.distill.connectors.AdapterScaleInit)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from rkd.distill.connectors import AdapterScaleInit, conv_adapters
 from rkd.distill.distiller import Distiller, build_distiller
-from rkd.distill.fitnet import AdapterScaleInit, conv_adapters
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
 
 

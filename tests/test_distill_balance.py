@@ -9,14 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_distill_core import make_info, make_output, make_targets
 
 from rkd.distill import build_distiller
 from rkd.distill.balance import LossBalance, check_balance
 from rkd.errors import SpecError
+from rkd.schema import Section
 from rkd.train.loop import epoch_progress
 from rkd.train.spec import STUDENT_KEYS, _train_config
-from rkd.schema import Section
-from test_distill_core import make_info, make_output, make_targets
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
 
@@ -27,8 +27,10 @@ def test_scales_follow_the_float64_rule_and_freeze_after_the_window():
     task = rng.uniform(0.5, 3.0, size=7)
     balance = LossBalance(["a", "b"], ratio=0.7, steps=4)
     for step in range(7):
-        balance.observe({"a": torch.tensor(kd[step, 0], dtype=torch.float32),
-                         "b": torch.tensor(kd[step, 1], dtype=torch.float32)}, torch.tensor(task[step]))
+        balance.observe(
+            {"a": torch.tensor(kd[step, 0], dtype=torch.float32), "b": torch.tensor(kd[step, 1], dtype=torch.float32)},
+            torch.tensor(task[step]),
+        )
         seen = min(step + 1, 4)
         expected = 0.7 / (kd[:seen] / task[:seen, None]).mean(axis=0)
         got = balance.scales()
@@ -58,8 +60,7 @@ def test_auto_balance_puts_each_method_at_the_ratio_of_the_task_loss_on_the_firs
     teacher = make_output(info, gen=torch.Generator().manual_seed(1))
     targets = make_targets()
     torch.manual_seed(0)  # the same adapter weights in both distillers
-    distiller = build_distiller({"fitnet": {"weight": 1e4}, "hinton": {}}, info, info,
-                                balance={"ratio": 0.5}).train()
+    distiller = build_distiller({"fitnet": {"weight": 1e4}, "hinton": {}}, info, info, balance={"ratio": 0.5}).train()
     torch.manual_seed(0)
     raw = build_distiller({"fitnet": {"weight": 1e4}, "hinton": {}}, info, info)(student, teacher, targets)
     task = torch.tensor(2.0)
@@ -128,15 +129,20 @@ def test_scales_survive_a_state_dict_round_trip_and_eval_does_not_measure():
 
 def test_kd_balance_spec_section_is_validated_with_its_path():
     model = {"kind": "retinanet", "boxes": "obb", "backbone": {"name": "convnet", "width": 0.25}}
-    ok = _train_config(Section({"model": model, "kd_balance": {"ratio": 2}}, "student"), STUDENT_KEYS,
-                       {"epochs": 1, "lr": 1e-3})
+    ok = _train_config(
+        Section({"model": model, "kd_balance": {"ratio": 2}}, "student"), STUDENT_KEYS, {"epochs": 1, "lr": 1e-3}
+    )
     assert ok.kd_balance == {"mode": "auto", "ratio": 2.0, "steps": 10, "every": 0}
     with pytest.raises(SpecError, match=r"student\.kd_balance\.mode: expected one of \['auto', 'off'\]"):
-        _train_config(Section({"model": model, "kd_balance": {"mode": "none"}}, "student"), STUDENT_KEYS,
-                      {"epochs": 1, "lr": 1e-3})
+        _train_config(
+            Section({"model": model, "kd_balance": {"mode": "none"}}, "student"),
+            STUDENT_KEYS,
+            {"epochs": 1, "lr": 1e-3},
+        )
     with pytest.raises(SpecError, match=r"student\.kd_balance\.ratio: must be >= 1e-06"):
-        _train_config(Section({"model": model, "kd_balance": {"ratio": 0}}, "student"), STUDENT_KEYS,
-                      {"epochs": 1, "lr": 1e-3})
+        _train_config(
+            Section({"model": model, "kd_balance": {"ratio": 0}}, "student"), STUDENT_KEYS, {"epochs": 1, "lr": 1e-3}
+        )
     with pytest.raises(ValueError, match="steps: expected an integer >= 1"):
         check_balance({"steps": 0})
 
@@ -148,7 +154,7 @@ def test_epoch_progress_is_epochs_done_not_the_fraction_of_the_run(steps_per_epo
     epochs = 12
     values = [epoch_progress(step, steps_per_epoch) for step in range(epochs * steps_per_epoch)]
     for epoch in range(epochs):
-        inside = values[epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch]
+        inside = values[epoch * steps_per_epoch : (epoch + 1) * steps_per_epoch]
         assert inside[0] == pytest.approx(epoch)
         assert max(inside) < epoch + 1
     last_of_first = values[steps_per_epoch - 1]

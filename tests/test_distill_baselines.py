@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 from shapely.geometry import Polygon
-
 from test_distill_core import make_info, make_output, make_targets, np64, set_conv_weights
 from test_distill_nsd import conv3x3_np, corners, touches_cell
 
 from rkd.distill import KD_METHODS, build_distiller, validate_methods
-from rkd.distill.fgd import fgd_masks
+from rkd.distill.detection.fgd import fgd_masks
 from rkd.errors import SpecError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
@@ -137,7 +136,7 @@ def ref_fgd(s, t, hp, comp, targets) -> dict[str, float]:
         x, y = align_np(comp.adapters[lvl], np64(fs)), np64(ft)
         b, c, h, w = y.shape
 
-        def attn(f):
+        def attn(f, b=b, c=c, h=h, w=w):  # this level's shape, bound now
             sp = np.abs(f).mean(1).reshape(b, -1) / temp
             sp = h * w * np.exp(sp) / np.exp(sp).sum(1, keepdims=True)
             ch = np.abs(f).mean((2, 3)) / temp
@@ -151,8 +150,12 @@ def ref_fgd(s, t, hp, comp, targets) -> dict[str, float]:
         sums[1] += (d2 * bgs[lvl]).sum() / b
         sums[2] += (np.abs(cs - ct).sum() + np.abs(ss - st).sum()) / b
         sums[3] += ((ref_gc(comp.gc_teacher[lvl], y) - ref_gc(comp.gc_student[lvl], x)) ** 2).sum() / b
-    return {"fg": hp["alpha"] * sums[0], "bg": hp["beta"] * sums[1], "attn": hp["gamma"] * sums[2],
-            "global": hp["lambda"] * sums[3]}
+    return {
+        "fg": hp["alpha"] * sums[0],
+        "bg": hp["beta"] * sums[1],
+        "attn": hp["gamma"] * sums[2],
+        "global": hp["lambda"] * sums[3],
+    }
 
 
 REFS = {"at": ref_at, "pkd": ref_pkd, "cwd": ref_cwd, "frs": ref_frs, "fgd": ref_fgd}

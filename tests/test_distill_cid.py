@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 from shapely.geometry import Polygon
-
 from test_distill_core import make_info, make_output, make_targets, np64, set_conv_weights
 from test_distill_nsd import corners, touches_cell
 
 from rkd.distill import build_distiller, validate_methods
-from rkd.distill.cid import LightML
+from rkd.distill.detection.cid import LightML
 from rkd.distill.masks import centerness_instance_masks
 from rkd.errors import SpecError
 from rkd.outputs import Targets
@@ -53,7 +52,7 @@ def ref_cid_masks(targets: Targets, out, gamma: float) -> list[np.ndarray]:
             bw, bh = math.dist(c[0], c[1]), math.dist(c[0], c[3])
             axis = ((c[0][0] - c[1][0]) / bw, (c[0][1] - c[1][1]) / bw)  # unit w-axis
             per_level = []
-            for b, h, w, s in levels:
+            for _b, h, w, s in levels:
                 # the cell's half extent along either box axis (a square projects alike on both)
                 reach = max(abs(sx * axis[0] + sy * axis[1]) for sx in (-s / 2, s / 2) for sy in (-s / 2, s / 2))
                 m = np.zeros((h, w))
@@ -107,8 +106,7 @@ def ref_cid(student, teacher, targets, hp, comp) -> dict[str, float]:
         out["feat"] = hp["feat_weight"] * tot / n_ins
     if hp["head"]:
         c_tot = r_tot = 0.0
-        for cs, rs, ct, rt, m in zip(student.cls_logits, student.box_regs, teacher.cls_logits, teacher.box_regs,
-                                     masks):
+        for cs, rs, ct, rt, m in zip(student.cls_logits, student.box_regs, teacher.cls_logits, teacher.box_regs, masks):
             cs, rs, ct, rt = np64(cs), np64(rs), np64(ct), np64(rt)
             if hp["lightml"]:
                 cs, rs = ref_lightml(cs, rs, comp.lightml)
@@ -211,8 +209,10 @@ def test_gradients_reach_student_adapters_lightml_never_teacher():
     d.total(d(s, t, make_targets())).backward()
     for group in (s.features, s.cls_logits, s.box_regs):
         assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in group)
-    for p in list(comp.adapters.parameters()) + list(comp.lightml.lift_cls.parameters()) + list(
-        comp.lightml.lift_reg.parameters()
+    for p in (
+        list(comp.adapters.parameters())
+        + list(comp.lightml.lift_cls.parameters())
+        + list(comp.lightml.lift_reg.parameters())
     ):
         assert p.grad is not None and p.grad.abs().sum() > 0
     for group in (t.features, t.cls_logits, t.box_regs):

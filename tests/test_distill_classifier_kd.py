@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rkd.distill import CLASSIFIER_KD_METHODS, build_distiller, validate_methods
 from rkd.distill.base import KD_METHODS
-from rkd.distill.classifier_kd import CLASSIFIER_KD_METHODS, build_classifier_distiller
-from rkd.distill.dkd import dkd_loss, nckd, tckd
+from rkd.distill.classification.dkd import dkd_loss, nckd, tckd
 from rkd.errors import SpecError
 from rkd.outputs import ClassifierInfo, ClassifierOutput
 
@@ -27,10 +27,15 @@ def kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def outputs(info: ClassifierInfo, b: int = 3, seed: int = 0) -> ClassifierOutput:
     g = torch.Generator().manual_seed(seed)
-    feats = [torch.randn(b, c, 32 // s * 2, 32 // s * 2, generator=g, dtype=torch.float64)
-             for c, s in zip(info.level_channels, info.strides)]
-    return ClassifierOutput(features=feats, pooled=feats[-1].mean((2, 3)),
-                            logits=3 * torch.randn(b, info.num_classes, generator=g, dtype=torch.float64))
+    feats = [
+        torch.randn(b, c, 32 // s * 2, 32 // s * 2, generator=g, dtype=torch.float64)
+        for c, s in zip(info.level_channels, info.strides)
+    ]
+    return ClassifierOutput(
+        features=feats,
+        pooled=feats[-1].mean((2, 3)),
+        logits=3 * torch.randn(b, info.num_classes, generator=g, dtype=torch.float64),
+    )
 
 
 def dkd_reference(zs, zt, y, t):
@@ -71,7 +76,7 @@ def test_dkd_is_stable_for_confident_logits():
 
 
 def test_dkd_component_defaults_and_warmup():
-    d = build_classifier_distiller({"dkd": {"warmup_epochs": 4}}, S_INFO, T_INFO)
+    d = build_distiller({"dkd": {"warmup_epochs": 4}}, S_INFO, T_INFO)
     assert d.hparams["dkd"] == {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 4.0}
     s, t = outputs(S_INFO, seed=1), outputs(T_INFO, seed=2)
     y = torch.tensor([0, 5, 3])
@@ -85,7 +90,7 @@ def test_dkd_component_defaults_and_warmup():
 
 
 def test_hinton_matches_float64_reference():
-    d = build_classifier_distiller({"hinton": {"temperature": 3.0, "weight": 0.5}}, S_INFO, T_INFO)
+    d = build_distiller({"hinton": {"temperature": 3.0, "weight": 0.5}}, S_INFO, T_INFO)
     s, t = outputs(S_INFO, seed=3), outputs(T_INFO, seed=4)
     got = d(s, t, torch.tensor([0, 1, 2]))["hinton.logits"]
     ref = 0.5 * 9.0 * kl_rows(softmax64(t.logits / 3), softmax64(s.logits / 3)).mean()
@@ -95,7 +100,7 @@ def test_hinton_matches_float64_reference():
 
 @pytest.mark.parametrize("level,index", [("first", 0), ("middle", 1), ("last", 2)])
 def test_fitnet_matches_float64_reference(level, index):
-    d = build_classifier_distiller({"fitnet": {"level": level, "weight": 2.0}}, S_INFO, T_INFO).double()
+    d = build_distiller({"fitnet": {"level": level, "weight": 2.0}}, S_INFO, T_INFO).double()
     s, t = outputs(S_INFO, seed=5), outputs(T_INFO, seed=6)
     got = d(s, t, torch.tensor([0, 1, 2]))["fitnet.feat"]
     conv = d.components["fitnet"].regressor
@@ -106,7 +111,7 @@ def test_fitnet_matches_float64_reference(level, index):
 
 
 def test_at_matches_float64_reference():
-    d = build_classifier_distiller({"at": {}}, S_INFO, T_INFO)
+    d = build_distiller({"at": {}}, S_INFO, T_INFO)
     s, t = outputs(S_INFO, seed=7), outputs(T_INFO, seed=8)
     got = d(s, t, torch.tensor([0, 1, 2]))["at.attn"]
     ref = 0.0
@@ -122,20 +127,40 @@ def test_registry_is_separate_and_checks_models():
     assert CLASSIFIER_KD_METHODS["hinton"] is not KD_METHODS["hinton"]
     for name in ("hinton", "dkd", "fitnet", "at"):
         with pytest.raises(SpecError) as err:
-            build_classifier_distiller({name: {}}, S_INFO, None)
+            build_distiller({name: {}}, S_INFO, None)
         assert str(err.value) == (
             f"{name}: KD method {name!r} distils a teacher's outputs, but no teacher was given; "
             "train or name a teacher, or use a self-distillation method (sskd)"
         )
     other = ClassifierInfo(level_channels=(5, 7, 9), strides=(8, 16, 32), num_classes=K + 1)
     with pytest.raises(SpecError, match=r"hinton: student and teacher disagree on the number of classes \(6 vs 7\)"):
-        build_classifier_distiller({"hinton": {}}, S_INFO, other)
+        build_distiller({"hinton": {}}, S_INFO, other)
     coarse = ClassifierInfo(level_channels=(5, 7, 9), strides=(16, 32, 64), num_classes=K)
     with pytest.raises(SpecError, match="at: KD method 'at' compares attention maps location by location"):
-        build_classifier_distiller({"at": {}}, S_INFO, coarse)
+        build_distiller({"at": {}}, S_INFO, coarse)
     with pytest.raises(SpecError, match="fitnet: KD method 'fitnet' compares the last level location by location"):
-        build_classifier_distiller({"fitnet": {"level": "last"}}, S_INFO, coarse)
+        build_distiller({"fitnet": {"level": "last"}}, S_INFO, coarse)
     with pytest.raises(SpecError, match="nsd: unknown classification KD method"):
-        build_classifier_distiller({"nsd": {}}, S_INFO, T_INFO)
+        build_distiller({"nsd": {}}, S_INFO, T_INFO)
     with pytest.raises(SpecError, match="dkd.beta: expected a number, got 'x'"):
-        build_classifier_distiller({"dkd": {"beta": "x"}}, S_INFO, T_INFO)
+        build_distiller({"dkd": {"beta": "x"}}, S_INFO, T_INFO)
+
+
+@pytest.mark.parametrize("task", ["classification", "detection"])
+def test_default_means_the_same_in_a_spec_a_space_and_a_component_built_in_code(task: str) -> None:
+    """``weight: default`` passes a spec's and a search space's validation; a component given it in code
+    takes the same value (it used to raise ``expected a number`` in the constructor)."""
+    from rkd.distill import methods_of
+    from rkd.outputs import DetectorInfo
+    from rkd.search.space import compile_space
+
+    registry = methods_of(task)
+    compile_space({"methods": {"hinton": {"weight": "default"}}}, "space.yaml", registry=registry)
+    resolved = validate_methods({"hinton": {"weight": "default"}}, task=task)["hinton"]
+    info = (
+        S_INFO
+        if task == "classification"
+        else DetectorInfo(level_channels=(8, 8), strides=(8, 16), num_classes=3, num_anchors=1, box_dim=5)
+    )
+    component = registry["hinton"](info, info, weight="default")
+    assert component.hparams == resolved and resolved["weight"] == registry["hinton"].params["weight"].default

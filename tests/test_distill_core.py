@@ -74,8 +74,12 @@ def make_output(
         pts = torch.stack([xs.flatten(), ys.flatten()], -1).float().repeat_interleave(a, dim=0)
         sizes = (4.0 * s) * torch.ones(pts.shape[0], 1)
         if d == 5:
-            anchors.append(torch.cat([pts, sizes, sizes / (1 + (torch.arange(pts.shape[0])[:, None] % a)),
-                                      torch.zeros(pts.shape[0], 1)], -1))
+            anchors.append(
+                torch.cat(
+                    [pts, sizes, sizes / (1 + (torch.arange(pts.shape[0])[:, None] % a)), torch.zeros(pts.shape[0], 1)],
+                    -1,
+                )
+            )
         else:
             anchors.append(torch.cat([pts - sizes / 2, pts + sizes / 2], -1))
     n = sum(f.shape[-2] * f.shape[-1] * a for f in feats)

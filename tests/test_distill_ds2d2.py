@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rkd.distill import build_distiller
-from rkd.distill.ds2d2 import DS2D2, amplifier_loss, disw_map, disw_maps, explicit_loss, roi_amplifier_loss
+from rkd.distill.detection.ds2d2 import DS2D2, amplifier_loss, disw_map, disw_maps, explicit_loss, roi_amplifier_loss
 from rkd.outputs import Assignment, DetectorInfo, DetectorOutput, Targets
 
 GOLDEN = Path(__file__).parent / "fixtures" / "kd_golden_spectral.json"
@@ -180,8 +180,10 @@ def case(seed: int = 0, cs: int = 6, ct: int = 4, wavelet_sizes=((8, 7), (4, 4))
     s_np = [rng.standard_normal((2, cs, h, w)) for h, w in wavelet_sizes]
     head = TinyHead(ct, 2, 3, 5).double().requires_grad_(False)
     head_np = {
-        "cls_w": rng.standard_normal((6, ct)) * 0.5, "cls_b": rng.standard_normal(6) - 2.0,
-        "box_w": rng.standard_normal((10, ct)) * 0.5, "box_b": rng.standard_normal(10) * 0.1,
+        "cls_w": rng.standard_normal((6, ct)) * 0.5,
+        "cls_b": rng.standard_normal(6) - 2.0,
+        "box_w": rng.standard_normal((10, ct)) * 0.5,
+        "box_b": rng.standard_normal(10) * 0.1,
     }
     with torch.no_grad():
         head.cls.weight.copy_(torch.from_numpy(head_np["cls_w"])[:, :, None, None])
@@ -196,8 +198,9 @@ def case(seed: int = 0, cs: int = 6, ct: int = 4, wavelet_sizes=((8, 7), (4, 4))
         np.array([[20.0, 30.0, 40.0, 17.0, 0.4], [41.0, 12.0, 9.0, 5.0, -1.2], [30.0, 50.0, 30.0, 30.0, -math.pi / 2]]),
         np.zeros((0, 5)),
     ]
-    targets = Targets([torch.from_numpy(b) for b in boxes], [torch.zeros(len(b), dtype=torch.long) for b in boxes],
-                      (64, 56))
+    targets = Targets(
+        [torch.from_numpy(b) for b in boxes], [torch.zeros(len(b), dtype=torch.long) for b in boxes], (64, 56)
+    )
     return student, teacher, targets, s_np, t_np, head_np, boxes, rng
 
 
@@ -235,8 +238,12 @@ def ref_ds2d2_terms(
         s_out = [ref_hf_head(ref_high_band(s, wav), p) for s in adapted]
         t_out = [ref_hf_head(ref_high_band(t, wav), p) for t in t_np]
         amp = ref_amplifier(
-            flat([o[0] for o in s_out]), flat([o[1] for o in s_out]),
-            flat([o[0] for o in t_out]), flat([o[1] for o in t_out]), hp["beta"], avg_factor,
+            flat([o[0] for o in s_out]),
+            flat([o[1] for o in s_out]),
+            flat([o[0] for o in t_out]),
+            flat([o[1] for o in t_out]),
+            hp["beta"],
+            avg_factor,
         )
         terms["hf"] = hp["hf_weight"] * amp
     return terms
@@ -254,7 +261,15 @@ def golden_component(**hparams) -> tuple[DS2D2, tuple]:
 
 
 # hf_channels pinned: the golden values were recorded with a 64-channel HF head (then the default)
-GOLDEN_HP = {"wavelet": "db2", "w_low": 0.5, "w_high": 2.0, "beta": 1.5, "ff_weight": 0.7, "hf_weight": 1.3, "hf_channels": 64}
+GOLDEN_HP = {
+    "wavelet": "db2",
+    "w_low": 0.5,
+    "w_high": 2.0,
+    "beta": 1.5,
+    "ff_weight": 0.7,
+    "hf_weight": 1.3,
+    "hf_channels": 64,
+}
 
 
 def golden_reference() -> dict[str, float]:
@@ -288,8 +303,15 @@ def test_disw_small_box_adds_one_on_the_cell_at_its_centre() -> None:
 def random_boxes(rng, counts, extent, w_range, h_range) -> list[np.ndarray]:
     """Per image ``(n, 5)`` le90 boxes: centres in ``[0, extent)``, sizes and angles uniform."""
     return [
-        np.column_stack([rng.uniform(0, extent[0], n), rng.uniform(0, extent[1], n), rng.uniform(*w_range, n),
-                         rng.uniform(*h_range, n), rng.uniform(-math.pi / 2, math.pi / 2, n)])
+        np.column_stack(
+            [
+                rng.uniform(0, extent[0], n),
+                rng.uniform(0, extent[1], n),
+                rng.uniform(*w_range, n),
+                rng.uniform(*h_range, n),
+                rng.uniform(-math.pi / 2, math.pi / 2, n),
+            ]
+        )
         for n in counts
     ]
 
@@ -520,7 +542,9 @@ def test_params_switches_and_errors() -> None:
 
 def test_built_through_the_distiller() -> None:
     student, teacher, targets, *_ = case(seed=10)
-    d = build_distiller({"ds2d2": {"wavelet": "sym4", "disw": False, "hf_amplifier": True}}, student.info, teacher.info).double()
+    d = build_distiller(
+        {"ds2d2": {"wavelet": "sym4", "disw": False, "hf_amplifier": True}}, student.info, teacher.info
+    ).double()
     terms = d(student, teacher, targets)
     assert sorted(terms) == ["ds2d2.ff", "ds2d2.hf", "ds2d2.high", "ds2d2.low"]
     assert list(d.prior_stage_components()) == ["ds2d2"]
@@ -531,6 +555,7 @@ def test_built_through_the_distiller() -> None:
 
 def ref_roi_amplifier(cs: np.ndarray, bs: np.ndarray, ct: np.ndarray, bt: np.ndarray, t: float = 3.0) -> float:
     """0.5 T^2 mean_r KL(softmax(ct/T) || softmax(cs/T)) + mean_r |bs - bt|_1 on the teacher's argmax class."""
+
     def log_softmax(z):
         return z - np.logaddexp.reduce(z, axis=1, keepdims=True)
 
@@ -568,15 +593,25 @@ def test_two_stage_teacher_is_distilled_through_its_roi_head() -> None:
     from rkd.models import build_detector, validate_model_spec
 
     def spec(channels: int) -> dict:
-        return validate_model_spec({"kind": "faster_rcnn", "boxes": "hbb", "backbone": {"name": "convnet", "width": 0.25},
-                                    "neck": {"channels": channels}, "head": {"fc_channels": 32, "proposals_test": 20}})
+        return validate_model_spec(
+            {
+                "kind": "faster_rcnn",
+                "boxes": "hbb",
+                "backbone": {"name": "convnet", "width": 0.25},
+                "neck": {"channels": channels},
+                "head": {"fc_channels": 32, "proposals_test": 20},
+            }
+        )
 
     torch.manual_seed(0)
     teacher = build_detector(spec(16), 3).double().eval().requires_grad_(False)
     student = build_detector(spec(8), 3).double().train()
     images = torch.randn(2, 3, 96, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    targets = Targets([torch.tensor([[16.0, 24, 44, 36], [60, 55, 80, 65]]), torch.tensor([[28.0, 38, 68, 58]])],
-                      [torch.tensor([0, 2]), torch.tensor([1])], (96, 96))
+    targets = Targets(
+        [torch.tensor([[16.0, 24, 44, 36], [60, 55, 80, 65]]), torch.tensor([[28.0, 38, 68, 58]])],
+        [torch.tensor([0, 2]), torch.tensor([1])],
+        (96, 96),
+    )
     comp = DS2D2(student.info, teacher.info, hf_amplifier=False, adapter_init="plain").double()
     s_out = student(images, targets)
     with torch.no_grad():

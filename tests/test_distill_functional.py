@@ -46,5 +46,6 @@ def test_bce_with_logits_agrees_with_torch(p: float) -> None:
     torch.testing.assert_close(
         bce_with_logits(x, torch.full_like(x, p)),
         torch.nn.functional.binary_cross_entropy_with_logits(x, torch.full_like(x, p), reduction="none"),
-        rtol=1e-5, atol=1e-6,
+        rtol=1e-5,
+        atol=1e-6,
     )

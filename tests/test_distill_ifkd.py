@@ -12,8 +12,17 @@ import torch
 from torch import nn
 
 from rkd.distill import build_distiller
-from rkd.distill.ifkd import (
-    IFKD, expmap0, fdr, feat_loss, frs_mask, head_loss, hsm_mask, low_pass_mask, mobius_add, poincare_distance,
+from rkd.distill.detection.ifkd import (
+    IFKD,
+    expmap0,
+    fdr,
+    feat_loss,
+    frs_mask,
+    head_loss,
+    hsm_mask,
+    low_pass_mask,
+    mobius_add,
+    poincare_distance,
 )
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
 
@@ -130,11 +139,19 @@ def case(seed: int, cs: int = 6, ct: int = 4, ce: int = 4, sizes=((8, 8), (4, 4)
     s_feats = [torch.from_numpy(x).requires_grad_(True) for x in s_np]
     s_cls = [torch.from_numpy(x).requires_grad_(True) for x in ys_np]
     student = out(make_info(cs), s_feats, s_cls)
-    teacher = out(make_info(ct), [torch.from_numpy(x) for x in t_np], [torch.from_numpy(x) for x in yt_np],
-                  torch.from_numpy(x_np))
+    teacher = out(
+        make_info(ct), [torch.from_numpy(x) for x in t_np], [torch.from_numpy(x) for x in yt_np], torch.from_numpy(x_np)
+    )
     targets = Targets([torch.zeros(0, 5)] * 2, [torch.zeros(0, dtype=torch.long)] * 2, (64, 64))
-    arrays = dict(s=s_np, t=t_np, ys=ys_np, yt=yt_np, x=x_np,
-                  pw=prior.conv.weight.detach().numpy(), pb=prior.conv.bias.detach().numpy())
+    arrays = dict(
+        s=s_np,
+        t=t_np,
+        ys=ys_np,
+        yt=yt_np,
+        x=x_np,
+        pw=prior.conv.weight.detach().numpy(),
+        pb=prior.conv.bias.detach().numpy(),
+    )
     return student, teacher, targets, prior, arrays, rng
 
 
@@ -302,8 +319,9 @@ def test_hsm_mask_is_informative_at_the_defaults(channels: int, scale: float) ->
 
     t, s = fpn_like(np.random.default_rng(30), channels, 24, scale)
     hp = IFKD.params
-    m = hsm_mask(torch.from_numpy(t).float(), torch.from_numpy(s).float(), hp["c"].default,
-                 hp["ball_map"].default)[:, 0].numpy()
+    m = hsm_mask(torch.from_numpy(t).float(), torch.from_numpy(s).float(), hp["c"].default, hp["ball_map"].default)[
+        :, 0
+    ].numpy()
     err = ((t - s) ** 2).sum(axis=1)
     for i in range(2):
         rho = spearmanr(m[i].ravel(), err[i].ravel()).statistic
@@ -320,8 +338,7 @@ def test_fdr_target_keeps_the_teacher_at_initialisation_with_the_defaults() -> N
     for lvl, size in enumerate((64, 32, 16)):
         f = torch.from_numpy(rng.standard_normal((2, 256, size, size))).float()
         logits = torch.from_numpy(rng.standard_normal((2, 18, size, size)) * 2 - 5).float()  # mostly background
-        target = fdr(f, frs_mask(logits), comp.filters[lvl](size, size), comp.hparams["r"],
-                     comp.hparams["fdr_output"])
+        target = fdr(f, frs_mask(logits), comp.filters[lvl](size, size), comp.hparams["r"], comp.hparams["fdr_output"])
         cos = torch.nn.functional.cosine_similarity(target.flatten(1).double(), f.flatten(1).double(), dim=1)
         assert (cos > 0.9).all(), (lvl, cos)
         assert 0.9 < float(target.norm() / f.norm()) <= 1.0 + 1e-6, lvl  # FDR only removes low-band energy
@@ -332,8 +349,9 @@ def test_terms_are_of_order_one_at_the_defaults_on_unit_scale_features() -> None
     # mismatch at every location then costs alpha per level, whatever the channel count, and
     # the terms sit beside the detector's O(1) focal loss.
     levels, c, a, k = 5, 256, 9, 2
-    info = DetectorInfo(level_channels=(c,) * levels, strides=(8, 16, 32, 64, 128), num_classes=k,
-                        num_anchors=a, box_dim=5)
+    info = DetectorInfo(
+        level_channels=(c,) * levels, strides=(8, 16, 32, 64, 128), num_classes=k, num_anchors=a, box_dim=5
+    )
     comp = IFKD(info, info, ede=False, fdr=False, hsm=False).double()
     with torch.no_grad():
         for ad in comp.adapters:
@@ -346,9 +364,15 @@ def test_terms_are_of_order_one_at_the_defaults_on_unit_scale_features() -> None
     ys_np = [np.full((2, a * k, n, n), -math.log(99)) for n in sizes]  # RetinaNet's prior 0.01
 
     def out(feats, cls, inputs=None):
-        return DetectorOutput(info, [torch.from_numpy(x) for x in feats], [torch.from_numpy(x) for x in cls],
-                              [torch.zeros(2, a * 5, n, n, dtype=torch.float64) for n in sizes],
-                              [torch.zeros(n * n * a, 5) for n in sizes], (256, 256), inputs=inputs)
+        return DetectorOutput(
+            info,
+            [torch.from_numpy(x) for x in feats],
+            [torch.from_numpy(x) for x in cls],
+            [torch.zeros(2, a * 5, n, n, dtype=torch.float64) for n in sizes],
+            [torch.zeros(n * n * a, 5) for n in sizes],
+            (256, 256),
+            inputs=inputs,
+        )
 
     targets = Targets([torch.zeros(0, 5)] * 2, [torch.zeros(0, dtype=torch.long)] * 2, (256, 256))
     terms = comp(out([np.zeros_like(x) for x in t_np], ys_np), out(t_np, yt_np), targets)
@@ -420,8 +444,14 @@ def test_both_terms_and_the_head_gradient_vanish_when_student_equals_teacher() -
             a.weight.copy_(torch.eye(4, dtype=torch.float64)[:, :, None, None])
             a.bias.zero_()
     logits = [y.detach().clone().requires_grad_(True) for y in teacher.cls_logits]
-    same = DetectorOutput(student.info, [f.clone() for f in teacher.features], logits, teacher.box_regs,
-                          teacher.anchors, teacher.image_size)
+    same = DetectorOutput(
+        student.info,
+        [f.clone() for f in teacher.features],
+        logits,
+        teacher.box_regs,
+        teacher.anchors,
+        teacher.image_size,
+    )
     terms = comp(same, teacher, targets)
     assert abs(terms["feat"].item()) < 1e-14
     terms["head"].backward()
@@ -476,7 +506,12 @@ def test_float32_features_of_large_norm_stay_finite() -> None:
 def test_params_and_errors() -> None:
     p = IFKD.params
     assert (p["alpha"].default, p["beta"].default, p["r"].default, p["p"].default, p["c"].default) == (
-        0.06, 0.5, 0.1, 0.5, 1.0)
+        0.06,
+        0.5,
+        0.1,
+        0.5,
+        1.0,
+    )
     assert p["alpha"].low <= 1e-4 <= p["alpha"].high and p["beta"].low <= 1e-3 <= p["beta"].high  # released values
     assert p["c"].log and {p["ede"].kind, p["fdr"].kind, p["hsm"].kind} == {"bool"}
     student, teacher, targets, *_ = case(seed=18)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import rkd.distill  # noqa: F401  (importing the package must not import segment_anything)
-from rkd.distill.ifkd import IFKD
+from rkd.distill.detection.ifkd import IFKD
 from rkd.distill.priors import PRIOR_ENCODERS, EdgeSaliencyPrior, build_prior, register_prior
 from rkd.errors import RkdError
 from rkd.outputs import DetectorInfo
@@ -49,12 +49,13 @@ def _edge_saliency_reference(img: np.ndarray, stride: int) -> np.ndarray:
     e = np.empty((h, w))
     for i in range(h):
         for j in range(w):
-            win = p1[i:i + 3, j:j + 3]
+            win = p1[i : i + 3, j : j + 3]
             gx, gy = (win * sobel).sum(), (win * sobel.T).sum()
-            e[i, j] = np.sqrt(gx**2 + gy**2 + 1e-12) + abs(gray[i, j] - p2[i:i + 5, j:j + 5].mean())
+            e[i, j] = np.sqrt(gx**2 + gy**2 + 1e-12) + abs(gray[i, j] - p2[i : i + 5, j : j + 5].mean())
     oh, ow = -(-h // stride), -(-w // stride)
-    pooled = np.array([[e[i * stride:(i + 1) * stride, j * stride:(j + 1) * stride].mean() for j in range(ow)]
-                       for i in range(oh)])
+    pooled = np.array(
+        [[e[i * stride : (i + 1) * stride, j * stride : (j + 1) * stride].mean() for j in range(ow)] for i in range(oh)]
+    )
     return (pooled - pooled.mean()) / (pooled.std(ddof=1) + 1e-6)
 
 
@@ -186,8 +187,11 @@ def test_spec_prior_module_kind_builds_the_target(tmp_path: Path, monkeypatch) -
 
     target = "{kind: module, target: 'rkd.distill.priors:EdgeSaliencyPrior', args: {stride: 2}}"
     methods = load_spec(_spec_file(tmp_path, target)).student.methods
-    assert methods["ifkd"]["prior"] == {"kind": "module", "target": "rkd.distill.priors:EdgeSaliencyPrior",
-                                        "args": {"stride": 2}}
+    assert methods["ifkd"]["prior"] == {
+        "kind": "module",
+        "target": "rkd.distill.priors:EdgeSaliencyPrior",
+        "args": {"stride": 2},
+    }
     assert validate_methods(methods) == methods  # a resolved section validates to itself (workers do this)
     info = DetectorInfo(level_channels=(4, 4), strides=(8, 16), num_classes=3, num_anchors=1, box_dim=5)
     enc = build_distiller(methods, info, info).components["ifkd"].prior_encoder()
@@ -199,15 +203,33 @@ def test_spec_prior_module_kind_builds_the_target(tmp_path: Path, monkeypatch) -
 @pytest.mark.parametrize(
     ("prior", "message"),
     [
-        ("{kind: sma}", ":10: student.methods.ifkd.prior.kind: unknown prior encoder 'sma'; known: ['builtin', 'module', 'sam']"),
-        ("{kind: builtin, strides: 2}", ":10: student.methods.ifkd.prior.strides: unknown key of a 'builtin' prior; it takes ['stride']"),
+        (
+            "{kind: sma}",
+            ":10: student.methods.ifkd.prior.kind: unknown prior encoder 'sma'; known: ['builtin', 'module', 'sam']",
+        ),
+        (
+            "{kind: builtin, strides: 2}",
+            ":10: student.methods.ifkd.prior.strides: unknown key of a 'builtin' prior; it takes ['stride']",
+        ),
         ("{kind: builtin, stride: 0}", ":10: student.methods.ifkd.prior.stride: expected an integer >= 1, got 0"),
         ("[builtin]", ":10: student.methods.ifkd.prior: expected a mapping like {kind: builtin}"),
         ("{kind: module}", ":10: student.methods.ifkd.prior.target: required: 'package.module:Name'"),
-        ("{kind: module, target: 'no_such_pkg.enc:Enc'}", ":10: student.methods.ifkd.prior.target: cannot import 'no_such_pkg.enc'"),
-        ("{kind: module, target: 'rkd.distill.priors:Nope'}", ":10: student.methods.ifkd.prior.target: module 'rkd.distill.priors' has no 'Nope'"),
-        ("{kind: sam}", ":10: student.methods.ifkd.prior.checkpoint: required: the path of a segment_anything vit_b checkpoint (rkd never downloads weights)"),
-        ("{kind: sam, checkpoint: w.pth, model_type: vit_q}", ":10: student.methods.ifkd.prior.model_type: unknown segment_anything model type 'vit_q'; choose from ['default', 'vit_b', 'vit_h', 'vit_l']"),
+        (
+            "{kind: module, target: 'no_such_pkg.enc:Enc'}",
+            ":10: student.methods.ifkd.prior.target: cannot import 'no_such_pkg.enc'",
+        ),
+        (
+            "{kind: module, target: 'rkd.distill.priors:Nope'}",
+            ":10: student.methods.ifkd.prior.target: module 'rkd.distill.priors' has no 'Nope'",
+        ),
+        (
+            "{kind: sam}",
+            ":10: student.methods.ifkd.prior.checkpoint: required: the path of a segment_anything vit_b checkpoint (rkd never downloads weights)",
+        ),
+        (
+            "{kind: sam, checkpoint: w.pth, model_type: vit_q}",
+            ":10: student.methods.ifkd.prior.model_type: unknown segment_anything model type 'vit_q'; choose from ['default', 'vit_b', 'vit_h', 'vit_l']",
+        ),
     ],
 )
 def test_spec_prior_errors_name_the_field(tmp_path: Path, prior: str, message: str, monkeypatch) -> None:
@@ -222,7 +244,9 @@ def test_spec_prior_errors_name_the_field(tmp_path: Path, prior: str, message: s
     assert str(err.value).startswith(f"{path}{message}"), str(err.value)
 
 
-def test_spec_sam_checkpoint_is_resolved_against_the_spec_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spec_sam_checkpoint_is_resolved_against_the_spec_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from rkd.errors import SpecError
     from rkd.train.spec import load_spec
 

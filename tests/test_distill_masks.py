@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 from shapely.geometry import Polygon
-
 from test_distill_core import make_info, make_output, make_targets
 from test_distill_nsd import corners, touches_cell
 
-from rkd.distill.fgd import fgd_masks
+from rkd.distill.detection.fgd import fgd_masks
 from rkd.distill.masks import cells_touching_boxes, centerness_instance_masks, foreground_masks
 from rkd.outputs import Targets
 
@@ -70,8 +69,13 @@ def test_touching_cells_match_brute_force_overlap():
     gen = torch.Generator().manual_seed(3)
     n = 40
     boxes = torch.cat(
-        [torch.rand(n, 2, generator=gen) * 64, 0.5 + torch.rand(n, 2, generator=gen) * 30,
-         (torch.rand(n, 1, generator=gen) - 0.5) * math.pi], -1)
+        [
+            torch.rand(n, 2, generator=gen) * 64,
+            0.5 + torch.rand(n, 2, generator=gen) * 30,
+            (torch.rand(n, 1, generator=gen) - 0.5) * math.pi,
+        ],
+        -1,
+    )
     for stride in (4, 8, 16):
         side = 64 // stride
         ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")

@@ -15,7 +15,6 @@ import pytest
 import torch
 from shapely.geometry import Point, Polygon
 from shapely.geometry import box as shapely_box
-
 from test_distill_core import make_info, make_output, make_targets, np64, set_conv_weights
 
 from rkd.distill import build_distiller, validate_methods
@@ -134,8 +133,15 @@ def ref_nsd(student, teacher, targets, hp: dict, adapters, epoch: float) -> dict
         bins = a_t.shape[-1]
         p = softmax_np(a_t / t)
         if hp["csl_sigma"] > 0:
-            g = np.array([[math.exp(-min(abs(i - j), bins - abs(i - j)) ** 2 / (2 * hp["csl_sigma"] ** 2))
-                           for j in range(bins)] for i in range(bins)])
+            g = np.array(
+                [
+                    [
+                        math.exp(-(min(abs(i - j), bins - abs(i - j)) ** 2) / (2 * hp["csl_sigma"] ** 2))
+                        for j in range(bins)
+                    ]
+                    for i in range(bins)
+                ]
+            )
             g /= g.sum(1, keepdims=True)
             p = np.array([[sum(g[j, i] * row[i] for i in range(bins)) for j in range(bins)] for row in p])
         cls = zt_sel.argmax(-1)
@@ -169,8 +175,14 @@ def infos():
 CASES = {
     "nsd_default": {},
     "nsd_topk": {"ncs": "topk", "k": 10, "fg_weight": 2.0, "csl_sigma": 0.0},
-    "nsd_threshold": {"ncs": "threshold", "threshold": 0.6, "ce_mix": 0.0, "temperature": 2.0, "beta": 4.0,
-                      "logit_form": "softmax"},
+    "nsd_threshold": {
+        "ncs": "threshold",
+        "threshold": 0.6,
+        "ce_mix": 0.0,
+        "temperature": 2.0,
+        "beta": 4.0,
+        "logit_form": "softmax",
+    },
     "nsd_all": {"ncs": "all", "bg_weight": 3.0},
     "nsd_box_angle": {"pixel": False, "logit": False, "ce_mix": 1.0, "csl_sigma": 2.0},
 }
@@ -198,8 +210,13 @@ def case(name: str, epoch: float = 5.0):
 def test_points_in_rotated_boxes_match_shapely():
     gen = torch.Generator().manual_seed(0)
     boxes = torch.cat(
-        [torch.rand(7, 2, generator=gen) * 50, 5 + torch.rand(7, 2, generator=gen) * 20,
-         (torch.rand(7, 1, generator=gen) - 0.5) * math.pi], -1)
+        [
+            torch.rand(7, 2, generator=gen) * 50,
+            5 + torch.rand(7, 2, generator=gen) * 20,
+            (torch.rand(7, 1, generator=gen) - 0.5) * math.pi,
+        ],
+        -1,
+    )
     pts = torch.rand(400, 2, generator=gen) * 60
     got = points_in_boxes(pts, boxes).numpy()
     polys = [Polygon(corners(b)) for b in boxes.tolist()]
@@ -225,8 +242,11 @@ def test_foreground_masks_match_shapely_and_use_anchor_centres():
 def test_hbb_xyxy_targets_work():
     info = make_info(box_dim=4)
     out = make_output(info)
-    tg = Targets([torch.tensor([[0.0, 0.0, 24.0, 16.0]]), torch.zeros(0, 4)],
-                 [torch.tensor([0]), torch.zeros(0, dtype=torch.long)], (32, 48))
+    tg = Targets(
+        [torch.tensor([[0.0, 0.0, 24.0, 16.0]]), torch.zeros(0, 4)],
+        [torch.tensor([0]), torch.zeros(0, dtype=torch.long)],
+        (32, 48),
+    )
     m = foreground_masks(tg, out)[0]
     # exactly the stride-8 cells [0, 24) x [0, 16); the next ones share only an edge with the box
     assert m[0, 0].sum() == 6 and m[0, 0, :2, :3].all() and m[1].sum() == 0
@@ -262,7 +282,7 @@ def test_logit_warmup():
 
 
 def test_topk_selects_hard_negatives_only():
-    from rkd.distill.nsd import select_ncs
+    from rkd.distill.detection.nsd import select_ncs
 
     gen = torch.Generator().manual_seed(3)
     neg = torch.rand(3, 50, generator=gen) < 0.5

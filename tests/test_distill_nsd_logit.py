@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
-
 from test_distill_core import make_info, make_output, make_targets, np64
 from test_distill_nsd import flat_np
 
 from rkd.distill import build_distiller
-from rkd.distill.nsd import NSD, select_ncs
+from rkd.distill.detection.nsd import NSD, select_ncs
 from rkd.errors import SpecError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
@@ -24,7 +22,7 @@ def binary_kl_np(zs: np.ndarray, zt: np.ndarray, t: float) -> np.ndarray:
 
 
 def test_binary_kl_matches_float64_reference():
-    from rkd.distill.nsd import binary_kl
+    from rkd.distill.detection.nsd import binary_kl
 
     gen = torch.Generator().manual_seed(0)
     zs, zt = torch.randn(40, 3, generator=gen) * 4, torch.randn(40, 3, generator=gen) * 4
@@ -39,13 +37,19 @@ def test_binary_kl_matches_float64_reference():
 def test_core_selection_default_picks_exactly_the_teachers_hard_negatives():
     assert NSD.params["ncs"].default != "all"
     #                    0     1     2     3     4     5     6     7
-    neg = torch.tensor([[True, True, True, False, True, True, False, True],
-                        [True, False, True, True, True, True, True, True]])
-    score = torch.tensor([[0.90, 0.01, 0.40, 0.99, 0.05, 0.60, 0.95, 0.02],  # 3, 6: confident positives
-                          [0.02, 0.97, 0.70, 0.30, 0.80, 0.03, 0.01, 0.50]])
+    neg = torch.tensor(
+        [[True, True, True, False, True, True, False, True], [True, False, True, True, True, True, True, True]]
+    )
+    score = torch.tensor(
+        [
+            [0.90, 0.01, 0.40, 0.99, 0.05, 0.60, 0.95, 0.02],  # 3, 6: confident positives
+            [0.02, 0.97, 0.70, 0.30, 0.80, 0.03, 0.01, 0.50],
+        ]
+    )
     sel = select_ncs(neg, score, NSD.params["ncs"].default, k=3, threshold=0.35)
-    want = torch.tensor([[True, False, True, False, False, True, False, False],
-                         [False, False, True, False, True, False, False, True]])
+    want = torch.tensor(
+        [[True, False, True, False, False, True, False, False], [False, False, True, False, True, False, False, True]]
+    )
     assert sel.tolist() == want.tolist()
 
 

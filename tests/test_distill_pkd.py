@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
-
 from test_distill_core import make_info, make_output, make_targets, np64
 
 from rkd.distill import build_distiller
-from rkd.distill.pkd import pkd_loss
+from rkd.distill.detection.pkd import pkd_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
 

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from rkd.distill.classifier_kd import build_classifier_distiller
-from rkd.distill.sskd import (
+from rkd.distill import build_distiller
+from rkd.distill.classification.sskd import (
     SSKD,
     Restorer,
-    masked_count,
-    mask_patches,
     lowest_score_mask,
+    mask_patches,
+    masked_count,
     patch_attention,
     random_permutations,
     shuffle_patches,
@@ -94,8 +94,11 @@ def test_restorer_sees_only_the_corrupted_map_and_must_place_patches_itself():
     # it is, so the permutation is never used to put patches back (that is what it must infer).
     comp = SSKD(INFO, None, mask_ratio=0.25, patch=2).double().eval()
     torch.manual_seed(3)
-    feats = [torch.randn(2, 6, 8, 8, dtype=torch.float64), torch.randn(2, 10, 4, 4, dtype=torch.float64),
-             torch.randn(2, 12, 2, 2, dtype=torch.float64)]
+    feats = [
+        torch.randn(2, 6, 8, 8, dtype=torch.float64),
+        torch.randn(2, 10, 4, 4, dtype=torch.float64),
+        torch.randn(2, 12, 2, 2, dtype=torch.float64),
+    ]
     out = ClassifierOutput(features=feats, pooled=feats[-1].mean((2, 3)), logits=torch.randn(2, 5, dtype=torch.float64))
     seen = []
     hook = comp.branch.restorer.register_forward_hook(lambda mod, args, result: seen.append((args, result)))
@@ -153,8 +156,11 @@ def test_losses_match_float64_references(fusion):
     hp["fusion"] = fusion
     comp = SSKD(INFO, None, **hp).double()
     b = 4
-    feats = [torch.randn(b, 6, 8, 8, dtype=torch.float64), torch.randn(b, 10, 4, 4, dtype=torch.float64),
-             torch.randn(b, 12, 2, 2, dtype=torch.float64)]
+    feats = [
+        torch.randn(b, 6, 8, 8, dtype=torch.float64),
+        torch.randn(b, 10, 4, 4, dtype=torch.float64),
+        torch.randn(b, 12, 2, 2, dtype=torch.float64),
+    ]
     logits = torch.randn(b, 5, dtype=torch.float64)
     labels = torch.tensor([0, 4, 2, 2])
     out = ClassifierOutput(features=feats, pooled=feats[-1].mean((2, 3)), logits=logits)
@@ -197,7 +203,7 @@ def test_gradients_reach_student_backbone_and_branch_never_the_teacher():
     student = build_classifier({"backbone": {"width": 0.25}}, num_classes=4)
     teacher = build_classifier({"backbone": {"width": 0.25}}, num_classes=4)
     # no warm-up: at epoch 0 it would hold the (S4) term at 0
-    distiller = build_classifier_distiller({"sskd": {"warmup_epochs": 0.0}, "hinton": {}}, student.info, teacher.info)
+    distiller = build_distiller({"sskd": {"warmup_epochs": 0.0}, "hinton": {}}, student.info, teacher.info)
     x, y = torch.randn(3, 3, 64, 64), torch.tensor([0, 1, 3])
     teacher_out = teacher(x)  # deliberately WITH grad: the distiller must cut it off
     terms = distiller(student(x, y), teacher_out, y)
@@ -220,7 +226,7 @@ def test_gradients_reach_student_backbone_and_branch_never_the_teacher():
 def test_branch_grad_decides_whether_the_branch_losses_train_the_backbone(branch_grad):
     torch.manual_seed(0)
     student = build_classifier({"backbone": {"width": 0.25}}, num_classes=4)
-    distiller = build_classifier_distiller({"sskd": {"branch_grad": branch_grad}}, student.info, None)
+    distiller = build_distiller({"sskd": {"branch_grad": branch_grad}}, student.info, None)
     x, y = torch.randn(3, 3, 64, 64), torch.tensor([0, 1, 3])
     terms = distiller(student(x, y), None, y)
     (terms["sskd.restore"] + terms["sskd.branch_cls"]).backward()
@@ -233,8 +239,7 @@ def test_branch_grad_decides_whether_the_branch_losses_train_the_backbone(branch
 
 def test_the_self_distillation_term_warms_up_after_the_balance():
     student = build_classifier({"backbone": {"width": 0.25}}, num_classes=4)
-    distiller = build_classifier_distiller({"sskd": {"warmup_epochs": 4.0}}, student.info, None,
-                                           balance={"mode": "off"})
+    distiller = build_distiller({"sskd": {"warmup_epochs": 4.0}}, student.info, None, balance={"mode": "off"})
     component = distiller.components["sskd"]
     assert component.ramps(1.0) == {"distill": 0.25} and component.ramps(6.0) == {"distill": 1.0}
     torch.manual_seed(0)
@@ -250,15 +255,15 @@ def test_the_self_distillation_term_warms_up_after_the_balance():
 
 def test_sskd_builds_without_a_teacher_and_checks_the_patch():
     student = build_classifier({"backbone": {"width": 0.25}}, num_classes=4)
-    d = build_classifier_distiller({"sskd": {"patch": 4, "fusion": False}}, student.info, None)
+    d = build_distiller({"sskd": {"patch": 4, "fusion": False}}, student.info, None)
     assert d.hparams["sskd"]["patch"] == 4 and d.components["sskd"].branch.fusion is None
     y = torch.tensor([1, 2])
     assert set(d(student(torch.randn(2, 3, 32, 32), y), None, y)) == {"sskd.restore", "sskd.branch_cls", "sskd.distill"}
     with pytest.raises(SpecError, match=r"sskd.patch: expected one of \[1, 2, 4\], got 3"):
-        build_classifier_distiller({"sskd": {"patch": 3}}, student.info, None)
+        build_distiller({"sskd": {"patch": 3}}, student.info, None)
     coarse = ClassifierInfo(level_channels=(8, 8), strides=(16, 32), num_classes=4)
     with pytest.raises(SpecError, match="sskd: KD method 'sskd': patch 4 does not divide the level-0 map"):
-        build_classifier_distiller({"sskd": {"patch": 4}}, coarse, None)
+        build_distiller({"sskd": {"patch": 4}}, coarse, None)
 
 
 def test_training_a_tiny_classifier_lowers_the_sskd_loss():
@@ -266,7 +271,7 @@ def test_training_a_tiny_classifier_lowers_the_sskd_loss():
     # so compare the mean of the first and last ten steps.
     torch.manual_seed(0)
     student = build_classifier({"backbone": {"width": 0.25}}, num_classes=3)
-    distiller = build_classifier_distiller({"sskd": {"mask_ratio": 0.25}}, student.info, None)
+    distiller = build_distiller({"sskd": {"mask_ratio": 0.25}}, student.info, None)
     params = list(student.parameters()) + list(distiller.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 3, (16,))

@@ -42,8 +42,15 @@ def model_spec(variant: str, channels: int, convs: int) -> dict:
     head: dict = {"convs": convs}
     if angle_bins:
         head["angle_bins"] = angle_bins
-    return validate_model_spec({"kind": kind, "boxes": boxes, "backbone": {"name": "convnet", "width": 0.25},
-                                "neck": {"channels": channels}, "head": head})
+    return validate_model_spec(
+        {
+            "kind": kind,
+            "boxes": boxes,
+            "backbone": {"name": "convnet", "width": 0.25},
+            "neck": {"channels": channels},
+            "head": head,
+        }
+    )
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -55,14 +62,19 @@ def pair(request):
     student = build_detector(model_spec(variant, 8, 1), 3).train()
     images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
     if VARIANTS[variant][1] == "obb":
-        boxes = [torch.tensor([[30.0, 30, 28, 12, 0.3], [70, 60, 20, 10, -0.5]]), torch.tensor([[48.0, 48, 40, 20, 1.0]])]
+        boxes = [
+            torch.tensor([[30.0, 30, 28, 12, 0.3], [70, 60, 20, 10, -0.5]]),
+            torch.tensor([[48.0, 48, 40, 20, 1.0]]),
+        ]
     else:
         boxes = [torch.tensor([[16.0, 24, 44, 36], [60, 55, 80, 65]]), torch.tensor([[28.0, 38, 68, 58]])]
     targets = Targets(boxes, [torch.tensor([0, 2]), torch.tensor([1])], (96, 96))
     return variant, student, teacher, images, targets
 
 
-@pytest.mark.parametrize(("method", "hparams"), CASES, ids=[f"{m}{'-' + '-'.join(map(str, h)) if h else ''}" for m, h in CASES])
+@pytest.mark.parametrize(
+    ("method", "hparams"), CASES, ids=[f"{m}{'-' + '-'.join(map(str, h)) if h else ''}" for m, h in CASES]
+)
 def test_method_distils_or_refuses_up_front(pair, method: str, hparams: dict) -> None:
     variant, student, teacher, images, targets = pair
     refusal = NSD_ANGLE_REFUSAL.get(variant) if method == "nsd" and hparams.get("angle", True) else None

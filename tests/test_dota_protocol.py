@@ -218,10 +218,17 @@ def test_polygons_sharing_edges_or_touching_equal_shapely():
     not at all when they only touch; identical polygons, in either orientation, have IoU exactly 1."""
     square = [0.0, 0, 2, 0, 2, 2, 0, 2]
     others = [
-        square, [0.0, 2, 2, 2, 2, 0, 0, 0], [2.0, 2, 0, 2, 0, 0, 2, 0],  # the same square: clockwise, rolled
-        [0.0, 1, 2, 1, 2, 3, 0, 3], [1.0, 0, 3, 0, 3, 2, 1, 2], [1.0, 0, 2, 0, 2, 1, 1, 1],  # shared edge parts
-        [2.0, 0, 4, 0, 4, 2, 2, 2], [2.0, 2, 3, 2, 3, 3, 2, 3], [2.0, -1, 3, -1, 3, 3, 2, 3],  # touching outside
-        [0.5, 0.5, 1.5, 0.5, 1.5, 1.5, 0.5, 1.5], [1.0, -1, 3, 1, 1, 3, -1, 1],  # inside; a diamond around
+        square,
+        [0.0, 2, 2, 2, 2, 0, 0, 0],
+        [2.0, 2, 0, 2, 0, 0, 2, 0],  # the same square: clockwise, rolled
+        [0.0, 1, 2, 1, 2, 3, 0, 3],
+        [1.0, 0, 3, 0, 3, 2, 1, 2],
+        [1.0, 0, 2, 0, 2, 1, 1, 1],  # shared edge parts
+        [2.0, 0, 4, 0, 4, 2, 2, 2],
+        [2.0, 2, 3, 2, 3, 3, 2, 3],
+        [2.0, -1, 3, -1, 3, 3, 2, 3],  # touching outside
+        [0.5, 0.5, 1.5, 0.5, 1.5, 1.5, 0.5, 1.5],
+        [1.0, -1, 3, 1, 1, 3, -1, 1],  # inside; a diamond around
     ]
     a = np.array([square] * len(others))
     b = np.array(others)
@@ -363,7 +370,7 @@ def write_dataset(rng: np.random.Generator, root: Path, num_images: int) -> dict
         n = int(rng.integers(3, 9))
         quads = random_quads(rng, n, 0.15)
         lines = ["imagesource:GoogleEarth", "gsd:0.146343590398"]
-        for k, quad in enumerate(quads):
+        for _k, quad in enumerate(quads):
             if rng.uniform() < 0.2:
                 quad = dart(quad)
             name = CLASSES[int(rng.integers(len(CLASSES)))]
@@ -402,8 +409,11 @@ def test_task1_map_equals_the_shapely_devkit_reference(tmp_path, capsys):
     # The reference reads the files as written (rounded like the Task1 text, repr round-trips)
     write_task1(dets, tmp_path / "task1")
     gt = devkit_parse(root / "labelTxt")
-    assert any(not shapely.Polygon(p.reshape(4, 2)).convex_hull.equals(shapely.Polygon(p.reshape(4, 2)))
-               for objs in gt.values() for p, _, _ in objs)  # concave ground truth is in there
+    assert any(
+        not shapely.Polygon(p.reshape(4, 2)).convex_hull.equals(shapely.Polygon(p.reshape(4, 2)))
+        for objs in gt.values()
+        for p, _, _ in objs
+    )  # concave ground truth is in there
     code = main(["evaluate", "--gt", str(root), "--gt-format", "dota", "--pred", str(tmp_path / "task1"), "--json"])
     captured = capsys.readouterr()
     assert code == 0
@@ -428,10 +438,20 @@ def rectangle_iou(g: np.ndarray, p: np.ndarray) -> float:
 def test_voc_matching_judges_each_detection_by_its_best_ground_truth():
     """Two ground truths; the second detection overlaps the taken one most: a false positive (greedy: a hit)."""
     square = lambda x: [x, 0.0, x + 10, 0, x + 10, 10, x, 10]  # noqa: E731
-    gt = [{"boxes": torch.tensor([square(0), square(4)]), "labels": torch.tensor([0, 0]),
-           "difficult": torch.tensor([False, False])}]
-    det = [{"boxes": torch.tensor([square(0), square(1)]), "scores": torch.tensor([0.9, 0.8]),
-            "labels": torch.tensor([0, 0])}]
+    gt = [
+        {
+            "boxes": torch.tensor([square(0), square(4)]),
+            "labels": torch.tensor([0, 0]),
+            "difficult": torch.tensor([False, False]),
+        }
+    ]
+    det = [
+        {
+            "boxes": torch.tensor([square(0), square(1)]),
+            "scores": torch.tensor([0.9, 0.8]),
+            "labels": torch.tensor([0, 0]),
+        }
+    ]
     # det 2 vs gt 1: IoU 90/110 = 0.818 (taken), vs gt 2: IoU 70/130 = 0.538
     voc = evaluate_detections(det, gt, 1, matching="voc")
     greedy = evaluate_detections(det, gt, 1)
@@ -469,8 +489,9 @@ def test_patch_polygons_are_shifted_into_their_scene(flat, tmp_path):
 
 def test_data_tile_cuts_a_flat_folder_without_split(flat, tmp_path, capsys):
     out = tmp_path / "tiles"
-    assert main(["data", "tile", str(flat), "--format", "dota", "--out", str(out), "--size", "256",
-                 "--overlap", "0"]) == 0
+    assert (
+        main(["data", "tile", str(flat), "--format", "dota", "--out", str(out), "--size", "256", "--overlap", "0"]) == 0
+    )
     printed = capsys.readouterr().out
     assert printed.startswith("all: 3 images -> ")
     assert sorted(p.name for p in out.iterdir()) == ["all", "classes.txt"]
@@ -480,7 +501,7 @@ def test_data_tile_cuts_a_flat_folder_without_split(flat, tmp_path, capsys):
 def test_a_search_lists_the_skipped_lines_in_its_run_folder_and_counts_them(tmp_path):
     from types import SimpleNamespace
 
-    from rkd.search.runner import count_skipped_lines, record_skipped_lines
+    from rkd.search.summary import count_skipped_lines, record_skipped_lines
 
     root = with_images(DATA / "dota_latin1", tmp_path / "latin1")
     data = validate_data_spec(
@@ -497,9 +518,13 @@ def test_a_search_lists_the_skipped_lines_in_its_run_folder_and_counts_them(tmp_
     assert lines == found
     assert (run_dir / "skipped_lines.txt").read_text() == lines[0] + "\n"
     assert count_skipped_lines(run_dir) == 1
-    assert logged == [f"[data] 1 label line(s) skipped (data.on_error: skip); listed in {run_dir / 'skipped_lines.txt'}"]
+    assert logged == [
+        f"[data] 1 label line(s) skipped (data.on_error: skip); listed in {run_dir / 'skipped_lines.txt'}"
+    ]
     # the data mended: the list of the earlier run goes, the count is 0
-    clean = validate_data_spec({"format": "synthetic", "num_classes": 2, "num_train": 2, "num_val": 1, "input_size": 64})
+    clean = validate_data_spec(
+        {"format": "synthetic", "num_classes": 2, "num_train": 2, "num_val": 1, "input_size": 64}
+    )
     record_skipped_lines(SimpleNamespace(run_dir=run_dir), TASKS["detection"].check_data(clean)[1], logged.append)
     assert count_skipped_lines(run_dir) == 0 and not (run_dir / "skipped_lines.txt").exists()
 
@@ -563,17 +588,19 @@ def test_dior_fixture_map_is_taken_on_the_robndbox_corners(tmp_path, capsys):
     records, names, report = read_dior(DIOR, "demo")
     assert names == ["golffield"] and report.skipped == []
     assert_records_keep_the_corners(records, names, gt)
-    (corners, name, _), = gt["00001"]
+    ((corners, name, _),) = gt["00001"]
     quad = corners.reshape(4, 2)
     middle = quad.mean(0)
     rng = np.random.default_rng(11)
-    dets = {name: [
-        ("00001", 0.95, np.array([20.0, 20, 110, 30, 100, 150, 10, 140])),  # nothing there: a false positive
-        ("00001", 0.9, dart(corners)),  # concave: IoU 0.35
-        ("00001", 0.8, (middle + 1.25 * (quad - middle)).reshape(8)),  # 25% too large all round: IoU 0.64
-        ("00001", 0.7, jittered(rng, corners, 12.0)),  # corners moved: not a rectangle any more
-        ("00001", 0.6, (quad + [[30.0, 0], [0, 0], [-40, 25], [0, 0]]).reshape(8)),  # a skewed trapezoid
-    ]}
+    dets = {
+        name: [
+            ("00001", 0.95, np.array([20.0, 20, 110, 30, 100, 150, 10, 140])),  # nothing there: a false positive
+            ("00001", 0.9, dart(corners)),  # concave: IoU 0.35
+            ("00001", 0.8, (middle + 1.25 * (quad - middle)).reshape(8)),  # 25% too large all round: IoU 0.64
+            ("00001", 0.7, jittered(rng, corners, 12.0)),  # corners moved: not a rectangle any more
+            ("00001", 0.6, (quad + [[30.0, 0], [0, 0], [-40, 25], [0, 0]]).reshape(8)),  # a skewed trapezoid
+        ]
+    }
     assert not is_convex(torch.from_numpy(dets[name][1][2][None]))[0]
     write_task1(dets, tmp_path / "task1", names)
     result = evaluate_json(capsys, DIOR, tmp_path / "task1", "--split", "demo")

@@ -60,8 +60,13 @@ def test_11_point_and_coco101_by_hand():
 
 
 def test_oriented_boxes_give_the_same_hand_result_and_use_exact_iou():
-    dets, gts = one_image(hbb_to_obb(torch.tensor(G, dtype=torch.float32)).tolist(), [0, 0],
-                          hbb_to_obb(torch.tensor(D, dtype=torch.float32)).tolist(), S, [0, 0, 0])
+    dets, gts = one_image(
+        hbb_to_obb(torch.tensor(G, dtype=torch.float32)).tolist(),
+        [0, 0],
+        hbb_to_obb(torch.tensor(D, dtype=torch.float32)).tolist(),
+        S,
+        [0, 0, 0],
+    )
     assert evaluate_detections(dets, gts, num_classes=1).map == pytest.approx(0.5 + 0.5 * 2 / 3)
     # a square and the same square turned 45 degrees: exact IoU is 1/sqrt(2) = 0.7071
     # (their axis-aligned boxes would give 0.5, so a horizontal shortcut fails this)
@@ -116,8 +121,13 @@ def test_classes_without_ground_truth_are_left_out_and_empty_class_scores_zero()
     dets, gts = one_image([[0, 0, 10, 10], [30, 30, 40, 40]], [0, 1], [[0, 0, 10, 10]], [0.9], [0])
     res = evaluate_detections(dets, gts, num_classes=2, oriented=False)
     assert res.per_class == {0: 1.0, 1: 0.0} and res.map == 0.5
-    assert math.isnan(evaluate_detections([{"boxes": np.zeros((0, 5)), "scores": [], "labels": []}],
-                                          [{"boxes": np.zeros((0, 5)), "labels": []}], num_classes=1).map)
+    assert math.isnan(
+        evaluate_detections(
+            [{"boxes": np.zeros((0, 5)), "scores": [], "labels": []}],
+            [{"boxes": np.zeros((0, 5)), "labels": []}],
+            num_classes=1,
+        ).map
+    )
 
 
 def test_perfect_detections_on_many_images_give_map_one():
@@ -125,12 +135,25 @@ def test_perfect_detections_on_many_images_give_map_one():
     dets, gts = [], []
     for _ in range(20):
         n = int(rng.integers(0, 15))
-        boxes = np.stack([rng.uniform(0, 500, n), rng.uniform(0, 500, n), rng.uniform(10, 80, n),
-                          rng.uniform(5, 10, n), rng.uniform(-1.5, 1.5, n)], 1)
+        boxes = np.stack(
+            [
+                rng.uniform(0, 500, n),
+                rng.uniform(0, 500, n),
+                rng.uniform(10, 80, n),
+                rng.uniform(5, 10, n),
+                rng.uniform(-1.5, 1.5, n),
+            ],
+            1,
+        )
         labels = rng.integers(0, 4, n)
         gts.append({"boxes": boxes, "labels": labels})
-        dets.append({"boxes": torch.from_numpy(boxes), "scores": torch.from_numpy(rng.uniform(0, 1, n)),
-                     "labels": torch.from_numpy(labels)})
+        dets.append(
+            {
+                "boxes": torch.from_numpy(boxes),
+                "scores": torch.from_numpy(rng.uniform(0, 1, n)),
+                "labels": torch.from_numpy(labels),
+            }
+        )
     res = evaluate_detections(dets, gts, num_classes=4)
     assert res.map == 1.0 and set(res.per_class) == {0, 1, 2, 3}
     coco = evaluate_coco(dets, gts, num_classes=4)
@@ -184,7 +207,7 @@ def make_eval_set(seed: int):
         gts.append({"boxes": boxes, "labels": labels, "iscrowd": crowd})
         copies = rng.integers(0, 3, n)  # 0 (missed), 1 or 2 (a duplicate) detections per object
         src = np.repeat(np.arange(n), copies)
-        wh = (boxes[src, 2:] - boxes[src, :2])
+        wh = boxes[src, 2:] - boxes[src, :2]
         jitter = rng.normal(0, 0.08, (len(src), 4))
         centre = (boxes[src, :2] + boxes[src, 2:]) / 2 + jitter[:, :2] * wh
         wh = wh * np.exp(jitter[:, 2:])
@@ -193,13 +216,16 @@ def make_eval_set(seed: int):
         n_fp = int(rng.integers(0, 4))
         xy = rng.uniform(0, 700, (n_fp, 2))
         fp_boxes = np.concatenate([xy, xy + rng.uniform(5, 150, (n_fp, 2))], 1)
-        dets.append({
-            "boxes": np.concatenate([det_boxes, fp_boxes]),
-            "labels": np.concatenate([det_labels, rng.integers(0, 2, n_fp)]),
-            # better-placed boxes tend to score higher, as a detector's would
-            "scores": np.r_[np.exp(-np.abs(jitter).sum(1) * 3) * rng.uniform(0.5, 1, len(src)),
-                            rng.uniform(0, 0.6, n_fp)],
-        })
+        dets.append(
+            {
+                "boxes": np.concatenate([det_boxes, fp_boxes]),
+                "labels": np.concatenate([det_labels, rng.integers(0, 2, n_fp)]),
+                # better-placed boxes tend to score higher, as a detector's would
+                "scores": np.r_[
+                    np.exp(-np.abs(jitter).sum(1) * 3) * rng.uniform(0.5, 1, len(src)), rng.uniform(0, 0.6, n_fp)
+                ],
+            }
+        )
     return dets, gts
 
 
@@ -212,11 +238,25 @@ def pycocotools_eval(dets, gts):
         images.append({"id": i, "width": 1024, "height": 1024})
         for box, label, crowd in zip(gt["boxes"], gt["labels"], gt["iscrowd"]):
             w, h = box[2] - box[0], box[3] - box[1]
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(label) + 1,
-                                "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": int(crowd)})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i,
+                    "category_id": int(label) + 1,
+                    "bbox": [box[0], box[1], w, h],
+                    "area": w * h,
+                    "iscrowd": int(crowd),
+                }
+            )
         for box, label, score in zip(det["boxes"], det["labels"], det["scores"]):
-            results.append({"image_id": i, "category_id": int(label) + 1, "score": float(score),
-                            "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+            results.append(
+                {
+                    "image_id": i,
+                    "category_id": int(label) + 1,
+                    "score": float(score),
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                }
+            )
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1}, {"id": 2}]}
@@ -266,12 +306,18 @@ def test_bad_values_name_the_image_key_and_entry():
     gts = [{"boxes": np.array([box]), "labels": np.array([0])}] * 2
 
     def dets(boxes=None, labels=None, scores=None):
-        second = {"boxes": np.array(boxes or [box, box, box]), "labels": np.array(labels or [0, 0, 0]),
-                  "scores": np.array(scores or [0.9, 0.8, 0.7])}
+        second = {
+            "boxes": np.array(boxes or [box, box, box]),
+            "labels": np.array(labels or [0, 0, 0]),
+            "scores": np.array(scores or [0.9, 0.8, 0.7]),
+        }
         return [{"boxes": np.array([box]), "labels": np.array([0]), "scores": np.array([0.5])}, second]
 
     cases = [
-        (dets(boxes=[box, box, [50.0, np.nan, 20.0, 10.0, 0.1]]), r"detections\[1\]\['boxes'\]: contains NaN.*\(entry 2\)"),
+        (
+            dets(boxes=[box, box, [50.0, np.nan, 20.0, 10.0, 0.1]]),
+            r"detections\[1\]\['boxes'\]: contains NaN.*\(entry 2\)",
+        ),
         (dets(labels=[0, 1.5, 0]), r"detections\[1\]\['labels'\]: class labels must be integers \(entry 1\)"),
         (dets(scores=[0.9, 0.8, np.inf]), r"detections\[1\]\['scores'\]: contains NaN or infinite values \(entry 2\)"),
     ]

@@ -21,10 +21,21 @@ def make_predictions(seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     preds = {}
     for image_id in ["P0001", "P0002__1024__0___512", "7"]:
         n = int(rng.integers(1, 8))
-        boxes = np.stack([rng.uniform(0, 1000, n), rng.uniform(0, 1000, n), rng.uniform(20, 90, n),
-                          rng.uniform(5, 19, n), rng.uniform(-math.pi / 2, math.pi / 2, n)], 1)
-        preds[image_id] = {"boxes": torch.from_numpy(boxes), "scores": torch.from_numpy(rng.uniform(0, 1, n)),
-                           "labels": torch.from_numpy(rng.integers(0, 3, n))}
+        boxes = np.stack(
+            [
+                rng.uniform(0, 1000, n),
+                rng.uniform(0, 1000, n),
+                rng.uniform(20, 90, n),
+                rng.uniform(5, 19, n),
+                rng.uniform(-math.pi / 2, math.pi / 2, n),
+            ],
+            1,
+        )
+        preds[image_id] = {
+            "boxes": torch.from_numpy(boxes),
+            "scores": torch.from_numpy(rng.uniform(0, 1, n)),
+            "labels": torch.from_numpy(rng.integers(0, 3, n)),
+        }
     return preds
 
 
@@ -83,16 +94,27 @@ def test_task1_errors_name_file_and_line(tmp_path):
 def test_json_errors_name_file_and_line(tmp_path):
     path = tmp_path / "p.json"
     cases = [
-        ('[\n{"image_id": "a", "label": 0, "score": 0.5, "obb": [1, 2, 3, 4, 0]},\n'
-         '{"image_id": "a", "label": 0, "score": 0.5, "obb": [1, 2, 3]}\n]', r"p.json:3: 'obb' must be a list of 5"),
-        ('[\n\n{"image_id": "a", "class": "car", "score": 0.5, "poly": [0, 0, 1, 0, 1, 1, 0, 1]}]',
-         r"p.json:3: unknown class 'car'"),
-        ('[{"image_id": "a", "label": 1, "class": "plane", "score": 0.5, "poly": [0, 0, 1, 0, 1, 1, 0, 1]}]',
-         r"p.json:1: 'label' 1 disagrees with 'class' 'plane'"),
-        ('[{"image_id": "a", "label": 0, "score": "x", "obb": [1, 2, 3, 4, 0]}]',
-         r"p.json:1: 'score' must be a number"),
-        ('[{"image_id": "a", "label": 0, "score": 1, "obb": [1, 2, 3, 4, 0], "poly": [0, 0, 1, 0, 1, 1, 0, 1]}]',
-         r"p.json:1: give exactly one of 'poly'"),
+        (
+            '[\n{"image_id": "a", "label": 0, "score": 0.5, "obb": [1, 2, 3, 4, 0]},\n'
+            '{"image_id": "a", "label": 0, "score": 0.5, "obb": [1, 2, 3]}\n]',
+            r"p.json:3: 'obb' must be a list of 5",
+        ),
+        (
+            '[\n\n{"image_id": "a", "class": "car", "score": 0.5, "poly": [0, 0, 1, 0, 1, 1, 0, 1]}]',
+            r"p.json:3: unknown class 'car'",
+        ),
+        (
+            '[{"image_id": "a", "label": 1, "class": "plane", "score": 0.5, "poly": [0, 0, 1, 0, 1, 1, 0, 1]}]',
+            r"p.json:1: 'label' 1 disagrees with 'class' 'plane'",
+        ),
+        (
+            '[{"image_id": "a", "label": 0, "score": "x", "obb": [1, 2, 3, 4, 0]}]',
+            r"p.json:1: 'score' must be a number",
+        ),
+        (
+            '[{"image_id": "a", "label": 0, "score": 1, "obb": [1, 2, 3, 4, 0], "poly": [0, 0, 1, 0, 1, 1, 0, 1]}]',
+            r"p.json:1: give exactly one of 'poly'",
+        ),
         ('[\n{"image_id": "a", "score": 1, "obb": [1, 2, 3, 4, 0]}\n]', r"p.json:2: needs 'label'"),
         ('[\n{"image_id": "a",\n "label": 0 "score": 1}]', r"p.json:3: invalid JSON"),
         ('{"image_id": "a"}', r"p.json:1: expected a JSON list"),

@@ -69,7 +69,11 @@ def test_ground_truth_as_predictions_scores_one(tmp_path, capsys, val):
     assert set(result) == {"mAP", "mAP50", "mAP75", "per_class", "protocol"}
     # UCAS ground truth keeps its labelled corners, Task1 detections are polygons: compared as polygons
     assert result["protocol"] == {
-        "iou": "polygon", "ap": "all-point", "matching": "voc", "difficult": "ignored", "split": "val",
+        "iou": "polygon",
+        "ap": "all-point",
+        "matching": "voc",
+        "difficult": "ignored",
+        "split": "val",
         "skipped_lines": 0,
     }
     assert result["mAP"] == result["mAP50"] == result["mAP75"] == 1.0

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 import rkd.cli
-from rkd.deploy.export import (
+from rkd.deploy.export import export_student
+from rkd.deploy.files import (
     CARD_FILE,
     ONNX_FILE,
     POSTPROCESS_FILE,
@@ -25,13 +26,10 @@ from rkd.deploy.export import (
     README_FILE,
     TORCHSCRIPT_FILE,
     WEIGHTS_FILE,
-    DetectionNetwork,
-    RawNetwork,
-    export_student,
-    load_exported,
-    pick_trial,
-    raw_output_names,
 )
+from rkd.deploy.graphs import DetectionNetwork, RawNetwork, raw_output_names
+from rkd.deploy.load import load_exported
+from rkd.deploy.select import pick_trial
 from rkd.errors import RkdError
 from rkd.models import build_detector
 from rkd.search.results import trials_table, write_parquet
@@ -92,16 +90,36 @@ def make_run(root: Path) -> Path:
         # the KD-only parts a distilled student leaves beside it
         atomic_torch_save({"adapters.0.weight": torch.randn(16, 16, 1, 1)}, ckpt.parent / "kd_parts.pt")
         params = {"student.model.backbone.width": width, "methods.fitnet": True, "methods.fitnet.weight": 2.0}
-        rows.append({
-            "trial_id": trial_id, "status": status, "reason": None if status == "complete" else "boom",
-            "map50": map50, "gflops": gflops, "params_m": 0.1, "epochs_done": 1, "epochs": 1,
-            "kd_methods": "fitnet", "wall_s": 1.0,
-            "checkpoint": str(ckpt) if status == "complete" else None,
-            "config_json": json.dumps(params, sort_keys=True), "params": params,
-        })
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "status": status,
+                "reason": None if status == "complete" else "boom",
+                "map50": map50,
+                "gflops": gflops,
+                "params_m": 0.1,
+                "epochs_done": 1,
+                "epochs": 1,
+                "kd_methods": "fitnet",
+                "wall_s": 1.0,
+                "checkpoint": str(ckpt) if status == "complete" else None,
+                "config_json": json.dumps(params, sort_keys=True),
+                "params": params,
+            }
+        )
     write_parquet(trials_table(rows), run / "trials.parquet")
-    summary = {"name": "demo", "teacher": {"checkpoint": str(teacher_ckpt), "map50": 0.7, "gflops": 1.5,
-                                          "params": 1, "source": "trained", "config_hash": "abc", "wall_s": 1.0}}
+    summary = {
+        "name": "demo",
+        "teacher": {
+            "checkpoint": str(teacher_ckpt),
+            "map50": 0.7,
+            "gflops": 1.5,
+            "params": 1,
+            "source": "trained",
+            "config_hash": "abc",
+            "wall_s": 1.0,
+        },
+    }
     (run / "summary.json").write_text(json.dumps(summary))
     return run
 
@@ -121,8 +139,19 @@ def exported(run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported_raw(run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "raw"
-    argv = ["export", str(run), "--pick", "t_mid", "--out", str(out), "--latency-runs", "1", "--raw",
-            "--format", "onnx,torchscript"]
+    argv = [
+        "export",
+        str(run),
+        "--pick",
+        "t_mid",
+        "--out",
+        str(out),
+        "--latency-runs",
+        "1",
+        "--raw",
+        "--format",
+        "onnx,torchscript",
+    ]
     assert rkd_main(argv) == 0
     return out
 
@@ -214,19 +243,31 @@ def test_exported_files_and_card(exported, run):
     assert card["teacher"]["map50"] == 0.7 and card["rkd_version"] == rkd.__version__
     # an oriented end-to-end graph: candidates out of both files, NMS in postprocess.py
     assert [(o["name"], o["file"]) for o in card["outputs"]] == [
-        (n, f) for f in (ONNX_FILE, PT2_FILE) for n in ("boxes", "scores", "labels")]
+        (n, f) for f in (ONNX_FILE, PT2_FILE) for n in ("boxes", "scores", "labels")
+    ]
     assert card["outputs"][0]["shape"] == ["batch", 512 + 128 + 32, 5]  # FCOS: every (point, class) of 16x16, 8x8, 4x4
     # the postprocessing shipped is rkd's own file, and it imports nothing but numpy
     source = (exported / POSTPROCESS_FILE).read_text()
     assert source == (Path(rkd.__file__).parent / "deploy" / POSTPROCESS_FILE).read_text()
     assert {line.split()[1] for line in source.splitlines() if line.startswith(("import ", "from "))} <= {
-        "__future__", "numpy"}
+        "__future__",
+        "numpy",
+    }
 
 
 def test_readme_card_says_what_and_how(exported):
     text = (exported / README_FILE).read_text()
-    for needle in ("ship, plane", "## Input", "## Outputs", "## Metrics", "onnxruntime_cpu_batch8", "fitnet",
-                   "teacher.pt", "import numpy as np, onnxruntime as ort", "detections(out"):
+    for needle in (
+        "ship, plane",
+        "## Input",
+        "## Outputs",
+        "## Metrics",
+        "onnxruntime_cpu_batch8",
+        "fitnet",
+        "teacher.pt",
+        "import numpy as np, onnxruntime as ort",
+        "detections(out",
+    ):
         assert needle in text, needle
 
 

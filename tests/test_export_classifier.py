@@ -15,18 +15,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from aid_images import AID, load_aid
-from rkd.deploy.export import load_exported, pick_trial
-from rkd.deploy.export import CARD_FILE, ONNX_FILE, POSTPROCESS_FILE, PT2_FILE, README_FILE  # noqa: I001
-from rkd.deploy.export import TORCHSCRIPT_FILE, WEIGHTS_FILE
+from safetensors.torch import load_file
+from test_export import rkd_main, rows_of
+
+from rkd.deploy.files import (  # noqa: I001
+    CARD_FILE,
+    ONNX_FILE,
+    POSTPROCESS_FILE,
+    PT2_FILE,
+    README_FILE,
+    TORCHSCRIPT_FILE,
+    WEIGHTS_FILE,
+)
+from rkd.deploy.load import load_exported
 from rkd.deploy.predict import CLASS_PREDICTIONS_FILE
+from rkd.deploy.select import pick_trial
 from rkd.models import build_classifier
 from rkd.search.results import trials_table, write_parquet
-from rkd.train.checkpoint import atomic_torch_save
-from rkd.train.classify import load_classifier, save_classifier
-from test_export import rkd_main, rows_of
+from rkd.train.checkpoint import atomic_torch_save, load_classifier, save_classifier
 
 SIZE = 96
 CLASSES = ["Airport", "Beach", "Forest"]
@@ -60,17 +67,46 @@ def make_classification_run(root: Path) -> Path:
         # SSKDNet's self-supervised branch, the KD part a distilled classifier leaves beside it
         atomic_torch_save({"branch.fc.weight": torch.randn(4, 8)}, ckpt.parent / "kd_parts.pt")
         params = {"student.model.backbone.width": width, "methods.sskd": True, "methods.sskd.weight": 0.5}
-        rows.append({
-            "trial_id": trial_id, "status": "complete", "reason": None, "map50": None, "top1": top1,
-            "gflops": gflops, "latency_ms": None, "params_m": 0.1, "epochs_done": 2, "epochs": 2,
-            "kd_methods": "sskd", "reference": None, "wall_s": 1.0, "checkpoint": str(ckpt),
-            "config_json": json.dumps(params, sort_keys=True), "params": params,
-        })
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "status": "complete",
+                "reason": None,
+                "map50": None,
+                "top1": top1,
+                "gflops": gflops,
+                "latency_ms": None,
+                "params_m": 0.1,
+                "epochs_done": 2,
+                "epochs": 2,
+                "kd_methods": "sskd",
+                "reference": None,
+                "wall_s": 1.0,
+                "checkpoint": str(ckpt),
+                "config_json": json.dumps(params, sort_keys=True),
+                "params": params,
+            }
+        )
     write_parquet(trials_table(rows), run / "trials.parquet")
-    teacher = {"checkpoint": str(teacher_ckpt), "score": TEACHER_TOP1, "gflops": 1.5, "params": 1,
-               "source": "trained", "config_hash": "abc", "wall_s": 1.0, "metric": "top1", "top1": TEACHER_TOP1}
-    summary = {"name": "aid", "teacher": teacher, "objectives": ["top1", "gflops"], "trials": len(rows),
-               "front": ["t_small", "t_big"], "knee": "t_big"}
+    teacher = {
+        "checkpoint": str(teacher_ckpt),
+        "score": TEACHER_TOP1,
+        "gflops": 1.5,
+        "params": 1,
+        "source": "trained",
+        "config_hash": "abc",
+        "wall_s": 1.0,
+        "metric": "top1",
+        "top1": TEACHER_TOP1,
+    }
+    summary = {
+        "name": "aid",
+        "teacher": teacher,
+        "objectives": ["top1", "gflops"],
+        "trials": len(rows),
+        "front": ["t_small", "t_big"],
+        "knee": "t_big",
+    }
     (run / "summary.json").write_text(json.dumps(summary))
     return run
 
@@ -84,7 +120,16 @@ def run(tmp_path_factory) -> Path:
 def exported(run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("clf_exports") / "best"
     # the default pick, best, is the highest top-1 on the front
-    argv = ["export", str(run), "--out", str(out), "--latency-runs", "1", "--format", "safetensors,onnx,pt2,torchscript"]
+    argv = [
+        "export",
+        str(run),
+        "--out",
+        str(out),
+        "--latency-runs",
+        "1",
+        "--format",
+        "safetensors,onnx,pt2,torchscript",
+    ]
     assert rkd_main(argv) == 0
     return out
 
@@ -114,16 +159,27 @@ def test_pick_uses_top1(run, capsys, tmp_path):
 
 
 def test_card_describes_a_classifier(exported, run):
-    assert {p.name for p in exported.iterdir()} == {WEIGHTS_FILE, ONNX_FILE, PT2_FILE, TORCHSCRIPT_FILE, CARD_FILE,
-                                                    README_FILE, POSTPROCESS_FILE, "model_spec.json"}
+    assert {p.name for p in exported.iterdir()} == {
+        WEIGHTS_FILE,
+        ONNX_FILE,
+        PT2_FILE,
+        TORCHSCRIPT_FILE,
+        CARD_FILE,
+        README_FILE,
+        POSTPROCESS_FILE,
+        "model_spec.json",
+    }
     card = json.loads((exported / CARD_FILE).read_text())
     assert card["task"] == "classification" and card["classes"] == CLASSES
     assert card["trial"]["id"] == "t_big" and card["trial"]["on_front"] is True
     assert card["trial"]["kd_methods"] == ["sskd"] and card["trial"]["params"]["methods.sskd.weight"] == 0.5
     assert card["input"]["shape"] == ["batch", 3, SIZE, SIZE] and card["input"]["mean"] == [0.485, 0.456, 0.406]
-    assert card["input"]["std"] == [0.229, 0.224, 0.225] and card["input"]["resize"].startswith("resize (not letterbox)")
+    assert card["input"]["std"] == [0.229, 0.224, 0.225] and card["input"]["resize"].startswith(
+        "resize (not letterbox)"
+    )
     assert [(o["name"], o["file"], o["shape"]) for o in card["outputs"]] == [
-        ("logits", f, ["batch", len(CLASSES)]) for f in (ONNX_FILE, PT2_FILE)] and "boxes" not in card
+        ("logits", f, ["batch", len(CLASSES)]) for f in (ONNX_FILE, PT2_FILE)
+    ] and "boxes" not in card
     assert "normalize(resize(image, " in (exported / README_FILE).read_text()  # resized whole, no letterbox
     student = build_classifier(model_spec(0.5), len(CLASSES))
     assert card["metrics"]["top1"] == 0.80 and card["metrics"]["latency_ms"] > 0
@@ -174,7 +230,7 @@ def test_predict_writes_the_checkpoint_models_classes(exported, reference, tmp_p
     folder = tmp_path / "scenes"
     folder.mkdir()
     expected = {}
-    for label, name in enumerate(CLASSES):  # the images load_aid read, in its order
+    for _label, name in enumerate(CLASSES):  # the images load_aid read, in its order
         for path in sorted((AID / "val" / name).glob("*.jpg"))[:PER_CLASS]:
             (folder / path.name).symlink_to(path)
             expected[path.stem] = len(expected)

@@ -31,8 +31,13 @@ SCORE = 0.05
 
 
 def spec(kind: str, boxes: str) -> dict:
-    return {"kind": kind, "boxes": boxes, "backbone": {"name": "convnet", "width": 0.25, "depth": 1},
-            "neck": {"channels": 16}, "head": {"convs": 1}}
+    return {
+        "kind": kind,
+        "boxes": boxes,
+        "backbone": {"name": "convnet", "width": 0.25, "depth": 1},
+        "neck": {"channels": 16},
+        "head": {"convs": 1},
+    }
 
 
 def ucas_batches() -> tuple[torch.Tensor, Targets, torch.Tensor]:

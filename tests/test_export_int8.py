@@ -11,15 +11,14 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+from test_export import rkd_main
+from test_export_e2e import spec, trained
 
 from rkd.data.dataset import build_dataset, collate_detection, validate_data_spec
-from rkd.deploy.export import CARD_FILE, INT8_FILE, README_FILE
+from rkd.deploy.files import CARD_FILE, INT8_FILE, README_FILE
 from rkd.search.results import trials_table, write_parquet
 from rkd.train.checkpoint import save_detector
 from rkd.train.evaluate import evaluate
-
-from test_export import rkd_main
-from test_export_e2e import spec, trained
 
 SIZE = 128
 DATA = {"format": "synthetic", "num_classes": 2, "num_train": 16, "num_val": 8, "input_size": SIZE, "seed": 3}
@@ -39,9 +38,23 @@ def trained_run(root: Path) -> tuple[Path, torch.nn.Module]:
 
 def write_one_trial_run(run: Path, ckpt: Path, metric: str, data: dict) -> None:
     """The files of a finished one-trial search around the student checkpoint ``ckpt``."""
-    row = {"trial_id": "a", "status": "complete", "reason": None, "map50": None, "top1": None, metric: 0.5,
-           "gflops": 0.1, "params_m": 0.1, "epochs_done": 1, "epochs": 1, "kd_methods": "", "wall_s": 1.0,
-           "checkpoint": str(ckpt), "config_json": "{}", "params": {}}
+    row = {
+        "trial_id": "a",
+        "status": "complete",
+        "reason": None,
+        "map50": None,
+        "top1": None,
+        metric: 0.5,
+        "gflops": 0.1,
+        "params_m": 0.1,
+        "epochs_done": 1,
+        "epochs": 1,
+        "kd_methods": "",
+        "wall_s": 1.0,
+        "checkpoint": str(ckpt),
+        "config_json": "{}",
+        "params": {},
+    }
     write_parquet(trials_table([row]), run / "trials.parquet")
     (run / "summary.json").write_text(json.dumps({"name": run.name, "objectives": [metric, "gflops"]}))
     (run / "search_identity.json").write_text(json.dumps({"data": data}))
@@ -49,8 +62,19 @@ def write_one_trial_run(run: Path, ckpt: Path, metric: str, data: dict) -> None:
 
 def export_int8(run: Path, out: Path) -> None:
     """``rkd export --int8`` of the run's one trial, ONNX only, calibrated on 8 training images."""
-    argv = ["export", str(run), "--out", str(out), "--format", "onnx", "--int8", "--int8-images", "8",
-            "--latency-runs", "2"]
+    argv = [
+        "export",
+        str(run),
+        "--out",
+        str(out),
+        "--format",
+        "onnx",
+        "--int8",
+        "--int8-images",
+        "8",
+        "--latency-runs",
+        "2",
+    ]
     assert rkd_main(argv) == 0
 
 
@@ -106,7 +130,7 @@ def test_int8_export_of_a_scene_classifier_keeps_its_top1_on_aid(tmp_path, capsy
     """A convnet trained briefly on three AID classes: quantised whole, scored by val top-1 in onnxruntime."""
     from rkd.data.scene_dataset import build_scene_dataset, collate_scenes, validate_scene_data_spec
     from rkd.models import build_classifier
-    from rkd.train.classify import save_classifier
+    from rkd.train.checkpoint import save_classifier
 
     aid = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "aid150"
     classes = ["Airport", "Beach", "Forest"]

@@ -62,6 +62,7 @@ def test_horizontal_detections_are_scored_against_the_enclosing_boxes() -> None:
     # the enclosing horizontal boxes of every object, found exactly: a perfect HBB detector
     perfect = evaluate(FixedDetections(dets(obb_to_hbb), 4), data, num_classes=3, batch_size=4)
     assert perfect.map == pytest.approx(1.0) and perfect.num_images == 6
+
     # boxes half as wide about the same centres: IoU 0.5 or less with the enclosing boxes, never matched at 0.5+
     def halved(b):
         h = obb_to_hbb(b)

@@ -95,9 +95,11 @@ def test_distill_needs_only_torch_and_wavelets() -> None:
 def test_importing_distill_needs_torch_alone_and_ds2d2_names_pywavelets_when_it_is_missing() -> None:
     import subprocess
 
-    code = ("import sys; sys.modules['pywt'] = None; import rkd.distill\n"
-            "from rkd.distill.wavelets import check_wavelet\n"
-            "try:\n    check_wavelet('haar')\nexcept ImportError as e:\n    print(e)")
+    code = (
+        "import sys; sys.modules['pywt'] = None; import rkd.distill\n"
+        "from rkd.distill.wavelets import check_wavelet\n"
+        "try:\n    check_wavelet('haar')\nexcept ImportError as e:\n    print(e)"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "needs PyWavelets: pip install PyWavelets" in run.stdout

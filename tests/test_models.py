@@ -93,11 +93,13 @@ def test_classification_bias_prior(tiny_det):
 def test_assignment_matches_shapely_reference(tiny_det):
     out = tiny_det.eval()(torch.zeros(1, 3, 64, 64))
     anchors = out.flat_anchors()
-    gts = torch.stack([
-        anchors[100].clone(),  # exactly an anchor
-        torch.tensor([40.0, 22.0, 30.0, 9.0, 0.7]),  # rotated, mid-size
-        torch.tensor([13.0, 50.0, 3.0, 2.0, -1.2]),  # tiny: below 0.4 with every anchor
-    ])
+    gts = torch.stack(
+        [
+            anchors[100].clone(),  # exactly an anchor
+            torch.tensor([40.0, 22.0, 30.0, 9.0, 0.7]),  # rotated, mid-size
+            torch.tensor([13.0, 50.0, 3.0, 2.0, -1.2]),  # tiny: below 0.4 with every anchor
+        ]
+    )
     labels = torch.tensor([2, 0, 1])
     targets = Targets([gts], [labels], (64, 64))
     asg = tiny_det.head.loss(tiny_det.eval()(torch.zeros(1, 3, 64, 64)), targets)[0]
@@ -153,9 +155,27 @@ def test_obb_coder_round_trip_float64():
     h = w * (torch.rand(n, generator=g, dtype=torch.float64) * 0.9 + 0.05)
     ang = torch.rand(n, generator=g, dtype=torch.float64) * math.pi - math.pi / 2
     ang[:6] = torch.tensor([-math.pi / 2, -math.pi / 2 + 1e-9, math.pi / 2 - 1e-9, math.pi / 4, -math.pi / 4, 0.0])
-    boxes = torch.stack([torch.rand(n, generator=g, dtype=torch.float64) * 500, torch.rand(n, generator=g, dtype=torch.float64) * 500, w, h, ang], 1)
+    boxes = torch.stack(
+        [
+            torch.rand(n, generator=g, dtype=torch.float64) * 500,
+            torch.rand(n, generator=g, dtype=torch.float64) * 500,
+            w,
+            h,
+            ang,
+        ],
+        1,
+    )
     aw = torch.rand(n, generator=g, dtype=torch.float64) * 60 + 8
-    anchors = torch.stack([boxes[:, 0] + 5, boxes[:, 1] - 7, aw, aw / 2, torch.where(torch.arange(n) % 2 == 0, 0.0, -math.pi / 2).double()], 1)
+    anchors = torch.stack(
+        [
+            boxes[:, 0] + 5,
+            boxes[:, 1] - 7,
+            aw,
+            aw / 2,
+            torch.where(torch.arange(n) % 2 == 0, 0.0, -math.pi / 2).double(),
+        ],
+        1,
+    )
     coder = ObbCoder()
     deltas = coder.encode(boxes, anchors)
     assert deltas[:, 4].abs().max() <= math.pi / 4 + 1e-12
@@ -266,10 +286,21 @@ def test_validate_fills_defaults_and_is_idempotent():
         "kind": "retinanet",
         "boxes": "obb",
         "backbone": {
-            "name": "convnet", "width": 1.0, "depth": 1, "pretrained": False, "out_indices": [2, 3, 4], "weights": None
+            "name": "convnet",
+            "width": 1.0,
+            "depth": 1,
+            "pretrained": False,
+            "out_indices": [2, 3, 4],
+            "weights": None,
         },
         "neck": {"channels": 64, "levels": 3},
-        "head": {"convs": 2, "anchor_ratios": [0.5, 1.0, 2.0], "anchor_scales": [1.0], "anchor_size": 2.0, "angle_bins": 0},
+        "head": {
+            "convs": 2,
+            "anchor_ratios": [0.5, 1.0, 2.0],
+            "anchor_scales": [1.0],
+            "anchor_size": 2.0,
+            "angle_bins": 0,
+        },
     }
     assert validate_model_spec(spec) == spec
     assert validate_model_spec({"backbone": {"width": 2}})["backbone"]["width"] == 2.0
@@ -283,7 +314,11 @@ def test_validate_fills_defaults_and_is_idempotent():
         ({"backbone": {"depth": 0}}, "backbone.depth", "must be >= 1"),
         ({"backbone": {"depth": 1.5}}, "backbone.depth", "expected an integer"),
         ({"backbone": {"name": "vgg99"}}, "backbone.name", "known: convnet"),
-        ({"backbone": {"widht": 1.0}}, "backbone.widht", "allowed keys: depth, name, out_indices, pretrained, weights, width"),
+        (
+            {"backbone": {"widht": 1.0}},
+            "backbone.widht",
+            "allowed keys: depth, name, out_indices, pretrained, weights, width",
+        ),
         ({"backbone": {"pretrained": True}}, "backbone.pretrained", "no pretrained weights"),
         ({"backbone": {"pretrained": "yes"}}, "backbone.pretrained", "expected true or false"),
         ({"backbone": [1]}, "backbone", "expected a mapping"),

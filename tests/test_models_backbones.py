@@ -10,7 +10,12 @@ import torchvision
 
 from rkd.errors import SpecError
 from rkd.models import BACKBONES, build_detector, count_flops, measure_latency, validate_model_spec
-from rkd.models.efficientnet_lite import EfficientNetLite, load_lukemelas_checkpoint, lukemelas_key, pretrained_checkpoint
+from rkd.models.efficientnet_lite import (
+    EfficientNetLite,
+    load_lukemelas_checkpoint,
+    lukemelas_key,
+    pretrained_checkpoint,
+)
 from rkd.outputs import Targets
 
 
@@ -54,7 +59,7 @@ def test_efficientnet_lite_checkpoint_loads_every_tensor(variant, channels):
     ours = net.state_dict()
     mapped = {lukemelas_key(k): k for k in state}
     assert len(mapped) == len(state)  # the renaming is one-to-one
-    assert set(mapped) == set(ours), (set(mapped) ^ set(ours))  # nothing missing, nothing unexpected
+    assert set(mapped) == set(ours), set(mapped) ^ set(ours)  # nothing missing, nothing unexpected
     assert all(ours[m].shape == state[k].shape for m, k in mapped.items())
     load_lukemelas_checkpoint(net, state)  # strict
     loaded = net.state_dict()

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from aid_images import AID, load_aid
+
 from rkd.errors import SpecError
 from rkd.models import Classifier, ClassifierOutput, build_classifier, build_detector, count_flops, validate_model_spec
 from rkd.models.efficientnet_lite import pretrained_checkpoint
+
 
 def test_spec_defaults_and_errors():
     spec = validate_model_spec({"kind": "classifier", "backbone": {"name": "resnet18"}})

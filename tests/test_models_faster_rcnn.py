@@ -15,8 +15,13 @@ from rkd.models import Detector, build_detector, count_flops, validate_model_spe
 from rkd.models.faster_rcnn import ROI_DELTA_SCALE, FasterRCNN, TwoStageOutput
 from rkd.outputs import DetectorOutput, Targets
 
-SMALL = {"kind": "faster_rcnn", "boxes": "hbb", "backbone": {"width": 0.25}, "neck": {"channels": 32},
-         "head": {"fc_channels": 128}}
+SMALL = {
+    "kind": "faster_rcnn",
+    "boxes": "hbb",
+    "backbone": {"width": 0.25},
+    "neck": {"channels": 32},
+    "head": {"fc_channels": 128},
+}
 
 
 def hbb_batch(n: int = 4, size: int = 160, seed: int = 1):
@@ -92,9 +97,16 @@ def test_detections_decode_a_planted_roi():
     deltas = torch.zeros(2, 12)
     deltas[0, 4:8] = torch.tensor([1.0, 0.0, 0.0, 0.0]) * torch.tensor(ROI_DELTA_SCALE) * 0.1  # class 1: dx = 0.1
     out = TwoStageOutput(
-        info=det.info, features=[], cls_logits=[], box_regs=[], anchors=[], image_size=(100, 100),
+        info=det.info,
+        features=[],
+        cls_logits=[],
+        box_regs=[],
+        anchors=[],
+        image_size=(100, 100),
         rois=[torch.tensor([[10.0, 20.0, 50.0, 40.0], [0.0, 0.0, 30.0, 30.0]])],
-        roi_cls_logits=logits, roi_box_deltas=deltas, roi_batch_index=torch.zeros(2, dtype=torch.long),
+        roi_cls_logits=logits,
+        roi_box_deltas=deltas,
+        roi_batch_index=torch.zeros(2, dtype=torch.long),
     )
     res = det.roi_head.detections(out, score_threshold=0.05)
     assert len(res) == 1 and res[0]["labels"].tolist() == [1]

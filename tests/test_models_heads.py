@@ -74,12 +74,14 @@ def test_fcos_assignment_matches_brute_force():
     sizes = out.level_sizes()
     level = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
     ranges = torch.tensor(level_ranges(det.info.strides))
-    boxes = torch.tensor([
-        [60.0, 64.0, 90.0, 40.0, 0.3],  # large, rotated
-        [52.0, 60.0, 20.0, 12.0, -0.9],  # small, inside the large one: its points prefer it
-        [100.0, 20.0, 150.0, 30.0, 0.0],  # long: its largest side distance puts it on coarser levels
-        [10.0, 110.0, 3.0, 2.0, 1.0],  # tiny: contains no point
-    ])
+    boxes = torch.tensor(
+        [
+            [60.0, 64.0, 90.0, 40.0, 0.3],  # large, rotated
+            [52.0, 60.0, 20.0, 12.0, -0.9],  # small, inside the large one: its points prefer it
+            [100.0, 20.0, 150.0, 30.0, 0.0],  # long: its largest side distance puts it on coarser levels
+            [10.0, 110.0, 3.0, 2.0, 1.0],  # tiny: contains no point
+        ]
+    )
     matched, fallback = head.assign(points, level, ranges, boxes)
     ref = reference_fcos_assignment(points, boxes, None, ranges[level])
     tiny_point = fallback.nonzero(as_tuple=True)[0]
@@ -98,18 +100,23 @@ def test_fcos_box_coding_round_trip_and_hand_values():
     d = hbb_head.encode_boxes(torch.tensor([[20.0, 30.0]]), torch.tensor([[10.0, 20.0, 50.0, 40.0]]), 8.0)
     assert torch.allclose(d, torch.tensor([[10 / 8, 10 / 8, 30 / 8, 10 / 8]]))
     pts = torch.tensor([[20.0, 30.0]])
-    assert torch.allclose(hbb_head.decode_boxes(d, torch.cat([pts, pts], 1), 8.0), torch.tensor([[10.0, 20.0, 50.0, 40.0]]))
+    assert torch.allclose(
+        hbb_head.decode_boxes(d, torch.cat([pts, pts], 1), 8.0), torch.tensor([[10.0, 20.0, 50.0, 40.0]])
+    )
     # oriented, float64, angles across the whole le90 range including its ends
     g = torch.Generator().manual_seed(0)
     n = 500
     w = torch.rand(n, generator=g, dtype=torch.float64) * 60 + 5
-    boxes = torch.stack([
-        torch.rand(n, generator=g, dtype=torch.float64) * 200,
-        torch.rand(n, generator=g, dtype=torch.float64) * 200,
-        w,
-        w * (torch.rand(n, generator=g, dtype=torch.float64) * 0.9 + 0.05),
-        torch.rand(n, generator=g, dtype=torch.float64) * math.pi - math.pi / 2,
-    ], 1)
+    boxes = torch.stack(
+        [
+            torch.rand(n, generator=g, dtype=torch.float64) * 200,
+            torch.rand(n, generator=g, dtype=torch.float64) * 200,
+            w,
+            w * (torch.rand(n, generator=g, dtype=torch.float64) * 0.9 + 0.05),
+            torch.rand(n, generator=g, dtype=torch.float64) * math.pi - math.pi / 2,
+        ],
+        1,
+    )
     boxes[:3, 4] = torch.tensor([-math.pi / 2, math.pi / 2 - 1e-9, 0.0], dtype=torch.float64)
     points = boxes[:, :2] + (torch.rand(n, 2, generator=g, dtype=torch.float64) - 0.5) * 6
     stride = torch.full((n,), 16.0, dtype=torch.float64)

@@ -11,13 +11,13 @@ leave about 0.15 of slack on each side.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
-
 from aid_images import AID, load_aid
+
 from rkd.models import BACKBONES
+
 
 @torch.no_grad()
 def pooled_features(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,12 @@ from rkd.models.openmmlab import import_openmmlab  # noqa: E402
 pytestmark = pytest.mark.openmmlab
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL = {  # ResNet-18 and a thin FPN/head: the same model family, small enough for a CPU test
-    "model.backbone.depth": 18, "model.neck.in_channels": [64, 128, 256, 512], "model.neck.out_channels": 32,
-    "model.bbox_head.in_channels": 32, "model.bbox_head.feat_channels": 32, "model.bbox_head.stacked_convs": 1,
+    "model.backbone.depth": 18,
+    "model.neck.in_channels": [64, 128, 256, 512],
+    "model.neck.out_channels": 32,
+    "model.bbox_head.in_channels": 32,
+    "model.bbox_head.feat_channels": 32,
+    "model.bbox_head.stacked_convs": 1,
 }
 
 
@@ -89,9 +93,13 @@ def test_adapter_outputs_equal_the_models_own_predict():
 
 def _rkd_student() -> dict:
     # five levels and nine anchors per location, as the teacher, so logit and head methods line up
-    return {"kind": "retinanet", "boxes": "obb", "backbone": {"name": "convnet", "width": 0.25, "depth": 1},
-            "neck": {"channels": 16, "levels": 5},
-            "head": {"convs": 1, "anchor_ratios": [0.5, 1.0, 2.0], "anchor_scales": [1.0, 1.26, 1.59]}}
+    return {
+        "kind": "retinanet",
+        "boxes": "obb",
+        "backbone": {"name": "convnet", "width": 0.25, "depth": 1},
+        "neck": {"channels": 16, "levels": 5},
+        "head": {"convs": 1, "anchor_ratios": [0.5, 1.0, 2.0], "anchor_scales": [1.0, 1.26, 1.59]},
+    }
 
 
 def _batch():
@@ -108,8 +116,12 @@ def test_mmrotate_teacher_distils_an_rkd_student():
     torch.manual_seed(0)
     teacher = build_detector(_spec(), 2).eval().requires_grad_(False)
     student = build_detector(_rkd_student(), 2).train()
-    methods = {"fitnet": {}, "hinton": {"weight": 10.0}, "ds2d2": {"hf_amplifier": False, "w_low": 1.0, "w_high": 1.0},
-               "ifkd": {"prior": {"kind": "builtin"}}}
+    methods = {
+        "fitnet": {},
+        "hinton": {"weight": 10.0},
+        "ds2d2": {"hf_amplifier": False, "w_low": 1.0, "w_high": 1.0},
+        "ifkd": {"prior": {"kind": "builtin"}},
+    }
     distiller = build_distiller(methods, student.info, teacher.info).train()
     params = list(student.parameters()) + list(distiller.parameters())
     opt = torch.optim.Adam(params, lr=3e-3)
@@ -155,7 +167,8 @@ def test_rkd_train_with_an_mmrotate_teacher_kept_as_it_is(tmp_path):
     mm = build_detector(_spec(), 2).mm
     torch.save({"state_dict": mm.state_dict()}, tmp_path / "teacher.pth")  # as MMRotate saves, weights only
     doc = {
-        "name": "mmteacher", "seed": 0,
+        "name": "mmteacher",
+        "seed": 0,
         "data": {"format": "synthetic", "num_classes": 2, "num_train": 4, "num_val": 2, "input_size": 128, "seed": 1},
         "teacher": {"model": _spec(checkpoint="teacher.pth"), "epochs": 0, "batch_size": 2},
         "student": {"model": _rkd_student(), "epochs": 1, "batch_size": 2, "methods": {"fitnet": {}, "hinton": {}}},
@@ -163,8 +176,13 @@ def test_rkd_train_with_an_mmrotate_teacher_kept_as_it_is(tmp_path):
         "output_dir": str(tmp_path / "runs"),
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    run = subprocess.run([sys.executable, "-m", "rkd.cli", "train", str(tmp_path / "spec.yaml")],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-m", "rkd.cli", "train", str(tmp_path / "spec.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-4000:]
     assert "[teacher] using" in out and "(loaded," in out

@@ -19,11 +19,19 @@ HAS_OPENMMLAB = importlib.util.find_spec("mmdet") is not None
 
 def test_validation_needs_no_openmmlab_import():
     spec = validate_model_spec({"kind": "openmmlab", "config": "cfg.py", "cfg_options": {"model.backbone.depth": 18}})
-    assert spec == {"kind": "openmmlab", "config": "cfg.py", "checkpoint": None,
-                    "cfg_options": {"model.backbone.depth": 18}}
+    assert spec == {
+        "kind": "openmmlab",
+        "config": "cfg.py",
+        "checkpoint": None,
+        "cfg_options": {"model.backbone.depth": 18},
+    }
     assert "mmdet" not in sys.modules and "mmrotate" not in sys.modules and "mmcv" not in sys.modules
-    for bad, where in [({"config": "cfg.yaml"}, "config"), ({"config": "c.py", "checkpoint": 3}, "checkpoint"),
-                       ({"config": "c.py", "cfg_options": [1]}, "cfg_options"), ({"config": "c.py", "neck": {}}, "neck")]:
+    for bad, where in [
+        ({"config": "cfg.yaml"}, "config"),
+        ({"config": "c.py", "checkpoint": 3}, "checkpoint"),
+        ({"config": "c.py", "cfg_options": [1]}, "cfg_options"),
+        ({"config": "c.py", "neck": {}}, "neck"),
+    ]:
         with pytest.raises(SpecError) as err:
             validate_model_spec({"kind": "openmmlab", **bad})
         assert err.value.path == where
@@ -38,8 +46,12 @@ def test_building_without_openmmlab_says_how_to_set_it_up(tmp_path):
 
 def _write(tmp_path: Path, teacher: dict, student_epochs: int = 1) -> Path:
     model = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25, "depth": 1}, "neck": {"channels": 16}}
-    doc = {"name": "mm", "data": {"format": "synthetic", "num_classes": 2, "num_train": 2, "num_val": 1, "input_size": 64},
-           "teacher": teacher, "student": {"model": model, "epochs": student_epochs}}
+    doc = {
+        "name": "mm",
+        "data": {"format": "synthetic", "num_classes": 2, "num_train": 2, "num_val": 1, "input_size": 64},
+        "teacher": teacher,
+        "student": {"model": model, "epochs": student_epochs},
+    }
     path = tmp_path / "spec" / "spec.yaml"
     path.parent.mkdir(exist_ok=True)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))

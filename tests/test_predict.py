@@ -11,27 +11,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_export import CLASSES, make_run, rkd_main, rows_of
 
 from rkd.data.images import read_image, read_rgb
 from rkd.data.sample import Sample
 from rkd.data.transforms import letterbox
 from rkd.deploy import postprocess
-from rkd.deploy.export import export_student, load_exported
+from rkd.deploy.export import export_student
+from rkd.deploy.load import load_exported
 from rkd.deploy.predict import (
     detect_tiled,
     dota_lines,
     hbb_to_le90,
     load_detector,
     model_detector,
-    normalize,
     window_starts,
 )
 from rkd.errors import RkdError
 from rkd.geometry import hbb_to_obb
-
 from rkd.train.checkpoint import atomic_torch_save, read_checkpoint
-
-from test_export import CLASSES, make_run, rkd_main, rows_of
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 UCAS_VAL = SHARED / "ucas50" / "images" / "val"
@@ -88,7 +86,9 @@ def colour_detector(image: np.ndarray) -> dict[str, np.ndarray]:
         x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
         w, h = x1 - x0, y1 - y0
         # le90: w >= h; a tall box is the wide one turned by -90 degrees
-        box = [(x0 + x1) / 2, (y0 + y1) / 2, w, h, 0.0] if w >= h else [(x0 + x1) / 2, (y0 + y1) / 2, h, w, -math.pi / 2]
+        box = (
+            [(x0 + x1) / 2, (y0 + y1) / 2, w, h, 0.0] if w >= h else [(x0 + x1) / 2, (y0 + y1) / 2, h, w, -math.pi / 2]
+        )
         boxes.append(box)
         scores.append(0.5 + 0.4 * min(1.0, len(xs) / 2000))
         labels.append((value - 200) % 2)
@@ -116,16 +116,28 @@ def test_window_starts_cover_the_image():
 def test_tiled_equals_untiled_for_objects_seen_whole():
     # 1300 x 900 scene, windows of 400 sharing >= 120 pixels: objects of at most 50 pixels
     # (< overlap / 2), some across window seams, one in the corner.
-    objects = [(20, 30, 40, 22), (270, 300, 50, 30), (380, 380, 30, 45), (700, 120, 24, 24), (555, 640, 48, 20),
-               (1250, 860, 44, 36), (820, 420, 36, 50), (1000, 275, 50, 50), (0, 870, 30, 30)]
+    objects = [
+        (20, 30, 40, 22),
+        (270, 300, 50, 30),
+        (380, 380, 30, 45),
+        (700, 120, 24, 24),
+        (555, 640, 48, 20),
+        (1250, 860, 44, 36),
+        (820, 420, 36, 50),
+        (1000, 275, 50, 50),
+        (0, 870, 30, 30),
+    ]
     image = colour_scene(900, 1300, objects)
     whole = colour_detector(image)
     assert len(whole["boxes"]) == len(objects)
     tiled = detect_tiled(colour_detector, image, tile=400, overlap=120)
     assert as_set(tiled) == as_set(whole)
     # without the ownership rule, cut-off duplicates would show up: check there are windows that cut objects
-    cut = sum(len(colour_detector(image[y : y + 400, x : x + 400])["boxes"])
-              for y in window_starts(900, 400, 120) for x in window_starts(1300, 400, 120))
+    cut = sum(
+        len(colour_detector(image[y : y + 400, x : x + 400])["boxes"])
+        for y in window_starts(900, 400, 120)
+        for x in window_starts(1300, 400, 120)
+    )
     assert cut > len(objects)
     assert detect_tiled(colour_detector, image, tile=None, overlap=0)["boxes"].shape == (len(objects), 5)
 
@@ -137,8 +149,14 @@ def test_tiling_checks_overlap():
 
 def training_letterbox(image: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
     """Training's letterbox (rkd.data.transforms) of a ``(3, H, W)`` image."""
-    sample = Sample(image, torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool),
-                    "x", tuple(image.shape[-2:]))
+    sample = Sample(
+        image,
+        torch.zeros(0, 5),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.bool),
+        "x",
+        tuple(image.shape[-2:]),
+    )
     boxed, scale = letterbox(sample, size)
     return boxed.image, scale
 
@@ -154,8 +172,9 @@ def test_model_detector_maps_boxes_back_to_file_pixels(exported):
     mean, std = torch.tensor(spec["input"]["mean"]).view(3, 1, 1), torch.tensor(spec["input"]["std"]).view(3, 1, 1)
     ref = model.predict(((boxed.float() / 255 - mean) / std)[None], score_threshold=0.0)[0]
     inside = ref["boxes"][:, 1] / scale < image.shape[1]  # what lies on the bottom padding is dropped
-    torch.testing.assert_close(torch.from_numpy(det["boxes"][:, :4]), ref["boxes"][inside][:, :4] / scale,
-                               atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.from_numpy(det["boxes"][:, :4]), ref["boxes"][inside][:, :4] / scale, atol=1e-3, rtol=1e-5
+    )
     torch.testing.assert_close(torch.from_numpy(det["scores"]), ref["scores"][inside], atol=1e-5, rtol=0)
 
 
@@ -172,8 +191,12 @@ def test_numpy_letterbox_and_resize_give_trainings_pixels_on_real_images():
             assert scale == want_scale and diff.max() <= 1, (path.name, size)
             differing, total = differing + int((diff > 0).sum()), total + diff.size
         # scene classifiers: antialiased bilinear to a square, float (SceneDataset)
-        want = F.interpolate(image.float()[None], size=(128, 128), mode="bilinear", align_corners=False,
-                             antialias=True)[0].clamp(0, 255).permute(1, 2, 0).numpy()
+        want = (
+            F.interpolate(image.float()[None], size=(128, 128), mode="bilinear", align_corners=False, antialias=True)[0]
+            .clamp(0, 255)
+            .permute(1, 2, 0)
+            .numpy()
+        )
         got = postprocess.resize(image.permute(1, 2, 0).numpy(), 128, 128).clip(0, 255)
         np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
     assert differing / total < 1e-4
@@ -263,13 +286,20 @@ def test_predict_runs_without_torch_and_equals_the_torch_backend(exported_traine
         (images / path.name).symlink_to(path)
     args = [str(exported_trained), str(images), "--score", "0.05", "--tile", "512", "--overlap", "128"]
     assert rkd_main(["predict", *args, "--out", str(tmp_path / "torch"), "--backend", "torch"]) == 0
-    blocked = ("import sys; sys.modules['torch'] = None; from rkd.cli import main; "
-               "sys.exit(main(sys.argv[1:]))")
-    run = subprocess.run([sys.executable, "-c", blocked, "predict", *args, "--out", str(tmp_path / "ort")],
-                         capture_output=True, text=True, timeout=300)
+    blocked = "import sys; sys.modules['torch'] = None; from rkd.cli import main; sys.exit(main(sys.argv[1:]))"
+    run = subprocess.run(
+        [sys.executable, "-c", blocked, "predict", *args, "--out", str(tmp_path / "ort")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
-    run = subprocess.run([sys.executable, "-c", blocked, "predict", *args, "--out", str(tmp_path / "x"),
-                          "--backend", "torch"], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", blocked, "predict", *args, "--out", str(tmp_path / "x"), "--backend", "torch"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 2 and "--backend torch needs PyTorch" in run.stderr
     total = 0
     for path in sorted(images.iterdir()):
@@ -277,17 +307,19 @@ def test_predict_runs_without_torch_and_equals_the_torch_backend(exported_traine
         got = [line.split() for line in (tmp_path / "ort" / f"{path.stem}.txt").read_text().splitlines()]
         assert len(got) == len(want) and [g[8] for g in got] == [w[8] for w in want]
         # corners are written to 0.1 px and scores to 1e-4: allow one unit of the last digit
-        np.testing.assert_allclose(np.array([g[:8] for g in got], float), np.array([w[:8] for w in want], float),
-                                   atol=0.1 + 1e-9)
-        np.testing.assert_allclose(np.array([g[9] for g in got], float), np.array([w[9] for w in want], float),
-                                   atol=1e-4 + 1e-9)
+        np.testing.assert_allclose(
+            np.array([g[:8] for g in got], float), np.array([w[:8] for w in want], float), atol=0.1 + 1e-9
+        )
+        np.testing.assert_allclose(
+            np.array([g[9] for g in got], float), np.array([w[9] for w in want], float), atol=1e-4 + 1e-9
+        )
         total += len(want)
     assert total > 10
 
 
 def test_the_readme_snippet_runs_with_onnxruntime_alone_and_finds_what_predict_finds(exported_trained, monkeypatch):
     """The model card's ten lines, run as written beside model.onnx (torch blocked), on a UCAS-AOD scene."""
-    from rkd.deploy.export import README_FILE
+    from rkd.deploy.files import README_FILE
 
     text = (exported_trained / README_FILE).read_text()
     code = text.split("```python\n", 1)[1].split("```", 1)[0]

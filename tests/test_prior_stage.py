@@ -15,8 +15,18 @@ from rkd.train.checkpoint import save_detector
 from rkd.train.loop import StudentWithKD, trainable_parameters
 from rkd.train.prior import attach_prior_states, prepare_priors, read_prior_state
 
-TEACHER = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": 16}, "head": {"convs": 1}}
-STUDENT = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": 8}, "head": {"convs": 1}}
+TEACHER = {
+    "kind": "retinanet",
+    "backbone": {"name": "convnet", "width": 0.25},
+    "neck": {"channels": 16},
+    "head": {"convs": 1},
+}
+STUDENT = {
+    "kind": "retinanet",
+    "backbone": {"name": "convnet", "width": 0.25},
+    "neck": {"channels": 8},
+    "head": {"convs": 1},
+}
 DATA = {"format": "synthetic", "num_classes": 2, "num_train": 16, "num_val": 4, "input_size": 64, "seed": 3}
 METHODS = {"ds2d2": {"hf_amplifier": True, "hf_channels": 16, "prior_epochs": 3, "prior_lr": 3e-3}}
 
@@ -132,3 +142,32 @@ def test_loaded_hf_head_stays_frozen_while_the_student_trains(setup):
     assert all(torch.equal(v, cached[k]) for k, v in head.state_dict().items())
     assert all(p.grad is None for p in head.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before_student, student.parameters()))
+
+
+def test_a_run_of_another_name_copies_the_prior_stage_from_rkds_cache(setup):
+    """Through the detection task, as `rkd train` and trials call it: the second run's own folder
+    gets the first run's file, byte for byte, and nothing is trained."""
+    from rkd.train.prior import prior_cache_dir
+    from rkd.train.tasks import TASKS
+
+    data, teacher_path, folder = setup
+    task = TASKS["detection"]
+    first_lines: list[str] = []
+    first = task.prepare_priors(METHODS, str(teacher_path), data, folder / "run_one", 0, first_lines.append)
+    assert first_lines[0].startswith("[prior] ds2d2: trained")
+    first_file = Path(first["ds2d2"])
+    kept = prior_cache_dir() / first_file.name
+    assert kept.read_bytes() == first_file.read_bytes()
+    lines: list[str] = []
+    second = task.prepare_priors(METHODS, str(teacher_path), data, folder / "run_two", 0, lines.append)
+    second_file = Path(second["ds2d2"])
+    assert second_file.parent == folder / "run_two" and second_file.read_bytes() == first_file.read_bytes()
+    assert lines == [
+        f"[prior] ds2d2: copied from rkd's cache {kept} (trained by an earlier run)",
+        f"[prior] ds2d2: reusing {second_file} (same teacher, data and settings)",
+    ]
+    # other settings shape another head: not taken from the cache
+    wider = {"ds2d2": {**METHODS["ds2d2"], "hf_channels": 24}}
+    lines.clear()
+    task.prepare_priors(wider, str(teacher_path), data, folder / "run_two", 0, lines.append)
+    assert lines[0].startswith("[prior] ds2d2: trained")

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
-
 from aid_images import AID
+
 from rkd.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not AID.is_dir(), reason="../shared/data/aid150 not present")]
@@ -32,16 +32,29 @@ def run(tmp_path_factory):
         "task": "classification",
         "data": {"format": "scenes", "root": str(AID), "classes": CLASSES, "max_per_class": 4, "input_size": 64},
         "teacher": {"model": classifier(0.5), "epochs": 2, "batch_size": 4, "lr": 3e-3},
-        "student": {"model": classifier(0.25), "epochs": 1, "batch_size": 4, "lr": 3e-3,
-                    "methods": {"sskd": {"mask_ratio": 0.25}}},
+        "student": {
+            "model": classifier(0.25),
+            "epochs": 1,
+            "batch_size": 4,
+            "lr": 3e-3,
+            "methods": {"sskd": {"mask_ratio": 0.25}},
+        },
         "search": {
             "space": str(REPO / "search_spaces" / "sskd.yaml"),
             "trials": 2,
             "initial_points": [
-                {"student.model.backbone.width": 0.25, "methods.sskd": False, "methods.dkd": False,
-                 "methods.hinton": False},
-                {"student.model.backbone.width": 0.5, "methods.sskd": True, "methods.dkd": True,
-                 "methods.hinton": False},
+                {
+                    "student.model.backbone.width": 0.25,
+                    "methods.sskd": False,
+                    "methods.dkd": False,
+                    "methods.hinton": False,
+                },
+                {
+                    "student.model.backbone.width": 0.5,
+                    "methods.sskd": True,
+                    "methods.dkd": True,
+                    "methods.hinton": False,
+                },
             ],
         },
         "resources": {"workers": 1, "cpus_per_worker": 1},

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from scipy import stats
-
-from rkd.cli import main
-from rkd.search.confirm import candidates, confirm_seeds, format_gain, paired_gain, plan_jobs, twin_params
-
 from test_export import make_run, rkd_main, rows_of
 from test_spec_cli import base_spec, line_of, run_cli, write
 
-from rkd.deploy.export import pick_trial
+from rkd.cli import main
+from rkd.deploy.select import pick_trial
+from rkd.search.confirm import candidates, confirm_seeds, format_gain, paired_gain, plan_jobs, twin_params
 
 # ---------------------------------------------------------------- interval arithmetic
 
@@ -68,13 +65,29 @@ def test_interval_excluding_zero_and_one_pair_without_interval():
 
 def test_candidates_twins_and_seeds():
     def row(tid, map50, gflops, kd, **params):
-        return {"trial_id": tid, "status": "complete", "map50": map50, "gflops": gflops, "kd_methods": kd,
-                "params": params}
+        return {
+            "trial_id": tid,
+            "status": "complete",
+            "map50": map50,
+            "gflops": gflops,
+            "kd_methods": kd,
+            "params": params,
+        }
 
     rows = [
         row("a", 0.40, 1.0, "", **{"student.lr": 1e-3, "methods.hinton": False}),
-        row("b", 0.50, 2.0, "hinton", **{"student.lr": 1e-3, "methods.hinton": True, "methods.hinton.weight": 2.0,
-                                         "student.kd_balance.mode": "off"}),
+        row(
+            "b",
+            0.50,
+            2.0,
+            "hinton",
+            **{
+                "student.lr": 1e-3,
+                "methods.hinton": True,
+                "methods.hinton.weight": 2.0,
+                "student.kd_balance.mode": "off",
+            },
+        ),
         row("c", 0.60, 3.0, "hinton", **{"student.lr": 1e-3, "methods.hinton": True, "methods.hinton.weight": 5.0}),
         row("d", 0.30, 3.0, "hinton", **{"student.lr": 2e-3, "methods.hinton": True}),  # dominated
     ]
@@ -126,8 +139,16 @@ def test_bad_confirm_is_refused_with_file_and_line_before_training(tmp_path, cap
 
 def _confirmed(tid: str, mean: float) -> dict:
     gain = paired_gain([mean, mean + 0.01], [mean - 0.1, mean - 0.08])
-    return {"trial_id": tid, "kd_methods": "fitnet", "gflops": 0.0, "candidate": gain.pop("candidate"),
-            "twin": gain.pop("twin"), "gain": gain, "seeds": [1, 2], "failed": []}
+    return {
+        "trial_id": tid,
+        "kd_methods": "fitnet",
+        "gflops": 0.0,
+        "candidate": gain.pop("candidate"),
+        "twin": gain.pop("twin"),
+        "gain": gain,
+        "seeds": [1, 2],
+        "failed": [],
+    }
 
 
 def test_pick_best_ranks_confirmed_points_by_their_confirmed_mean(tmp_path, capsys):
@@ -140,8 +161,14 @@ def test_pick_best_ranks_confirmed_points_by_their_confirmed_mean(tmp_path, caps
     assert pick_trial(rows, "best", max_gflops=0.15, confirmed=confirmed)["trial_id"] == "t_small"  # none within
     assert pick_trial(rows, "knee", confirmed=confirmed)["trial_id"] == "t_mid"
     summary = json.loads((run / "summary.json").read_text())
-    summary["confirm"] = {"top": 2, "seeds": 2, "level": 0.95, "metric": "map50", "seed_list": [1, 2],
-                          "points": confirmed}
+    summary["confirm"] = {
+        "top": 2,
+        "seeds": 2,
+        "level": 0.95,
+        "metric": "map50",
+        "seed_list": [1, 2],
+        "points": confirmed,
+    }
     (run / "summary.json").write_text(json.dumps(summary))
     out = tmp_path / "exported"
     assert rkd_main(["export", str(run), "--out", str(out), "--format", "safetensors", "--latency-runs", "1"]) == 0
@@ -158,7 +185,8 @@ def test_pick_best_ranks_confirmed_points_by_their_confirmed_mean(tmp_path, caps
     assert main(["report", str(run)]) == 0
     page = (run / "report.html").read_text()
     assert 'id="confirm"' in page and all(format_gain(p["gain"]) in page for p in confirmed)
-    from rkd.search.results import front_rows, plot_front
+    from rkd.search.plot import plot_front
+    from rkd.search.results import front_rows
 
     rows = rows_of(run)
     plot_front(rows, front_rows(rows), tmp_path / "pareto.png", None, "t", confirmed=confirmed)
@@ -170,10 +198,21 @@ def test_pick_best_ranks_confirmed_points_by_their_confirmed_mean(tmp_path, caps
 
 def confirm_spec(tmp: Path, seeds: int) -> Path:
     space = tmp / "space.yaml"
-    space.write_text(yaml.safe_dump({"student": {"model.backbone.width": {"choices": [0.25, 0.5]}},
-                                     "methods": {"hinton": {"weight": "default"}}}))
-    model = {"kind": "retinanet", "boxes": "obb", "backbone": {"name": "convnet", "width": 0.25, "depth": 1},
-             "neck": {"channels": 16}, "head": {"convs": 1}}
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "student": {"model.backbone.width": {"choices": [0.25, 0.5]}},
+                "methods": {"hinton": {"weight": "default"}},
+            }
+        )
+    )
+    model = {
+        "kind": "retinanet",
+        "boxes": "obb",
+        "backbone": {"name": "convnet", "width": 0.25, "depth": 1},
+        "neck": {"channels": 16},
+        "head": {"convs": 1},
+    }
     spec = {
         "name": "confirm",
         "seed": 0,

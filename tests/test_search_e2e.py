@@ -66,7 +66,15 @@ def test_search_writes_trials_front_and_plot(search_run, capsys):
     run = tmp / "runs" / "e2e"
     trials = pq.read_table(run / "trials.parquet").to_pylist()
     assert len(trials) == 2
-    for column in ("trial_id", "status", "map50", "gflops", "checkpoint", "kd_methods", "param.student.model.backbone.width"):
+    for column in (
+        "trial_id",
+        "status",
+        "map50",
+        "gflops",
+        "checkpoint",
+        "kd_methods",
+        "param.student.model.backbone.width",
+    ):
         assert column in trials[0], column
     assert {t["status"] for t in trials} == {"complete"}
     by_width = {t["param.student.model.backbone.width"]: t for t in trials}

@@ -16,7 +16,12 @@ from rkd.cli import main
 
 pytestmark = pytest.mark.slow
 
-MODEL = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": 16}, "head": {"convs": 1}}
+MODEL = {
+    "kind": "retinanet",
+    "backbone": {"name": "convnet", "width": 0.25},
+    "neck": {"channels": 16},
+    "head": {"convs": 1},
+}
 SANE_LR, WILD_LR = 3e-3, 10.0
 
 
@@ -30,8 +35,12 @@ def write_spec(tmp_path: Path, seed: int = 0, space: dict | None = None) -> Path
         "teacher": {"model": MODEL, "epochs": 1, "batch_size": 4},
         # no warm-up: lr 10 acts from the second step on
         "student": {"model": MODEL, "epochs": 2, "batch_size": 4, "warmup_epochs": 0},
-        "search": {"space": str(space_path), "trials": 2, "sampler": "random",
-                   "initial_points": [{"student.lr": SANE_LR}, {"student.lr": WILD_LR}]},
+        "search": {
+            "space": str(space_path),
+            "trials": 2,
+            "sampler": "random",
+            "initial_points": [{"student.lr": SANE_LR}, {"student.lr": WILD_LR}],
+        },
         "resources": {"workers": 1, "cpus_per_worker": 1},
         "output_dir": str(tmp_path / "runs"),
     }
@@ -41,8 +50,11 @@ def write_spec(tmp_path: Path, seed: int = 0, space: dict | None = None) -> Path
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def search(*args: str) -> int:
@@ -67,13 +79,15 @@ def test_a_finished_search_is_kept_and_a_blown_up_loss_is_diverged(tmp_path, cap
     before = snapshot(run)
 
     # Another spec under the same name: refused, with the choices, and the run folder untouched.
-    for other in (write_spec(tmp_path, seed=1),
-                  write_spec(tmp_path, seed=2, space={"student": {"lr": {"low": 1e-3, "high": 5e-3, "log": True,
-                                                                           "step": 1e-3}}})):
+    for other in (
+        write_spec(tmp_path, seed=1),
+        write_spec(tmp_path, seed=2, space={"student": {"lr": {"low": 1e-3, "high": 5e-3, "log": True, "step": 1e-3}}}),
+    ):
         assert search(str(other)) == 2
         err = capsys.readouterr().err
-        assert ("holds a finished search made from a different spec" in err and "--fresh" in err
-                and "another `name`" in err) or "cannot have both step and log" in err, err
+        assert (
+            "holds a finished search made from a different spec" in err and "--fresh" in err and "another `name`" in err
+        ) or "cannot have both step and log" in err, err
         assert snapshot(run) == before
 
     assert main(["results", str(run)]) == 0
@@ -81,5 +95,6 @@ def test_a_finished_search_is_kept_and_a_blown_up_loss_is_diverged(tmp_path, cap
     # The original spec is still this folder's search: a rerun rewrites its results, keeps its trials.
     assert search(str(original)) == 0
     again = {r["param.student.lr"]: r for r in pq.read_table(run / "trials.parquet").to_pylist()}
-    assert {k: (r["trial_id"], r["status"], r["map50"]) for k, r in again.items()} == \
-        {k: (r["trial_id"], r["status"], r["map50"]) for k, r in rows.items()}
+    assert {k: (r["trial_id"], r["status"], r["map50"]) for k, r in again.items()} == {
+        k: (r["trial_id"], r["status"], r["map50"]) for k, r in rows.items()
+    }

@@ -18,9 +18,19 @@ REF = 5.0  # hypervolume reference GFLOPs
 
 def row(tid, status, map50, gflops, kd="fitnet", params=None, reason=None):
     return {
-        "trial_id": tid, "status": status, "reason": reason, "map50": map50, "gflops": gflops,
-        "params_m": 0.1, "epochs_done": 2 if status == "complete" else 1, "epochs": 2, "kd_methods": kd,
-        "wall_s": 12.5, "checkpoint": None, "config_json": json.dumps(params or {}), "params": params or {},
+        "trial_id": tid,
+        "status": status,
+        "reason": reason,
+        "map50": map50,
+        "gflops": gflops,
+        "params_m": 0.1,
+        "epochs_done": 2 if status == "complete" else 1,
+        "epochs": 2,
+        "kd_methods": kd,
+        "wall_s": 12.5,
+        "checkpoint": None,
+        "config_json": json.dumps(params or {}),
+        "params": params or {},
     }
 
 
@@ -58,8 +68,13 @@ def run_dir(tmp_path):
     run = tmp_path / "runs" / "demo"
     run.mkdir(parents=True)
     write_parquet(trials_table(ROWS), run / "trials.parquet")
-    summary = {"name": "demo", "teacher": {"map50": 0.7, "gflops": 4.0}, "hypervolume_ref": [0.0, REF],
-               "front": ["5f00cccc", "07b2aaaa"], "knee": "07b2aaaa"}
+    summary = {
+        "name": "demo",
+        "teacher": {"map50": 0.7, "gflops": 4.0},
+        "hypervolume_ref": [0.0, REF],
+        "front": ["5f00cccc", "07b2aaaa"],
+        "knee": "07b2aaaa",
+    }
     (run / "summary.json").write_text(json.dumps(summary))
     for r in ROWS:
         tid = r["trial_id"]
@@ -68,8 +83,15 @@ def run_dir(tmp_path):
         if tid not in FINISHED:
             (d / "error.txt").write_text("RuntimeError")
             continue
-        lines = [{"trial_id": r["trial_id"], "epoch": e, "map50": (r["map50"] or 0) * e / 2,
-                  "timestamp": FINISHED[r["trial_id"]] - 10 * (2 - e)} for e in (1, 2)][: r["epochs_done"]]
+        lines = [
+            {
+                "trial_id": r["trial_id"],
+                "epoch": e,
+                "map50": (r["map50"] or 0) * e / 2,
+                "timestamp": FINISHED[r["trial_id"]] - 10 * (2 - e),
+            }
+            for e in (1, 2)
+        ][: r["epochs_done"]]
         (d / "result.json").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"torn')
     return run
 
@@ -78,13 +100,16 @@ def test_report_has_every_trial_and_the_right_hypervolumes(run_dir):
     path = write_report(run_dir)
     assert path == run_dir / "report.html"
     page = path.read_text()
-    assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http" not in page.replace(
-        'xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
+    assert (
+        page.startswith("<!DOCTYPE html>")
+        and "<script" not in page
+        and "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    )  # self-contained
     for r in ROWS:
         assert r["trial_id"] in page
     assert html.escape("RuntimeError: <boom> & co") in page and "stopped after 1 of 2 epochs" in page
 
-    table = page[page.index('<table id="hypervolume">'):]
+    table = page[page.index('<table id="hypervolume">') :]
     table = table[: table.index("</table>")]
     got = re.findall(r"<tr><td>(\d+)</td><td>([\w]+)</td><td>([0-9.e+-]+)</td></tr>", table)
     # finishing order by the last timestamp (FINISHED); c3d4bbbb reported nothing and follows
@@ -119,10 +144,16 @@ def test_importance_ranks_the_parameter_that_decides_map():
     for i in range(12):
         width = (0.25, 0.5, 1.0)[i % 3]
         noise = (i * 7919) % 13 / 13
-        rows.append({
-            "trial_id": f"t{i}", "status": "complete", "map50": width * 0.6 + 0.01 * noise,
-            "param.student.width": width, "param.lr": 0.001 + noise / 100, "param.methods.hinton.weight": None,
-        })
+        rows.append(
+            {
+                "trial_id": f"t{i}",
+                "status": "complete",
+                "map50": width * 0.6 + 0.01 * noise,
+                "param.student.width": width,
+                "param.lr": 0.001 + noise / 100,
+                "param.methods.hinton.weight": None,
+            }
+        )
     ranked = importances(rows)
     assert ranked[0][0] == "student.width" and ranked[0][1] > 0.9
     assert dict((p, v) for p, v, _ in ranked)["lr"] < 0.3
@@ -132,9 +163,13 @@ def test_importance_ranks_the_parameter_that_decides_map():
 def test_curves_keep_only_evaluated_epochs():
     # eval_every 2 over 5 epochs: epoch 1 never evaluated (val_images 0), epochs 3 and 5 carry
     # the last measurement, the last epoch is always evaluated
-    results = [{"epoch": 1, "map50": 0.0, "val_images": 0}, {"epoch": 2, "map50": 0.2, "val_images": 8},
-               {"epoch": 3, "map50": 0.2, "val_images": 8}, {"epoch": 4, "map50": 0.3, "val_images": 8},
-               {"epoch": 5, "map50": 0.35, "val_images": 8}]
+    results = [
+        {"epoch": 1, "map50": 0.0, "val_images": 0},
+        {"epoch": 2, "map50": 0.2, "val_images": 8},
+        {"epoch": 3, "map50": 0.2, "val_images": 8},
+        {"epoch": 4, "map50": 0.3, "val_images": 8},
+        {"epoch": 5, "map50": 0.35, "val_images": 8},
+    ]
     assert evaluated_points(results) == [(2.0, 0.2), (4.0, 0.3), (5.0, 0.35)]
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from rkd.search.results import front_rows, hypervolume, knee, pareto_mask, plot_front, trials_table, write_parquet
+from rkd.search.plot import plot_front
+from rkd.search.results import front_rows, hypervolume, knee, pareto_mask, trials_table, write_parquet
 
 
 def brute_force_front(map50, gflops):
@@ -86,8 +87,10 @@ def brute_force_front_nd(points, maximise):
     """Point i is on the front unless some j is at least as good everywhere and better somewhere."""
     signed = np.where(maximise, -points, points)  # all minimised
     return np.array(
-        [not any(np.all(signed[j] <= signed[i]) and np.any(signed[j] < signed[i]) for j in range(len(signed)))
-         for i in range(len(signed))]
+        [
+            not any(np.all(signed[j] <= signed[i]) and np.any(signed[j] < signed[i]) for j in range(len(signed)))
+            for i in range(len(signed))
+        ]
     )
 
 
@@ -96,7 +99,9 @@ def test_a_three_objective_front_matches_brute_force(seed):
     rng = np.random.default_rng(seed)
     rows = [
         {"trial_id": str(i), "status": "complete", "map50": m, "gflops": g, "latency_ms": t}
-        for i, (m, g, t) in enumerate(zip(rng.integers(0, 10, 50) / 10, rng.integers(1, 8, 50) / 2.0, rng.integers(1, 8, 50) * 1.0))
+        for i, (m, g, t) in enumerate(
+            zip(rng.integers(0, 10, 50) / 10, rng.integers(1, 8, 50) / 2.0, rng.integers(1, 8, 50) * 1.0)
+        )
     ]
     points = np.array([[r["map50"], r["gflops"], r["latency_ms"]] for r in rows])
     expected = {r["trial_id"] for r, keep in zip(rows, brute_force_front_nd(points, [True, False, False])) if keep}
@@ -121,7 +126,7 @@ def test_three_objective_hypervolume_by_inclusion_exclusion():
 def test_a_complete_trial_whose_kd_swamped_the_task_loss_keeps_the_warning_as_its_reason():
     from types import SimpleNamespace
 
-    from rkd.search.runner import _status
+    from rkd.search.rows import trial_status as _status
 
     warning = "nsd: its KD loss started 5.9e+04x the task loss (weights as given, kd_balance off)"
     done = SimpleNamespace(error=None, metrics={"epoch": 8, "epochs": 8, "kd_warning": warning})

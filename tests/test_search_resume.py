@@ -33,7 +33,12 @@ EPOCHS = 30
 def write_spec(tmp_path: Path, trials: int = TRIALS) -> Path:
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"student": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}}}))
-    model = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": 16}, "head": {"convs": 1}}
+    model = {
+        "kind": "retinanet",
+        "backbone": {"name": "convnet", "width": 0.25},
+        "neck": {"channels": 16},
+        "head": {"convs": 1},
+    }
     spec = {
         "name": "resumable",
         "data": {"format": "synthetic", "num_classes": 2, "num_train": 8, "num_val": 4, "input_size": 128},
@@ -90,8 +95,9 @@ def recorded_complete(experiment: Path) -> set[str]:
 def complete_trial_logs(experiment: Path) -> dict[str, str]:
     """Result logs of the finished trials that the saved state also records as finished."""
     recorded = recorded_complete(experiment)
-    return {name: text for name, text in finished_trial_logs(experiment).items()
-            if name.split("_")[2] in recorded}  # trial folders: distill_trial_<id>_<n>_...
+    return {
+        name: text for name, text in finished_trial_logs(experiment).items() if name.split("_")[2] in recorded
+    }  # trial folders: distill_trial_<id>_<n>_...
 
 
 def test_sigkill_then_rerun_continues_without_losing_or_repeating_trials(tmp_path):
@@ -142,7 +148,6 @@ def test_a_changed_spec_is_not_resumed_silently(tmp_path, capsys):
     assert main(["search", str(spec_path)]) == 2
     err = capsys.readouterr().err
     assert "holds an interrupted search made from a different spec (changed: " in err and "--fresh" in err
-
 
 
 def test_resume_without_an_interrupted_search_is_an_error(tmp_path, capsys):

@@ -99,7 +99,11 @@ def test_split_params_builds_student_overrides_and_methods():
         ({"methods": {"fitnett": {}}}, "methods.fitnett", "unknown KD method"),
         ({"methods": {"hinton": {"temprature": "default"}}}, "methods.hinton.temprature", "unknown parameter"),
         ({"methods": {"hinton": {"weight": {"low": 5, "high": 1}}}}, "methods.hinton.weight", "low < high"),
-        ({"methods": {"hinton": {"weight": {"low": 0, "high": 1, "log": True}}}}, "methods.hinton.weight.log", "low > 0"),
+        (
+            {"methods": {"hinton": {"weight": {"low": 0, "high": 1, "log": True}}}},
+            "methods.hinton.weight.log",
+            "low > 0",
+        ),
         ({"methods": {"hinton": {"enabled": "yes"}}}, "methods.hinton.enabled", "expected true"),
         ({"student": {"lr": [1, 2]}}, "student.lr", "choices"),
         ({"students": {}}, "students", "unknown section"),
@@ -180,9 +184,12 @@ def test_published_default_points_switch_one_method_on_at_its_declared_defaults(
 
 
 def test_reference_rows_are_labelled_by_their_configuration():
-    from rkd.search.runner import label_references
+    from rkd.search.rows import label_references
 
-    refs = {"no KD": {"methods.hinton": False}, "hinton defaults": {"methods.hinton": True, "methods.hinton.temperature": 4.0}}
+    refs = {
+        "no KD": {"methods.hinton": False},
+        "hinton defaults": {"methods.hinton": True, "methods.hinton.temperature": 4.0},
+    }
     rows = [
         {"params": {"methods.hinton": False, "student.lr": 0.01}},
         {"params": {"methods.hinton": True, "methods.hinton.temperature": 4.0}},
@@ -193,11 +200,15 @@ def test_reference_rows_are_labelled_by_their_configuration():
 
 
 def test_a_method_option_is_a_fixed_validated_value_of_the_space(tmp_path):
-    space = compile_space({"methods": {"ifkd": {"prior": {"kind": "builtin"}, "alpha": "default"}}}, str(tmp_path / "s.yaml"))
+    space = compile_space(
+        {"methods": {"ifkd": {"prior": {"kind": "builtin"}, "alpha": "default"}}}, str(tmp_path / "s.yaml")
+    )
     prior = next(d for d in space.dims if d.name == "methods.ifkd.prior")
     assert prior.kind == "fixed" and prior.condition == "methods.ifkd" and prior.value["kind"] == "builtin"
     with pytest.raises(SpecError) as err:
-        compile_space({"methods": {"ifkd": {"prior": {"kind": "sam", "checkpoint": "nope.pth"}}}}, str(tmp_path / "s.yaml"))
+        compile_space(
+            {"methods": {"ifkd": {"prior": {"kind": "sam", "checkpoint": "nope.pth"}}}}, str(tmp_path / "s.yaml")
+        )
     assert err.value.path.startswith("methods.ifkd.prior") and "nope.pth" in str(err.value)
 
 

@@ -36,9 +36,18 @@ def test_statuses_and_a_front_of_complete_trials_only(tmp_path):
             }
         )
     )
-    model = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": 16}, "head": {"convs": 1}}
-    base = {"student.epochs": 1, "student.model.backbone.width": 0.25, "student.model.backbone.weights": None,
-            "methods.hinton": False}
+    model = {
+        "kind": "retinanet",
+        "backbone": {"name": "convnet", "width": 0.25},
+        "neck": {"channels": 16},
+        "head": {"convs": 1},
+    }
+    base = {
+        "student.epochs": 1,
+        "student.model.backbone.width": 0.25,
+        "student.model.backbone.weights": None,
+        "methods.hinton": False,
+    }
     points = {
         "complete": base,
         "stopped": {**base, "student.epochs": 2},

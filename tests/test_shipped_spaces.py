@@ -40,12 +40,13 @@ def test_every_shipped_space_is_listed_here():
 
 
 def test_the_classification_space_produces_valid_classifier_students():
-    from rkd.distill.classifier_kd import CLASSIFIER_KD_METHODS, build_classifier_distiller
+    from rkd.distill import CLASSIFIER_KD_METHODS, build_distiller
     from rkd.models import build_classifier
-    from rkd.train.spec import TrainConfig
+    from rkd.train.config import TrainConfig
 
-    student = TrainConfig(model={"kind": "classifier", "backbone": {"name": "convnet", "width": 0.5}}, epochs=1,
-                          batch_size=4, lr=1e-3)
+    student = TrainConfig(
+        model={"kind": "classifier", "backbone": {"name": "convnet", "width": 0.5}}, epochs=1, batch_size=4, lr=1e-3
+    )
     space = load_space(
         SPACES / "sskd.yaml",
         student_check=lambda o: with_overrides(student, o, task="classification"),
@@ -60,7 +61,7 @@ def test_the_classification_space_produces_valid_classifier_students():
         overrides, methods = split_params(params)
         cfg = with_overrides(student, overrides, methods, task="classification")
         model = build_classifier(cfg.model, 5)
-        build_classifier_distiller(cfg.methods, model.info, teacher_info)
+        build_distiller(cfg.methods, model.info, teacher_info)
         study.tell(trial, [0.0, 0.0])
 
 

@@ -94,9 +94,13 @@ def test_spec_output_dir_uri_maps_to_a_local_mirror(s3, tmp_path, monkeypatch, c
 
     monkeypatch.setenv("RKD_CACHE_DIR", str(tmp_path / "cache"))
     model = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25, "depth": 1}, "neck": {"channels": 16}}
-    doc = {"name": "r", "data": {"format": "synthetic", "num_classes": 2, "num_train": 2, "num_val": 1, "input_size": 64},
-           "teacher": {"model": model, "epochs": 1}, "student": {"model": model, "epochs": 1},
-           "output_dir": s3.uri("runs")}
+    doc = {
+        "name": "r",
+        "data": {"format": "synthetic", "num_classes": 2, "num_train": 2, "num_val": 1, "input_size": 64},
+        "teacher": {"model": model, "epochs": 1},
+        "student": {"model": model, "epochs": 1},
+        "output_dir": s3.uri("runs"),
+    }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     spec = load_spec(path)
@@ -117,8 +121,15 @@ def test_prior_stage_is_shared_through_the_storage(s3, tmp_path, monkeypatch):
     from rkd.train.checkpoint import save_model
     from rkd.train.prior import attach_prior_states, prepare_priors
 
-    spec = validate_model_spec({"kind": "retinanet", "boxes": "obb", "backbone": {"name": "convnet", "width": 0.25, "depth": 1},
-                                "neck": {"channels": 16}, "head": {"convs": 1}})
+    spec = validate_model_spec(
+        {
+            "kind": "retinanet",
+            "boxes": "obb",
+            "backbone": {"name": "convnet", "width": 0.25, "depth": 1},
+            "neck": {"channels": 16},
+            "head": {"convs": 1},
+        }
+    )
     torch.manual_seed(0)
     teacher = build_detector(spec, 2)
     save_model(tmp_path / "teacher.pt", teacher, spec, ["a", "b"], 64)

@@ -10,25 +10,17 @@ another test cannot collide with it.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from ray_cluster import free_port
+from test_export import rkd_main
 
 from rkd.deploy.submit import alive_nodes, client, finish, follow_logs, start_job
 from rkd.errors import RkdError
-
-from ray_cluster import free_port
-from test_export import rkd_main
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -163,8 +155,11 @@ def test_allowed_code_reaches_the_jobs_environment():
 
 def tiny_spec() -> dict:
     model = lambda width: {  # noqa: E731
-        "kind": "retinanet", "boxes": "obb", "backbone": {"name": "convnet", "width": width, "depth": 1},
-        "neck": {"channels": 16}, "head": {"convs": 1},
+        "kind": "retinanet",
+        "boxes": "obb",
+        "backbone": {"name": "convnet", "width": width, "depth": 1},
+        "neck": {"channels": 16},
+        "head": {"convs": 1},
     }
     return {
         "name": "submitted",
@@ -246,5 +241,8 @@ def test_submit_runs_a_search_on_s3_storage_whose_best_student_exports_and_predi
     assert rkd_main(["results", run]) == 0 and "knee point" in capsys.readouterr().out
     assert rkd_main(["export", run, "--out", str(tmp_path / "model"), "--latency-runs", "2"]) == 0
     image = sorted(Path("/work/shared/data/ucas50/images/val").glob("*.png"))[0]
-    assert rkd_main(["predict", str(tmp_path / "model"), str(image), "--out", str(tmp_path / "dets"), "--score", "0.01"]) == 0
+    assert (
+        rkd_main(["predict", str(tmp_path / "model"), str(image), "--out", str(tmp_path / "dets"), "--score", "0.01"])
+        == 0
+    )
     assert (tmp_path / "dets" / f"{image.stem}.txt").is_file()

@@ -17,8 +17,13 @@ pytestmark = pytest.mark.slow
 
 
 def teacher_spec(tmp: Path, name: str) -> Path:
-    model = {"kind": "retinanet", "boxes": "obb", "backbone": {"name": "convnet", "width": 0.25, "depth": 1},
-             "neck": {"channels": 16}, "head": {"convs": 1}}
+    model = {
+        "kind": "retinanet",
+        "boxes": "obb",
+        "backbone": {"name": "convnet", "width": 0.25, "depth": 1},
+        "neck": {"channels": 16},
+        "head": {"convs": 1},
+    }
     spec = {
         "name": name,
         "seed": 0,

@@ -14,14 +14,13 @@ from shapely.geometry import Polygon
 
 from rkd.data.dota import read_dota
 from rkd.data.sample import DetectionRecord, Sample
+from rkd.data.tiled_copy import add_tile_command, tile_dataset
 from rkd.data.tiling import (
     Window,
-    add_tile_command,
     clip_polygons,
     crop_targets,
     patch_id,
     polygon_area,
-    tile_dataset,
     tile_records,
     tile_sample,
     tile_windows,
@@ -120,8 +119,14 @@ def scene_with_objects(h: int, w: int, seed: int) -> Sample:
     n = ys.numel()
     u = torch.rand(n, 5, generator=g)
     boxes = torch.stack(
-        [xs.flatten() + 20 * u[:, 0], ys.flatten() + 20 * u[:, 1], 60 + 50 * u[:, 2], 15 + 40 * u[:, 3],
-         (u[:, 4] - 0.5) * math.pi], dim=1
+        [
+            xs.flatten() + 20 * u[:, 0],
+            ys.flatten() + 20 * u[:, 1],
+            60 + 50 * u[:, 2],
+            15 + 40 * u[:, 3],
+            (u[:, 4] - 0.5) * math.pi,
+        ],
+        dim=1,
     )
     image = torch.randint(0, 255, (3, h, w), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 3, (n,), generator=g)

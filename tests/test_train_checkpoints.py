@@ -16,7 +16,9 @@ import torch
 from rkd.data.dataset import validate_data_spec
 from rkd.models import validate_model_spec
 from rkd.train import session
-from rkd.train.loop import TRAIN_STATE_FILE, make_loop_config, train_loop
+from rkd.train.checkpoint import TRAIN_STATE_FILE
+from rkd.train.config import make_loop_config
+from rkd.train.loop import train_loop
 from rkd.train.runner import ensure_ray, run_training
 from rkd.train.spec import Resources
 
@@ -25,13 +27,26 @@ pytestmark = pytest.mark.slow
 # The interrupted loop below may run in a Ray worker, which cannot import this test module.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-MODEL = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": 16}, "head": {"convs": 1}}
+MODEL = {
+    "kind": "retinanet",
+    "backbone": {"name": "convnet", "width": 0.25},
+    "neck": {"channels": 16},
+    "head": {"convs": 1},
+}
 DATA = {"format": "synthetic", "num_classes": 2, "num_train": 8, "num_val": 2, "input_size": 64, "seed": 3}
 
 
 def loop_config(**train: object) -> dict:
-    settings = {"model": validate_model_spec(MODEL), "batch_size": 4, "lr": 1e-3, "weight_decay": 1e-4,
-                "warmup_epochs": 0.0, "grad_clip": 10.0, "methods": {}, **train}
+    settings = {
+        "model": validate_model_spec(MODEL),
+        "batch_size": 4,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "warmup_epochs": 0.0,
+        "grad_clip": 10.0,
+        "methods": {},
+        **train,
+    }
     return make_loop_config(validate_data_spec(DATA), settings, seed=0, threads=1)
 
 

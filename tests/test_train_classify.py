@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-
 from aid_images import AID
+
 from rkd.data.scene_dataset import validate_scene_data_spec
-from rkd.train.classify import load_classifier
-from rkd.train.loop import KD_PARTS_FILE, STUDENT_FILE, TRAIN_STATE_FILE, make_loop_config
+from rkd.train.checkpoint import KD_PARTS_FILE, STUDENT_FILE, TRAIN_STATE_FILE, load_classifier
+from rkd.train.config import make_loop_config
 from rkd.train.runner import ensure_ray, run_training
 from rkd.train.spec import Resources
 

@@ -18,7 +18,8 @@ import yaml
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from rkd.train.loop import make_loop_config, train_loop
+from rkd.train.config import make_loop_config
+from rkd.train.loop import train_loop
 from rkd.train.spec import load_spec
 
 pytestmark = pytest.mark.slow
@@ -27,14 +28,25 @@ NUM_TRAIN, NUM_VAL = 8, 4
 
 
 def spec(out: Path, workers: int, ray_address: str | None = None) -> dict:
-    model = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": 16}, "head": {"convs": 1}}
+    model = {
+        "kind": "retinanet",
+        "backbone": {"name": "convnet", "width": 0.25},
+        "neck": {"channels": 16},
+        "head": {"convs": 1},
+    }
     resources = {"workers": workers, "cpus_per_worker": 1}
     if ray_address:
         resources["ray_address"] = ray_address
     return {
         "name": f"ddp{workers}",
         "seed": 7,
-        "data": {"format": "synthetic", "num_classes": 2, "num_train": NUM_TRAIN, "num_val": NUM_VAL, "input_size": 128},
+        "data": {
+            "format": "synthetic",
+            "num_classes": 2,
+            "num_train": NUM_TRAIN,
+            "num_val": NUM_VAL,
+            "input_size": 128,
+        },
         # the global batch is the same (8 = 1 x 8 = 2 x 4), so the runs are comparable
         "teacher": {"model": model, "epochs": 2, "batch_size": 8 // workers, "lr": 3e-3},
         "student": {"model": model, "epochs": 1},
@@ -50,7 +62,10 @@ def train(tmp: Path, doc: dict) -> list[dict]:
     env["RAY_AUTH_MODE"] = "disabled"  # as the test cluster runs (a machine may hold an auth token)
     done = subprocess.run(
         [sys.executable, "-m", "rkd.cli", "train", str(path), "--stage", "teacher"],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return pq.read_table(Path(doc["output_dir"]) / doc["name"] / "teacher" / "metrics.parquet").to_pylist()

@@ -17,11 +17,17 @@ from rkd.errors import SpecError
 from rkd.models import validate_model_spec
 from rkd.schema import Section
 from rkd.train.artifacts import read_history
-from rkd.train.loop import STUDENT_FILE, make_loop_config
+from rkd.train.checkpoint import STUDENT_FILE
+from rkd.train.config import config_hash, make_loop_config
 from rkd.train.runner import ensure_ray, run_training
-from rkd.train.spec import TRAIN_KEYS, _train_config, config_hash
+from rkd.train.spec import TRAIN_KEYS, _train_config
 
-MODEL = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": 16}, "head": {"convs": 1}}
+MODEL = {
+    "kind": "retinanet",
+    "backbone": {"name": "convnet", "width": 0.25},
+    "neck": {"channels": 16},
+    "head": {"convs": 1},
+}
 DATA = {"format": "synthetic", "num_classes": 2, "num_train": 8, "num_val": 2, "input_size": 64, "seed": 5}
 
 
@@ -61,16 +67,31 @@ def test_a_logger_that_is_not_installed_is_refused_by_name():
 def test_defaults_keep_the_old_behaviour_and_settings_enter_the_stage_hash():
     plain = train_config()
     assert (plain.precision, plain.schedule, plain.lr_reference_batch, plain.channels_last, plain.keep) == (
-        "auto", "cosine", None, "auto", 0
+        "auto",
+        "cosine",
+        None,
+        "auto",
+        0,
     )
     assert config_hash(plain.to_dict()) != config_hash(train_config(precision="fp32").to_dict())
     assert config_hash(plain.to_dict()) != config_hash(train_config(schedule="step", step_epochs=[2]).to_dict())
 
 
 def loop_config(teacher_checkpoint: str | None = None, **train: object) -> dict:
-    settings = {"model": validate_model_spec(MODEL), "batch_size": 4, "lr": 1e-3, "weight_decay": 1e-4,
-                "warmup_epochs": 0.0, "grad_clip": 10.0, "eval_every": 0, "methods": {}, **train}
-    return make_loop_config(validate_data_spec(DATA), settings, seed=11, threads=1, teacher_checkpoint=teacher_checkpoint)
+    settings = {
+        "model": validate_model_spec(MODEL),
+        "batch_size": 4,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "warmup_epochs": 0.0,
+        "grad_clip": 10.0,
+        "eval_every": 0,
+        "methods": {},
+        **train,
+    }
+    return make_loop_config(
+        validate_data_spec(DATA), settings, seed=11, threads=1, teacher_checkpoint=teacher_checkpoint
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +123,14 @@ def test_step_schedule_scaled_lr_bf16_channels_last_kd_tensorboard_and_mlflow(tm
     mlflow = pytest.importorskip("mlflow")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
-    cfg = loop_config(epochs=3, schedule="step", step_epochs=[2], step_gamma=0.5, lr_reference_batch=2,
-                      logging={"tensorboard": True, "mlflow": True})
+    cfg = loop_config(
+        epochs=3,
+        schedule="step",
+        step_epochs=[2],
+        step_gamma=0.5,
+        lr_reference_batch=2,
+        logging={"tensorboard": True, "mlflow": True},
+    )
     teacher = run_training(cfg, _resources(), tmp_path, "stepped")
     rows = read_history(teacher.checkpoint_dir)
     assert [r["base_lr"] for r in rows] == [pytest.approx(2e-3)] * 3
@@ -117,12 +144,20 @@ def test_step_schedule_scaled_lr_bf16_channels_last_kd_tensorboard_and_mlflow(tm
     assert [r.info.run_name for r in runs] == ["stepped"]
     history = client.get_metric_history(runs[0].info.run_id, "lr")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
-        (1, pytest.approx(2e-3)), (2, pytest.approx(1e-3)), (3, pytest.approx(1e-3))]
+        (1, pytest.approx(2e-3)),
+        (2, pytest.approx(1e-3)),
+        (3, pytest.approx(1e-3)),
+    ]
     assert len(client.get_metric_history(runs[0].info.run_id, "loss")) == 3
 
     # bf16 autocast forced on CPU, NHWC, and a KD method with the frozen teacher under the same autocast
-    kd = loop_config(teacher_checkpoint=str(Path(teacher.checkpoint_dir) / STUDENT_FILE), epochs=1,
-                     precision="bf16", channels_last=True, methods=validate_methods({"fitnet": None}))
+    kd = loop_config(
+        teacher_checkpoint=str(Path(teacher.checkpoint_dir) / STUDENT_FILE),
+        epochs=1,
+        precision="bf16",
+        channels_last=True,
+        methods=validate_methods({"fitnet": None}),
+    )
     rows = read_history(run_training(kd, _resources(), tmp_path, "bf16").checkpoint_dir)
     assert rows[0]["precision"] == "bfloat16" and rows[0]["channels_last"] == 1
     kd_terms = [k for k in rows[0] if k.startswith("kd.")]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -36,8 +35,15 @@ METHODS = {
     "fitnet": {"weight": 10.0},
     "hinton": {"weight": 10.0, "form": "softmax"},
     "nsd": {"angle": False, "warmup_epochs": 0.0, "logit_weight": 10.0, "box_weight": 10.0},
-    "ds2d2": {"w_low": 1.0, "w_high": 1.0, "ff_weight": 10.0, "hf_amplifier": True, "hf_weight": 10.0,
-              "hf_channels": 16, "prior_epochs": 2},
+    "ds2d2": {
+        "w_low": 1.0,
+        "w_high": 1.0,
+        "ff_weight": 10.0,
+        "hf_amplifier": True,
+        "hf_weight": 10.0,
+        "hf_channels": 16,
+        "prior_epochs": 2,
+    },
     # hsm off: the mask moves weight onto the locations of largest error, which can raise the
     # mask-weighted head term while the student improves (the mask is unit-tested)
     "ifkd": {"alpha": 1.0, "beta": 5.0, "p": 1.0, "hsm": False, "prior": {"kind": "builtin"}},
@@ -49,16 +55,28 @@ METHODS = {
     "cwd": {"weight": 50.0},
 }
 TERMS = {
-    "fitnet": {"feat"}, "hinton": {"cls"}, "nsd": {"pixel", "logit", "box"}, "ds2d2": {"low", "high", "ff", "hf"},
-    "ifkd": {"feat", "head"}, "cid": {"feat", "cls", "reg"}, "at": {"attn"}, "fgd": {"fg", "bg", "attn", "global"},
-    "frs": {"feat", "cls"}, "pkd": {"feat"}, "cwd": {"feat"},
+    "fitnet": {"feat"},
+    "hinton": {"cls"},
+    "nsd": {"pixel", "logit", "box"},
+    "ds2d2": {"low", "high", "ff", "hf"},
+    "ifkd": {"feat", "head"},
+    "cid": {"feat", "cls", "reg"},
+    "at": {"attn"},
+    "fgd": {"fg", "bg", "attn", "global"},
+    "frs": {"feat", "cls"},
+    "pkd": {"feat"},
+    "cwd": {"feat"},
 }
 
 
 def spec(out: str) -> dict:
     def model(channels: int) -> dict:
-        return {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": channels},
-                "head": {"convs": 1}}
+        return {
+            "kind": "retinanet",
+            "backbone": {"name": "convnet", "width": 0.25},
+            "neck": {"channels": channels},
+            "head": {"convs": 1},
+        }
 
     return {
         "name": "allkd",
@@ -67,8 +85,15 @@ def spec(out: str) -> dict:
         # trained enough that its outputs are no longer the prior the student's head starts from
         "teacher": {"model": model(16), "epochs": 8, "batch_size": 8, "lr": 5e-3},
         # the weights above as given: this test is about each method's terms, not the loss balance
-        "student": {"model": model(8), "epochs": STUDENT_EPOCHS, "batch_size": 8, "lr": 5e-3, "warmup_epochs": 0.5,
-                    "methods": METHODS, "kd_balance": {"mode": "off"}},
+        "student": {
+            "model": model(8),
+            "epochs": STUDENT_EPOCHS,
+            "batch_size": 8,
+            "lr": 5e-3,
+            "warmup_epochs": 0.5,
+            "methods": METHODS,
+            "kd_balance": {"mode": "off"},
+        },
         "resources": {"workers": 1, "cpus_per_worker": 2},
         "output_dir": out,
     }
@@ -82,17 +107,26 @@ def test_every_method_through_rkd_train(tmp_path, s3, monkeypatch):
     monkeypatch.setenv("RKD_CACHE_DIR", str(tmp_path / "cache"))
     run = subprocess.run(
         [sys.executable, "-m", "rkd.cli", "train", str(spec_path), "--stage", "all"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-4000:]
     run_dir = storage.mirror_dir(s3.uri("runs")) / "allkd"  # this machine's copy of the run
     stored = s3.files("runs", "allkd")
-    for name in ("teacher/teacher.pt", "teacher/teacher.json", "student/student.pt", "student/kd_parts.pt",
-                 "student/metrics.parquet", "student/student.json"):
+    for name in (
+        "teacher/teacher.pt",
+        "teacher/teacher.json",
+        "student/student.pt",
+        "student/kd_parts.pt",
+        "student/metrics.parquet",
+        "student/student.json",
+    ):
         assert stored[name] == (run_dir / name).read_bytes(), name
-    assert [f for f in stored if f.startswith("priors/ds2d2-")] == [f"priors/{p.name}" for p in
-                                                                   (run_dir / "priors").glob("ds2d2-*.pt")]
+    assert [f for f in stored if f.startswith("priors/ds2d2-")] == [
+        f"priors/{p.name}" for p in (run_dir / "priors").glob("ds2d2-*.pt")
+    ]
     assert any(f.startswith("ray/student-") and f.endswith("/student.pt") for f in stored)  # Ray's checkpoints
 
     # DS2D2's prior stage ran once, before distillation, and its file is in the run's cache
@@ -117,6 +151,9 @@ def test_every_method_through_rkd_train(tmp_path, s3, monkeypatch):
     # the HF amplifier was frozen during distillation: the student's KD parts hold the cached head unchanged
     cached = torch.load(priors[0], map_location="cpu", weights_only=True)["state_dict"]
     kd_parts = torch.load(run_dir / "student" / "kd_parts.pt", map_location="cpu", weights_only=True)
-    head = {k.removeprefix("components.ds2d2.hf_head."): v for k, v in kd_parts.items()
-            if k.startswith("components.ds2d2.hf_head.")}
+    head = {
+        k.removeprefix("components.ds2d2.hf_head."): v
+        for k, v in kd_parts.items()
+        if k.startswith("components.ds2d2.hf_head.")
+    }
     assert head.keys() == cached.keys() and all(torch.equal(head[k], cached[k]) for k in cached)

@@ -23,7 +23,12 @@ EPOCHS = 4
 
 
 def spec(out: Path) -> dict:
-    model = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": 16}, "head": {"convs": 1}}
+    model = {
+        "kind": "retinanet",
+        "backbone": {"name": "convnet", "width": 0.25},
+        "neck": {"channels": 16},
+        "head": {"convs": 1},
+    }
     return {
         "name": "resume",
         "data": {"format": "synthetic", "num_classes": 2, "num_train": 24, "num_val": 4, "input_size": 128, "seed": 1},

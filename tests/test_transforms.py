@@ -35,8 +35,9 @@ def draw_mask(box: torch.Tensor, h: int, w: int) -> torch.Tensor:
     edge rule leans one way and so would turn with a rotated image.
     """
     corners = obb_to_poly(box.double()[None])[0].view(4, 2)
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64) + 0.5, torch.arange(w, dtype=torch.float64) + 0.5,
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64) + 0.5, torch.arange(w, dtype=torch.float64) + 0.5, indexing="ij"
+    )
     sides = []
     for k in range(4):
         (x0, y0), (x1, y1) = corners[k].tolist(), corners[(k + 1) % 4].tolist()
@@ -115,8 +116,14 @@ def test_rot90_matches_the_rotation_formula_and_four_turns_are_identity():
     g = torch.Generator().manual_seed(5)
     h, w = 80, 130
     boxes = torch.stack([random_box(h, w, g) for _ in range(30)]).float()
-    sample = Sample(torch.zeros(3, h, w, dtype=torch.uint8), boxes, torch.zeros(30, dtype=torch.long),
-                    torch.zeros(30, dtype=torch.bool), "a", (h, w))
+    sample = Sample(
+        torch.zeros(3, h, w, dtype=torch.uint8),
+        boxes,
+        torch.zeros(30, dtype=torch.long),
+        torch.zeros(30, dtype=torch.bool),
+        "a",
+        (h, w),
+    )
     out = rot90(sample, 1)
     # Independent float64 reference: a quarter turn counter-clockwise as displayed maps (x, y) -> (y, W - x).
     corners = obb_to_poly(boxes.double()).view(-1, 4, 2)
@@ -159,8 +166,14 @@ def test_scale_crop_drops_and_flags_objects_like_tiling():
 def test_random_scale_crop_is_reproducible_and_bounded():
     g = torch.Generator().manual_seed(0)
     boxes = torch.stack([random_box(300, 400, g) for _ in range(40)]).float()
-    sample = Sample(torch.randint(0, 255, (3, 300, 400), dtype=torch.uint8, generator=g), boxes,
-                    torch.zeros(40, dtype=torch.long), torch.zeros(40, dtype=torch.bool), "a", (300, 400))
+    sample = Sample(
+        torch.randint(0, 255, (3, 300, 400), dtype=torch.uint8, generator=g),
+        boxes,
+        torch.zeros(40, dtype=torch.long),
+        torch.zeros(40, dtype=torch.bool),
+        "a",
+        (300, 400),
+    )
     a = random_scale_crop(sample, 128, (0.5, 1.5), generator=torch.Generator().manual_seed(7))
     b = random_scale_crop(sample, 128, (0.5, 1.5), generator=torch.Generator().manual_seed(7))
     assert torch.equal(a.image, b.image) and torch.equal(a.boxes, b.boxes)

@@ -26,15 +26,23 @@ NUM_TRAIN = 8
 
 def search(tmp: Path, workers: int) -> tuple[dict[str, list[dict]], Path]:
     """A one-trial search on ``workers`` workers; returns its timeline by run name, and its run folder."""
-    model = {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}, "neck": {"channels": 16}, "head": {"convs": 1}}
+    model = {
+        "kind": "retinanet",
+        "backbone": {"name": "convnet", "width": 0.25},
+        "neck": {"channels": 16},
+        "head": {"convs": 1},
+    }
     doc = {
         "name": f"workers{workers}",
         "seed": 0,
         "data": {"format": "synthetic", "num_classes": 2, "num_train": NUM_TRAIN, "num_val": 4, "input_size": 128},
         "teacher": {"model": model, "epochs": 1, "batch_size": 4},
         "student": {"model": model, "epochs": 2, "batch_size": 4},
-        "search": {"space": str(REPO / "search_spaces" / "skeleton.yaml"), "trials": 1,
-                   "initial_points": [{"methods.fitnet": False, "methods.hinton": True}]},
+        "search": {
+            "space": str(REPO / "search_spaces" / "skeleton.yaml"),
+            "trials": 1,
+            "initial_points": [{"methods.fitnet": False, "methods.hinton": True}],
+        },
         "resources": {"workers": workers, "cpus_per_worker": 1},
         "output_dir": str(tmp / "runs"),
     }
@@ -43,8 +51,9 @@ def search(tmp: Path, workers: int) -> tuple[dict[str, list[dict]], Path]:
     timeline = tmp / f"{doc['name']}.timeline.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RKD_TIMELINE"] = str(timeline)
-    done = subprocess.run([sys.executable, "-m", "rkd.cli", "search", str(spec)], capture_output=True, text=True,
-                          timeout=600, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "rkd.cli", "search", str(spec)], capture_output=True, text=True, timeout=600, env=env
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     runs: dict[str, list[dict]] = {}
     for line in timeline.read_text().splitlines():
@@ -82,6 +91,9 @@ def test_a_two_worker_trial_trains_on_two_ddp_workers(tmp_path):
     (trial,) = pq.read_table(run_dir / "trials.parquet").to_pylist()
     assert trial["status"] == "complete"
     # What the two ranks trained on, gathered over torch.distributed (only a DDP run reports it).
-    results = [json.loads(line) for path in (run_dir / "ray" / "search").glob("*/result.json")
-               for line in path.read_text().splitlines()]
+    results = [
+        json.loads(line)
+        for path in (run_dir / "ray" / "search").glob("*/result.json")
+        for line in path.read_text().splitlines()
+    ]
     assert results and all(r["shard_total"] == NUM_TRAIN and r["shard_overlap"] == 0 for r in results)

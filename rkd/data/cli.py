@@ -30,7 +30,7 @@ def class_list(text: str | None) -> list[str] | None:
 
 
 def _formats() -> list[str]:
-    from rkd.data.dataset import READERS
+    from rkd.data.formats import READERS
     from rkd.data.inspect import SCENES
 
     return [*READERS, SCENES]
@@ -107,7 +107,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_check)
 
     try:  # `rkd data tile` lives with the tiling code, which may not be installed in every tree
-        from rkd.data.tiling import add_tile_command
+        from rkd.data.tiled_copy import add_tile_command
     except ImportError:
         add_tile_command = None
     if add_tile_command is not None:

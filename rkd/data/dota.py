@@ -41,9 +41,21 @@ HEADER_PREFIXES = ("imagesource:", "gsd:")
 FLAT_SPLIT = "all"  # the split name of the unsplit layout (as for VOC-style folders without split lists)
 
 _DOTA_V1 = (
-    "plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle", "ship",
-    "tennis-court", "basketball-court", "storage-tank", "soccer-ball-field", "roundabout", "harbor",
-    "swimming-pool", "helicopter",
+    "plane",
+    "baseball-diamond",
+    "bridge",
+    "ground-track-field",
+    "small-vehicle",
+    "large-vehicle",
+    "ship",
+    "tennis-court",
+    "basketball-court",
+    "storage-tank",
+    "soccer-ball-field",
+    "roundabout",
+    "harbor",
+    "swimming-pool",
+    "helicopter",
 )
 # The class lists of the DOTA releases, in the devkit's order (the order models trained on DOTA use).
 DOTA_CLASSES: dict[str, tuple[str, ...]] = {

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np

@@ -207,7 +207,7 @@ def available_splits(root: Path, fmt: str) -> list[str]:
     elif fmt == SCENES:
         found = {p.name for p in root.iterdir() if p.is_dir()}
     else:
-        from rkd.data.dataset import READERS
+        from rkd.data.formats import READERS
 
         raise DataError(f"unknown format {fmt!r}; expected one of {[*READERS, SCENES]}")
     if not found:
@@ -233,7 +233,7 @@ def default_split(root: Path, fmt: str) -> str:
 
 def read_split(root: Path, fmt: str, split: str, classes: list[str] | None = None, on_error: str = "raise"):
     """``(records or scene items, class names, report)`` of one split of any format."""
-    from rkd.data.dataset import READERS
+    from rkd.data.formats import READERS
 
     if fmt == SCENES:
         from rkd.data.scenes import read_scenes
@@ -271,8 +271,10 @@ def check_dataset(root: Path, fmt: str, splits: list[str] | None = None, classes
                     problems.append(f"{root}: image {record.image_id}: no image file (no image folder: labels only)")
                 for i in outside_boxes(record.boxes, record.image_size):
                     cx, cy = (round(float(v), 1) for v in record.boxes[i, :2])
-                    problems.append(f"{record.image_path or record.image_id}: box {i} (centre {cx}, {cy}) lies "
-                                    f"entirely outside the {record.image_size[1]}x{record.image_size[0]} image")
+                    problems.append(
+                        f"{record.image_path or record.image_id}: box {i} (centre {cx}, {cy}) lies "
+                        f"entirely outside the {record.image_size[1]}x{record.image_size[0]} image"
+                    )
             checks = [(r.image_path, r.image_size) for r in items if r.image_path is not None]
         for path, expected in checks:
             try:

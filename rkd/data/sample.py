@@ -69,9 +69,10 @@ class DetectionRecord:
             )
         return image
 
-    def load(self) -> Sample:
+    def load(self, image: Tensor | None = None) -> Sample:
+        """The sample, with ``image`` as its pixels when given (already loaded, e.g. kept in memory)."""
         return Sample(
-            image=self.load_image(),
+            image=self.load_image() if image is None else image,
             boxes=self.boxes.clone(),
             labels=self.labels.clone(),
             difficult=self.difficult.clone(),

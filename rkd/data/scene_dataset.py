@@ -3,7 +3,11 @@
 The ``data`` section of a ``task: classification`` spec::
 
     {format: scenes, root: str, train_split: train, val_split: val, input_size: 224,
-     classes: list[str] | None, max_per_class: int | None, on_error: raise | skip}
+     classes: list[str] | None, max_per_class: int | None, on_error: raise | skip,
+     workers: int | None, memory_mb: int}
+
+``workers`` and ``memory_mb`` are the loader settings of :func:`rkd.data.dataset.loader_entries`
+(decoded images are kept in memory across epochs up to ``memory_mb``).
 
 Images are read by :func:`rkd.data.scenes.read_scenes` (``root/<split>/<Class>/<image>``),
 resized to ``input_size`` squared (scenes have no boxes, so no letterbox is needed), and when
@@ -23,13 +27,25 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from rkd.data.dataset import MEAN, STD, common_entries
+from rkd.data.cache import MemoryCache
+from rkd.data.dataset import MEAN, STD, common_entries, loader_entries, memory_budget
 from rkd.data.images import read_image
 from rkd.data.sample import ReadReport
 from rkd.data.scenes import read_scenes
 from rkd.errors import DataError, SpecError
 
-SCENE_DATA_KEYS = ("format", "root", "train_split", "val_split", "input_size", "classes", "max_per_class", "on_error")
+SCENE_DATA_KEYS = (
+    "format",
+    "root",
+    "train_split",
+    "val_split",
+    "input_size",
+    "classes",
+    "max_per_class",
+    "on_error",
+    "workers",
+    "memory_mb",
+)
 
 
 def validate_scene_data_spec(d: Any) -> dict[str, Any]:
@@ -71,6 +87,7 @@ def validate_scene_data_spec(d: Any) -> dict[str, Any]:
         "classes": list(classes) if classes else None,
         "max_per_class": limit,
         "on_error": on_error,
+        **loader_entries(d),
     }
 
 
@@ -104,9 +121,12 @@ def augment(image: Tensor) -> Tensor:
 class SceneDataset(Dataset):
     """``(image (3, S, S) float in [0, 255], label)`` per item; random flips and rot90 when ``train``."""
 
-    def __init__(self, items: list[tuple[Path, int]], class_names: list[str], input_size: int, train: bool) -> None:
+    def __init__(
+        self, items: list[tuple[Path, int]], class_names: list[str], input_size: int, train: bool, memory_bytes: int = 0
+    ) -> None:
         self.items, self.class_names = list(items), list(class_names)
         self.input_size, self.train = int(input_size), train
+        self.memory = MemoryCache(memory_bytes)  # resized images, by index, across epochs
         self.report: ReadReport | None = None
 
     def __len__(self) -> int:
@@ -114,11 +134,14 @@ class SceneDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.items[index]
+        image = self.memory.get(index, lambda: self._resized(path))
+        return (augment(image) if self.train else image), label
+
+    def _resized(self, path: Path) -> Tensor:
         image = read_image(path).float()[None]
         s = self.input_size
         image = F.interpolate(image, size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0]
-        image = image.clamp_(0.0, 255.0)
-        return (augment(image) if self.train else image), label
+        return image.clamp_(0.0, 255.0)
 
 
 def build_scene_dataset(data_spec: dict[str, Any], split: str, train: bool) -> SceneDataset:
@@ -130,7 +153,7 @@ def build_scene_dataset(data_spec: dict[str, Any], split: str, train: bool) -> S
     items = first_per_class(items, data_spec.get("max_per_class"))
     if not items:
         raise DataError(f"{data_spec['root']}: split {folder!r} holds no images")
-    dataset = SceneDataset(items, names, data_spec["input_size"], train)
+    dataset = SceneDataset(items, names, data_spec["input_size"], train, memory_budget(data_spec, train))
     dataset.report = report
     return dataset
 
@@ -142,7 +165,7 @@ def collate_scenes(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
     >>> round(float(x[0, 0, 0, 0]), 4), y.tolist()
     (2.2489, [1])
     """
-    images = torch.stack([image for image, _ in samples]).div(255.0)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return (images - mean) / std, torch.tensor([label for _, label in samples], dtype=torch.long)
+    images = torch.stack([image for image, _ in samples]).div_(255.0)
+    # In place: the values of (images - mean) / std without two more batch-sized buffers.
+    images = images.sub_(torch.tensor(MEAN).view(1, 3, 1, 1)).div_(torch.tensor(STD).view(1, 3, 1, 1))
+    return images, torch.tensor([label for _, label in samples], dtype=torch.long)

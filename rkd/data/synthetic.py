@@ -155,9 +155,7 @@ def _clutter(rng: np.random.Generator, num_classes: int, k: float) -> tuple[str,
     return kind, diameter, diameter, tuple(np.array(VEHICLE_RGB[rng.integers(len(VEHICLE_RGB))]) + jitter)
 
 
-def make_layout(
-    seed: int, index: int, size: int, num_classes: int, objects_per_image: tuple[int, int]
-) -> Layout:
+def make_layout(seed: int, index: int, size: int, num_classes: int, objects_per_image: tuple[int, int]) -> Layout:
     """Shapes of image ``index``: objects first (they never overlap each other), clutter after."""
     rng = np.random.default_rng([seed, index])
     k = size / REFERENCE_SIZE

@@ -13,21 +13,22 @@ the window's 4 edges, vectorised over all boxes of an image.
 
 Patch ids are ``<image_id>__1__<x0>___<y0>`` (the devkit's naming, scale 1), so
 :func:`rkd.eval.merge.parse_patch_id` can put detections back into the scene.
+
+Geometry and lazy patch records only; ``rkd data tile``, which writes a tiled copy of a dataset,
+is :mod:`rkd.data.tiled_copy`.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from rkd.atomic import atomic_write_bytes
+from rkd.data import cache
 from rkd.data.sample import DetectionRecord, Sample
 from rkd.data.windows import window_starts
 from rkd.errors import DataError
@@ -58,7 +59,7 @@ class Window(NamedTuple):
         return self.x1 - self.x0
 
 
-def _check_tiling(size: int, overlap: int, min_area_fraction: float = 0.5) -> None:
+def check_tiling(size: int, overlap: int, min_area_fraction: float = 0.5) -> None:
     if size < 1:
         raise DataError(f"tile size must be >= 1 pixel, got {size}")
     if not 0 <= overlap < size:
@@ -74,7 +75,7 @@ def tile_windows(h: int, w: int, size: int = DEFAULT_SIZE, overlap: int = DEFAUL
     [Window(x0=0, y0=0, x1=400, y1=400), Window(x0=300, y0=0, x1=700, y1=400), \
 Window(x0=600, y0=0, x1=1000, y1=400), Window(x0=0, y0=300, x1=400, y1=700)]
     """
-    _check_tiling(size, overlap)
+    check_tiling(size, overlap)
     return [
         Window(x0, y0, min(x0 + size, w), min(y0 + size, h))
         for y0 in window_starts(h, size, overlap)
@@ -203,7 +204,7 @@ def tile_sample(
     min_area_fraction: float = DEFAULT_MIN_AREA_FRACTION,
 ) -> list[tuple[Window, Sample]]:
     """The patches of a sample, each a :class:`Sample` with ``image_id`` :func:`patch_id` (see module doc)."""
-    _check_tiling(size, overlap, min_area_fraction)
+    check_tiling(size, overlap, min_area_fraction)
     _, h, w = sample.image.shape
     out = []
     for window in tile_windows(h, w, size, overlap):
@@ -224,31 +225,57 @@ def tile_sample(
 
 @dataclass
 class PatchCrop:
-    """A picklable ``render`` for a patch record: reads the scene (file or render) and crops the window."""
+    """A picklable ``render`` for a patch record: reads the scene (file or render) and crops the window.
+
+    With ``cached``, a file's patch comes from the patch cache (:mod:`rkd.data.cache`); a miss
+    decodes the scene once and keeps every window of ``siblings`` (the scene's patches in the
+    dataset), so the scene is not decoded again for its other patches, in any process.
+    """
 
     source: DetectionRecord
     window: Window
+    siblings: tuple[Window, ...] = ()
+    cached: bool = False
 
     def __call__(self) -> Tensor:
-        w = self.window
-        if self.source.render is None and self.source.image_path is not None:
-            # Crop before converting to a tensor: only the patch is copied out of PIL's buffer.
-            from PIL import Image
+        path = self.source.image_path
+        if self.source.render is not None or path is None:
+            w = self.window
+            return self.source.load_image()[:, w.y0 : w.y1, w.x0 : w.x1].contiguous()
+        array = cache.load_patch(path, self.window) if self.cached else None
+        return torch.from_numpy(self._decode() if array is None else array)
 
-            from rkd.data.images import to_rgb8
+    def _decode(self) -> np.ndarray:
+        """The window's ``(3, H, W)`` pixels, read from the scene file (and cached when ``cached``)."""
+        from PIL import Image
 
-            try:
-                with Image.open(self.source.image_path) as im:
-                    if (im.height, im.width) != tuple(self.source.image_size):
-                        raise DataError(
-                            f"{self.source.image_path}: image is {(im.height, im.width)} (H, W) "
-                            f"but its labels were indexed for {tuple(self.source.image_size)}"
-                        )
-                    array = to_rgb8(im.crop((w.x0, w.y0, w.x1, w.y1)))
-            except (OSError, SyntaxError, ValueError) as e:
-                raise DataError(f"{self.source.image_path}: cannot read image: {e}") from e
-            return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).contiguous()
-        return self.source.load_image()[:, w.y0 : w.y1, w.x0 : w.x1].contiguous()
+        from rkd.data.images import to_rgb8
+
+        path = self.source.image_path
+        try:
+            with Image.open(path) as im:
+                if (im.height, im.width) != tuple(self.source.image_size):
+                    raise DataError(
+                        f"{path}: image is {(im.height, im.width)} (H, W) "
+                        f"but its labels were indexed for {tuple(self.source.image_size)}"
+                    )
+                if not self.cached:
+                    # Crop before converting: only the patch is copied out of PIL's buffer.
+                    return _channels_first(to_rgb8(im.crop(tuple(self.window))))
+                im.load()  # decoded once; each window is then cut and converted exactly as above
+                mine = None
+                for window in dict.fromkeys((self.window, *self.siblings)):
+                    array = _channels_first(to_rgb8(im.crop(tuple(window))))
+                    cache.store_patch(path, window, array)
+                    mine = array if window == self.window else mine
+                return mine
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{path}: cannot read image: {e}") from e
+
+
+def _channels_first(rgb: np.ndarray) -> np.ndarray:
+    """A writable ``(3, H, W)`` copy of an ``(H, W, 3)`` array."""
+    return rgb.transpose(2, 0, 1).copy()  # C order
 
 
 def tile_records(
@@ -256,13 +283,16 @@ def tile_records(
     size: int = DEFAULT_SIZE,
     overlap: int = DEFAULT_OVERLAP,
     min_area_fraction: float = DEFAULT_MIN_AREA_FRACTION,
+    patch_cache: bool = False,
 ) -> list[DetectionRecord]:
-    """One lazy record per patch of every record: labels are cut now, pixels are read when loaded."""
-    _check_tiling(size, overlap, min_area_fraction)
+    """One lazy record per patch of every record: labels are cut now, pixels are read when loaded
+    (from the patch cache with ``patch_cache``, see :class:`PatchCrop`)."""
+    check_tiling(size, overlap, min_area_fraction)
     out = []
     for record in records:
         h, w = record.image_size
-        for window in tile_windows(h, w, size, overlap):
+        windows = tuple(tile_windows(h, w, size, overlap))
+        for window in windows:
             targets = crop_targets(record.boxes, window, min_area_fraction)
             out.append(
                 DetectionRecord(
@@ -271,113 +301,7 @@ def tile_records(
                     boxes=targets.boxes,
                     labels=record.labels[targets.keep],
                     difficult=record.difficult[targets.keep] | targets.truncated,
-                    render=PatchCrop(record, window),
+                    render=PatchCrop(record, window, windows, patch_cache),
                 )
             )
     return out
-
-
-# --- writing a tiled copy of a dataset ------------------------------------------------------------------
-
-
-def dota_label_text(boxes: Tensor, labels: Tensor, difficult: Tensor, class_names: list[str]) -> str:
-    """DOTA ``labelTxt`` lines ``x1 y1 .. x4 y4 class difficult`` of le90 boxes.
-
-    >>> dota_label_text(torch.tensor([[10.0, 20, 4, 2, 0]]), torch.tensor([1]), torch.tensor([True]), ["a", "b"])
-    '12.0 21.0 8.0 21.0 8.0 19.0 12.0 19.0 b 1\\n'
-    """
-    polys = obb_to_poly(boxes.to(torch.float64)).tolist()
-    lines = []
-    for poly, label, hard in zip(polys, labels.tolist(), difficult.tolist()):
-        coords = " ".join(f"{round(c, 2)!r}" for c in poly)
-        lines.append(f"{coords} {class_names[label]} {int(hard)}\n")
-    return "".join(lines)
-
-
-@dataclass
-class TileReport:
-    """What :func:`tile_dataset` wrote."""
-
-    images: int
-    patches: int
-    objects: int
-    image_dir: Path
-    label_dir: Path
-
-
-def tile_dataset(
-    root: str | Path,
-    fmt: str,
-    split: str,
-    out_dir: str | Path,
-    size: int = DEFAULT_SIZE,
-    overlap: int = DEFAULT_OVERLAP,
-    min_area_fraction: float = DEFAULT_MIN_AREA_FRACTION,
-) -> TileReport:
-    """Write the patches of one split as DOTA: ``out_dir/<split>/images/*.png`` + ``labelTxt/*.txt``."""
-    from PIL import Image
-
-    from rkd.data.dataset import READERS
-    from rkd.data.dota import CLASS_LIST_FILE
-
-    if fmt not in READERS:
-        raise DataError(f"unknown dataset format {fmt!r}; expected one of {sorted(READERS)}")
-    _check_tiling(size, overlap, min_area_fraction)
-    records, names, _ = READERS[fmt](Path(root), split)
-    bad = [n for n in names if not n or any(ch.isspace() for ch in n)]
-    if bad:
-        raise DataError(f"{root}: class name {bad[0]!r} cannot be written to a DOTA label line (whitespace)")
-    # The class order of the source, so class indices (and a teacher's head) stay the same.
-    atomic_write_bytes(Path(out_dir) / CLASS_LIST_FILE, lambda fh: fh.write("".join(f"{n}\n" for n in names).encode()))
-    image_dir = Path(out_dir) / split / "images"
-    label_dir = Path(out_dir) / split / "labelTxt"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    label_dir.mkdir(parents=True, exist_ok=True)
-    patches = objects = 0
-    for record in records:
-        sample = record.load()
-        for _, patch in tile_sample(sample, size, overlap, min_area_fraction):
-            pixels = Image.fromarray(patch.image.permute(1, 2, 0).numpy())
-            atomic_write_bytes(image_dir / f"{patch.image_id}.png", lambda fh, im=pixels: im.save(fh, format="PNG"))
-            text = dota_label_text(patch.boxes, patch.labels, patch.difficult, names)
-            atomic_write_bytes(label_dir / f"{patch.image_id}.txt", lambda fh, t=text: fh.write(t.encode("utf-8")))
-            patches += 1
-            objects += len(patch.labels)
-    return TileReport(len(records), patches, objects, image_dir, label_dir)
-
-
-def default_splits(root: Path, fmt: str) -> list[str]:
-    """What ``rkd data tile`` cuts without ``--split``: train and val where the folder has them, else
-    every split it holds (a flat DOTA folder, ``images/`` + ``labelTxt/``, is the one split ``all``)."""
-    from rkd.data.inspect import available_splits  # inspect reads whole datasets; only the CLI needs it
-
-    found = available_splits(Path(root), fmt)
-    return [s for s in ("train", "val") if s in found] or found
-
-
-def _cmd_tile(args: argparse.Namespace) -> int:
-    for split in args.split or default_splits(args.path, args.format):
-        report = tile_dataset(args.path, args.format, split, args.out, args.size, args.overlap, args.min_area)
-        print(
-            f"{split}: {report.images} images -> {report.patches} patches, {report.objects} objects "
-            f"in {report.image_dir.parent}"
-        )
-    return 0
-
-
-def add_tile_command(data_subparsers: Any) -> None:
-    """Register ``tile PATH --format F --out DIR [--split S] [--size --overlap --min-area]`` on ``rkd data``."""
-    p = data_subparsers.add_parser("tile", help="cut a dataset's images into overlapping patches (DOTA labelTxt)")
-    p.add_argument("path", help="the dataset's root folder")
-    p.add_argument("--format", required=True, help="its format (a registered reader: ucas, dota, ...)")
-    p.add_argument("--out", required=True, help="folder for the DOTA-format copy (<out>/<split>/images, labelTxt)")
-    p.add_argument("--split", action="append", help="split to tile; repeat for several (default: train and val, or the folder's only split)")
-    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"patch size in pixels (default {DEFAULT_SIZE})")
-    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help=f"pixels shared (default {DEFAULT_OVERLAP})")
-    p.add_argument(
-        "--min-area",
-        type=float,
-        default=DEFAULT_MIN_AREA_FRACTION,
-        help="keep an object in a patch when this fraction of its area is inside (default 0.7)",
-    )
-    p.set_defaults(func=_cmd_tile)

@@ -157,8 +157,12 @@ def scale_crop(
     if scale != 1:
         # A fixed scale factor (not a rounded output size) keeps x -> scale * x exact for the boxes.
         resized = F.interpolate(
-            image[None].float(), scale_factor=scale, mode="bilinear", align_corners=False,
-            antialias=scale < 1, recompute_scale_factor=False,
+            image[None].float(),
+            scale_factor=scale,
+            mode="bilinear",
+            align_corners=False,
+            antialias=scale < 1,
+            recompute_scale_factor=False,
         )[0]
         image = resized.round_().clamp_(0, 255).to(torch.uint8)
     new_h, new_w = image.shape[-2:]

@@ -246,9 +246,7 @@ def read_xml_dataset(
                 report.problem(str(image_path), str(e).removeprefix(f"{image_path}: "))
                 continue
             if xml_size is not None and xml_size != size:
-                report.problem(
-                    str(xml_path), f"<size> says (H, W) {xml_size} but image {image_path.name} is {size}"
-                )
+                report.problem(str(xml_path), f"<size> says (H, W) {xml_size} but image {image_path.name} is {size}")
                 continue
         else:
             image_path, size = None, xml_size

@@ -1,4 +1,6 @@
-"""The model card of an export: ``model_card.json`` (:func:`model_card`) and ``README.md`` (:func:`readme`)."""
+"""The model card of an export: ``model_card.json`` (:func:`model_card`) and ``README.md`` (:func:`readme`),
+with the sections they are made of (inputs, outputs, latency).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from rkd import __version__
 from rkd.data.transforms import PAD_RGB
+from rkd.deploy.graphs import DetectionNetwork, network_output_names
 from rkd.inputs import IMAGENET_MEAN, IMAGENET_STD
+from rkd.metrics import metric_label
 from rkd.models import Classifier, count_flops, measure_latency
 from rkd.models.detector import Detector
 from rkd.search.results import DEFAULT_OBJECTIVES, front_rows
 from rkd.train.prior import file_digest
-from rkd.metrics import metric_label
 
 EXPORT_FORMAT_VERSION = 2  # 2: end-to-end detector graphs, model.pt2
 
@@ -60,26 +64,37 @@ def _task_card(model: Detector | Classifier, model_spec: dict[str, Any], size: i
         return {
             "task": "classification",
             # As rkd.data.scene_dataset.SceneDataset feeds the classifier in training and val.
-            "input": input_section(size, f"resize (not letterbox) to {size}x{size}: bilinear, antialiased, "
-                                         "align_corners=False, then clamped to [0, 255]"),
-            "head": {"kind": "classifier", "num_classes": model.num_classes,
-                     "decode": "softmax over the logits; the predicted class is their argmax"},
+            "input": input_section(
+                size,
+                f"resize (not letterbox) to {size}x{size}: bilinear, antialiased, "
+                "align_corners=False, then clamped to [0, 255]",
+            ),
+            "head": {
+                "kind": "classifier",
+                "num_classes": model.num_classes,
+                "decode": "softmax over the logits; the predicted class is their argmax",
+            },
         }
     info = model.info
     if raw:
         decode = "raw head maps: rkd.models.postprocess.decode (anchors, box decoding and NMS are not in the graphs)"
     elif info.oriented:
-        decode = ("in the graph: per level the top-1000 (anchor, class) scores, decoded (le90); "
-                  "then postprocess.py: score threshold and class-wise rotated NMS")
+        decode = (
+            "in the graph: per level the top-1000 (anchor, class) scores, decoded (le90); "
+            "then postprocess.py: score threshold and class-wise rotated NMS"
+        )
     else:
-        decode = ("in the graph (model.onnx): per level the top-1000 (anchor, class) scores, decoded (xyxy), "
-                  "class-wise NonMaxSuppression; postprocess.py splits them per image "
-                  "(model.pt2 stops before NMS, as for oriented boxes)")
+        decode = (
+            "in the graph (model.onnx): per level the top-1000 (anchor, class) scores, decoded (xyxy), "
+            "class-wise NonMaxSuppression; postprocess.py splits them per image "
+            "(model.pt2 stops before NMS, as for oriented boxes)"
+        )
     return {
         "task": "oriented object detection" if info.oriented else "horizontal object detection",
         "input": input_section(
-            size, f"letterbox: scale the longer side to {size} (bilinear, antialiased when shrinking), "
-                  f"pad bottom/right with RGB {list(PAD_RGB)}"
+            size,
+            f"letterbox: scale the longer side to {size} (bilinear, antialiased when shrinking), "
+            f"pad bottom/right with RGB {list(PAD_RGB)}",
         ),
         "boxes": {
             "convention": "le90" if info.oriented else "xyxy",
@@ -98,15 +113,49 @@ def _task_card(model: Detector | Classifier, model_spec: dict[str, Any], size: i
     }
 
 
+_MEANING = {
+    "logits": "class logits (softmax and argmax are the user's)",
+    "boxes": "decoded boxes in input pixels (le90 (cx, cy, w, h, angle) or xyxy)",
+    "scores": "score of each box's class: sigmoid(logit), times centerness under a square root for FCOS",
+    "labels": "class index of each box (int64)",
+    "batch_index": "image of the batch each kept box belongs to (int64)",
+}
+
+
+def output_docs(network: nn.Module, size: int, file: str) -> list[dict[str, Any]]:
+    """``[{name, file, shape, meaning}]`` of ``network``'s outputs at batch 1 (``D`` for per-batch counts)."""
+    thresholds = isinstance(network, DetectionNetwork) and network.nms
+    with torch.no_grad():
+        out = network(torch.zeros(1, 3, size, size))
+    docs = []
+    for name, t in zip(network_output_names(network), out if isinstance(out, tuple) else (out,)):
+        shape: list[Any] = ["batch", *t.shape[1:]]
+        if thresholds:
+            shape = ["D", *t.shape[1:]]  # the detections kept in the whole batch
+        docs.append(
+            {
+                "name": name,
+                "file": file,
+                "shape": shape,
+                "meaning": _MEANING.get(name, "raw head map (see rkd.outputs for the channel layout)"),
+            }
+        )
+    return docs
+
+
 def latency_section(model: Detector | Classifier, size: int, onnx_path: Path | None, runs: int) -> dict[str, Any]:
     """onnxruntime latency of the exported graph at batch 1 and 8 (CPU, and CUDA where present),
     with eager PyTorch at batch 1 beside it for comparison."""
     from rkd.deploy.latency import cuda_available, ort_latency
 
     section: dict[str, Any] = {
-        "eager_torch_cpu_batch1": {"median_ms": _round(measure_latency(model, size, runs=runs)), "batch": 1,
-                                   "threads": torch.get_num_threads(), "runtime": f"torch {torch.__version__}",
-                                   "includes": "network forward only (no decoding)"},
+        "eager_torch_cpu_batch1": {
+            "median_ms": _round(measure_latency(model, size, runs=runs)),
+            "batch": 1,
+            "threads": torch.get_num_threads(),
+            "runtime": f"torch {torch.__version__}",
+            "includes": "network forward only (no decoding)",
+        },
         "machine": {"cpus": os.cpu_count()},
     }
     if onnx_path is None:
@@ -115,16 +164,26 @@ def latency_section(model: Detector | Classifier, size: int, onnx_path: Path | N
         section[f"onnxruntime_cpu_batch{batch}"] = ort_latency(onnx_path, size, batch, runs)
     if cuda_available():
         for batch in (1, 8):
-            section[f"onnxruntime_cuda_batch{batch}"] = ort_latency(onnx_path, size, batch, runs,
-                                                                     provider="CUDAExecutionProvider")
+            section[f"onnxruntime_cuda_batch{batch}"] = ort_latency(
+                onnx_path, size, batch, runs, provider="CUDAExecutionProvider"
+            )
     else:
         section["cuda"] = "not measured: no GPU or no onnxruntime CUDA provider on the exporting machine"
     return section
 
 
-def model_card(model: Detector | Classifier, outputs: list[dict[str, Any]], ckpt: dict[str, Any],
-               row: dict[str, Any], summary: dict[str, Any], run: Path, rows: list[dict[str, Any]],
-               latency: dict[str, Any], files: dict[str, str], raw: bool) -> dict[str, Any]:
+def model_card(
+    model: Detector | Classifier,
+    outputs: list[dict[str, Any]],
+    ckpt: dict[str, Any],
+    row: dict[str, Any],
+    summary: dict[str, Any],
+    run: Path,
+    rows: list[dict[str, Any]],
+    latency: dict[str, Any],
+    files: dict[str, str],
+    raw: bool,
+) -> dict[str, Any]:
     size = int(ckpt["input_size"])
     flops = count_flops(model, size)
     kd_config = json.loads(row.get("config_json") or "{}")
@@ -173,8 +232,10 @@ def _latency_lines(latency: dict[str, Any]) -> list[str]:
     for key, value in latency.items():
         if isinstance(value, dict) and "median_ms" in value:
             where = value.get("provider", value.get("includes", ""))
-            lines.append(f"| {key} | {value['median_ms']:.2f} ms | {value['batch']} | {value['threads']} "
-                         f"| {value['runtime']} {where} |")
+            lines.append(
+                f"| {key} | {value['median_ms']:.2f} ms | {value['batch']} | {value['threads']} "
+                f"| {value['runtime']} {where} |"
+            )
     return lines
 
 
@@ -184,10 +245,12 @@ def _int8_rows(int8: dict[str, Any] | None) -> str:
         return ""
     metric = int8.get("metric", "map50")  # cards before classifier INT8 carry mAP50 only
     scores, ms, label = int8[metric], int8["latency"]["onnxruntime_cpu_batch1"]["median_ms"], metric_label(metric)
-    return (f"| val {label}, model.onnx in onnxruntime | {scores['float_onnx']:.3f} |\n"
-            f"| val {label}, {int8['file']} (INT8: {int8['quantised']}; calibrated on "
-            f"{int8['calibration']['images']} training images) | {scores['int8_onnx']:.3f} |\n"
-            f"| {int8['file']} latency, onnxruntime CPU batch 1 | {ms:.2f} ms |\n")
+    return (
+        f"| val {label}, model.onnx in onnxruntime | {scores['float_onnx']:.3f} |\n"
+        f"| val {label}, {int8['file']} (INT8: {int8['quantised']}; calibrated on "
+        f"{int8['calibration']['images']} training images) | {scores['int8_onnx']:.3f} |\n"
+        f"| {int8['file']} latency, onnxruntime CPU batch 1 | {ms:.2f} ms |\n"
+    )
 
 
 def _run_snippet(card: dict[str, Any]) -> str:
@@ -196,16 +259,21 @@ def _run_snippet(card: dict[str, Any]) -> str:
 import numpy as np, onnxruntime as ort
 from PIL import Image
 from postprocess import detections, inputs, letterbox, normalize, resize  # beside model.onnx; numpy only
-CLASSES = {card['classes']!r}
+CLASSES = {card["classes"]!r}
 image = np.asarray(Image.open("scene.png").convert("RGB"))
 session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
 """
     if card["task"] == "classification":
-        return head + f"""x = normalize(resize(image, {size}, {size}).clip(0, 255))  # training's resize: no letterbox
+        return (
+            head
+            + f"""x = normalize(resize(image, {size}, {size}).clip(0, 255))  # training's resize: no letterbox
 logits = session.run(None, {{"images": x}})[0]
 print(CLASSES[int(logits[0].argmax())])
 ```"""
-    return head + f"""canvas, scale = letterbox(image, {size})  # training's: longer side to {size}, pad bottom/right
+        )
+    return (
+        head
+        + f"""canvas, scale = letterbox(image, {size})  # training's: longer side to {size}, pad bottom/right
 names = [i.name for i in session.get_inputs()]
 out = dict(zip([o.name for o in session.get_outputs()],
                session.run(None, inputs(names, normalize(canvas), score_threshold=0.3))))
@@ -213,6 +281,7 @@ det = detections(out, num_images=1, score_threshold=0.3)[0]
 det["boxes"][:, :4] /= scale  # from input pixels to the file's
 print(det["boxes"], det["scores"], [CLASSES[i] for i in det["labels"]])
 ```"""
+    )
 
 
 def readme(card: dict[str, Any]) -> str:
@@ -223,16 +292,16 @@ def readme(card: dict[str, Any]) -> str:
     trial = card["trial"]
     outputs = "\n".join(f"| `{o['name']}` | {o['file']} | {o['shape']} | {o['meaning']} |" for o in card["outputs"])
     inp = card["input"]
-    return f"""# {card['task']}: {', '.join(card['classes'])}
+    return f"""# {card["task"]}: {", ".join(card["classes"])}
 
-A student {card['head']['kind']} distilled by rkd {card['rkd_version']}; it finds
-{', '.join(card['classes'])} in {'aerial scenes' if accuracy == 'map50' else 'scene images'}.
+A student {card["head"]["kind"]} distilled by rkd {card["rkd_version"]}; it finds
+{", ".join(card["classes"])} in {"aerial scenes" if accuracy == "map50" else "scene images"}.
 
 ## Input
 
-`images`, float32 `{inp['shape']}`, RGB: {inp['resize']}; then `(pixel / 255 - mean) / std` with
-mean {inp['mean']} and std {inp['std']}, channels first.
-{('Boxes: ' + card['boxes']['format'] + '.') if 'boxes' in card else ''}
+`images`, float32 `{inp["shape"]}`, RGB: {inp["resize"]}; then `(pixel / 255 - mean) / std` with
+mean {inp["mean"]} and std {inp["std"]}, channels first.
+{("Boxes: " + card["boxes"]["format"] + ".") if "boxes" in card else ""}
 
 ## Outputs
 
@@ -240,32 +309,32 @@ mean {inp['mean']} and std {inp['std']}, channels first.
 |---|---|---|---|
 {outputs}
 
-How they are read: {card['head']['decode']}.
+How they are read: {card["head"]["decode"]}.
 
 ## Metrics
 
 | | |
 |---|---|
 | val {metric_label(accuracy)} (search) | {m[accuracy]:.3f} |
-{_int8_rows(m.get('int8'))}| GFLOPs | {m['gflops']:.3f} |
-| parameters | {m['params'] / 1e6:.3f} M |
+{_int8_rows(m.get("int8"))}| GFLOPs | {m["gflops"]:.3f} |
+| parameters | {m["params"] / 1e6:.3f} M |
 
-Latency (median of runs on the exporting machine, {m['latency'].get('machine', {}).get('cpus')} CPUs; a
+Latency (median of runs on the exporting machine, {m["latency"].get("machine", {}).get("cpus")} CPUs; a
 random batch, no image reading or letterboxing):
 
 | measured | median | batch | threads | runtime |
 |---|---|---|---|---|
-{chr(10).join(_latency_lines(m['latency']))}
+{chr(10).join(_latency_lines(m["latency"]))}
 
 Time the model on your own device for the figure that counts.
 
 ## Where it comes from
 
-- Search trial `{trial['id']}` of `{trial['run']}` ({'on' if trial['on_front'] else 'off'} the Pareto front),
-  {trial['epochs']} epochs; KD methods: {', '.join(trial['kd_methods']) or 'none'}.
-- Teacher: `{teacher.get('checkpoint')}` (val {metric_label(accuracy)} {teacher.get(accuracy)},
-  sha256 `{teacher.get('sha256')}`).
-- Training data: fingerprint `{card.get('data_fingerprint')}` (the search spec's `data` section).
+- Search trial `{trial["id"]}` of `{trial["run"]}` ({"on" if trial["on_front"] else "off"} the Pareto front),
+  {trial["epochs"]} epochs; KD methods: {", ".join(trial["kd_methods"]) or "none"}.
+- Teacher: `{teacher.get("checkpoint")}` (val {metric_label(accuracy)} {teacher.get(accuracy)},
+  sha256 `{teacher.get("sha256")}`).
+- Training data: fingerprint `{card.get("data_fingerprint")}` (the search spec's `data` section).
 
 ## Run it with onnxruntime alone
 

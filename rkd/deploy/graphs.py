@@ -1,4 +1,5 @@
-"""The networks ``rkd export`` writes: end-to-end detectors, raw heads, classifier logits.
+"""The networks ``rkd export`` writes: end-to-end detectors, raw heads, classifier logits
+(:func:`inference_network` picks a model's, :func:`network_output_names` names its outputs).
 
 :class:`DetectionNetwork` (the default export of a detector) ends in detections:
 
@@ -120,8 +121,14 @@ def raw_output_names(info: DetectorInfo) -> list[str]:
 class DetectionNetwork(nn.Module):
     """``images (B, 3, size, size)`` -> detections (see module doc); ``nms=False`` stops before NMS."""
 
-    def __init__(self, detector: Detector, size: int, pre_nms_top_k: int = PRE_NMS_TOP_K,
-                 max_per_image: int = MAX_PER_IMAGE, nms: bool = True) -> None:
+    def __init__(
+        self,
+        detector: Detector,
+        size: int,
+        pre_nms_top_k: int = PRE_NMS_TOP_K,
+        max_per_image: int = MAX_PER_IMAGE,
+        nms: bool = True,
+    ) -> None:
         super().__init__()
         self.detector, self.size = detector, size
         self.pre_nms_top_k, self.max_per_image = pre_nms_top_k, max_per_image
@@ -157,8 +164,9 @@ class DetectionNetwork(nn.Module):
             labels.append(label)
         return torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(labels, 1)
 
-    def forward(self, images: Tensor, score_threshold: Tensor | None = None,
-                iou_threshold: Tensor | None = None) -> tuple[Tensor, ...]:
+    def forward(
+        self, images: Tensor, score_threshold: Tensor | None = None, iou_threshold: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
         boxes, scores, labels = self.candidates(images)
         if not self.nms:
             return boxes, scores, labels
@@ -174,3 +182,18 @@ class DetectionNetwork(nn.Module):
         batch_index, box_index = picked[:, 0], picked[:, 2]
         flat = batch_index * boxes.shape[1] + box_index
         return (boxes.reshape(-1, 4)[flat], scores.reshape(-1)[flat], labels.reshape(-1)[flat], batch_index)
+
+
+def inference_network(model: Detector | Classifier, size: int, raw: bool = False) -> nn.Module:
+    """What the ONNX / .pt2 / TorchScript files hold for ``model`` (see the module doc)."""
+    if isinstance(model, Classifier):
+        return LogitsNetwork(model)
+    return RawNetwork(model) if raw else DetectionNetwork(model, size)
+
+
+def network_output_names(network: nn.Module) -> list[str]:
+    if isinstance(network, LogitsNetwork):
+        return ["logits"]
+    if isinstance(network, RawNetwork):
+        return raw_output_names(network.detector.info)
+    return output_names(network.detector.info)

@@ -1,6 +1,6 @@
 """``rkd export --int8``: an INT8 ``model.int8.onnx`` beside ``model.onnx``, and what it costs in accuracy.
 
-onnxruntime's static quantisation (QDQ format, per-channel int8 weights, int8 activations,
+onnxruntime's static quantisation (QDQ format, per-channel int8 weights in a 7-bit range, int8 activations,
 MinMax ranges) calibrated on training images of the run's data (``RUN/search_identity.json``),
 preprocessed exactly as in training and ``rkd predict`` (letterboxed for detectors, resized for
 scene classifiers).
@@ -54,8 +54,9 @@ def run_data(run: Path, task: Task) -> dict[str, Any]:
         data = json.loads(path.read_text())["data"]
         return task.validate_data(data)
     except FileNotFoundError:
-        raise RkdError(f"{path}: missing; --int8 calibrates on the run's training data and reads its data "
-                       "section from there") from None
+        raise RkdError(
+            f"{path}: missing; --int8 calibrates on the run's training data and reads its data section from there"
+        ) from None
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise RkdError(f"{path}: no readable data section ({type(exc).__name__}: {exc})") from None
     except SpecError as exc:
@@ -101,20 +102,41 @@ def quantise(onnx_path: Path, out: Path, data: dict[str, Any], images: int, clas
     nodes = None if classifier else [n.name for n in model.graph.node if n.name.startswith(NETWORK_SCOPES)]
     reader = TrainingImages(data, images, [i.name for i in model.graph.input], classifier)
     try:
-        quantize_static(str(source), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-                        calibrate_method=CalibrationMethod.MinMax)
+        quantize_static(
+            str(source),
+            str(out),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            # 7-bit weights: on x86 CPUs without VNNI (AVX2-only, e.g. AMD EPYC before Zen 4)
+            # onnxruntime's u8 x s8 kernels add pairs of products in int16 and saturate with full
+            # 8-bit weights; seen here as a detector that lost its only detection. The deployment
+            # CPU is not known at export time, so the graph is made safe for all of them.
+            reduce_range=True,
+            nodes_to_quantize=nodes,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
     finally:
         prepared.unlink(missing_ok=True)
-    quantised = ("the whole classifier (backbone convolutions, pooling, classifier) and its activations" if classifier
-                 else "the network (backbone, neck, head convolutions and their activations): QDQ, per-channel "
-                      "int8 weights, int8 activations; decoding, top-k and NMS stay float32")
+    quantised = (
+        "the whole classifier (backbone convolutions, pooling, classifier) and its activations"
+        if classifier
+        else "the network (backbone, neck, head convolutions and their activations): QDQ, per-channel "
+        "int8 weights (7-bit range), int8 activations; decoding, top-k and NMS stay float32"
+    )
     return {
         "file": out.name,
         "quantised": quantised,
-        "calibration": {"images": reader.count, "split": "train", "method": "MinMax",
-                        "preprocessing": "resize and normalise, as training and rkd predict" if classifier
-                        else "letterbox and normalise, as training and rkd predict"},
+        "calibration": {
+            "images": reader.count,
+            "split": "train",
+            "method": "MinMax",
+            "preprocessing": "resize and normalise, as training and rkd predict"
+            if classifier
+            else "letterbox and normalise, as training and rkd predict",
+        },
         "pre_processed": pre_processed,
     }
 
@@ -140,7 +162,9 @@ def onnx_map50(path: Path, val: Any, num_classes: int) -> tuple[float, int]:
             truths.append({"boxes": boxes, "labels": labels, "difficult": meta.get("difficult")})
     if tiled:
         detections, truths = merge_into_scenes(val, detections, horizontal)
-    return float(evaluate_detections(detections, truths, num_classes=num_classes, iou_threshold=0.5).map), len(detections)
+    return float(evaluate_detections(detections, truths, num_classes=num_classes, iou_threshold=0.5).map), len(
+        detections
+    )
 
 
 def onnx_top1(path: Path, val: Any) -> tuple[float, int]:
@@ -155,8 +179,15 @@ def onnx_top1(path: Path, val: Any) -> tuple[float, int]:
     return right / max(1, len(val)), len(val)
 
 
-def int8_section(onnx_path: Path, data: dict[str, Any], num_classes: int, images: int, latency_runs: int,
-                 size: int, classifier: bool = False) -> dict[str, Any]:
+def int8_section(
+    onnx_path: Path,
+    data: dict[str, Any],
+    num_classes: int,
+    images: int,
+    latency_runs: int,
+    size: int,
+    classifier: bool = False,
+) -> dict[str, Any]:
     """Quantise ``onnx_path`` into ``INT8_FILE`` beside it and measure both graphs: the card's ``int8``,
     whose accuracy sits under the task's metric key (``map50`` or ``top1``)."""
     out = onnx_path.with_name(INT8_FILE)
@@ -170,7 +201,10 @@ def int8_section(onnx_path: Path, data: dict[str, Any], num_classes: int, images
     float_score, count = score(onnx_path)
     int8_score, _ = score(out)
     section["metric"] = "top1" if classifier else "map50"
-    section[section["metric"]] = {"float_onnx": round(float_score, 4), "int8_onnx": round(int8_score, 4),
-                                  "val_images": count}
+    section[section["metric"]] = {
+        "float_onnx": round(float_score, 4),
+        "int8_onnx": round(int8_score, 4),
+        "val_images": count,
+    }
     section["latency"] = {"onnxruntime_cpu_batch1": ort_latency(out, size, 1, latency_runs)}
     return section

@@ -25,8 +25,15 @@ def ort_session(path: Path, provider: str = "CPUExecutionProvider", threads: int
     return ort.InferenceSession(str(path), options, providers=[provider])
 
 
-def ort_latency(path: Path, size: int, batch: int = 1, runs: int = 20, warmup: int = 3,
-                provider: str = "CPUExecutionProvider", threads: int | None = None) -> dict[str, Any]:
+def ort_latency(
+    path: Path,
+    size: int,
+    batch: int = 1,
+    runs: int = 20,
+    warmup: int = 3,
+    provider: str = "CPUExecutionProvider",
+    threads: int | None = None,
+) -> dict[str, Any]:
     """``{"median_ms", "batch", "threads", "runtime", "provider", "runs"}`` of ``path`` at ``batch`` images."""
     import onnxruntime as ort
 
@@ -44,8 +51,14 @@ def ort_latency(path: Path, size: int, batch: int = 1, runs: int = 20, warmup: i
         session.run(None, feed)
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": round(statistics.median(times), 3), "batch": batch, "threads": threads,
-            "runtime": f"onnxruntime {ort.__version__}", "provider": provider, "runs": runs}
+    return {
+        "median_ms": round(statistics.median(times), 3),
+        "batch": batch,
+        "threads": threads,
+        "runtime": f"onnxruntime {ort.__version__}",
+        "provider": provider,
+        "runs": runs,
+    }
 
 
 def cuda_available() -> bool:

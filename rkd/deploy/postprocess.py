@@ -180,8 +180,9 @@ def rotated_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_t
             continue
         kept.append(i)
         rest = np.nonzero(alive[i + 1 :])[0] + i + 1
-        near = rest[(labels[rest] == labels[i])
-                    & (np.hypot(*(boxes[rest, :2] - boxes[i, :2]).T) < radius[rest] + radius[i])]
+        near = rest[
+            (labels[rest] == labels[i]) & (np.hypot(*(boxes[rest, :2] - boxes[i, :2]).T) < radius[rest] + radius[i])
+        ]
         if len(near):
             iou = rotated_iou_pairs(np.repeat(boxes[i : i + 1], len(near), 0), boxes[near])
             alive[near[iou > iou_threshold]] = False
@@ -193,8 +194,13 @@ def _best(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, top: int) -
     return {"boxes": boxes[order], "scores": scores[order], "labels": labels[order].astype(np.int64)}
 
 
-def detections(outputs: dict[str, np.ndarray], num_images: int, score_threshold: float = 0.05,
-               iou_threshold: float = 0.1, max_per_image: int = 300) -> list[dict[str, np.ndarray]]:
+def detections(
+    outputs: dict[str, np.ndarray],
+    num_images: int,
+    score_threshold: float = 0.05,
+    iou_threshold: float = 0.1,
+    max_per_image: int = 300,
+) -> list[dict[str, np.ndarray]]:
     """Per image ``{"boxes", "scores", "labels"}`` from the graph's outputs by name (see module doc)."""
     boxes, scores, labels = outputs["boxes"], outputs["scores"], outputs["labels"]
     results = []
@@ -210,10 +216,13 @@ def detections(outputs: dict[str, np.ndarray], num_images: int, score_threshold:
     return results
 
 
-def inputs(names: list[str], images: np.ndarray, score_threshold: float = 0.05,
-           iou_threshold: float = 0.1) -> dict[str, np.ndarray]:
+def inputs(
+    names: list[str], images: np.ndarray, score_threshold: float = 0.05, iou_threshold: float = 0.1
+) -> dict[str, np.ndarray]:
     """The feed of ``session.run`` for graph inputs ``names`` (HBB graphs take the NMS thresholds too)."""
-    values = {"images": np.asarray(images, np.float32),
-              "score_threshold": np.array([score_threshold], np.float32),
-              "iou_threshold": np.array([iou_threshold], np.float32)}
+    values = {
+        "images": np.asarray(images, np.float32),
+        "score_threshold": np.array([score_threshold], np.float32),
+        "iou_threshold": np.array([iou_threshold], np.float32),
+    }
     return {name: values[name] for name in names}

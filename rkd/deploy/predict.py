@@ -65,8 +65,16 @@ def hbb_to_le90(xyxy: np.ndarray) -> np.ndarray:
     x1, y1, x2, y2 = np.asarray(xyxy, np.float32).reshape(-1, 4).T
     w, h = x2 - x1, y2 - y1
     tall = h > w
-    return np.stack([(x1 + x2) / 2, (y1 + y2) / 2, np.where(tall, h, w), np.where(tall, w, h),
-                     np.where(tall, np.float32(-math.pi / 2), np.float32(0))], 1).astype(np.float32)
+    return np.stack(
+        [
+            (x1 + x2) / 2,
+            (y1 + y2) / 2,
+            np.where(tall, h, w),
+            np.where(tall, w, h),
+            np.where(tall, np.float32(-math.pi / 2), np.float32(0)),
+        ],
+        1,
+    ).astype(np.float32)
 
 
 def _letterboxed(infer: Callable[[np.ndarray], Detections], input_size: int, input_cfg: dict[str, Any]) -> DetectFn:
@@ -82,14 +90,18 @@ def _letterboxed(infer: Callable[[np.ndarray], Detections], input_size: int, inp
         boxes[:, :4] /= np.float32(scale)
         # Drop what was found on the letterbox padding, outside the image.
         inside = (boxes[:, 0] >= 0) & (boxes[:, 0] < w) & (boxes[:, 1] >= 0) & (boxes[:, 1] < h)
-        return {"boxes": boxes[inside], "scores": np.asarray(det["scores"], np.float32)[inside],
-                "labels": np.asarray(det["labels"], np.int64)[inside]}
+        return {
+            "boxes": boxes[inside],
+            "scores": np.asarray(det["scores"], np.float32)[inside],
+            "labels": np.asarray(det["labels"], np.int64)[inside],
+        }
 
     return detect
 
 
-def model_detector(model: Any, input_size: int, input_cfg: dict[str, Any], score: float, nms_iou: float = 0.1
-                   ) -> DetectFn:
+def model_detector(
+    model: Any, input_size: int, input_cfg: dict[str, Any], score: float, nms_iou: float = 0.1
+) -> DetectFn:
     """``image (H, W, 3) uint8 -> detections in that image's pixels`` for a loaded torch detector."""
     import torch
 
@@ -101,8 +113,9 @@ def model_detector(model: Any, input_size: int, input_cfg: dict[str, Any], score
     return _letterboxed(infer, input_size, input_cfg)
 
 
-def onnx_detector(session: Any, input_size: int, input_cfg: dict[str, Any], score: float, nms_iou: float = 0.1
-                  ) -> DetectFn:
+def onnx_detector(
+    session: Any, input_size: int, input_cfg: dict[str, Any], score: float, nms_iou: float = 0.1
+) -> DetectFn:
     """The same as :func:`model_detector` for an end-to-end ``model.onnx`` in an onnxruntime session,
     finished by the export's numpy post-processing."""
     names = [i.name for i in session.get_inputs()]
@@ -119,8 +132,9 @@ def _owned(lo: int, hi: int, length: int, inner_lo: int, inner_hi: int) -> tuple
     return (lo if lo == 0 else lo + inner_lo / 2, hi if hi == length else hi - inner_hi / 2)
 
 
-def detect_tiled(detect: DetectFn, image: np.ndarray, tile: int | None, overlap: int, nms_iou: float = 0.1
-                 ) -> Detections:
+def detect_tiled(
+    detect: DetectFn, image: np.ndarray, tile: int | None, overlap: int, nms_iou: float = 0.1
+) -> Detections:
     """Detections of the whole ``(H, W, 3)`` image, from windows when it is larger than ``tile`` (module doc)."""
     h, w = image.shape[:2]
     if tile is None or (h <= tile and w <= tile):
@@ -223,8 +237,9 @@ def _int8_graph(exported: Path, backend: str) -> Path:
     return exported / INT8_FILE
 
 
-def load_detector(exported: Path, backend: str, score: float, nms_iou: float,
-                  int8: bool = False) -> tuple[DetectFn, dict[str, Any]]:
+def load_detector(
+    exported: Path, backend: str, score: float, nms_iou: float, int8: bool = False
+) -> tuple[DetectFn, dict[str, Any]]:
     """The export's detector on ``backend`` and its spec. ``auto``: torch where it is installed and the
     export has its weights (``model.safetensors``), else onnxruntime on ``model.onnx``. ``int8``:
     onnxruntime on ``model.int8.onnx`` (``rkd export --int8``)."""
@@ -234,13 +249,15 @@ def load_detector(exported: Path, backend: str, score: float, nms_iou: float,
     backend = "onnxruntime" if int8 else _backend(exported, backend)
     size = int(spec["input_size"])
     if backend == "torch":
-        from rkd.deploy.export import load_exported
+        from rkd.deploy.load import load_exported
 
         model, spec = load_exported(exported)
         return model_detector(model, size, spec["input"], score, nms_iou), spec
     if spec["graph"] != "end-to-end" or not (exported / ONNX_FILE).is_file():
-        raise RkdError(f"{exported}: --backend onnxruntime needs an end-to-end {ONNX_FILE} "
-                       "(written by 'rkd export' with onnx in --format and without --raw)")
+        raise RkdError(
+            f"{exported}: --backend onnxruntime needs an end-to-end {ONNX_FILE} "
+            "(written by 'rkd export' with onnx in --format and without --raw)"
+        )
     return onnx_detector(_ort_session(graph), size, spec["input"], score, nms_iou), spec
 
 
@@ -281,8 +298,9 @@ def predict_files(
     return counts, skipped
 
 
-def load_classifier(exported: Path, backend: str = "auto", int8: bool = False
-                    ) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+def load_classifier(
+    exported: Path, backend: str = "auto", int8: bool = False
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
     """``(logits of a normalised (B, 3, S, S) batch, spec)`` of an exported scene classifier on ``backend``
     (``int8``: ``model.int8.onnx`` in onnxruntime)."""
     exported = Path(exported)
@@ -290,7 +308,7 @@ def load_classifier(exported: Path, backend: str = "auto", int8: bool = False
     if not int8 and _backend(exported, backend) == "torch":
         import torch
 
-        from rkd.deploy.export import load_exported
+        from rkd.deploy.load import load_exported
 
         model, spec = load_exported(exported)
 
@@ -325,8 +343,9 @@ def classify_files(
     for start in range(0, len(ids), CLASSIFY_BATCH):
         batch = ids[start : start + CLASSIFY_BATCH]
         # the training dataset's resizing: antialiased bilinear to S x S, float, clamped to [0, 255]
-        x = np.stack([normalize(postprocess.resize(read_rgb(images[i]), size, size).clip(0, 255), spec["input"])
-                      for i in batch])
+        x = np.stack(
+            [normalize(postprocess.resize(read_rgb(images[i]), size, size).clip(0, 255), spec["input"]) for i in batch]
+        )
         logits = logits_of(x).astype(np.float64)
         probabilities = np.exp(logits - logits.max(1, keepdims=True))
         probabilities /= probabilities.sum(1, keepdims=True)

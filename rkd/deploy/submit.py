@@ -97,7 +97,7 @@ def check_storage(storage: str | None, nodes: int | None) -> str | None:
 
 def validate_spec(spec_path: Path) -> tuple[Any, Path]:
     """The loaded spec and its search-space file; errors name the user's file and line."""
-    from rkd.search.runner import parse_search
+    from rkd.search.config import parse_search
     from rkd.train.spec import load_spec
 
     root = _data_root(spec_path)
@@ -194,8 +194,10 @@ def submit(
     validate_spec(spec_path)  # before contacting the cluster: a typo (or unasked-for code) should not wait
     runtime_env = job_runtime_env(load_runtime_env(runtime_env_file), allow_code)
     if allow_code:
-        log(f"{spec_path}: code allowed: the Python its `target:` entries name is imported and run on the "
-            f"cluster ({ALLOW_CODE_ENV}=1 in the job's environment)")
+        log(
+            f"{spec_path}: code allowed: the Python its `target:` entries name is imported and run on the "
+            f"cluster ({ALLOW_CODE_ENV}=1 in the job's environment)"
+        )
     jobs = client(address)
     output_dir = check_storage(storage, alive_nodes(address))
     with tempfile.TemporaryDirectory(prefix="rkd-submit-") as tmp:

@@ -54,8 +54,13 @@ def write_onnx(network: nn.Module, size: int, path: Path, output_names: list[str
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notices
         torch.onnx.export(
-            network, args, str(path), opset_version=ONNX_OPSET, dynamo=False,
-            input_names=input_names, output_names=output_names,
+            network,
+            args,
+            str(path),
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+            input_names=input_names,
+            output_names=output_names,
             # outputs: dim 0 is the batch, or the number of detections of the batch (in-graph NMS)
             dynamic_axes={"images": {0: "batch"}, **{n: {0: "batch_or_detections"} for n in output_names}},
         )
@@ -66,8 +71,9 @@ def write_pt2(network: nn.Module, size: int, path: Path) -> None:
     """An ``ExportedProgram`` (``torch.export.load(path).module()(images)``), dynamic batch."""
     if isinstance(network, DetectionNetwork) and network.nms:
         # torch.export has no ONNX NonMaxSuppression: the .pt2 of an HBB model stops at the candidates.
-        network = DetectionNetwork(network.detector, network.size, network.pre_nms_top_k, network.max_per_image,
-                                   nms=False).eval()
+        network = DetectionNetwork(
+            network.detector, network.size, network.pre_nms_top_k, network.max_per_image, nms=False
+        ).eval()
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

@@ -1,31 +1,45 @@
 """Knowledge-distillation components, their registry and the distiller that combines them.
 
-Importing this package registers every KD method in :data:`KD_METHODS`.
+One component base (:class:`KDComponent`), one registry per task (:data:`KD_METHODS` for
+detection, :data:`CLASSIFIER_KD_METHODS` for classification; :func:`register`) and one
+:class:`Distiller` serve detectors and scene classifiers alike. The methods live in
+:mod:`rkd.distill.detection` and :mod:`rkd.distill.classification`; shared building blocks
+(losses in :mod:`~rkd.distill.functional`, adapters in :mod:`~rkd.distill.connectors`, model
+checks in :mod:`~rkd.distill.checks`, the loss balance, masks, wavelets, priors) sit here.
+
+Importing this package registers every KD method of both tasks.
 """
 
 from __future__ import annotations
 
-from rkd.distill.base import KD_METHODS, KDComponent, Param, check_compatible, register, resolve_hparams
+# The methods (each import registers its components).
+from rkd.distill import (
+    classification,  # noqa: F401
+    detection,  # noqa: F401
+)
+from rkd.distill.base import (
+    CLASSIFIER_KD_METHODS,
+    KD_METHODS,
+    KDComponent,
+    Option,
+    Param,
+    check_compatible,
+    check_declared_sign,
+    methods_of,
+    register,
+    resolve_hparams,
+)
 from rkd.distill.distiller import Distiller, build_distiller, detach_output, nonfinite_terms, validate_methods
 
-# KD methods (each import registers its components).
-from rkd.distill import fitnet  # noqa: E402,F401
-from rkd.distill import hinton  # noqa: E402,F401
-from rkd.distill import nsd  # noqa: E402,F401
-from rkd.distill import cid  # noqa: E402,F401
-from rkd.distill import at  # noqa: E402,F401
-from rkd.distill import fgd  # noqa: E402,F401
-from rkd.distill import frs  # noqa: E402,F401
-from rkd.distill import pkd  # noqa: E402,F401
-from rkd.distill import cwd  # noqa: E402,F401
-from rkd.distill import ds2d2  # noqa: E402,F401
-from rkd.distill import ifkd  # noqa: E402,F401
-
 __all__ = [
+    "CLASSIFIER_KD_METHODS",
     "KD_METHODS",
     "KDComponent",
+    "Option",
     "Param",
     "check_compatible",
+    "check_declared_sign",
+    "methods_of",
     "register",
     "resolve_hparams",
     "Distiller",

@@ -237,6 +237,11 @@ def collective_device() -> torch.device:
 
 
 __all__ = [
-    "BALANCE_DEFAULTS", "BALANCE_MODES", "DOMINANT_RATIO", "LossBalance", "balanced_terms", "check_balance",
+    "BALANCE_DEFAULTS",
+    "BALANCE_MODES",
+    "DOMINANT_RATIO",
+    "LossBalance",
+    "balanced_terms",
+    "check_balance",
     "collective_device",
 ]

@@ -2,16 +2,20 @@
 
 A component is a small ``nn.Module``: it owns its learnable parts (adapters,
 filters, ...), which train with the student and are dropped at export, and
-computes named loss terms from a student and a teacher
-:class:`~rkd.outputs.DetectorOutput` plus the batch :class:`~rkd.outputs.Targets`.
-The arithmetic of each loss is a plain function of tensors next to the class.
+computes named loss terms from a student's and a teacher's output. A component serves one
+task (:data:`TASKS`): a detection component reads :class:`~rkd.outputs.DetectorOutput`
+and the batch :class:`~rkd.outputs.Targets`, a classification component
+:class:`~rkd.outputs.ClassifierOutput` and the batch labels (and, when it distils without a
+teacher, gets ``None`` for the teacher). The arithmetic of each loss is a plain function of
+tensors (:mod:`rkd.distill.functional` or next to the class).
 
 Each component declares its hyperparameters as :class:`Param` objects:
 defaults for a single run, ranges for the search. A search-space YAML refers
 to them by name (``fitnet: {weight: default}``). Settings that are not hyperparameters (a
 prior encoder and its checkpoint file, the schedule of a prior stage) are :class:`Option` objects
 in ``options``: given in the spec next to the Params, validated when the spec is loaded, never
-searched.
+searched. :func:`register` adds a component to the registry of its task
+(:data:`KD_METHODS` for detection, :data:`CLASSIFIER_KD_METHODS` for classification).
 """
 
 from __future__ import annotations
@@ -24,8 +28,12 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from rkd.distill.checks import check_same_anchors, check_same_grid
 from rkd.errors import SpecError
-from rkd.outputs import DetectorInfo, DetectorOutput, Targets
+from rkd.outputs import ClassifierInfo, ClassifierOutput, DetectorInfo, DetectorOutput, Targets
+
+# The tasks a component can serve; each has its own registry below.
+TASKS = ("detection", "classification")
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,35 @@ class Param:
             raise ValueError(f"{where}: expected a finite number, got {value!r}")
         return float(value) if self.kind == "float" else value
 
+    def resolve(self, value: Any, where: str) -> Any:
+        """:meth:`validate`, except that the string ``"default"`` means :attr:`default` (unless it is
+        one of a choice's values). A spec, a search space and a component built in code read it alike.
+
+        >>> Param("float", 1.0, 0.1, 10.0).resolve("default", "hinton.weight")
+        1.0
+        """
+        if isinstance(value, str) and value == "default" and not (self.kind == "choice" and "default" in self.choices):
+            return self.default
+        return self.validate(value, where)
+
+
+def check_declared_sign(param: Param, value: Any, where: str) -> None:
+    """Refuse a value on the wrong side of 0 for its declared range: a range declared above 0 (KD weights
+    on a log scale, temperatures) admits nothing <= 0, one starting at 0 nothing below it. A negative KD
+    weight pushes the student away from the teacher; a temperature of 0 divides by zero.
+
+    >>> check_declared_sign(Param("float", 1.0, 0.1, 10.0), 0.0, "hinton.weight")
+    Traceback (most recent call last):
+    ...
+    rkd.errors.SpecError: hinton.weight: must be > 0 (declared range 0.1 to 10), got 0.0
+    """
+    if param.kind not in ("float", "int") or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if param.low > 0 and value <= 0:
+        raise SpecError(where, f"must be > 0 (declared range {param.low:g} to {param.high:g}), got {value!r}")
+    if param.low >= 0 and value < 0:
+        raise SpecError(where, f"must be >= 0 (declared range {param.low:g} to {param.high:g}), got {value!r}")
+
 
 @dataclass(frozen=True)
 class Option:
@@ -138,20 +175,34 @@ def number_option(kind: str, default: float, low: float | None = None, help: str
     return Option(default, check, help)
 
 
-class KDComponent(nn.Module):
-    """Base class of distillation components.
+Info = DetectorInfo | ClassifierInfo
+Output = DetectorOutput | ClassifierOutput
 
-    Subclasses set ``name`` (through :func:`register`), ``params`` and
+
+class KDComponent(nn.Module):
+    """Base class of distillation components, detection and classification alike.
+
+    Subclasses set ``name`` and ``task`` (through :func:`register`), ``params`` and
     ``requires`` and implement :meth:`forward`, returning a dict of named,
-    already weighted loss terms. ``requires`` lists the output fields the
+    already weighted loss terms. ``requires`` lists the detector output fields a detection
     component needs beyond features and logits: ``"angle"`` (oriented boxes),
     ``"angle_bins"`` (an angle classification branch, ``DetectorInfo.angle_bins > 0``),
-    ``"centerness"``, ``"assignment"``. :func:`check_compatible` refuses a
+    ``"centerness"``, ``"assignment"``, and the pairing its losses need: ``"same_grid"``
+    (student and teacher feature maps share strides, :func:`rkd.distill.checks.check_same_grid`)
+    or ``"same_anchors"`` (that and as many anchors per location,
+    :func:`~rkd.distill.checks.check_same_anchors`). :func:`check_compatible` refuses a
     model that lacks them before any training starts; a component with further
     conditions overrides :meth:`check_models`.
+
+    ``teacher`` is ``None`` for a component built without a teacher, which only a
+    self-distillation component (``needs_teacher = False``, classification's ``sskd``) accepts.
+    ``forward``'s third argument is the batch :class:`~rkd.outputs.Targets` (detection) or the
+    labels ``(B,)`` (classification).
     """
 
     name: ClassVar[str] = ""
+    task: ClassVar[str] = "detection"
+    needs_teacher: ClassVar[bool] = True
     params: ClassVar[dict[str, Param]] = {}
     options: ClassVar[dict[str, Option]] = {}
     requires: ClassVar[frozenset[str]] = frozenset()
@@ -159,7 +210,7 @@ class KDComponent(nn.Module):
     # the method pulls ``ratio * balance_share`` times as hard as the task loss. 1 unless measured.
     balance_share: ClassVar[float] = 1.0
 
-    def __init__(self, student: DetectorInfo, teacher: DetectorInfo, **hparams: Any) -> None:
+    def __init__(self, student: Info, teacher: Info | None, **hparams: Any) -> None:
         super().__init__()
         self.student_info = student
         self.teacher_info = teacher
@@ -171,11 +222,13 @@ class KDComponent(nn.Module):
         self.hparams = resolve_hparams(cls, hparams)
 
     @classmethod
-    def check_models(cls, student: DetectorInfo, teacher: DetectorInfo, hparams: dict[str, Any]) -> None:
-        """Raise ``ValueError`` if these models cannot be distilled with these (resolved) hparams."""
+    def check_models(cls, student: Info, teacher: Info | None, hparams: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if these models cannot be distilled with these (resolved) hparams.
+
+        Called by :func:`check_compatible` after the checks every method of the task needs."""
 
     def forward(
-        self, student: DetectorOutput, teacher: DetectorOutput, targets: Targets, epoch: float = 0.0
+        self, student: Output, teacher: Output | None, targets: Targets | Tensor, epoch: float = 0.0
     ) -> dict[str, Tensor]:
         raise NotImplementedError
 
@@ -214,32 +267,46 @@ PRIOR_STAGE_OPTIONS: dict[str, Option] = {
     "prior_lr": number_option("float", 1e-3, low=0.0, help="Adam learning rate of the prior stage"),
 }
 
-KD_METHODS: dict[str, type[KDComponent]] = {}
+KD_METHODS: dict[str, type[KDComponent]] = {}  # detection methods, by name
+CLASSIFIER_KD_METHODS: dict[str, type[KDComponent]] = {}  # classification methods, by name
+REGISTRIES: dict[str, dict[str, type[KDComponent]]] = {"detection": KD_METHODS, "classification": CLASSIFIER_KD_METHODS}
+# How errors name a method of each task ("unknown classification KD method").
+METHOD_LABELS = {"detection": "KD method", "classification": "classification KD method"}
 
 
-def register(name: str):
-    """Class decorator adding a component to :data:`KD_METHODS` under ``name``."""
+def methods_of(task: str) -> dict[str, type[KDComponent]]:
+    """The registry of ``task`` (name -> component class)."""
+    if task not in REGISTRIES:
+        raise ValueError(f"unknown task {task!r}; KD methods serve {list(TASKS)}")
+    return REGISTRIES[task]
+
+
+def register(name: str, task: str = "detection"):
+    """Class decorator adding a component to the registry of ``task`` under ``name``."""
+    registry = methods_of(task)
 
     def wrap(cls: type[KDComponent]) -> type[KDComponent]:
-        if name in KD_METHODS:
-            raise ValueError(f"KD method {name!r} is registered twice")
+        if name in registry:
+            raise ValueError(f"{METHOD_LABELS[task]} {name!r} is registered twice")
         clash = sorted(set(cls.params) & set(cls.options))
         if clash:
             raise ValueError(f"KD method {name!r} declares {clash} both as a Param and as an Option")
         cls.name = name
-        KD_METHODS[name] = cls
+        cls.task = task
+        registry[name] = cls
         return cls
 
     return wrap
 
 
 def resolve_hparams(cls: type[KDComponent], given: dict[str, Any], where: str | None = None) -> dict[str, Any]:
-    """Defaults of ``cls.params`` overridden by ``given``; unknown names raise ``ValueError``."""
+    """Defaults of ``cls.params`` overridden by ``given`` (:meth:`Param.resolve`: ``"default"`` is the
+    default); unknown names raise ``ValueError``."""
     where = where or cls.name
     unknown = sorted(set(given) - set(cls.params) - set(cls.options))
     if unknown:
         raise ValueError(f"{where}: unknown parameter(s) {unknown}; {cls.name} has {sorted(cls.params)}")
-    return {k: p.validate(given[k], f"{where}.{k}") if k in given else p.default for k, p in cls.params.items()}
+    return {k: p.resolve(given[k], f"{where}.{k}") if k in given else p.default for k, p in cls.params.items()}
 
 
 def resolve_options(cls: type[KDComponent], given: dict[str, Any], base_dir: Path | None = None) -> dict[str, Any]:
@@ -261,30 +328,48 @@ def resolve_options(cls: type[KDComponent], given: dict[str, Any], base_dir: Pat
 
 
 def check_compatible(
-    cls: type[KDComponent], student: DetectorInfo, teacher: DetectorInfo, hparams: dict[str, Any] | None = None
+    cls: type[KDComponent], student: Info, teacher: Info | None, hparams: dict[str, Any] | None = None
 ) -> None:
     """Raise ``ValueError`` if the models lack what the component requires.
 
     ``hparams`` (resolved) are passed to :meth:`KDComponent.check_models` when given.
     """
+    if cls.task == "classification":
+        if cls.needs_teacher and teacher is None:
+            raise ValueError(
+                f"KD method {cls.name!r} distils a teacher's outputs, but no teacher was given; "
+                "train or name a teacher, or use a self-distillation method (sskd)"
+            )
+        if teacher is not None:
+            _check_same_classes(student, teacher)
+        if hparams is not None:
+            cls.check_models(student, teacher, hparams)
+        return
     for info, role in ((student, "student"), (teacher, "teacher")):
         if "angle" in cls.requires and not info.oriented:
             raise ValueError(f"KD method {cls.name!r} needs oriented boxes, but the {role} predicts horizontal boxes")
         if "angle_bins" in cls.requires and info.angle_bins <= 0:
             raise ValueError(
-                f"KD method {cls.name!r} needs an angle classification branch (angle_bins > 0), "
-                f"which the {role} lacks"
+                f"KD method {cls.name!r} needs an angle classification branch (angle_bins > 0), which the {role} lacks"
             )
         if "centerness" in cls.requires and not info.has_centerness:
             raise ValueError(f"KD method {cls.name!r} needs a centerness branch, which the {role} lacks")
+    _check_same_classes(student, teacher)
+    if len(student.strides) != len(teacher.strides):
+        raise ValueError("student and teacher have different numbers of FPN levels")
+    if "same_anchors" in cls.requires:
+        check_same_anchors(cls.name, student, teacher)
+    elif "same_grid" in cls.requires:
+        check_same_grid(cls.name, student, teacher)
+    if hparams is not None:
+        cls.check_models(student, teacher, hparams)
+
+
+def _check_same_classes(student: Info, teacher: Info) -> None:
     if student.num_classes != teacher.num_classes:
         raise ValueError(
             f"student and teacher disagree on the number of classes ({student.num_classes} vs {teacher.num_classes})"
         )
-    if len(student.strides) != len(teacher.strides):
-        raise ValueError("student and teacher have different numbers of FPN levels")
-    if hparams is not None:
-        cls.check_models(student, teacher, hparams)
 
 
 def linear_ramp(epoch: float, warmup_epochs: float) -> float:
@@ -294,4 +379,3 @@ def linear_ramp(epoch: float, warmup_epochs: float) -> float:
     (0.25, 1.0, 1.0)
     """
     return min(epoch / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
-

@@ -1,5 +1,9 @@
 """Pure loss functions of tensors shared by KD components (no modules, no state).
 
+Detection and classification methods share them: Hinton's tempered KL (:func:`softmax_kd`,
+:func:`sigmoid_kd`), FitNet's hint MSE (:func:`mse`), AT's attention loss (:func:`at_loss`),
+the binary KL of sigmoid heads and DKD's non-target KL.
+
 Every function takes the student tensor first and the teacher tensor second and never
 needs gradients through the teacher: callers pass detached teacher tensors, and the
 functions detach again defensively.
@@ -123,9 +127,7 @@ def masked_sq_error(student: Tensor, teacher: Tensor, mask: Tensor) -> tuple[Ten
     return ((student - teacher.detach()) ** 2 * mask).sum(), mask.sum()
 
 
-def non_target_kd(
-    student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, temperature: float
-) -> Tensor:
+def non_target_kd(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, temperature: float) -> Tensor:
     """Per-sample non-target-class KD (NCKD of decoupled KD), summed over classes, ``T^2`` included.
 
     ``KL(p_t^ || p_s^) * T^2`` where ``p^`` is the softmax of ``z/T`` over the classes other
@@ -147,3 +149,17 @@ def non_target_kd(
     log_p_s = F.log_softmax(zs, dim=-1)
     log_p_t = F.log_softmax(zt, dim=-1)
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * t * t
+
+
+def attention_map(feature: Tensor) -> Tensor:
+    """``(B, H*W)`` L2-normalised spatial attention ``mean_c F^2`` (Zagoruyko & Komodakis, eq. 1 with p = 2).
+
+    >>> attention_map(torch.ones(1, 3, 2, 2)).tolist()
+    [[0.5, 0.5, 0.5, 0.5]]
+    """
+    return F.normalize(feature.pow(2).mean(1).flatten(1), dim=1)
+
+
+def at_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """``mean_{b,j} (Q_s - Q_t)^2`` of one level, ``Q`` the :func:`attention_map` (eq. 2 without beta / 2)."""
+    return (attention_map(student) - attention_map(teacher.detach())).pow(2).mean()

@@ -168,8 +168,10 @@ def _check_sam(args: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
         raise SpecError("checkpoint", f"file not found: {path}")
     if importlib.util.find_spec(package) is None:
         hint = "pip install segment-anything" if package == "segment_anything" else f"install the {package} package"
-        raise SpecError("package" if "package" in args else "kind",
-                        f"the 'sam' prior needs the {package!r} package, which is not installed ({hint})")
+        raise SpecError(
+            "package" if "package" in args else "kind",
+            f"the 'sam' prior needs the {package!r} package, which is not installed ({hint})",
+        )
     return {"checkpoint": str(path.resolve()), "model_type": model_type, "package": package}
 
 
@@ -242,8 +244,9 @@ def builtin_prior(stride: int = 4) -> nn.Module:
 
 
 @register_prior("module", _check_module)
-def module_prior(module: nn.Module | None = None, target: str | None = None,
-                 args: Mapping[str, Any] | None = None) -> nn.Module:
+def module_prior(
+    module: nn.Module | None = None, target: str | None = None, args: Mapping[str, Any] | None = None
+) -> nn.Module:
     """Any torch module mapping ``(B, 3, H, W)`` to ``(B, C_e, h, w)``: given, or ``target(**args)``."""
     if target is not None and module is None:
         module = import_target(target)(**dict(args or {}))
@@ -279,8 +282,9 @@ class SamImageEncoder(nn.Module):
 
 
 @register_prior("sam", _check_sam)
-def sam_prior(checkpoint: str | Path | None = None, model_type: str = "vit_b",
-              package: str = "segment_anything") -> nn.Module:
+def sam_prior(
+    checkpoint: str | Path | None = None, model_type: str = "vit_b", package: str = "segment_anything"
+) -> nn.Module:
     """The image encoder of ``package.sam_model_registry[model_type](checkpoint=checkpoint)``.
 
     ``package`` is ``segment_anything`` (SAM: ``vit_b``, ``vit_l``, ``vit_h``) or ``mobile_sam``
@@ -311,6 +315,16 @@ def sam_prior(checkpoint: str | Path | None = None, model_type: str = "vit_b",
 
 
 __all__ = [
-    "PRIOR_CHECKS", "PRIOR_ENCODERS", "EdgeSaliencyPrior", "SamImageEncoder", "build_prior", "builtin_prior",
-    "check_prior_option", "freeze", "import_target", "module_prior", "register_prior", "sam_prior",
+    "PRIOR_CHECKS",
+    "PRIOR_ENCODERS",
+    "EdgeSaliencyPrior",
+    "SamImageEncoder",
+    "build_prior",
+    "builtin_prior",
+    "check_prior_option",
+    "freeze",
+    "import_target",
+    "module_prior",
+    "register_prior",
+    "sam_prior",
 ]

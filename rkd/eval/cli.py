@@ -23,9 +23,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rkd.data.cli import CLASSES_HELP, class_list
 from rkd.errors import DataError
@@ -69,7 +67,7 @@ def evaluate_files(
     """
     import torch
 
-    from rkd.data.dataset import READERS
+    from rkd.data.formats import READERS
     from rkd.data.inspect import default_split
     from rkd.eval.map import evaluate_detections
     from rkd.eval.merge import DEFAULT_MERGE_IOU, merge_patch_predictions

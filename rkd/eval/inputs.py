@@ -85,7 +85,9 @@ class FlatBoxes:
         if not np.isfinite(self.boxes).all():
             self._check(np.isfinite(self.boxes).all(1), "boxes", "contains NaN or infinite values")
         if raw_labels.dtype.kind not in "iub":
-            self._check(raw_labels == np.round(raw_labels.astype(np.float64)), "labels", "class labels must be integers")
+            self._check(
+                raw_labels == np.round(raw_labels.astype(np.float64)), "labels", "class labels must be integers"
+            )
         self.labels = raw_labels.astype(np.int64)
         self._check((self.labels >= 0) & (self.labels < num_classes), "labels", f"labels must be in [0, {num_classes})")
         self.groups = self.images * num_classes + self.labels

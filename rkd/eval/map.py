@@ -130,10 +130,14 @@ def _evaluate(
     gt_ignored = gt.ignore[None] | gt_out  # (R, G)
 
     sel = np.flatnonzero(kept)
-    kept_dt = (dt.groups, dt.boxes, dt.hbb, dt.area) if len(sel) == len(kept) else (
-        dt.groups[sel], dt.boxes[sel], dt.hbb[sel], dt.area[sel])
-    p_det, p_gt, p_iou = overlapping_pairs(*kept_dt, gt.groups, gt.boxes, gt.hbb, gt.area, gt.crowd,
-                                           float(thresholds.min()))
+    kept_dt = (
+        (dt.groups, dt.boxes, dt.hbb, dt.area)
+        if len(sel) == len(kept)
+        else (dt.groups[sel], dt.boxes[sel], dt.hbb[sel], dt.area[sel])
+    )
+    p_det, p_gt, p_iou = overlapping_pairs(
+        *kept_dt, gt.groups, gt.boxes, gt.hbb, gt.area, gt.crowd, float(thresholds.min())
+    )
     if matching == "voc":
         matched = voc_match(sel[p_det], p_gt, p_iou, rank, len(rank), thr_of_setting, gt_ignored[range_of_setting])
     else:

@@ -116,8 +116,9 @@ def _exact_iou(a: np.ndarray, b: np.ndarray, iof: np.ndarray, polygon_info: tupl
             out[sel] = rotated_iou_aligned(torch.from_numpy(a[sel]), torch.from_numpy(b[sel]), mode=mode).numpy()
         else:
             area_a, area_b, convex = (torch.from_numpy(v[sel]) for v in polygon_info)
-            out[sel] = polygon_iou_pairs(torch.from_numpy(a[sel]), torch.from_numpy(b[sel]), area_a, area_b, convex,
-                                         mode=mode).numpy()
+            out[sel] = polygon_iou_pairs(
+                torch.from_numpy(a[sel]), torch.from_numpy(b[sel]), area_a, area_b, convex, mode=mode
+            ).numpy()
     return out
 
 
@@ -219,8 +220,15 @@ def greedy_match(
     return matched
 
 
-def voc_match(pair_det: np.ndarray, pair_gt: np.ndarray, pair_iou: np.ndarray, det_rank: np.ndarray, num_dets: int,
-              thresholds: np.ndarray, gt_ignored: np.ndarray) -> np.ndarray:
+def voc_match(
+    pair_det: np.ndarray,
+    pair_gt: np.ndarray,
+    pair_iou: np.ndarray,
+    det_rank: np.ndarray,
+    num_dets: int,
+    thresholds: np.ndarray,
+    gt_ignored: np.ndarray,
+) -> np.ndarray:
     """Matched ground truth (S, num_dets) per setting by the VOC / DOTA devkit rule (module doc), -1 when unmatched.
 
     A detection that reaches an ignored (difficult) ground truth gets that ground truth, so the

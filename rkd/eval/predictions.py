@@ -109,7 +109,7 @@ def read_dota_task1(source: str | Path | Sequence[str | Path], class_names: Sequ
     for path in files:
         if not path.is_file():
             raise DataError(f"{path}: prediction file not found")
-        name = path.stem[len(_TASK1_PREFIX):] if path.stem.startswith(_TASK1_PREFIX) else None
+        name = path.stem[len(_TASK1_PREFIX) :] if path.stem.startswith(_TASK1_PREFIX) else None
         if name not in index:
             raise DataError(f"{path}: file name must be {_TASK1_PREFIX}<class>.txt with a class in {list(class_names)}")
         for line_no, line in enumerate(path.read_text().splitlines(), start=1):

@@ -47,9 +47,7 @@ def anchor_sizes(base: float, ratios: list[float], scales: list[float]) -> Tenso
     >>> anchor_sizes(16, [0.5, 1.0, 2.0], [1.0]).round().tolist()
     [[23.0, 11.0], [16.0, 16.0], [11.0, 23.0]]
     """
-    sizes = [
-        (base * s / math.sqrt(r), base * s * math.sqrt(r)) for r in ratios for s in scales
-    ]
+    sizes = [(base * s / math.sqrt(r), base * s * math.sqrt(r)) for r in ratios for s in scales]
     return torch.tensor(sizes, dtype=torch.float64)
 
 
@@ -91,7 +89,11 @@ def pairwise_iou(gt: Tensor, anchors: Tensor, assign: str = "rotated") -> Tensor
 
 
 def assign_max_iou(
-    anchors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, pos_iou: float = 0.5, neg_iou: float = 0.4,
+    anchors: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    pos_iou: float = 0.5,
+    neg_iou: float = 0.4,
     assign: str = "rotated",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """RetinaNet assignment of one image, on the IoU of rule ``assign`` (:func:`pairwise_iou`).

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
+import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor, nn
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
@@ -64,8 +64,14 @@ class StagedBackbone(nn.Module):
     def __init__(self, stages: list[nn.Module], stage_channels: list[int], out_indices: tuple[int, ...]) -> None:
         super().__init__()
         out_indices = tuple(out_indices)
-        if not out_indices or list(out_indices) != sorted(set(out_indices)) or not 0 <= out_indices[0] <= out_indices[-1] < len(stages):
-            raise ValueError(f"out_indices must be increasing stage indices in 0..{len(stages) - 1}, got {list(out_indices)}")
+        if (
+            not out_indices
+            or list(out_indices) != sorted(set(out_indices))
+            or not 0 <= out_indices[0] <= out_indices[-1] < len(stages)
+        ):
+            raise ValueError(
+                f"out_indices must be increasing stage indices in 0..{len(stages) - 1}, got {list(out_indices)}"
+            )
         self.stages = nn.ModuleList(stages[: out_indices[-1] + 1])
         self.out_indices = out_indices
         self.out_channels = tuple(stage_channels[i] for i in out_indices)
@@ -103,7 +109,9 @@ class ConvNet(StagedBackbone):
 
 
 @register_backbone("convnet")
-def convnet(width: float = 1.0, depth: int = 1, pretrained: bool = False, out_indices: tuple[int, ...] = (2, 3, 4)) -> ConvNet:
+def convnet(
+    width: float = 1.0, depth: int = 1, pretrained: bool = False, out_indices: tuple[int, ...] = (2, 3, 4)
+) -> ConvNet:
     """Plain conv-BN-ReLU backbone; no pretrained weights exist for it.
 
     >>> m = convnet(width=0.25)
@@ -116,9 +124,7 @@ def convnet(width: float = 1.0, depth: int = 1, pretrained: bool = False, out_in
 
 
 def _downsamples(block: nn.Module) -> bool:
-    return any(
-        isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and m.stride in (2, (2, 2)) for m in block.modules()
-    )
+    return any(isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and m.stride in (2, (2, 2)) for m in block.modules())
 
 
 def split_by_stride(blocks: list[nn.Module]) -> list[nn.Module]:

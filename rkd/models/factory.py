@@ -53,14 +53,25 @@ BOX_KINDS = {"obb": 5, "hbb": 4}
 NECK_DEFAULTS: dict[str, Any] = {"channels": 64, "levels": 3}
 HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
     "retinanet": {
-        "convs": 2, "anchor_ratios": [0.5, 1.0, 2.0], "anchor_scales": [1.0], "anchor_size": 2.0, "angle_bins": 0,
+        "convs": 2,
+        "anchor_ratios": [0.5, 1.0, 2.0],
+        "anchor_scales": [1.0],
+        "anchor_size": 2.0,
+        "angle_bins": 0,
         "assign": "rotated",
     },
     "fcos": {"convs": 2, "angle_bins": 0},
     "faster_rcnn": {
-        "convs": 1, "anchor_ratios": [0.5, 1.0, 2.0], "anchor_scales": [1.0, 2.0], "anchor_size": 2.0,
-        "roi_size": 7, "fc_channels": 256, "proposals_train": 512, "proposals_test": 300,
-        "rpn_samples": 256, "roi_samples": 128,
+        "convs": 1,
+        "anchor_ratios": [0.5, 1.0, 2.0],
+        "anchor_scales": [1.0, 2.0],
+        "anchor_size": 2.0,
+        "roi_size": 7,
+        "fc_channels": 256,
+        "proposals_train": 512,
+        "proposals_test": 300,
+        "rpn_samples": 256,
+        "roi_samples": 128,
     },
     "classifier": {"dropout": 0.0},
 }
@@ -145,7 +156,9 @@ def _backbone_value(key: str, value: Any, default: Any, path: str) -> Any:
             raise SpecError(path, f"expected a number, got {_type_name(value)}")
         return float(value)
     if isinstance(default, (list, tuple)):
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
             raise SpecError(path, f"expected a list of integers, got {_type_name(value)}")
         if key == "out_indices" and (not value or list(value) != sorted(set(value)) or value[0] < 0 or value[-1] > 4):
             raise SpecError(path, f"expected increasing stage indices in 0..4 (strides 2..32), got {list(value)}")
@@ -296,7 +309,9 @@ def build_backbone(section: dict[str, Any]) -> torch.nn.Module:
         try:
             backbone.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
         except (RuntimeError, AttributeError) as e:
-            raise SpecError("backbone.weights", f"{section['weights']} does not fit backbone {section['name']}: {e}") from e
+            raise SpecError(
+                "backbone.weights", f"{section['weights']} does not fit backbone {section['name']}: {e}"
+            ) from e
     return backbone
 
 

@@ -124,8 +124,9 @@ class RPNHead(nn.Module):
         key = (shapes, strides, features[0].device)
         if key not in self._anchor_cache:
             self._anchor_cache[key] = [
-                grid_anchors(h, w, s, anchor_sizes(self.anchor_size * s, self.anchor_ratios, self.anchor_scales), 4)
-                .to(features[0].device)
+                grid_anchors(h, w, s, anchor_sizes(self.anchor_size * s, self.anchor_ratios, self.anchor_scales), 4).to(
+                    features[0].device
+                )
                 for (h, w), s in zip(shapes, strides)
             ]
         return self._anchor_cache[key]
@@ -182,8 +183,16 @@ class RoIHead(nn.Module):
     at most a quarter foreground (IoU >= 0.5 with a GT), the rest background.
     """
 
-    def __init__(self, channels: int, num_classes: int, strides: tuple[int, ...], roi_size: int = 7,
-                 fc_channels: int = 256, samples: int = 128, fg_iou: float = 0.5) -> None:
+    def __init__(
+        self,
+        channels: int,
+        num_classes: int,
+        strides: tuple[int, ...],
+        roi_size: int = 7,
+        fc_channels: int = 256,
+        samples: int = 128,
+        fg_iou: float = 0.5,
+    ) -> None:
         super().__init__()
         self.num_classes, self.strides, self.roi_size = num_classes, tuple(strides), roi_size
         self.samples, self.fg_iou = samples, fg_iou
@@ -253,8 +262,14 @@ class RoIHead(nn.Module):
             "roi_box": F.smooth_l1_loss(deltas, box_targets[fg], beta=1.0 / 9, reduction="sum") / num,
         }
 
-    def detections(self, output: TwoStageOutput, score_threshold: float = 0.05, nms_iou: float = 0.5,
-                   max_per_image: int = 100, pre_nms_top_k: int = 1000) -> list[dict[str, Tensor]]:
+    def detections(
+        self,
+        output: TwoStageOutput,
+        score_threshold: float = 0.05,
+        nms_iou: float = 0.5,
+        max_per_image: int = 100,
+        pre_nms_top_k: int = 1000,
+    ) -> list[dict[str, Tensor]]:
         """Per image ``{"boxes" (M, 4), "scores", "labels"}``: class-specific boxes, class-wise NMS, best first."""
         k = self.num_classes
         probs = output.roi_cls_logits.softmax(dim=1)[:, :k]  # (R, K), background dropped
@@ -278,8 +293,16 @@ class RoIHead(nn.Module):
 class FasterRCNN(Detector):
     """backbone -> FPN -> RPN (``self.head``) -> proposals -> RoI head; forward returns :class:`TwoStageOutput`."""
 
-    def __init__(self, backbone: nn.Module, neck: nn.Module, rpn: RPNHead, roi_head: RoIHead,
-                 proposals_train: int = 512, proposals_test: int = 300, spec: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: nn.Module,
+        rpn: RPNHead,
+        roi_head: RoIHead,
+        proposals_train: int = 512,
+        proposals_test: int = 300,
+        spec: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(backbone, neck, rpn, spec=spec)
         self.roi_head = roi_head
         self.num_classes = roi_head.num_classes
@@ -332,8 +355,9 @@ class FasterRCNN(Detector):
             self.train(was_training)
 
 
-def build_faster_rcnn(backbone: nn.Module, neck: nn.Module, head: dict[str, Any], num_classes: int,
-                      spec: dict[str, Any]) -> FasterRCNN:
+def build_faster_rcnn(
+    backbone: nn.Module, neck: nn.Module, head: dict[str, Any], num_classes: int, spec: dict[str, Any]
+) -> FasterRCNN:
     """A :class:`FasterRCNN` from a validated ``kind: faster_rcnn`` spec's parts (see :mod:`rkd.models.factory`)."""
     rpn = RPNHead(
         neck.channels,
@@ -344,6 +368,12 @@ def build_faster_rcnn(backbone: nn.Module, neck: nn.Module, head: dict[str, Any]
         samples=head["rpn_samples"],
     )
     # RoIs are pooled from the levels the backbone feeds (not the extra stride-64/128 ones).
-    roi_head = RoIHead(neck.channels, num_classes, tuple(backbone.out_strides), head["roi_size"],
-                       head["fc_channels"], head["roi_samples"])
+    roi_head = RoIHead(
+        neck.channels,
+        num_classes,
+        tuple(backbone.out_strides),
+        head["roi_size"],
+        head["fc_channels"],
+        head["roi_samples"],
+    )
     return FasterRCNN(backbone, neck, rpn, roi_head, head["proposals_train"], head["proposals_test"], spec=spec)

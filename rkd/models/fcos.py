@@ -60,8 +60,16 @@ def side_distances(points: Tensor, boxes: Tensor) -> Tensor:
 
 def xyxy_as_obb(boxes: Tensor) -> Tensor:
     """``(x1, y1, x2, y2)`` as ``(cx, cy, w, h, 0)``: angle 0 keeps l/t/r/b on the image axes (not le90)."""
-    return torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2,
-                        boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1], torch.zeros_like(boxes[:, 0])], dim=-1)
+    return torch.stack(
+        [
+            (boxes[:, 0] + boxes[:, 2]) / 2,
+            (boxes[:, 1] + boxes[:, 3]) / 2,
+            boxes[:, 2] - boxes[:, 0],
+            boxes[:, 3] - boxes[:, 1],
+            torch.zeros_like(boxes[:, 0]),
+        ],
+        dim=-1,
+    )
 
 
 def centerness_target(dist: Tensor) -> Tensor:
@@ -157,7 +165,13 @@ class FCOSHead(nn.Module):
         ou, ov = (right - left) / 2, (bottom - top) / 2  # box centre from the point, in the box frame
         cos, sin = torch.cos(a), torch.sin(a)
         boxes = torch.stack(
-            [px + ou * cos - ov * sin, py + ou * sin + ov * cos, (left + right).clamp(min=0), (top + bottom).clamp(min=0), a],
+            [
+                px + ou * cos - ov * sin,
+                py + ou * sin + ov * cos,
+                (left + right).clamp(min=0),
+                (top + bottom).clamp(min=0),
+                a,
+            ],
             dim=-1,
         )
         return normalize_le90(boxes.reshape(-1, 5)).reshape(boxes.shape)

@@ -124,13 +124,18 @@ class OpenMMLabDetector(nn.Module):
         box_dim = int(getattr(head.bbox_coder, "encode_size", 4))
         channels = int(getattr(mm_model.neck, "out_channels", head.in_channels))
         self._info = DetectorInfo(
-            level_channels=(channels,) * len(strides), strides=strides, num_classes=int(head.num_classes),
-            num_anchors=int(head.num_base_priors), box_dim=box_dim,
+            level_channels=(channels,) * len(strides),
+            strides=strides,
+            num_classes=int(head.num_classes),
+            num_anchors=int(head.num_base_priors),
+            box_dim=box_dim,
         )
         # rkd input (RGB, (x - MEAN) / STD on 0-1) -> the model's (its channel order, on 0-255)
         mean = torch.tensor(preprocessor.get("mean", (0.0, 0.0, 0.0)), dtype=torch.float32)
         std = torch.tensor(preprocessor.get("std", (1.0, 1.0, 1.0)), dtype=torch.float32)
-        order = [0, 1, 2] if preprocessor.get("bgr_to_rgb", False) or preprocessor.get("rgb_to_bgr", False) else [2, 1, 0]
+        order = (
+            [0, 1, 2] if preprocessor.get("bgr_to_rgb", False) or preprocessor.get("rgb_to_bgr", False) else [2, 1, 0]
+        )
         # bgr_to_rgb: images are read BGR and turned RGB, so the network sees RGB; without it, BGR.
         scale = torch.tensor(IMAGENET_STD)[order] * 255.0 / std
         shift = (torch.tensor(IMAGENET_MEAN)[order] * 255.0 - mean) / std
@@ -155,9 +160,14 @@ class OpenMMLabDetector(nn.Module):
         features = list(self.mm.extract_feat(self.to_model_input(images)))
         cls_logits, box_regs = self.head_fn(features)
         out = DetectorOutput(
-            info=self._info, features=features, cls_logits=cls_logits, box_regs=box_regs,
-            anchors=self.anchors(features), image_size=(images.shape[-2], images.shape[-1]),
-            head_fn=self.head_fn, inputs=images,
+            info=self._info,
+            features=features,
+            cls_logits=cls_logits,
+            box_regs=box_regs,
+            anchors=self.anchors(features),
+            image_size=(images.shape[-2], images.shape[-1]),
+            head_fn=self.head_fn,
+            inputs=images,
         )
         if targets is not None:
             losses = self.mm.bbox_head.loss(features, self.data_samples(targets))
@@ -181,14 +191,22 @@ class OpenMMLabDetector(nn.Module):
             from mmdet.structures.bbox import HorizontalBoxes as boxes_type
         samples = []
         for boxes, labels in zip(targets.boxes, targets.labels):
-            sample = DetDataSample(metainfo={"img_shape": (h, w), "pad_shape": (h, w), "ori_shape": (h, w),
-                                             "batch_input_shape": (h, w), "scale_factor": (1.0, 1.0)})
+            sample = DetDataSample(
+                metainfo={
+                    "img_shape": (h, w),
+                    "pad_shape": (h, w),
+                    "ori_shape": (h, w),
+                    "batch_input_shape": (h, w),
+                    "scale_factor": (1.0, 1.0),
+                }
+            )
             sample.gt_instances = InstanceData(bboxes=boxes_type(boxes.float()), labels=labels.long())
             samples.append(sample)
         return samples
 
-    def decode_boxes(self, deltas: Tensor, anchors: Tensor, stride: int | None = None,
-                     max_shape: tuple[int, int] | None = None) -> Tensor:
+    def decode_boxes(
+        self, deltas: Tensor, anchors: Tensor, stride: int | None = None, max_shape: tuple[int, int] | None = None
+    ) -> Tensor:
         """Boxes from the model's own coder (centres clamped into ``max_shape`` as its predict does),
         oriented ones normalised to rkd's le90."""
         coder = self.mm.bbox_head.bbox_coder

@@ -101,8 +101,9 @@ class RetinaHead(nn.Module):
         key = (shapes, strides, features[0].device)
         if key not in self._anchor_cache:
             self._anchor_cache[key] = [
-                grid_anchors(h, w, s, anchor_sizes(self.anchor_size * s, self.anchor_ratios, self.anchor_scales),
-                             self.box_dim).to(features[0].device)
+                grid_anchors(
+                    h, w, s, anchor_sizes(self.anchor_size * s, self.anchor_ratios, self.anchor_scales), self.box_dim
+                ).to(features[0].device)
                 for (h, w), s in zip(shapes, strides)
             ]
         return self._anchor_cache[key]
@@ -122,9 +123,12 @@ class RetinaHead(nn.Module):
         num_pos = pos.sum().clamp(min=1).to(cls.dtype)
         onehot = F.one_hot(asg.matched_labels.clamp(min=0), self.num_classes).to(cls.dtype)
         onehot = onehot * pos[..., None].to(cls.dtype)
-        cls_loss = sigmoid_focal_loss(
-            cls[valid], onehot[valid], alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
-        ) / num_pos
+        cls_loss = (
+            sigmoid_focal_loss(
+                cls[valid], onehot[valid], alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
+            )
+            / num_pos
+        )
         b_idx, a_idx = pos.nonzero(as_tuple=True)
         target_deltas = self.coder.encode(asg.target_boxes[b_idx, a_idx], anchors[a_idx])
         box_loss = F.smooth_l1_loss(box[b_idx, a_idx], target_deltas, beta=1.0 / 9, reduction="sum") / num_pos

@@ -16,7 +16,7 @@ weights; the gain is judged on the paired differences ``d_s = score(candidate, s
 Seeds: ``spec.seed + 1``, ..., ``spec.seed + N``; the search's trials all ran with ``spec.seed``, so
 these are fresh, and the first N stay the same when N grows (those pairs are reused).
 
-The trainings are the search's own trials (:func:`rkd.search.runner.distill_trial`) in a second
+The trainings are the search's own trials (:func:`rkd.search.trial.distill_trial`) in a second
 Tune experiment (``ray/confirm``) with the same resources, storage and checkpoints. Each finished
 training is recorded in ``confirm/<job>.json`` (atomically), named by a hash of what it trains;
 a rerun trains only the jobs without a record, and an interrupted confirm experiment of the same
@@ -29,9 +29,11 @@ import hashlib
 import json
 import math
 import shutil
+from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import stats
@@ -41,6 +43,9 @@ from rkd.schema import Section
 from rkd.search.results import front_rows
 from rkd.train.checkpoint import atomic_write_json
 from rkd.train.runner import launcher_resources, reuse_trial_processes
+
+if TYPE_CHECKING:
+    from rkd.search.trial import TrialContext
 
 CONFIRM_KEYS = {"top", "seeds"}
 LEVEL = 0.95  # of the gain's interval
@@ -93,7 +98,12 @@ def paired_gain(candidate: list[float], twin: list[float], level: float = LEVEL)
     c_mean, c_sd = mean_sd(candidate)
     t_mean, t_sd = mean_sd(twin)
     return {
-        "n": len(d), "mean": mean, "sd": sd, "level": level, "low": low, "high": high,
+        "n": len(d),
+        "mean": mean,
+        "sd": sd,
+        "level": level,
+        "low": low,
+        "high": high,
         "includes_zero": None if low is None else bool(low <= 0.0 <= high),
         "candidate": {"scores": list(map(float, candidate)), "mean": c_mean, "std": c_sd},
         "twin": {"scores": list(map(float, twin)), "mean": t_mean, "std": t_sd},
@@ -155,12 +165,12 @@ def plan_jobs(points: list[dict[str, Any]], seeds: list[int]) -> tuple[dict[str,
     return jobs, pairs
 
 
-def confirm_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+def confirm_trial(config: dict[str, Any], ctx: TrialContext, jobs: dict[str, dict[str, Any]]) -> None:
     """One confirm training: the search's trial function, with the job's parameters and seed."""
-    from rkd.search.runner import distill_trial
+    from rkd.search.trial import distill_trial
 
-    job = ctx["jobs"][config["job"]]
-    distill_trial(job["params"], {**ctx, "seed": job["seed"], "base_methods": ctx["base_methods"] if job["kd"] else {}})
+    job = jobs[config["job"]]
+    distill_trial(job["params"], replace(ctx, seed=job["seed"], base_methods=ctx.base_methods if job["kd"] else {}))
 
 
 def summarise(
@@ -170,16 +180,28 @@ def summarise(
     out = []
     for row in points:
         mine = [p for p in pairs if p["trial_id"] == row["trial_id"]]
-        done = [p for p in mine if records.get(p["kd"], {}).get("score") is not None
-                and records.get(p["twin"], {}).get("score") is not None]
+        done = [
+            p
+            for p in mine
+            if records.get(p["kd"], {}).get("score") is not None and records.get(p["twin"], {}).get("score") is not None
+        ]
         sides = [records[k] for p in mine for k in (p["kd"], p["twin"]) if k in records]
         failed = sorted({f"{r['status']}: {r.get('reason')}" for r in sides if r.get("score") is None})
         gain = paired_gain([records[p["kd"]]["score"] for p in done], [records[p["twin"]]["score"] for p in done])
-        out.append({
-            "trial_id": row["trial_id"], "kd_methods": row.get("kd_methods"), "reference": row.get("reference"),
-            "gflops": row.get("gflops"), "search_" + accuracy: row.get(accuracy), "seeds": [p["seed"] for p in done],
-            "candidate": gain.pop("candidate"), "twin": gain.pop("twin"), "gain": gain, "failed": failed,
-        })
+        out.append(
+            {
+                "trial_id": row["trial_id"],
+                "kd_methods": row.get("kd_methods"),
+                "reference": row.get("reference"),
+                "gflops": row.get("gflops"),
+                "search_" + accuracy: row.get(accuracy),
+                "seeds": [p["seed"] for p in done],
+                "candidate": gain.pop("candidate"),
+                "twin": gain.pop("twin"),
+                "gain": gain,
+                "failed": failed,
+            }
+        )
     return out
 
 
@@ -195,8 +217,11 @@ def clear(run_dir: Path, ray_storage: str, run_uri: str | None) -> None:
             shutil.rmtree(old)
     (run_dir / JOBS_FILE).unlink(missing_ok=True)
     if run_uri:
-        for old_uri in (storage.join(run_uri, RECORDS), storage.join(ray_storage, EXPERIMENT),
-                        storage.join(run_uri, JOBS_FILE)):
+        for old_uri in (
+            storage.join(run_uri, RECORDS),
+            storage.join(ray_storage, EXPERIMENT),
+            storage.join(run_uri, JOBS_FILE),
+        ):
             storage.delete(old_uri)
 
 
@@ -205,18 +230,18 @@ def run_confirm(
     confirm: dict[str, int],
     rows: list[dict[str, Any]],
     objectives: tuple[str, ...],
-    ctx: dict[str, Any],
+    ctx: TrialContext,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train what is missing of the confirm stage and return its summary (``summary.json: confirm``)."""
     from ray import tune
 
     from rkd.search.progress import ProgressPrinter
-    from rkd.search.runner import _status
+    from rkd.search.rows import trial_status
 
     accuracy = objectives[0]
     seeds = confirm_seeds(spec.seed, confirm["seeds"])
-    points = candidates(rows, objectives, confirm["top"], bool(ctx["base_methods"]))
+    points = candidates(rows, objectives, confirm["top"], bool(ctx.base_methods))
     jobs, pairs = plan_jobs(points, seeds)
     records = _records(spec.run_dir)
     todo = sorted(k for k in jobs if k not in records)
@@ -224,15 +249,18 @@ def run_confirm(
     if not points:
         log("[confirm] no front point uses KD: nothing to confirm")
         return {**head, "points": []}
-    log(f"[confirm] {len(points)} front points and their no-KD twins, {len(seeds)} seeds each: "
-        f"{len(todo)} of {len(jobs)} trainings to run")
+    log(
+        f"[confirm] {len(points)} front points and their no-KD twins, {len(seeds)} seeds each: "
+        f"{len(todo)} of {len(jobs)} trainings to run"
+    )
     if todo:
         experiment = storage.join(spec.ray_storage, EXPERIMENT)
         jobs_path = spec.run_dir / JOBS_FILE
         earlier = json.loads(jobs_path.read_text()) if jobs_path.is_file() else None
-        ctx = {**ctx, "jobs": jobs, "eval_each_epoch": False, "max_gflops": None, "objectives": (accuracy, "gflops")}
+        ctx = replace(ctx, eval_each_epoch=False, max_gflops=None, objectives=(accuracy, "gflops"))
         trainable = tune.with_resources(
-            tune.with_parameters(confirm_trial, ctx=ctx), launcher_resources(ctx["resources"]))
+            tune.with_parameters(confirm_trial, ctx=ctx, jobs=jobs), launcher_resources(ctx.resources)
+        )
         if earlier == todo and tune.Tuner.can_restore(experiment):
             log(f"[confirm] resuming {experiment}: unfinished trainings continue from their checkpoints")
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False)
@@ -245,8 +273,10 @@ def run_confirm(
             tuner = tune.Tuner(
                 trainable,
                 param_space={"job": tune.grid_search(todo)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials,
-                                            reuse_actors=reuse_trial_processes(spec.resources)),
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=spec.resources.max_concurrent_trials,
+                    reuse_actors=reuse_trial_processes(spec.resources),
+                ),
                 run_config=tune.RunConfig(
                     name=EXPERIMENT,
                     storage_path=spec.ray_storage,
@@ -258,7 +288,7 @@ def run_confirm(
         for result in tuner.fit():
             key = (result.config or {}).get("job")
             if key in jobs:
-                status, reason = _status(result)
+                status, reason = trial_status(result)
                 score = (result.metrics or {}).get(accuracy) if status == "complete" else None
                 record = {**jobs[key], "status": status, "reason": reason, "score": score}
                 atomic_write_json(spec.run_dir / RECORDS / f"{key}.json", record)
@@ -270,24 +300,41 @@ def confirm_report(confirm: dict[str, Any]) -> str:
     """The confirm stage's table under a line that says what it measured."""
     if not confirm["points"]:
         return "\nconfirmed: no front point uses KD, nothing to confirm"
-    return (f"\nconfirmed (each point and its no-KD twin re-trained with seeds {confirm['seed_list']}; gain: mean "
-            f"paired difference, {confirm['level']:.0%} t interval):\n" + confirm_table(confirm))
+    return (
+        f"\nconfirmed (each point and its no-KD twin re-trained with seeds {confirm['seed_list']}; gain: mean "
+        f"paired difference, {confirm['level']:.0%} t interval):\n" + confirm_table(confirm)
+    )
 
 
 def confirm_table(confirm: dict[str, Any]) -> str:
     """The confirmed points as a text table (``rkd results``, the end of ``rkd search``)."""
-    from rkd.search.results import format_table
     from rkd.metrics import metric_label
+    from rkd.search.results import format_table
 
     label = metric_label(confirm["metric"])
-    rows = [{
-        "trial_id": p["trial_id"], "kd_methods": p["kd_methods"], "gflops": p["gflops"],
-        "search": p.get(f"search_{confirm['metric']}"), "pairs": p["gain"]["n"],
-        "candidate": _mean_sd(p["candidate"]), "twin": _mean_sd(p["twin"]), "gain": format_gain(p["gain"]),
-    } for p in confirm["points"]]
-    columns = [("trial_id", "trial"), ("kd_methods", "KD methods"), ("gflops", "GFLOPs"), ("search", f"search {label}"),
-               ("pairs", "seeds"), ("candidate", f"{label} mean+-sd"), ("twin", "no-KD twin mean+-sd"),
-               ("gain", f"gain over twin [{confirm['level']:.0%} CI]")]
+    rows = [
+        {
+            "trial_id": p["trial_id"],
+            "kd_methods": p["kd_methods"],
+            "gflops": p["gflops"],
+            "search": p.get(f"search_{confirm['metric']}"),
+            "pairs": p["gain"]["n"],
+            "candidate": _mean_sd(p["candidate"]),
+            "twin": _mean_sd(p["twin"]),
+            "gain": format_gain(p["gain"]),
+        }
+        for p in confirm["points"]
+    ]
+    columns = [
+        ("trial_id", "trial"),
+        ("kd_methods", "KD methods"),
+        ("gflops", "GFLOPs"),
+        ("search", f"search {label}"),
+        ("pairs", "seeds"),
+        ("candidate", f"{label} mean+-sd"),
+        ("twin", "no-KD twin mean+-sd"),
+        ("gain", f"gain over twin [{confirm['level']:.0%} CI]"),
+    ]
     return format_table(rows, columns)
 
 

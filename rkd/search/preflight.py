@@ -37,7 +37,9 @@ def make_run_dir(spec: RunSpec) -> None:
     try:
         spec.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise spec.source.error(SpecError("output_dir", f"cannot create {spec.run_dir}: {err.strerror or err}")) from None
+        raise spec.source.error(
+            SpecError("output_dir", f"cannot create {spec.run_dir}: {err.strerror or err}")
+        ) from None
 
 
 def check_teacher_checkpoint(spec: RunSpec) -> None:
@@ -54,9 +56,12 @@ def check_teacher_checkpoint(spec: RunSpec) -> None:
         raise spec.source.error(SpecError("teacher.checkpoint", f"{path}: {_without_path(err, path)}")) from None
     names = task.class_names(spec.data)
     if ckpt["num_classes"] != len(names):
-        raise spec.source.error(SpecError(
-            "teacher.checkpoint", f"{path}: the model predicts {ckpt['num_classes']} classes, the data has {len(names)}"
-        ))
+        raise spec.source.error(
+            SpecError(
+                "teacher.checkpoint",
+                f"{path}: the model predicts {ckpt['num_classes']} classes, the data has {len(names)}",
+            )
+        )
 
 
 def _check_description(ckpt: dict[str, Any]) -> None:
@@ -84,17 +89,23 @@ def check_resources(spec: RunSpec) -> None:
         return  # a cluster may add nodes on demand
     res = spec.resources
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    for key, per_worker, entry in (("CPU", res.cpus_per_worker, "cpus_per_worker"),
-                                   ("GPU", res.gpus_per_worker, "gpus_per_worker")):
+    for key, per_worker, entry in (
+        ("CPU", res.cpus_per_worker, "cpus_per_worker"),
+        ("GPU", res.gpus_per_worker, "gpus_per_worker"),
+    ):
         largest = max((n.get(key, 0.0) for n in nodes), default=0.0)
         total = sum(n.get(key, 0.0) for n in nodes)
         if per_worker > largest:
-            raise spec.source.error(SpecError(
-                f"resources.{entry}", f"asks {per_worker:g} {key}s per worker, but this machine has {largest:g}"
-            ))
+            raise spec.source.error(
+                SpecError(
+                    f"resources.{entry}", f"asks {per_worker:g} {key}s per worker, but this machine has {largest:g}"
+                )
+            )
         if per_worker * res.workers > total:
-            raise spec.source.error(SpecError(
-                "resources.workers",
-                f"{res.workers} workers x {per_worker:g} {key}s need {per_worker * res.workers:g}, "
-                f"but this machine has {total:g}",
-            ))
+            raise spec.source.error(
+                SpecError(
+                    "resources.workers",
+                    f"{res.workers} workers x {per_worker:g} {key}s need {per_worker * res.workers:g}, "
+                    f"but this machine has {total:g}",
+                )
+            )

@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from ray import tune
 
-from rkd.search.results import error_reason, loss_growth
 from rkd.metrics import metric_label
+from rkd.search.results import error_reason, loss_growth
 
 
 def _fmt_elapsed(seconds: float) -> str:
@@ -44,8 +45,13 @@ def _short(v: Any) -> str:
 class ProgressPrinter(tune.Callback):
     """Prints one line per trial start, per epoch and per trial end."""
 
-    def __init__(self, total: int, stream: TextIO | None = None, metric: str = "map50",
-                 describe: Callable[[dict[str, Any]], str] = describe_params) -> None:
+    def __init__(
+        self,
+        total: int,
+        stream: TextIO | None = None,
+        metric: str = "map50",
+        describe: Callable[[dict[str, Any]], str] = describe_params,
+    ) -> None:
         self.total, self.describe = total, describe  # describe: a trial's config in its start line
         self.metric, self.label = metric, metric_label(metric)
         self.stream = stream  # None: sys.stdout at print time (Tune pickles callbacks; streams do not pickle)
@@ -64,8 +70,11 @@ class ProgressPrinter(tune.Callback):
         # numbers of the trials it restored. Not the place alone: a resume re-adds the restored trials
         # latest-reporting first, so a trial that was running comes before the finished ones.
         created = re.match(r"(\d+)(_|$)", str(getattr(trial, "experiment_tag", "") or ""))
-        n = int(created.group(1)) if created else next(
-            (i + 1 for i, t in enumerate(trials) if t.trial_id == trial.trial_id), None)
+        n = (
+            int(created.group(1))
+            if created
+            else next((i + 1 for i, t in enumerate(trials) if t.trial_id == trial.trial_id), None)
+        )
         n = self.numbers.setdefault(trial.trial_id, n or len(self.numbers) + 1)
         return f"trial {n}/{self.total}"
 
@@ -93,7 +102,11 @@ class ProgressPrinter(tune.Callback):
         if done and not grown and self.metric in last:
             if self.best is None or last[self.metric] > self.best[0]:
                 self.best = (last[self.metric], last.get("gflops", float("nan")))
-        best = f"best {self.label} {self.best[0]:.3f} at {self.best[1]:.3f} GFLOPs" if self.best else "no complete trial yet"
+        best = (
+            f"best {self.label} {self.best[0]:.3f} at {self.best[1]:.3f} GFLOPs"
+            if self.best
+            else "no complete trial yet"
+        )
         state = ("diverged" if grown else "complete") if done else last.get("status", "stopped")
         self._say(
             f"{self._n(trial, trials)} {state}: {self.label} {last.get(self.metric, float('nan')):.3f} GFLOPs "

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from rkd.errors import RkdError
-from rkd.search.results import DEFAULT_OBJECTIVES, front_rows, hypervolume, knee, trials_path
-from rkd.metrics import metric_label
 from rkd.atomic import atomic_write_text
+from rkd.errors import RkdError
+from rkd.metrics import metric_label
+from rkd.search.results import DEFAULT_OBJECTIVES, front_rows, hypervolume, knee, trials_path
 
 W, H = 640, 380  # chart size in px
 PAD_L, PAD_R, PAD_T, PAD_B = 56, 16, 14, 40
@@ -148,7 +148,7 @@ def importances(rows: list[dict[str, Any]], acc: str = "map50") -> list[tuple[st
         ss_between = sum(float((groups == g).sum() * (y[groups == g].mean() - mean) ** 2) for g in set(labels))
         ms_within = (ss_total - ss_between) / (len(done) - k)
         omega = max(0.0, (ss_between - (k - 1) * ms_within) / (ss_total + ms_within))
-        out.append((col[len("param."):], omega, k))
+        out.append((col[len("param.") :], omega, k))
     return sorted(out, key=lambda t: (-t[1], t[0]))
 
 
@@ -233,29 +233,40 @@ class _Chart:
             axes.append(f'<text x="{PAD_L - 6}" y="{self.y(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
         xlabel = html.escape(self.xlabel)
         axes.append(f'<text x="{(PAD_L + W - PAD_R) / 2}" y="{H - 6}" text-anchor="middle">{xlabel}</text>')
-        axes.append(f'<text transform="translate(14,{(PAD_T + H - PAD_B) / 2}) rotate(-90)" text-anchor="middle">'
-                    f"{html.escape(self.ylabel)}</text>")
+        axes.append(
+            f'<text transform="translate(14,{(PAD_T + H - PAD_B) / 2}) rotate(-90)" text-anchor="middle">'
+            f"{html.escape(self.ylabel)}</text>"
+        )
         keys = [
             f'<rect x="{W - PAD_R - 150}" y="{PAD_T + 6 + 16 * i}" width="10" height="10" fill="{c}"/>'
             f'<text x="{W - PAD_R - 134}" y="{PAD_T + 15 + 16 * i}">{html.escape(n)}</text>'
             for i, (n, c) in enumerate(legend)
         ]
-        return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}">'
-                + "".join(axes + self.items + keys) + "</svg>")
+        return (
+            f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}">'
+            + "".join(axes + self.items + keys)
+            + "</svg>"
+        )
 
 
 def front_svg(
     rows: list[dict[str, Any]], front: list[dict[str, Any]], teacher: dict[str, Any] | None, acc: str = "map50"
 ) -> str:
-    done = [r for r in rows if r["status"] == "complete" and _num(r.get(acc)) is not None
-            and _num(r.get("gflops")) is not None]
+    done = [
+        r
+        for r in rows
+        if r["status"] == "complete" and _num(r.get(acc)) is not None and _num(r.get("gflops")) is not None
+    ]
     pts = [(r["gflops"], r[acc]) for r in done]
     if teacher and _num(teacher.get("gflops")) is not None and _num(teacher.get(acc)) is not None:
         pts.append((teacher["gflops"], teacher[acc]))
     if not pts:
         return "<p>No complete trial: nothing to plot.</p>"
     chart = _Chart(
-        [p[0] for p in pts], [p[1] for p in pts], "student GFLOPs (lower is better)", f"val {metric_label(acc)} (higher is better)"
+        [p[0] for p in pts],
+        [p[1] for p in pts],
+        "student GFLOPs (lower is better)",
+        f"val {metric_label(acc)} (higher is better)",
     )
     if front:
         chart.line([r["gflops"] for r in front], [r[acc] for r in front], PALETTE[0], "Pareto front")
@@ -264,8 +275,13 @@ def front_svg(
         kd = r.get("kd_methods") or "none"
         title = f"{r['trial_id']}: {metric_label(acc)} {r[acc]:.4f}, {r['gflops']:.4g} GFLOPs, KD: {kd}"
         color = PALETTE[0] if r["trial_id"] in on_front else "#9aa5b1"
-        chart.point(r["gflops"], r[acc], title, "circle" if r.get("kd_methods") else "square",
-                    color if r.get("kd_methods") else PALETTE[1])
+        chart.point(
+            r["gflops"],
+            r[acc],
+            title,
+            "circle" if r.get("kd_methods") else "square",
+            color if r.get("kd_methods") else PALETTE[1],
+        )
     legend = [("distilled trial", "#9aa5b1"), ("on the front", PALETTE[0]), ("student, no KD", PALETTE[1])]
     if len(pts) > len(done):
         tx, ty = pts[-1]
@@ -305,7 +321,9 @@ def curves_svg(curves: dict[str, list[dict[str, Any]]], trial_ids: list[str], ac
     series = [(tid, pts) for tid in trial_ids if (pts := evaluated_points(curves.get(tid, []), acc))]
     if not series:
         return ""
-    chart = _Chart([e for _, p in series for e, _ in p], [m for _, p in series for _, m in p], "epoch", f"val {metric_label(acc)}")
+    chart = _Chart(
+        [e for _, p in series for e, _ in p], [m for _, p in series for _, m in p], "epoch", f"val {metric_label(acc)}"
+    )
     for i, (tid, pts) in enumerate(series):
         color = PALETTE[i % len(PALETTE)]
         chart.line([e for e, _ in pts], [m for _, m in pts], color, tid, 1.4)
@@ -333,22 +351,37 @@ def _cell(v: Any, digits: int = 4) -> str:
 
 
 def trials_html(rows: list[dict[str, Any]], front_ids: set[str], knee_id: str | None, acc: str = "map50") -> str:
-    head = ["trial", "status", metric_label(acc), "GFLOPs", "params (M)", "epochs", "KD methods", "wall s", "parameters",
-            "reason"]
+    head = [
+        "trial",
+        "status",
+        metric_label(acc),
+        "GFLOPs",
+        "params (M)",
+        "epochs",
+        "KD methods",
+        "wall s",
+        "parameters",
+        "reason",
+    ]
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for r in rows:
         mark = " (knee)" if r["trial_id"] == knee_id else " (front)" if r["trial_id"] in front_ids else ""
         params = ", ".join(
-            f"{k[len('param.'):]}={_cell(v)}" for k, v in r.items() if k.startswith("param.") and v is not None
+            f"{k[len('param.') :]}={_cell(v)}" for k, v in r.items() if k.startswith("param.") and v is not None
         )
         reason = r.get("reason") or ""
         reason = html.escape(reason[:300]) + ("..." if len(reason) > 300 else "")  # a traceback tail can be long
         status = html.escape(str(r["status"]))
         cells = [
-            f"{html.escape(str(r['trial_id']))}{mark}", _cell(r.get(acc)), _cell(r.get("gflops")),
-            _cell(r.get("params_m")), f"{_cell(r.get('epochs_done'))}/{_cell(r.get('epochs'))}",
-            _cell(r.get("kd_methods") or "none"), _cell(r.get("wall_s"), 3),
-            f"<details><summary>show</summary>{params}</details>", reason,
+            f"{html.escape(str(r['trial_id']))}{mark}",
+            _cell(r.get(acc)),
+            _cell(r.get("gflops")),
+            _cell(r.get("params_m")),
+            f"{_cell(r.get('epochs_done'))}/{_cell(r.get('epochs'))}",
+            _cell(r.get("kd_methods") or "none"),
+            _cell(r.get("wall_s"), 3),
+            f"<details><summary>show</summary>{params}</details>",
+            reason,
         ]
         cells.insert(1, f'<span class="{status}">{status}</span>')
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -365,7 +398,8 @@ def hypervolume_html(ordered: list[dict[str, Any]], curve: list[float]) -> str:
         "in the order trials finished (their last reported timestamp).</p>"
         + (hypervolume_svg(curve) if curve else "<p>No trial.</p>")
         + '<table id="hypervolume"><tr><th>trials</th><th>last trial</th><th>hypervolume</th></tr>'
-        + rows + "</table>"
+        + rows
+        + "</table>"
     )
 
 
@@ -394,25 +428,47 @@ def confirm_html(confirm: dict[str, Any] | None) -> str:
     from rkd.search.confirm import format_gain
 
     label = metric_label(confirm["metric"])
-    out = (f"<h2>Confirmed gains over the student without KD</h2><p>The {confirm['top']} most accurate front points "
-           f"that use KD and their no-KD twins (same student, lr, epochs and data; KD off), each re-trained with seeds "
-           f"{html.escape(str(confirm['seed_list']))}. Gain: the mean of the per-seed differences, with its "
-           f"{confirm['level']:.0%} Student-t interval; where the interval includes 0 the gain is not told apart "
-           "from seed noise.</p>")
+    out = (
+        f"<h2>Confirmed gains over the student without KD</h2><p>The {confirm['top']} most accurate front points "
+        f"that use KD and their no-KD twins (same student, lr, epochs and data; KD off), each re-trained with seeds "
+        f"{html.escape(str(confirm['seed_list']))}. Gain: the mean of the per-seed differences, with its "
+        f"{confirm['level']:.0%} Student-t interval; where the interval includes 0 the gain is not told apart "
+        "from seed noise.</p>"
+    )
     if not confirm["points"]:
         return out + "<p>No front point uses KD: nothing to confirm.</p>"
-    head = ["trial", "KD methods", "GFLOPs", f"search {label}", "seeds", f"{label} mean", "sd", "no-KD twin mean",
-            "sd", "gain [interval]", "failed"]
+    head = [
+        "trial",
+        "KD methods",
+        "GFLOPs",
+        f"search {label}",
+        "seeds",
+        f"{label} mean",
+        "sd",
+        "no-KD twin mean",
+        "sd",
+        "gain [interval]",
+        "failed",
+    ]
     body = []
     for p in confirm["points"]:
         cand, twin, gain = p["candidate"], p["twin"], p["gain"]
         verdict = format_gain(gain)
         # red where the interval includes 0 (not told apart from seed noise), green where it does not
         style = {True: ' class="failed"', False: ' class="complete"'}.get(gain.get("includes_zero"), "")
-        cells = [html.escape(str(p["trial_id"])), _cell(p.get("kd_methods")), _cell(p.get("gflops")),
-                 _cell(p.get(f"search_{confirm['metric']}")), str(gain["n"]), _cell(cand["mean"]), _cell(cand["std"]),
-                 _cell(twin["mean"]), _cell(twin["std"]), f"<span{style}>{html.escape(verdict)}</span>",
-                 html.escape("; ".join(p.get("failed") or [])) or "-"]
+        cells = [
+            html.escape(str(p["trial_id"])),
+            _cell(p.get("kd_methods")),
+            _cell(p.get("gflops")),
+            _cell(p.get(f"search_{confirm['metric']}")),
+            str(gain["n"]),
+            _cell(cand["mean"]),
+            _cell(cand["std"]),
+            _cell(twin["mean"]),
+            _cell(twin["std"]),
+            f"<span{style}>{html.escape(verdict)}</span>",
+            html.escape("; ".join(p.get("failed") or [])) or "-",
+        ]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     head_html = "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
     return out + f'<table id="confirm">{head_html}{"".join(body)}</table>'
@@ -439,21 +495,27 @@ def build_html(run_dir: Path) -> str:
     intro = f"{len(rows)} trials: " + ", ".join(f"{n} {html.escape(s)}" for s, n in counts.items()) + ". "
     if teacher:
         intro += f"Teacher: {metric_label(acc)} {_cell(teacher.get(acc))}, {_cell(teacher.get('gflops'))} GFLOPs. "
-    intro += (f"Front: {len(front)} trials; knee: {html.escape(str(knee_id or '-'))}; hypervolume "
-              f"{curve[-1] if curve else 0.0:.6g} (reference: {metric_label(acc)} 0, {ref:.6g} GFLOPs).")
+    intro += (
+        f"Front: {len(front)} trials; knee: {html.escape(str(knee_id or '-'))}; hypervolume "
+        f"{curve[-1] if curve else 0.0:.6g} (reference: {metric_label(acc)} 0, {ref:.6g} GFLOPs)."
+    )
     parts = [
         f"<h1>rkd search report: {name}</h1><p>{intro}</p>",
-        "<h2>Pareto front</h2>", front_svg(rows, front, teacher, acc),
+        "<h2>Pareto front</h2>",
+        front_svg(rows, front, teacher, acc),
         confirm_html(summary.get("confirm")),
         hypervolume_html(ordered, curve),
         importances_html(rows, acc),
         f"<h2>{metric_label(acc)} per epoch</h2>",
-        curves_svg(curves, [r["trial_id"] for r in ordered], acc) or "<p>No per-trial result files under ray/search/.</p>",
+        curves_svg(curves, [r["trial_id"] for r in ordered], acc)
+        or "<p>No per-trial result files under ray/search/.</p>",
         "<h2>All trials</h2><p>In the order they finished.</p>",
         trials_html(ordered, {r["trial_id"] for r in front}, knee_id, acc),
     ]
-    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>rkd report: {name}</title>'
-            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>rkd report: {name}</title>'
+        f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
 
 
 def write_report(run_dir: Path) -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the space module needs torch (the KD registry); building rkd's parser must not
@@ -54,7 +53,7 @@ def format_space(space: SearchSpace) -> str:
     if not student:
         rows.append(("  (the spec's student, unchanged)", "", ""))
     for d in student:
-        rows.append((f"  {d.name[len('student.'):]}", d.describe(), _size(d)))
+        rows.append((f"  {d.name[len('student.') :]}", d.describe(), _size(d)))
     rows.append(("methods", "", ""))
     if not space.methods():
         rows.append(("  (none: the student trains without KD)", "", ""))
@@ -69,7 +68,8 @@ def format_space(space: SearchSpace) -> str:
         named = {d.name.rsplit(".", 1)[1] for d in params}
         rest = [
             f"{p}={v.default!r}" + ("" if v.published is None else f" (published {v.published!r})")
-            for p, v in space.declared_params(method).items() if p not in named
+            for p, v in space.declared_params(method).items()
+            if p not in named
         ]
         if rest:
             rows.append((f"    (defaults: {', '.join(rest)})", "", ""))
@@ -105,8 +105,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="space_action", required=True)
     s = actions.add_parser("show", help="print a search space as a tree with its size")
     s.add_argument("file", help="the search space (YAML)")
-    s.add_argument("--task", choices=["detection", "classification"], default="detection",
-                   help="whose KD methods the space refers to (default: detection)")
+    s.add_argument(
+        "--task",
+        choices=["detection", "classification"],
+        default="detection",
+        help="whose KD methods the space refers to (default: detection)",
+    )
     s.set_defaults(func=_cmd_show)
 
 

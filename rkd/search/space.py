@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import rkd.distill  # noqa: F401  (importing the package registers every method)
-from rkd.distill.base import KD_METHODS, Param, resolve_options
+from rkd.distill.base import KD_METHODS, Param, check_declared_sign, resolve_options
 from rkd.errors import SpecError
 from rkd.schema import join, refuse_code
-from rkd.train.tasks import check_declared_sign
-from rkd.yamlio import SourceMap, load_yaml
+from rkd.yamlio import load_yaml
 
 METHOD_SWITCH = "enabled"
 # The student's KD loss balance mode (rkd.distill.balance): published-defaults points run with "off",
@@ -73,7 +72,9 @@ class Dim:
             return any(value == c and type(value) is type(c) for c in self.choices)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
-        on_grid = self.step is None or abs((value - self.low) / self.step - round((value - self.low) / self.step)) < 1e-9
+        on_grid = (
+            self.step is None or abs((value - self.low) / self.step - round((value - self.low) / self.step)) < 1e-9
+        )
         return self.low <= value <= self.high and (self.kind != "int" or float(value).is_integer()) and on_grid
 
     def describe(self) -> str:
@@ -113,7 +114,11 @@ class SearchSpace:
 
     def baseline_point(self) -> dict[str, Any]:
         """Parameters of the "no KD" configuration: every switchable method off."""
-        return {d.name: False for d in self.dims if d.condition is None and d.name.startswith("methods.") and d.kind == "choice"}
+        return {
+            d.name: False
+            for d in self.dims
+            if d.condition is None and d.name.startswith("methods.") and d.kind == "choice"
+        }
 
     def with_published_choices(self) -> SearchSpace:
         """This space with what published-defaults points need as choices the sampler may take too:
@@ -126,7 +131,9 @@ class SearchSpace:
             for pname, param in self.declared_params(method).items():
                 name = f"methods.{method}.{pname}"
                 if param.published is not None and name not in names:
-                    added.append(Dim(name, "choice", choices=(param.default, param.published), condition=f"methods.{method}"))
+                    added.append(
+                        Dim(name, "choice", choices=(param.default, param.published), condition=f"methods.{method}")
+                    )
         return SearchSpace([*self.dims, *added], self.file, self.registry) if added else self
 
     def declared_params(self, method: str) -> dict[str, Param]:
@@ -177,7 +184,9 @@ def _dim_from_entry(name: str, entry: Any, where: str, declared: Param | None, c
             return Dim(name, "choice", choices=tuple(choices), condition=condition)
         allowed = {"low", "high", "log", "step", "type"}
         if not keys or keys - allowed:
-            raise SpecError(where, f"expected {{choices: [...]}} or {{low, high[, log, step, type]}}, got keys {sorted(keys)}")
+            raise SpecError(
+                where, f"expected {{choices: [...]}} or {{low, high[, log, step, type]}}, got keys {sorted(keys)}"
+            )
         for bound in ("low", "high"):
             if bound not in entry:
                 raise SpecError(where, f"'{bound}' is required for a range")
@@ -230,7 +239,9 @@ def _check_value(name: str, value: Any, where: str, declared: Param | None) -> N
         check_declared_sign(declared, value, where)
 
 
-def compile_space(data: Any, file: str, student_check: Any = None, registry: dict[str, Any] | None = None) -> SearchSpace:
+def compile_space(
+    data: Any, file: str, student_check: Any = None, registry: dict[str, Any] | None = None
+) -> SearchSpace:
     """Validate a parsed space document and compile it.
 
     ``student_check(params)`` (optional) validates a student configuration
@@ -251,7 +262,9 @@ def compile_space(data: Any, file: str, student_check: Any = None, registry: dic
         where = join("student", str(path))
         dim = _dim_from_entry(f"student.{path}", entry, where, None, None)
         if student_check is not None:
-            probes = dim.choices if dim.kind == "choice" else (dim.value,) if dim.kind == "fixed" else (dim.low, dim.high)
+            probes = (
+                dim.choices if dim.kind == "choice" else (dim.value,) if dim.kind == "fixed" else (dim.low, dim.high)
+            )
             for probe in probes:
                 probe = int(probe) if dim.kind == "int" else probe
                 try:

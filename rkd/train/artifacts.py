@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from rkd.train.checkpoint import atomic_write_bytes
-from rkd.train.loop import KD_PARTS_FILE, STUDENT_FILE, TRAIN_STATE_FILE
+from rkd.atomic import atomic_copy
+from rkd.train.checkpoint import KD_PARTS_FILE, STUDENT_FILE, TRAIN_STATE_FILE, atomic_write_bytes
 from rkd.train.runner import TrainOutcome
 
 
@@ -39,11 +38,7 @@ def collect_stage(outcome: TrainOutcome, folder: Path) -> list[dict[str, Any]]:
     for name in (STUDENT_FILE, KD_PARTS_FILE):
         src = Path(outcome.checkpoint_dir) / name
         if src.is_file():
-            tmp = folder / f".{name}.tmp"
-            shutil.copyfile(src, tmp)
-            tmp.replace(folder / name)
+            atomic_copy(src, folder / name)
     history = read_history(outcome.checkpoint_dir)
     write_metrics(history, folder / "metrics.parquet")
     return history
-
-

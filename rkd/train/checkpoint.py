@@ -1,16 +1,21 @@
-"""Detector checkpoints: written atomically, read without unpickling arbitrary objects.
+"""Model checkpoints and the files of a training run's checkpoints: written atomically, read without
+unpickling arbitrary objects.
 
-A checkpoint file holds only tensors and plain Python values::
+A model checkpoint file holds only tensors and plain Python values::
 
     {"format": 1, "kind": "detector", "model_spec": {...}, "num_classes": K,
      "class_names": [...], "input_size": S, "state_dict": {...}, "meta": {...}}
 
-The learnable KD parts of a distilled student are saved in a separate file
-(``kd_parts.pt``) so that export never sees them.
+A training run's checkpoint folder holds the student alone (``student.pt``, a model checkpoint:
+what export reads), the learnable KD parts of a distilled student apart (``kd_parts.pt``, so that
+export never sees them) and the training state needed to resume (``train_state.pt``: optimizer,
+scheduler, epoch, RNG, metrics history).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +24,20 @@ from torch import nn
 
 from rkd.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 from rkd.errors import RkdError
-from rkd.train.tasks import TASK_OF_KIND
+from rkd.models import Classifier, build_classifier, build_model
 
 FORMAT_VERSION = 1
+# The files of one checkpoint folder of a training run.
+STUDENT_FILE = "student.pt"
+KD_PARTS_FILE = "kd_parts.pt"
+TRAIN_STATE_FILE = "train_state.pt"
+# The checkpoint metric Ray ranks by with ``keep: k``: the epoch's val accuracy, or UNSCORED in epochs
+# without evaluation, below every score, so a carried-over score never makes such an epoch look best.
+# Not NaN/-inf: Ray's checkpoint snapshot writes those as null and then fails to restore the run.
+SCORE_METRIC = "checkpoint_score"
+UNSCORED = -1.0
+
+log = logging.getLogger(__name__)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -54,9 +70,27 @@ def save_model(
     )
 
 
-def save_detector(path: Path, model: nn.Module, model_spec: dict[str, Any], class_names: list[str],
-                  input_size: int, meta: dict[str, Any] | None = None) -> None:
+def save_detector(
+    path: Path,
+    model: nn.Module,
+    model_spec: dict[str, Any],
+    class_names: list[str],
+    input_size: int,
+    meta: dict[str, Any] | None = None,
+) -> None:
     save_model(path, model, model_spec, class_names, input_size, meta, kind="detector")
+
+
+def save_classifier(
+    path: Path,
+    model: nn.Module,
+    model_spec: dict[str, Any],
+    class_names: list[str],
+    input_size: int,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Write a classifier checkpoint (the detector layout with ``kind: classifier``), atomically."""
+    save_model(path, model, model_spec, class_names, input_size, meta, kind="classifier")
 
 
 def read_checkpoint(path: Path, kind: str = "detector") -> dict[str, Any]:
@@ -95,20 +129,34 @@ def read_checkpoint_kept(path: Path, kind: str = "detector") -> dict[str, Any]:
     return _KEPT[key]
 
 
-def load_model(path: Path, kind: str = "detector", keep: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the model a ``kind`` checkpoint describes and load its weights (strictly); a new model
-    each call. ``keep``: read the file once per process (:func:`read_checkpoint_kept`)."""
+def load_model(
+    path: Path,
+    kind: str = "detector",
+    keep: bool = False,
+    build: Callable[[dict[str, Any], int], nn.Module] = build_model,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model a ``kind`` checkpoint describes (with ``build``, from its model spec and class
+    count) and load its weights (strictly); a new model each call. ``keep``: read the file once per
+    process (:func:`read_checkpoint_kept`)."""
     ckpt = read_checkpoint_kept(path, kind) if keep else read_checkpoint(path, kind)
-    model = TASK_OF_KIND[kind].build_model(ckpt["model_spec"], ckpt["num_classes"])
+    model = build(ckpt["model_spec"], ckpt["num_classes"])
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
-        raise RkdError(f"{path}: weights do not fit the model spec (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise RkdError(
+            f"{path}: weights do not fit the model spec (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     return model, ckpt
 
 
 def load_detector(path: Path, keep: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Build the detector a checkpoint describes and load its weights (strictly)."""
     return load_model(path, "detector", keep)
+
+
+def load_classifier(path: Path, keep: bool = False) -> tuple[Classifier, dict[str, Any]]:
+    """Build the classifier a checkpoint describes (its model spec may leave out ``kind: classifier``)
+    and load its weights (strictly)."""
+    return load_model(path, "classifier", keep, build=build_classifier)  # type: ignore[return-value]
 
 
 # --- Ray Train checkpoints of a run (resume) --------------------------------------------------
@@ -142,7 +190,53 @@ def older_checkpoints(latest: Any) -> list[Any]:
     parent, own = latest.path.rstrip("/").rsplit("/", 1)
     infos = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
     names = sorted(
-        (i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")),
+        (
+            i.base_name
+            for i in infos
+            if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")
+        ),
         reverse=True,
     )
     return [Checkpoint(f"{parent}/{name}", filesystem=latest.filesystem) for name in names if name < own]
+
+
+def load_resume_files(latest: Any) -> tuple[Any, dict[str, Any], str]:
+    """The files to resume from: the latest checkpoint's (a ``ray.train.Checkpoint``), or, when those are
+    torn or unreadable, the newest older checkpoint that reads. Returns the checkpoint used, its files
+    and a warning ("" when the latest was fine). Raises when no checkpoint of the run reads."""
+    problems: list[str] = []
+    for candidate in [latest, *older_checkpoints(latest)]:
+        try:
+            with candidate.as_directory() as folder:
+                files = read_checkpoint_files(Path(folder), [TRAIN_STATE_FILE, STUDENT_FILE])
+        except (RkdError, OSError) as err:
+            problems.append(str(err))
+            continue
+        if not problems:
+            return candidate, files, ""
+        warning = (
+            f"latest checkpoint {latest.path} is unreadable ({problems[0]}); resumed from the older "
+            f"{candidate.path} (epoch {int(files[TRAIN_STATE_FILE]['epoch'])})"
+        )
+        log.warning(warning)
+        return candidate, files, warning
+    raise RkdError("no checkpoint of this run is readable: " + "; ".join(problems))
+
+
+def write_run_checkpoint(
+    folder: Path,
+    student: nn.Module,
+    model_spec: dict[str, Any],
+    class_names: list[str],
+    input_size: int,
+    meta: dict[str, Any],
+    kind: str,
+    state: dict[str, Any],
+    with_kd_parts: bool,
+) -> None:
+    """Write the files of one checkpoint of a training run into ``folder`` (see the module's doc):
+    the student, its KD parts (``with_kd_parts``: a distilled student) and the training state."""
+    save_model(folder / STUDENT_FILE, student, model_spec, class_names, input_size, meta=meta, kind=kind)
+    if with_kd_parts:
+        atomic_torch_save(state["kd_parts"], folder / KD_PARTS_FILE)
+    atomic_torch_save(state, folder / TRAIN_STATE_FILE)

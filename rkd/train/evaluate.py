@@ -95,7 +95,9 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
     if getattr(dataset, "windows", None) is not None:
         horizontal = plain.info.box_dim == 4 if hasattr(plain, "info") else False
         detections, truths = merge_into_scenes(dataset, detections, horizontal)
-    return Validation(evaluate_detections(detections, truths, num_classes=num_classes, iou_threshold=0.5), len(detections))
+    return Validation(
+        evaluate_detections(detections, truths, num_classes=num_classes, iou_threshold=0.5), len(detections)
+    )
 
 
 def merge_into_scenes(

@@ -11,7 +11,8 @@ checkpoints with Ray Train's own checkpoint manager and storage layout instead: 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from ray.train import Checkpoint, CheckpointConfig, Result
@@ -44,8 +45,9 @@ class InProcessSession:
 
     world_rank, world_size = 0, 1
 
-    def __init__(self, run_name: str, checkpoints: CheckpointManager, storage: StorageContext,
-                 callbacks: list[Any]) -> None:
+    def __init__(
+        self, run_name: str, checkpoints: CheckpointManager, storage: StorageContext, callbacks: list[Any]
+    ) -> None:
         self.run_name = run_name
         self.checkpoints, self.storage, self.callbacks = checkpoints, storage, callbacks
         self.last_metrics: dict[str, Any] | None = None
@@ -77,8 +79,15 @@ class InProcessSession:
 class InProcessTrainer:
     """``loop(config)`` run in this thread, with the ``fit()`` of a one-worker ``TorchTrainer``."""
 
-    def __init__(self, loop: Callable[[dict[str, Any]], None], config: dict[str, Any], storage_path: str, name: str,
-                 checkpoint_config: CheckpointConfig, callbacks: list[Any]) -> None:
+    def __init__(
+        self,
+        loop: Callable[[dict[str, Any]], None],
+        config: dict[str, Any],
+        storage_path: str,
+        name: str,
+        checkpoint_config: CheckpointConfig,
+        callbacks: list[Any],
+    ) -> None:
         self.loop, self.config, self.storage_path, self.name = loop, config, storage_path, name
         self.checkpoint_config, self.callbacks = checkpoint_config, callbacks
 

@@ -1,21 +1,23 @@
 """The training loop every training runs, on each Ray Train worker or in-process: teacher and students alike.
 
-The loop is a plain function of a JSON-able config (see :func:`make_loop_config`)
+The loop is a plain function of a JSON-able config (see :func:`rkd.train.config.make_loop_config`)
 so it runs unchanged on one process, on N DDP workers of one machine, or across
 nodes. The frozen teacher is replicated on every worker and never wrapped in
-DDP: it has no trainable parameters, so nothing of it is synchronised.
+DDP: it has no trainable parameters, so nothing of it is synchronised. What differs
+between detection and classification (data, models, batches, the val score) it asks
+the config's task (:mod:`rkd.train.tasks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import random
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,32 +26,25 @@ import ray
 import ray.train
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 
-from rkd import storage
-from rkd.data.dataset import build_dataset, collate_detection
-from rkd.distill.distiller import Distiller, build_distiller, nonfinite_terms
-from rkd.models import build_detector
+from rkd.data.loading import EpochIndices, SeededSamples, loader_options, resolve_workers
+from rkd.distill.distiller import Distiller, nonfinite_terms
 from rkd.outputs import Targets
-from rkd.errors import RkdError
-from rkd.train.checkpoint import atomic_torch_save, load_detector, older_checkpoints, read_checkpoint_files, save_model
-from rkd.train.evaluate import evaluate
-from rkd.train import session
-from rkd.train.prior import attach_prior_states
 from rkd.timeline import mark
+from rkd.train import session
+from rkd.train.checkpoint import (
+    SCORE_METRIC,
+    STUDENT_FILE,
+    TRAIN_STATE_FILE,
+    UNSCORED,
+    load_resume_files,
+    write_run_checkpoint,
+)
+from rkd.train.config import LoopConfig, TrainConfig
+from rkd.train.tasks import TASKS, Task
 
-STUDENT_FILE = "student.pt"
-KD_PARTS_FILE = "kd_parts.pt"
-TRAIN_STATE_FILE = "train_state.pt"
 MAX_NONFINITE_STEPS = 5
-# The checkpoint metric Ray ranks by with ``keep: k``: the epoch's val mAP50, or UNSCORED in epochs
-# without evaluation, below every mAP, so a carried-over mAP never makes such an epoch look best.
-# Not NaN/-inf: Ray's checkpoint snapshot writes those as null and then fails to restore the run.
-SCORE_METRIC = "checkpoint_score"
-UNSCORED = -1.0
-
-log = logging.getLogger(__name__)
-
 
 START_STEPS = 1  # steps whose mean loss is reported as loss_start: the first, before any update
 
@@ -97,41 +92,6 @@ def to_float32(value: Any) -> Any:
     return value
 
 
-def make_loop_config(
-    data: dict[str, Any],
-    train: dict[str, Any],
-    seed: int,
-    threads: int,
-    teacher_checkpoint: str | None = None,
-    extra_metrics: dict[str, Any] | None = None,
-    progress_file: str | None = None,
-    prior_states: dict[str, str] | None = None,
-    task: str = "detection",
-) -> dict[str, Any]:
-    """The config :func:`train_loop` takes (plain data only, so Ray can ship it).
-
-    ``task``: ``detection`` (``data`` a detection data section, ``train.model`` a detector) or
-    ``classification`` (a scenes data section, a ``kind: classifier`` model, classification KD
-    methods; see :mod:`rkd.train.classify`).
-
-    ``progress_file``: rank 0 appends one JSON line of metrics per epoch to it, for
-    the driver to show (workers' stdout is not forwarded: Ray's own logs drown it).
-    ``prior_states``: per KD method with a prior stage, the cached file of its trained
-    prior modules (:func:`rkd.train.prior.prepare_priors`); they are loaded and frozen.
-    """
-    return {
-        "task": task,
-        "data": data,
-        "train": train,
-        "seed": seed,
-        "threads": threads,
-        "teacher_checkpoint": teacher_checkpoint,
-        "extra_metrics": extra_metrics or {},
-        "progress_file": progress_file,
-        "prior_states": dict(prior_states or {}),
-    }
-
-
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """What the optimiser updates: every parameter that takes a gradient (the student and the
     learnable KD parts), never the frozen teacher or a component's frozen prior-stage modules."""
@@ -157,34 +117,34 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def schedule_factor(step: int, steps_per_epoch: int, total: int, warmup: int, train_cfg: dict[str, Any]) -> float:
+def schedule_factor(
+    step: int, steps_per_epoch: int, total: int, warmup: int, schedule: str, step_epochs: list[int], step_gamma: float
+) -> float:
     """The lr multiplier at ``step``: linear warm-up, then cosine decay (:func:`lr_factor`) or,
     with ``schedule: step``, ``step_gamma`` to the power of the ``step_epochs`` passed.
 
-    >>> cfg = {"schedule": "step", "step_epochs": [2, 3], "step_gamma": 0.1}
-    >>> [round(schedule_factor(s, 10, 40, 5, cfg), 4) for s in (0, 9, 19, 20, 29, 30)]
+    >>> [round(schedule_factor(s, 10, 40, 5, "step", [2, 3], 0.1), 4) for s in (0, 9, 19, 20, 29, 30)]
     [0.2, 1.0, 1.0, 0.1, 0.1, 0.01]
     """
-    if train_cfg.get("schedule", "cosine") != "step":
+    if schedule != "step":
         return lr_factor(step, total, warmup)
     if step < warmup:
         return (step + 1) / warmup
     epochs_done = step // max(1, steps_per_epoch)
-    passed = sum(1 for e in train_cfg.get("step_epochs", []) if epochs_done >= int(e))
-    return float(train_cfg.get("step_gamma", 0.1)) ** passed
+    passed = sum(1 for e in step_epochs if epochs_done >= int(e))
+    return float(step_gamma) ** passed
 
 
-def effective_lr(train_cfg: dict[str, Any], world: int) -> float:
-    """``lr`` scaled linearly with the global batch when ``lr_reference_batch`` is set.
+def effective_lr(lr: float, batch_size: int, reference: int | None, world: int) -> float:
+    """``lr`` scaled linearly with the global batch when a reference batch (``lr_reference_batch``) is set.
 
-    >>> effective_lr({"lr": 0.01, "batch_size": 8, "lr_reference_batch": 16}, 4)
+    >>> effective_lr(0.01, 8, 16, 4)
     0.02
-    >>> effective_lr({"lr": 0.01, "batch_size": 8}, 4)  # no reference: lr as given
+    >>> effective_lr(0.01, 8, None, 4)  # no reference: lr as given
     0.01
     """
-    reference = train_cfg.get("lr_reference_batch")
-    lr = float(train_cfg["lr"])
-    return lr if not reference else lr * int(train_cfg["batch_size"]) * world / int(reference)
+    lr = float(lr)
+    return lr if not reference else lr * int(batch_size) * world / int(reference)
 
 
 def epoch_progress(step: int, steps_per_epoch: int) -> float:
@@ -212,213 +172,390 @@ def use_channels_last(setting: str | bool, device: torch.device, model: nn.Modul
     return bool(setting)
 
 
-class DetectionTask:
-    """What the loop needs to know about detection: data, models, batches, the val score.
+@dataclass
+class Training:
+    """What one loop trains with, built once (:func:`build_training`) before the first epoch."""
 
-    :class:`rkd.train.classify.ClassificationTask` is its scene-classification twin; the
-    loop itself (DDP, schedules, precision, checkpoints, resume) is shared.
-    """
+    run: session.Session
+    cfg: LoopConfig
+    task: Task
+    device: torch.device
+    generator: torch.Generator  # the sampler's RNG (saved in checkpoints)
+    sampler: Sampler[int]
+    loader: DataLoader
+    val_set: Any
+    class_names: list[str]
+    student: nn.Module
+    teacher: nn.Module | None
+    distiller: Any
+    model: nn.Module  # the student with the KD parts (StudentWithKD), DDP-wrapped with several workers
+    teacher_output_needed: bool
+    channels_last: bool
+    amp_dtype: torch.dtype | None
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    base_lr: float
+    steps_per_epoch: int
 
-    metric = "map50"
-    kind = "detector"
+    @property
+    def settings(self) -> TrainConfig:
+        return self.cfg.train
 
-    def datasets(self, data_spec: dict[str, Any]) -> tuple[Any, Any, list[str], Any]:
-        train_set = build_dataset(data_spec, "train", train=True)
-        return train_set, build_dataset(data_spec, "val", train=False), list(train_set.class_names), collate_detection
-
-    def models(self, cfg: dict[str, Any], num_classes: int) -> tuple[nn.Module, nn.Module | None, Any]:
-        train_cfg = cfg["train"]
-        student = build_detector(train_cfg["model"], num_classes)
-        teacher, distiller = None, None
-        if cfg.get("teacher_checkpoint"):
-            teacher, _ = load_detector(storage.local_copy(cfg["teacher_checkpoint"]), keep=True)
-            if train_cfg.get("methods"):
-                distiller = build_distiller(
-                    train_cfg["methods"], student.info, teacher.info, balance=train_cfg.get("kd_balance") or {}
-                )
-                attach_prior_states(distiller, cfg.get("prior_states"))
-        return student, teacher, distiller
-
-    def needs_teacher_output(self, teacher: nn.Module | None, distiller: Any) -> bool:
-        return teacher is not None and distiller is not None
-
-    def to_device(self, batch: Any, device: torch.device, memory_format: torch.memory_format) -> tuple[Tensor, Any]:
-        images, targets, _ = batch
-        return images.to(device, memory_format=memory_format), targets.to(device)
-
-    def score(self, student: nn.Module, val_set: Any, num_classes: int, batch_size: int, device: torch.device,
-              rank: int, world: int) -> tuple[float, int]:
-        scored = evaluate(student, val_set, num_classes, batch_size)
-        return float(scored.map), scored.num_images
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
-def loop_task(name: str) -> Any:
-    if name == "classification":
-        from rkd.train.classify import ClassificationTask  # the classification side imports this module
+@dataclass
+class Progress:
+    """Where the run is: what a checkpoint saves and a resumed run starts from."""
 
-        return ClassificationTask()
-    return DetectionTask()
+    start_epoch: int = 0  # > 0 when this process resumed from a checkpoint
+    step: int = 0
+    score: float = 0.0  # the last val accuracy (carried over epochs without evaluation)
+    val_images: int = 0
+    nonfinite_steps: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # the first steps' losses: the level a diverging run grows away from
+    start_losses: list[float] = field(default_factory=list)
+    resumed: ray.train.Checkpoint | None = None  # the checkpoint resumed from
+    resume_warning: str = ""
 
 
-def train_loop(cfg: dict[str, Any]) -> None:
+@dataclass
+class EpochSums:
+    """The loss terms summed over one epoch's images on this rank."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    seen: int = 0
+    bad: list[str] = field(default_factory=list)  # the non-finite terms of the last skipped step
+
+    def add(self, terms: dict[str, Tensor], loss_value: float, images: int) -> None:
+        self.seen += images
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach()) * images
+        self.sums["loss"] = self.sums.get("loss", 0.0) + loss_value * images
+
+
+def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point of every training: teacher, student, detection, classification."""
     run = session.current()
-    rank, world = run.world_rank, run.world_size
     mark("loop_entered", run.run_name)
-    torch.set_num_threads(max(1, int(cfg["threads"])))
-    train_cfg, data_spec = cfg["train"], cfg["data"]
-    task = loop_task(cfg.get("task", "detection"))
-    generator = seed_everything(int(cfg["seed"]) + rank)
-    device = run.device()
-
-    train_set, val_set, class_names, collate = task.datasets(data_spec)
-    mark("data_loaded", run.run_name)
-    batch_size = int(train_cfg["batch_size"])
-    if world > 1:
-        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=int(cfg["seed"]))
-    else:
-        sampler = RandomSampler(train_set, generator=generator)
-    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=False)
-
-    student, teacher, distiller = task.models(cfg, len(class_names))
-    mark("models_loaded", run.run_name)
-    if getattr(distiller, "balance", None) is not None:
-        distiller.balance.watch(list(student.parameters()))  # the KD strength is measured on the student
-    channels_last = use_channels_last(train_cfg.get("channels_last", "auto"), device, student)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    amp_dtype = autocast_dtype(train_cfg.get("precision", "auto"), device)
-    if teacher is not None:
-        teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
-    teacher_output_needed = task.needs_teacher_output(teacher, distiller)
-    model = StudentWithKD(student, distiller).to(memory_format=memory_format)
-    model = run.prepare_model(model)
-
-    params = trainable_parameters(model)
-    base_lr = effective_lr(train_cfg, world)
-    optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=float(train_cfg.get("weight_decay", 1e-4)))
-    epochs = int(train_cfg["epochs"])
-    steps_per_epoch = max(1, len(loader))
-    total_steps = epochs * steps_per_epoch
-    warmup = int(round(float(train_cfg.get("warmup_epochs", 1.0)) * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: schedule_factor(s, steps_per_epoch, total_steps, max(1, warmup), train_cfg)
-    )
-    eval_every = int(train_cfg.get("eval_every", 0))
-
-    step, nonfinite_steps, score, start_epoch, val_images = 0, 0, 0.0, 0, 0
-    history: list[dict[str, Any]] = []
-    start_losses: list[float] = []  # the first steps' losses: the level a diverging run grows away from
-    resume_warning = ""
-    resumed = run.get_checkpoint()
-    if resumed is not None:
-        # Continue a killed or failed run where its last readable checkpoint left it.
-        resumed, files, resume_warning = load_resume_files(resumed)
-        state = files[TRAIN_STATE_FILE]
-        student.load_state_dict(files[STUDENT_FILE]["state_dict"])
-        if distiller is not None and state.get("kd_parts"):
-            distiller.load_state_dict(state["kd_parts"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step, score = int(state["epoch"]), int(state["step"]), float(state[task.metric])
-        nonfinite_steps, history = int(state["nonfinite_steps"]), list(state["history"])
-        start_losses = [history[-1]["loss_start"]] * START_STEPS if history and "loss_start" in history[-1] else []
-        generator.set_state(state["sampler_rng"])
-        torch.set_rng_state(state["torch_rng"])
-
-    for epoch in range(start_epoch, epochs):
-        shard: list[int] = []
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-            shard = list(sampler)  # deterministic for a given epoch: the order the loader will use
-        model.train()
-        sums: dict[str, float] = {}
-        seen, start = 0, time.perf_counter()
-        for batch in loader:
-            images, targets = task.to_device(batch, device, memory_format)
-            with autocast(device, amp_dtype):
-                teacher_out = None
-                if teacher_output_needed:
-                    with torch.no_grad():
-                        teacher_out = teacher(images)
-                terms = model(images, targets, teacher_out, epoch_progress(step, steps_per_epoch))
-            bad = nonfinite_terms(terms)
-            if bad:
-                # Skip the step, but stop a run that keeps producing NaN/inf.
-                nonfinite_steps += 1
-                if nonfinite_steps > MAX_NONFINITE_STEPS:
-                    raise DivergenceError(f"non-finite loss terms {bad} in {nonfinite_steps} steps")
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                scheduler.step()
-                continue
-            loss = sum(terms.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if float(train_cfg.get("grad_clip", 0)) > 0:
-                torch.nn.utils.clip_grad_norm_(params, float(train_cfg["grad_clip"]))
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            seen += images.shape[0]
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * images.shape[0]
-            loss_value = float(loss.detach())  # one host sync for both uses
-            sums["loss"] = sums.get("loss", 0.0) + loss_value * images.shape[0]
-            if len(start_losses) < START_STEPS:
-                start_losses.append(loss_value)
-            if step == 1:
-                mark("first_step", run.run_name)
-        elapsed = time.perf_counter() - start
-        mark("epoch_end", run.run_name)
-        if seen == 0 and len(loader) > 0:
-            raise DivergenceError(f"no finite step in epoch {epoch + 1}: non-finite loss terms {bad}")
-        last = epoch + 1 == epochs
-        evaluated = last or bool(eval_every and (epoch + 1) % eval_every == 0)
-        if evaluated:
-            score, val_images = task.score(student, val_set, len(class_names), batch_size, device, rank, world)
-        metrics = _reduce_means(sums, seen, world)
-        if world > 1:
-            metrics.update(_shard_coverage(shard, world))
-        metrics.update(
-            epoch=epoch + 1,
-            epochs=epochs,
-            **{task.metric: float(score)},
-            val_images=val_images,
-            images_per_s=seen * world / max(elapsed, 1e-9),
-            lr=optimizer.param_groups[0]["lr"],
-            base_lr=base_lr,  # lr after scaling with the global batch (lr_reference_batch)
-            precision=str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
-            channels_last=int(channels_last),
-            **{SCORE_METRIC: float(score) if evaluated else UNSCORED},
-            nonfinite_steps=nonfinite_steps,
-            **({"loss_start": sum(start_losses) / len(start_losses)} if start_losses else {}),
-            epoch_s=elapsed,
-            start_epoch=start_epoch,  # > 0 when this process resumed from a checkpoint
-            **cfg.get("extra_metrics", {}),
-        )
-        metrics.update(balance_metrics(distiller))
-        if resume_warning and epoch == start_epoch:
-            metrics["resume_warning"] = resume_warning
-        history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
-        if rank == 0 and cfg.get("progress_file"):
-            _append_line(Path(cfg["progress_file"]), history[-1])
-        state = {
-            "epoch": epoch + 1,
-            "step": step,
-            task.metric: float(score),
-            "nonfinite_steps": nonfinite_steps,
-            "history": history,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "sampler_rng": generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "kd_parts": {k: v.detach().cpu() for k, v in distiller.state_dict().items()} if distiller else {},
-        }
-        _report(run, metrics, student, distiller, state, train_cfg, class_names, data_spec, task)
-    if start_epoch >= epochs and history:
+    cfg = LoopConfig.from_dict(config)
+    torch.set_num_threads(max(1, cfg.threads))
+    t = build_training(run, cfg)
+    progress = resume(t)
+    epochs = int(t.settings.epochs)
+    for epoch in range(progress.start_epoch, epochs):
+        sums, elapsed, shard = train_epoch(t, progress, epoch)
+        evaluated = evaluate_epoch(t, progress, epoch)
+        metrics = epoch_metrics(t, progress, epoch, sums, elapsed, shard, evaluated)
+        record_epoch(t, progress, metrics)
+        report_epoch(t, metrics, train_state(t, progress, epoch))
+    if progress.start_epoch >= epochs and progress.history:
         # Resumed a run whose training had already finished: report its last state again
         # so the caller gets the final metrics and checkpoint.
-        run.report(history[-1], checkpoint=resumed if rank == 0 else None)
+        run.report(progress.history[-1], checkpoint=progress.resumed if run.world_rank == 0 else None)
+
+
+# -- before the first epoch ------------------------------------------------------------------------------
+
+
+def build_training(run: session.Session, cfg: LoopConfig) -> Training:
+    """Seed, then build the data loader, the models and the optimiser (in this order: the seed fixes
+    the data order and the initial weights)."""
+    task = TASKS[cfg.task]
+    generator = seed_everything(cfg.seed + run.world_rank)
+    device = run.device()
+    workers = resolve_workers(cfg.data, cfg.threads, device)
+    # the datasets share their memory budget over the loader's worker processes
+    train_set, val_set, class_names = task.datasets({**cfg.data, "workers": workers})
+    mark("data_loaded", run.run_name)
+    sampler, loader = build_loader(train_set, task, cfg, run, generator, workers, device)
+    student, teacher, distiller = task.models(cfg, len(class_names))
+    mark("models_loaded", run.run_name)
+    model, channels_last, amp_dtype = place_models(run, cfg.train, device, student, teacher, distiller)
+    params = trainable_parameters(model)
+    steps_per_epoch = max(1, len(loader))
+    optimizer, scheduler, base_lr = build_optimizer(params, cfg.train, run.world_size, steps_per_epoch)
+    return Training(
+        run=run,
+        cfg=cfg,
+        task=task,
+        device=device,
+        generator=generator,
+        sampler=sampler,
+        loader=loader,
+        val_set=val_set,
+        class_names=class_names,
+        student=student,
+        teacher=teacher,
+        distiller=distiller,
+        model=model,
+        teacher_output_needed=task.needs_teacher_output(teacher, distiller),
+        channels_last=channels_last,
+        amp_dtype=amp_dtype,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        base_lr=base_lr,
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
+def build_loader(
+    train_set: Any,
+    task: Task,
+    cfg: LoopConfig,
+    run: session.Session,
+    generator: torch.Generator,
+    workers: int,
+    device: torch.device,
+) -> tuple[Sampler[int], DataLoader]:
+    """The training batches of this rank: its shard of a shuffled epoch with several workers."""
+    world, rank = run.world_size, run.world_rank
+    sampler: Sampler[int]
+    if world > 1:
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    else:
+        sampler = RandomSampler(train_set, generator=generator)
+    # Worker processes draw each sample's augmentations from its own seed (rkd.data.loading).
+    indices = EpochIndices(sampler) if workers > 0 else sampler
+    loaded = SeededSamples(train_set, cfg.seed + rank) if workers > 0 else train_set
+    loader = DataLoader(
+        loaded,
+        batch_size=int(cfg.train.batch_size),
+        sampler=indices,
+        collate_fn=task.collate,
+        drop_last=False,
+        **loader_options(workers, device),
+    )
+    return sampler, loader
+
+
+def place_models(
+    run: session.Session,
+    settings: TrainConfig,
+    device: torch.device,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    distiller: Any,
+) -> tuple[nn.Module, bool, torch.dtype | None]:
+    """The student and its KD parts as one trained module, on ``device`` (DDP with several workers);
+    the teacher frozen on ``device``. Returns the module, whether it is channels-last and the autocast dtype."""
+    if getattr(distiller, "balance", None) is not None:
+        distiller.balance.watch(list(student.parameters()))  # the KD strength is measured on the student
+    channels_last = use_channels_last(settings.channels_last, device, student)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    amp_dtype = autocast_dtype(settings.precision, device)
+    if teacher is not None:
+        teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+    model = StudentWithKD(student, distiller).to(memory_format=memory_format)
+    return run.prepare_model(model), channels_last, amp_dtype
+
+
+def build_optimizer(
+    params: list[nn.Parameter], settings: TrainConfig, world: int, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, float]:
+    """AdamW over ``params`` and its per-step lr schedule; returns them and the base lr."""
+    base_lr = effective_lr(settings.lr, settings.batch_size, settings.lr_reference_batch, world)
+    optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=float(settings.weight_decay))
+    total_steps = int(settings.epochs) * steps_per_epoch
+    warmup = max(1, int(round(float(settings.warmup_epochs) * steps_per_epoch)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: schedule_factor(
+            s, steps_per_epoch, total_steps, warmup, settings.schedule, settings.step_epochs, settings.step_gamma
+        ),
+    )
+    return optimizer, scheduler, base_lr
+
+
+def resume(t: Training) -> Progress:
+    """Continue a killed or failed run where its last readable checkpoint left it (a fresh start without one)."""
+    latest = t.run.get_checkpoint()
+    if latest is None:
+        return Progress()
+    resumed, files, warning = load_resume_files(latest)
+    state = files[TRAIN_STATE_FILE]
+    t.student.load_state_dict(files[STUDENT_FILE]["state_dict"])
+    if t.distiller is not None and state.get("kd_parts"):
+        t.distiller.load_state_dict(state["kd_parts"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    history = list(state["history"])
+    progress = Progress(
+        start_epoch=int(state["epoch"]),
+        step=int(state["step"]),
+        score=float(state[t.task.metric]),
+        nonfinite_steps=int(state["nonfinite_steps"]),
+        history=history,
+        resumed=resumed,
+        resume_warning=warning,
+        start_losses=[history[-1]["loss_start"]] * START_STEPS if history and "loss_start" in history[-1] else [],
+    )
+    t.generator.set_state(state["sampler_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return progress
+
+
+# -- one epoch -------------------------------------------------------------------------------------------
+
+
+def train_epoch(t: Training, progress: Progress, epoch: int) -> tuple[EpochSums, float, list[int]]:
+    """One pass over this rank's shard. Returns the summed loss terms, the seconds it took and the
+    shard's image indices (with several workers)."""
+    shard: list[int] = []
+    if isinstance(t.sampler, DistributedSampler):
+        t.sampler.set_epoch(epoch)
+        shard = list(t.sampler)  # deterministic for a given epoch: the order the loader will use
+    if isinstance(t.loader.sampler, EpochIndices):
+        t.loader.sampler.epoch = epoch
+    t.model.train()
+    sums = EpochSums()
+    start = time.perf_counter()
+    for batch in t.loader:
+        train_step(t, progress, sums, batch)
+    elapsed = time.perf_counter() - start
+    mark("epoch_end", t.run.run_name)
+    if sums.seen == 0 and len(t.loader) > 0:
+        raise DivergenceError(f"no finite step in epoch {epoch + 1}: non-finite loss terms {sums.bad}")
+    return sums, elapsed, shard
+
+
+def train_step(t: Training, progress: Progress, sums: EpochSums, batch: Any) -> None:
+    """One optimiser step on ``batch``; a step whose loss terms are not all finite is skipped (and a run
+    that keeps producing NaN/inf stopped)."""
+    images, targets = t.task.to_device(batch, t.device, t.memory_format)
+    with autocast(t.device, t.amp_dtype):
+        teacher_out = None
+        if t.teacher_output_needed:
+            with torch.no_grad():
+                teacher_out = t.teacher(images)  # type: ignore[misc]
+        terms = t.model(images, targets, teacher_out, epoch_progress(progress.step, t.steps_per_epoch))
+    bad = nonfinite_terms(terms)
+    if bad:
+        sums.bad = bad
+        progress.nonfinite_steps += 1
+        if progress.nonfinite_steps > MAX_NONFINITE_STEPS:
+            raise DivergenceError(f"non-finite loss terms {bad} in {progress.nonfinite_steps} steps")
+        t.optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        t.scheduler.step()
+        return
+    loss = sum(terms.values())
+    t.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_clip = float(t.settings.grad_clip)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(t.params, grad_clip)
+    t.optimizer.step()
+    t.scheduler.step()
+    progress.step += 1
+    loss_value = float(loss.detach())  # one host sync for both uses
+    sums.add(terms, loss_value, images.shape[0])
+    if len(progress.start_losses) < START_STEPS:
+        progress.start_losses.append(loss_value)
+    if progress.step == 1:
+        mark("first_step", t.run.run_name)
+
+
+def evaluate_epoch(t: Training, progress: Progress, epoch: int) -> bool:
+    """Score the student on the val split after the last epoch and every ``eval_every``; whether it was."""
+    eval_every = int(t.settings.eval_every)
+    evaluated = epoch + 1 == int(t.settings.epochs) or bool(eval_every and (epoch + 1) % eval_every == 0)
+    if evaluated:
+        progress.score, progress.val_images = t.task.score(
+            t.student,
+            t.val_set,
+            len(t.class_names),
+            int(t.settings.batch_size),
+            t.device,
+            t.run.world_rank,
+            t.run.world_size,
+        )
+    return evaluated
+
+
+def epoch_metrics(
+    t: Training, progress: Progress, epoch: int, sums: EpochSums, elapsed: float, shard: list[int], evaluated: bool
+) -> dict[str, Any]:
+    """What the epoch reports: mean loss terms over all ranks, the val score, speed, lr, settings."""
+    world = t.run.world_size
+    metrics: dict[str, Any] = _reduce_means(sums.sums, sums.seen, world)
+    if world > 1:
+        metrics.update(_shard_coverage(shard, world))
+    score = float(progress.score)
+    metrics.update(
+        epoch=epoch + 1,
+        epochs=int(t.settings.epochs),
+        **{t.task.metric: score},
+        val_images=progress.val_images,
+        images_per_s=sums.seen * world / max(elapsed, 1e-9),
+        lr=t.optimizer.param_groups[0]["lr"],
+        base_lr=t.base_lr,  # lr after scaling with the global batch (lr_reference_batch)
+        precision=str(t.amp_dtype).replace("torch.", "") if t.amp_dtype else "float32",
+        channels_last=int(t.channels_last),
+        **{SCORE_METRIC: score if evaluated else UNSCORED},
+        nonfinite_steps=progress.nonfinite_steps,
+        **({"loss_start": sum(progress.start_losses) / len(progress.start_losses)} if progress.start_losses else {}),
+        epoch_s=elapsed,
+        start_epoch=progress.start_epoch,  # > 0 when this process resumed from a checkpoint
+        **t.cfg.extra_metrics,
+    )
+    metrics.update(balance_metrics(t.distiller))
+    if progress.resume_warning and epoch == progress.start_epoch:
+        metrics["resume_warning"] = progress.resume_warning
+    return metrics
+
+
+def record_epoch(t: Training, progress: Progress, metrics: dict[str, Any]) -> None:
+    """Add the epoch's plain metrics to the history; rank 0 appends them to the progress file."""
+    progress.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+    if t.run.world_rank == 0 and t.cfg.progress_file:
+        _append_line(Path(t.cfg.progress_file), progress.history[-1])
+
+
+def train_state(t: Training, progress: Progress, epoch: int) -> dict[str, Any]:
+    """What resuming after ``epoch`` needs (``train_state.pt``)."""
+    return {
+        "epoch": epoch + 1,
+        "step": progress.step,
+        t.task.metric: float(progress.score),
+        "nonfinite_steps": progress.nonfinite_steps,
+        "history": progress.history,
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.scheduler.state_dict(),
+        "sampler_rng": t.generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "kd_parts": {k: v.detach().cpu() for k, v in t.distiller.state_dict().items()} if t.distiller else {},
+    }
+
+
+def report_epoch(t: Training, metrics: dict[str, Any], state: dict[str, Any]) -> None:
+    """Every rank reports each epoch (Train needs the same number of calls); rank 0 adds a checkpoint
+    (:func:`rkd.train.checkpoint.write_run_checkpoint`)."""
+    if t.run.world_rank != 0:
+        t.run.report(metrics)
+        return
+    metric = t.task.metric
+    with tempfile.TemporaryDirectory() as tmp:
+        write_run_checkpoint(
+            Path(tmp),
+            t.student,
+            t.settings.model,
+            t.class_names,
+            int(t.cfg.data["input_size"]),
+            meta={metric: metrics[metric], "epoch": metrics["epoch"], "epochs": metrics["epochs"]},
+            kind=t.task.checkpoint_kind,
+            state=state,
+            with_kd_parts=t.distiller is not None,
+        )
+        t.run.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
 
 
 def balance_metrics(distiller: Any) -> dict[str, Any]:
@@ -462,65 +599,6 @@ def _append_line(path: Path, row: dict[str, Any]) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
-def _report(
-    run: session.Session,
-    metrics: dict[str, Any],
-    student: nn.Module,
-    distiller: Distiller | None,
-    state: dict[str, Any],
-    train_cfg: dict[str, Any],
-    class_names: list[str],
-    data_spec: dict[str, Any],
-    task: Any,
-) -> None:
-    """Every rank reports each epoch (Train needs the same number of calls); rank 0 adds a checkpoint.
-
-    A checkpoint holds the student alone (``student.pt``, what export reads), the
-    learnable KD parts apart (``kd_parts.pt``) and the training state needed to
-    resume (``train_state.pt``: optimizer, scheduler, epoch, RNG, metrics history).
-    """
-    if run.world_rank != 0:
-        run.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model(
-            Path(tmp) / STUDENT_FILE,
-            student,
-            train_cfg["model"],
-            class_names,
-            int(data_spec["input_size"]),
-            meta={task.metric: metrics[task.metric], "epoch": metrics["epoch"], "epochs": metrics["epochs"]},
-            kind=task.kind,
-        )
-        if distiller is not None:
-            atomic_torch_save(state["kd_parts"], Path(tmp) / KD_PARTS_FILE)
-        atomic_torch_save(state, Path(tmp) / TRAIN_STATE_FILE)
-        run.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     """Autocast to ``dtype`` on ``device``, or nothing for plain fp32."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def load_resume_files(latest: ray.train.Checkpoint) -> tuple[ray.train.Checkpoint, dict[str, Any], str]:
-    """The files to resume from: the latest checkpoint's, or, when those are torn or unreadable,
-    the newest older checkpoint that reads. Returns the checkpoint used, its files and a warning
-    ("" when the latest was fine). Raises when no checkpoint of the run reads."""
-    problems: list[str] = []
-    for candidate in [latest, *older_checkpoints(latest)]:
-        try:
-            with candidate.as_directory() as folder:
-                files = read_checkpoint_files(Path(folder), [TRAIN_STATE_FILE, STUDENT_FILE])
-        except (RkdError, OSError) as err:
-            problems.append(str(err))
-            continue
-        if not problems:
-            return candidate, files, ""
-        warning = (
-            f"latest checkpoint {latest.path} is unreadable ({problems[0]}); resumed from the older "
-            f"{candidate.path} (epoch {int(files[TRAIN_STATE_FILE]['epoch'])})"
-        )
-        log.warning(warning)
-        return candidate, files, warning
-    raise RkdError("no checkpoint of this run is readable: " + "; ".join(problems))

@@ -18,23 +18,25 @@ freezes the modules (no gradients, so no optimiser updates).
 from __future__ import annotations
 
 import hashlib
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from rkd import storage
+from rkd.atomic import atomic_copy
 from rkd.data.dataset import build_dataset, collate_detection, dataset_fingerprint
 from rkd.distill.base import KD_METHODS, KDComponent
 from rkd.distill.distiller import Distiller, build_distiller, validate_methods
 from rkd.errors import RkdError
 from rkd.train.checkpoint import atomic_torch_save, load_detector
-from rkd.train.spec import config_hash
+from rkd.train.config import config_hash
 
 PRIOR_FORMAT = 1
 # Fixed (not the student's batch size) so trials that change the student share one prior.
@@ -61,7 +63,13 @@ def file_digest(path: Path) -> str:
 def prior_key(method: str, component: KDComponent, teacher_digest: str, data_fingerprint: str, seed: int) -> str:
     """The cache key of one component's prior stage."""
     return config_hash(
-        "prior", PRIOR_FORMAT, method, teacher_digest, data_fingerprint, component.prior_stage_config(), seed,
+        "prior",
+        PRIOR_FORMAT,
+        method,
+        teacher_digest,
+        data_fingerprint,
+        component.prior_stage_config(),
+        seed,
         PRIOR_BATCH_SIZE,
     )
 
@@ -106,6 +114,15 @@ def train_prior_stage(
     return losses
 
 
+PRIOR_CACHE_ENV = "RKD_PRIOR_CACHE"
+
+
+def prior_cache_dir() -> Path:
+    """rkd's machine-wide folder of trained prior stages: ``$RKD_PRIOR_CACHE``, else ``priors`` in
+    rkd's cache folder. Files are named by the content key, so any run of any name can reuse them."""
+    return Path(os.environ.get(PRIOR_CACHE_ENV) or storage.cache_root() / "priors")
+
+
 def prepare_priors(
     methods: Mapping[str, Any] | None,
     teacher_checkpoint: str | Path,
@@ -114,6 +131,7 @@ def prepare_priors(
     seed: int = 0,
     log: Callable[[str], None] = print,
     remote: str | None = None,
+    kept_dir: Path | None = None,
 ) -> dict[str, PriorResult]:
     """Train (or reuse from ``cache_dir``) the prior stage of every method in ``methods`` that has one.
 
@@ -121,6 +139,8 @@ def prepare_priors(
     ``{m: r.path}`` to the loop config as ``prior_states``. ``teacher_checkpoint`` may be a
     storage URI. With ``remote`` (a storage URI shared by all nodes) the cache lives there:
     a state found there is reused, a trained one is uploaded, and the paths returned are URIs.
+    With ``kept_dir`` (:func:`prior_cache_dir`), a state trained by any earlier run is copied from
+    there into ``cache_dir`` instead of being trained again, and a newly trained one is kept there.
     """
     if not methods or not any(getattr(KD_METHODS.get(m), "has_prior_stage", False) for m in methods):
         return {}  # no method can have a prior stage: do not even load the teacher
@@ -150,6 +170,10 @@ def prepare_priors(
         if shared and not path.is_file():
             # trained by another trial, maybe on another node
             path = storage.local_copy(shared, missing_ok=True) or path
+        kept = kept_dir / path.name if kept_dir is not None else None
+        if kept is not None and not path.is_file() and kept.is_file():
+            atomic_copy(kept, path)  # trained by an earlier run, whatever its name
+            log(f"[prior] {name}: copied from rkd's cache {kept} (trained by an earlier run)")
         if path.is_file():
             try:
                 modules.load_state_dict(read_prior_state(path, key))
@@ -168,12 +192,26 @@ def prepare_priors(
         losses = train_prior_stage(component, teacher, loader, epochs, lr)
         modules.cpu()
         state = {k: v.detach().cpu() for k, v in modules.state_dict().items()}
-        atomic_torch_save({"format": PRIOR_FORMAT, "kind": "kd_prior", "method": name, "key": key,
-                           "config": component.prior_stage_config(), "losses": losses, "state_dict": state}, path)
-        log(f"[prior] {name}: trained its prior stage for {epochs} epochs (loss {losses[0]:.4g} -> {losses[-1]:.4g}, "
-            f"{time.perf_counter() - start:.0f}s) -> {path}")
+        atomic_torch_save(
+            {
+                "format": PRIOR_FORMAT,
+                "kind": "kd_prior",
+                "method": name,
+                "key": key,
+                "config": component.prior_stage_config(),
+                "losses": losses,
+                "state_dict": state,
+            },
+            path,
+        )
+        log(
+            f"[prior] {name}: trained its prior stage for {epochs} epochs (loss {losses[0]:.4g} -> {losses[-1]:.4g}, "
+            f"{time.perf_counter() - start:.0f}s) -> {path}"
+        )
         if shared:
             storage.push(path, shared)
+        if kept is not None:
+            atomic_copy(path, kept)
         results[name] = PriorResult(name, shared or str(path), trained=True, losses=losses)
     return results
 
@@ -201,6 +239,12 @@ def attach_prior_states(distiller: Distiller, prior_states: Mapping[str, str] | 
 
 
 __all__ = [
-    "PRIOR_BATCH_SIZE", "PriorResult", "attach_prior_states", "file_digest", "prepare_priors", "prior_key",
-    "read_prior_state", "train_prior_stage",
+    "PRIOR_BATCH_SIZE",
+    "PriorResult",
+    "attach_prior_states",
+    "file_digest",
+    "prepare_priors",
+    "prior_key",
+    "read_prior_state",
+    "train_prior_stage",
 ]

@@ -8,20 +8,23 @@ import os
 import shutil
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from rkd import storage
-from rkd.train import inprocess
-from rkd.train.inprocess import InProcessTrainer
-from rkd.train.loop import SCORE_METRIC, UNSCORED, train_loop
-from rkd.train.spec import Resources
 from rkd.metrics import metric_label
+from rkd.train import inprocess
+from rkd.train.checkpoint import SCORE_METRIC, UNSCORED
+from rkd.train.config import TrainConfig
+from rkd.train.inprocess import InProcessTrainer
+from rkd.train.loop import train_loop
+from rkd.train.spec import Resources
 
 # A run whose controller cannot start (e.g. resources that never free up) fails
 # after this many controller failures instead of retrying forever.
@@ -123,7 +126,7 @@ def build_trainer(
     local_dir: Path | None = None,
     in_process: bool = False,
 ) -> TorchTrainer | InProcessTrainer:
-    """A ``TorchTrainer`` running ``loop`` (detection by default; classification passes its own).
+    """A ``TorchTrainer`` running ``loop`` (:func:`rkd.train.loop.train_loop`, every task's loop, by default).
 
     ``storage_path``: a folder or a storage URI (checkpoints go there); ``local_dir``: where
     this node's own logs go (default ``storage_path``, which must then be a folder).
@@ -132,12 +135,13 @@ def build_trainer(
     :func:`single_cpu_worker` resources and no retries, which are Ray Train's.
     """
     local = _local_dir(storage_path, local_dir)
-    train_cfg = loop_config.get("train", {})
+    settings = TrainConfig.from_dict(loop_config["train"])
+    checkpoints = checkpoint_config(settings.keep)
+    loggers = logger_callbacks(settings.logging, local / name)
     if in_process:
         if not single_cpu_worker(resources) or max_failures:
             raise ValueError(f"in-process training needs one CPU worker and no retries, got {resources}")
-        return InProcessTrainer(loop, loop_config, str(storage_path), name, checkpoint_config(train_cfg),
-                                [*(callbacks or []), *logger_callbacks(train_cfg, local / name)])
+        return InProcessTrainer(loop, loop_config, str(storage_path), name, checkpoints, [*(callbacks or []), *loggers])
     use_gpu = resources.gpus_per_worker > 0
     per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
     if use_gpu:
@@ -151,8 +155,8 @@ def build_trainer(
             name=name,
             storage_path=str(storage_path),
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
-            checkpoint_config=checkpoint_config(train_cfg),
-            callbacks=[*(callbacks or []), *logger_callbacks(train_cfg, local / name)],
+            checkpoint_config=checkpoints,
+            callbacks=[*(callbacks or []), *loggers],
         ),
     )
 
@@ -165,22 +169,23 @@ def _local_dir(storage_path: Path | str, local_dir: Path | None) -> Path:
     return Path(storage_path)
 
 
-def checkpoint_config(train_cfg: dict[str, Any]) -> CheckpointConfig:
+def checkpoint_config(keep: int) -> CheckpointConfig:
     """Which checkpoints Ray keeps: the last two (default), or with ``keep: k`` the k best by val mAP50.
 
     Either way the run resumes from the LATEST checkpoint: Train V2 hands ``get_checkpoint()``
     its latest registered one whatever the score, and never deletes it. Epochs without an
     evaluation report a score of -1, below every real mAP, so they are dropped first.
     """
-    keep = int(train_cfg.get("keep", 0))
-    if keep <= 0:
+    if int(keep) <= 0:
         return CheckpointConfig(num_to_keep=2)  # the last two: resume survives a torn latest
-    return CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=SCORE_METRIC, checkpoint_score_order="max")
+    return CheckpointConfig(
+        num_to_keep=int(keep), checkpoint_score_attribute=SCORE_METRIC, checkpoint_score_order="max"
+    )
 
 
-def logger_callbacks(train_cfg: dict[str, Any], run_dir: Path) -> list[UserCallback]:
+def logger_callbacks(logging: dict[str, bool] | None, run_dir: Path) -> list[UserCallback]:
     """Ray Train callbacks for the loggers named in ``logging`` (validated in the spec)."""
-    chosen = train_cfg.get("logging") or {}
+    chosen = logging or {}
     callbacks: list[UserCallback] = []
     if chosen.get("tensorboard"):
         callbacks.append(TensorBoardCallback(str(run_dir / "tensorboard")))
@@ -302,8 +307,9 @@ def run_training(
     # In this (the driver's) process only on the embedded local Ray: a cluster's driver may be a
     # small machine, and there the worker belongs on a node Ray chooses.
     in_process = single_cpu_worker(resources) and not (resources.ray_address or os.environ.get("RAY_ADDRESS"))
-    trainer = build_trainer(config, resources, storage_path, name, callbacks, loop=loop, local_dir=local,
-                            in_process=in_process)
+    trainer = build_trainer(
+        config, resources, storage_path, name, callbacks, loop=loop, local_dir=local, in_process=in_process
+    )
     if progress is None:
         result = trainer.fit()
     else:

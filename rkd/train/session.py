@@ -9,8 +9,9 @@ thread. The loop calls :func:`current` and never needs to know which one it runs
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import ray.train
 import ray.train.torch

@@ -8,12 +8,9 @@ with its file and line.
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import importlib.util
-import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,50 +20,17 @@ from rkd.errors import RkdError, SpecError
 from rkd.models import validate_model_spec
 from rkd.models.factory import backbone_keys
 from rkd.schema import Section, join, refuse_code, set_dotted
+from rkd.train import spec_schema
+from rkd.train.config import TrainConfig, train_default
+from rkd.train.spec_errors import check_structure
 from rkd.train.tasks import TASKS
 from rkd.yamlio import SourceMap, load_yaml
 
-TOP_LEVEL_KEYS = {"name", "task", "data", "teacher", "student", "resources", "search", "output_dir", "seed"}
 # Settings of the training loop beyond the basics (issue 7); see _loop_options.
-LOOP_OPTION_KEYS = {
-    "precision", "schedule", "step_epochs", "step_gamma", "lr_reference_batch", "channels_last", "keep", "logging"
-}
-TRAIN_KEYS = {"model", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "eval_every", "grad_clip"} | LOOP_OPTION_KEYS
-TEACHER_KEYS = TRAIN_KEYS | {"checkpoint", "min_map"}
-STUDENT_KEYS = TRAIN_KEYS | {"methods", "kd_balance"}
-RESOURCE_KEYS = {"workers", "cpus_per_worker", "gpus_per_worker", "max_concurrent_trials", "ray_address"}
-
-
-@dataclass
-class TrainConfig:
-    """How one model is trained (teacher, or a student with KD methods)."""
-
-    model: dict[str, Any]
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    eval_every: int = 0  # 0: evaluate after the last epoch only
-    grad_clip: float = 10.0
-    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # How the KD methods' losses are scaled against the task loss (rkd.distill.balance).
-    # None for a teacher (no KD), and then absent from to_dict(), so teacher hashes stay as they were.
-    kd_balance: dict[str, Any] | None = None
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    schedule: str = "cosine"  # after the warm-up: cosine decay, or steps at step_epochs
-    step_epochs: list[int] = field(default_factory=list)
-    step_gamma: float = 0.1
-    lr_reference_batch: int | None = None  # lr is for this many images per step; None: no scaling
-    channels_last: str | bool = "auto"  # auto: on for CUDA only
-    keep: int = 0  # 0: the last two checkpoints; k: the k best by val mAP50 (and always the latest)
-    logging: dict[str, bool] = field(default_factory=dict)  # {tensorboard: true, mlflow: true}
-
-    def to_dict(self) -> dict[str, Any]:
-        out = copy.deepcopy(self.__dict__)
-        if out["kd_balance"] is None:
-            del out["kd_balance"]
-        return out
+# The keys of each role's section, from its pydantic model (rkd.train.spec_schema), which checks them.
+TRAIN_KEYS = frozenset(spec_schema.Training.model_fields)
+TEACHER_KEYS = frozenset(spec_schema.Teacher.model_fields)
+STUDENT_KEYS = frozenset(spec_schema.student_model("detection").model_fields)
 
 
 @dataclass
@@ -122,10 +86,20 @@ def _resolve_openmmlab_paths(model: dict[str, Any], sec: Section, base: Path) ->
     return model
 
 
+def _role_model(allowed: frozenset[str], task: str) -> type:
+    """The pydantic model of the section whose keys are ``allowed`` (a student's, a teacher's, or the shared ones)."""
+    if allowed == STUDENT_KEYS:
+        return spec_schema.student_model(task)
+    return spec_schema.Teacher if allowed == TEACHER_KEYS else spec_schema.Training
+
+
 def _train_config(
-    sec: Section, allowed: set[str], defaults: dict[str, Any], base: Path | None = None, task: str = "detection"
+    sec: Section, allowed: frozenset[str], defaults: dict[str, Any], base: Path | None = None, task: str = "detection"
 ) -> TrainConfig:
-    sec.reject_unknown(allowed)
+    try:  # unknown keys, wrong types: by the role's pydantic model
+        check_structure(_role_model(allowed, task), sec.data)
+    except SpecError as err:
+        raise err.within(sec.path) from None
     try:
         model = validate_model_spec(sec.raw("model"))
     except SpecError as err:
@@ -149,10 +123,10 @@ def _train_config(
         epochs=epochs,
         batch_size=sec.int("batch_size", 8, low=1),
         lr=sec.float("lr", defaults["lr"], above=0.0),
-        weight_decay=sec.float("weight_decay", 1e-4, low=0.0),
-        warmup_epochs=sec.float("warmup_epochs", 1.0, low=0.0),
-        eval_every=sec.int("eval_every", 0, low=0),
-        grad_clip=sec.float("grad_clip", 10.0, low=0.0),
+        weight_decay=sec.float("weight_decay", train_default("weight_decay"), low=0.0),
+        warmup_epochs=sec.float("warmup_epochs", train_default("warmup_epochs"), low=0.0),
+        eval_every=sec.int("eval_every", train_default("eval_every"), low=0),
+        grad_clip=sec.float("grad_clip", train_default("grad_clip"), low=0.0),
         methods=methods,
         **({"kd_balance": _kd_balance(sec.section("kd_balance"))} if "kd_balance" in allowed else {}),
         **_loop_options(sec),
@@ -161,7 +135,6 @@ def _train_config(
 
 def _kd_balance(sec: Section) -> dict[str, Any]:
     """The student's ``kd_balance`` section with its defaults (see :mod:`rkd.distill.balance`)."""
-    sec.reject_unknown(set(BALANCE_DEFAULTS))
     return {
         "mode": sec.str("mode", BALANCE_DEFAULTS["mode"], choices=list(BALANCE_MODES)),
         "ratio": sec.float("ratio", BALANCE_DEFAULTS["ratio"], low=1e-6, high=1e6),
@@ -175,32 +148,33 @@ LOGGERS = {"tensorboard": "tensorboardX", "mlflow": "mlflow"}  # logger -> the p
 
 def _loop_options(sec: Section) -> dict[str, Any]:
     """The loop settings of issue 7, validated; absent entries keep the behaviour of older specs."""
-    schedule = sec.str("schedule", "cosine", choices=["cosine", "step"])
-    step_epochs = sec.raw("step_epochs", [])
-    if not isinstance(step_epochs, list) or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in step_epochs):
+    schedule = sec.str("schedule", train_default("schedule"), choices=["cosine", "step"])
+    step_epochs = sec.raw("step_epochs", train_default("step_epochs"))
+    if not isinstance(step_epochs, list) or any(
+        isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in step_epochs
+    ):
         raise SpecError(sec.where("step_epochs"), f"expected a list of epoch numbers >= 1, got {step_epochs!r}")
     if step_epochs != sorted(set(step_epochs)):
         raise SpecError(sec.where("step_epochs"), f"expected increasing epoch numbers, got {step_epochs!r}")
     if schedule == "step" and not step_epochs:
         raise SpecError(sec.where("step_epochs"), "is required with schedule: step (the epochs where lr drops)")
     reference = sec.int("lr_reference_batch", None, low=1) if sec.raw("lr_reference_batch", None) is not None else None
-    channels_last = sec.raw("channels_last", "auto")
+    channels_last = sec.raw("channels_last", train_default("channels_last"))
     if channels_last != "auto" and not isinstance(channels_last, bool):
         raise SpecError(sec.where("channels_last"), f"expected auto, true or false, got {channels_last!r}")
     return {
-        "precision": sec.str("precision", "auto", choices=["auto", "fp32", "bf16"]),
+        "precision": sec.str("precision", train_default("precision"), choices=["auto", "fp32", "bf16"]),
         "schedule": schedule,
         "step_epochs": list(step_epochs),
-        "step_gamma": sec.float("step_gamma", 0.1, low=0.0, high=1.0),
+        "step_gamma": sec.float("step_gamma", train_default("step_gamma"), low=0.0, high=1.0),
         "lr_reference_batch": reference,
         "channels_last": channels_last,
-        "keep": sec.int("keep", 0, low=0),
+        "keep": sec.int("keep", train_default("keep"), low=0),
         "logging": _logging_options(sec.section("logging")),
     }
 
 
 def _logging_options(sec: Section) -> dict[str, bool]:
-    sec.reject_unknown(set(LOGGERS))
     chosen = {name: sec.bool(name, False) for name in sorted(LOGGERS)}
     for name, on in chosen.items():
         if on and importlib.util.find_spec(LOGGERS[name]) is None:
@@ -231,15 +205,17 @@ def with_overrides(
 
 def parse_spec(data: Any, spec_path: Path, source: SourceMap) -> RunSpec:
     root = Section(data, "")
-    root.reject_unknown(TOP_LEVEL_KEYS)
     refuse_code(data, "")  # before the methods' validation imports it; workers revalidate what passed here
     base = spec_path.parent
     name = root.str("name", spec_path.stem)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not name.strip("."):
         # '.' and '..' would put the run in output_dir itself or in its parent (and --fresh would delete there)
-        raise SpecError("name", f"one plain folder name: letters, digits, '.', '_' or '-', not '.' or '..'; got {name!r}")
+        raise SpecError(
+            "name", f"one plain folder name: letters, digits, '.', '_' or '-', not '.' or '..'; got {name!r}"
+        )
 
     task = root.str("task", "detection", choices=list(TASKS))
+    check_structure(spec_schema.spec_model(task), data)  # unknown keys and wrong types, by the spec's pydantic model
     data_sec = root.section("data", required=True)
     data_dict = dict(data_sec.data)
     if data_dict.get("root") is not None:
@@ -255,7 +231,6 @@ def parse_spec(data: Any, spec_path: Path, source: SourceMap) -> RunSpec:
     student = _train_config(root.section("student", required=True), STUDENT_KEYS, {"epochs": 6, "lr": 2e-3}, base, task)
 
     res = root.section("resources")
-    res.reject_unknown(RESOURCE_KEYS)
     resources = Resources(
         workers=res.int("workers", 1, low=1),
         cpus_per_worker=res.int("cpus_per_worker", 1, low=1),
@@ -307,9 +282,3 @@ def load_spec(path: str | Path) -> RunSpec:
         return parse_spec(data, path, source)
     except SpecError as err:
         raise source.error(err) from None
-
-
-def config_hash(*parts: Any) -> str:
-    """A short content hash of JSON-able parts (stage caching, run identity)."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rkd import storage
 from rkd.data.dataset import dataset_fingerprint
 from rkd.models.flops import count_flops
 from rkd.train.artifacts import collect_stage
-from rkd.train.checkpoint import atomic_write_json
-from rkd.train.loop import STUDENT_FILE
-from rkd.train.prior import prepare_priors
+from rkd.train.checkpoint import STUDENT_FILE, atomic_write_json
+from rkd.train.config import config_hash
 from rkd.train.runner import epoch_line, run_training
-from rkd.train.spec import RunSpec, config_hash
+from rkd.train.spec import RunSpec
 from rkd.train.tasks import TASKS
 from rkd.train.teacher import TeacherReport, prepare_teacher, shared_checkpoint
 
@@ -48,29 +47,37 @@ def distil_student(spec: RunSpec, teacher: TeacherReport, log: Callable[[str], N
     start = time.perf_counter()
     task = TASKS[spec.task]
     student = spec.student
-    digest = config_hash("student", spec.data, dataset_fingerprint(spec.data), student.to_dict(), spec.seed, teacher.config_hash)
+    digest = config_hash(
+        "student", spec.data, dataset_fingerprint(spec.data), student.to_dict(), spec.seed, teacher.config_hash
+    )
     methods = sorted(student.methods)
     teacher_path = shared_checkpoint(spec, teacher)
     log(f"[student] distilling {student.epochs} epochs with {', '.join(methods) or 'no KD (plain training)'}")
-    extra: dict[str, Any] = {}
-    if spec.task == "detection":
-        # Prior stages (DS2D2's HF amplifier) train once on the teacher; cached in runs/<name>/priors.
-        priors = prepare_priors(
-            student.methods, teacher_path, spec.data, spec.run_dir / "priors", spec.seed, log,
-            remote=storage.join(spec.run_uri, "priors") if spec.run_uri else None,
-        )
-        extra["prior_states"] = {name: result.path for name, result in priors.items()}
+    # Prior stages of KD methods (DS2D2's HF amplifier) train once on the teacher; cached in runs/<name>/priors.
+    prior_states = task.prepare_priors(
+        student.methods,
+        teacher_path,
+        spec.data,
+        spec.run_dir / "priors",
+        spec.seed,
+        log,
+        remote=storage.join(spec.run_uri, "priors") if spec.run_uri else None,
+    )
     loop_config = task.make_loop_config(
         spec.data,
         student.to_dict(),
         spec.seed,
         spec.resources.cpus_per_worker,
         teacher_checkpoint=teacher_path if methods else None,
-        **extra,
+        prior_states=prior_states,
     )
     outcome = run_training(
-        loop_config, spec.resources, spec.ray_storage, f"student-{digest}", on_epoch=epoch_line("student"),
-        loop=task.loop, local_dir=spec.run_dir / "ray",
+        loop_config,
+        spec.resources,
+        spec.ray_storage,
+        f"student-{digest}",
+        on_epoch=epoch_line("student"),
+        local_dir=spec.run_dir / "ray",
     )
     folder = spec.run_dir / "student"
     collect_stage(outcome, folder)
@@ -88,7 +95,9 @@ def distil_student(spec: RunSpec, teacher: TeacherReport, log: Callable[[str], N
     atomic_write_json(folder / "student.json", report.to_dict())
     if spec.run_uri:
         storage.push(folder, storage.join(spec.run_uri, "student"))
-    log(f"[student] {task.metric_label} {report.score:.3f}  GFLOPs {report.gflops:.3f}  ({report.wall_s:.0f}s) -> {folder}")
+    log(
+        f"[student] {task.metric_label} {report.score:.3f}  GFLOPs {report.gflops:.3f}  ({report.wall_s:.0f}s) -> {folder}"
+    )
     return report
 
 

@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rkd import storage
+from rkd.atomic import atomic_copy
 from rkd.data.dataset import dataset_fingerprint
 from rkd.errors import RkdError, TeacherError
 from rkd.models.flops import count_flops
-from rkd.train.artifacts import collect_stage
-from rkd.train.checkpoint import atomic_write_json, save_model
-from rkd.train.loop import STUDENT_FILE
-from rkd.train.runner import epoch_line, run_training
 from rkd.train import teacher_cache
-from rkd.train.spec import RunSpec, config_hash
+from rkd.train.artifacts import collect_stage
+from rkd.train.checkpoint import STUDENT_FILE, atomic_write_json, save_model
+from rkd.train.config import config_hash
+from rkd.train.runner import epoch_line, run_training
+from rkd.train.spec import RunSpec
 from rkd.train.tasks import TASKS
 
 
@@ -65,9 +67,7 @@ def shared_checkpoint(spec: RunSpec, report: TeacherReport) -> str:
 
 def teacher_hash(spec: RunSpec) -> str:
     parts = ["teacher", spec.data, dataset_fingerprint(spec.data), spec.teacher.to_dict(), spec.seed]
-    if spec.task != "detection":  # detection hashes stay as they were (cached teachers stay valid)
-        parts.append(spec.task)
-    return config_hash(*parts)
+    return config_hash(*parts, *TASKS[spec.task].teacher_hash_parts)
 
 
 def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> TeacherReport:
@@ -95,7 +95,9 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
         if not Path(cached["checkpoint"]).is_file() and (folder / "teacher.pt").is_file():
             cached["checkpoint"] = str(folder / "teacher.pt")  # the run folder moved, or is a mirror
         if not Path(cached["checkpoint"]).is_file():
-            raise RkdError(f"{record_path}: names a missing checkpoint {cached['checkpoint']}; delete the file to retrain")
+            raise RkdError(
+                f"{record_path}: names a missing checkpoint {cached['checkpoint']}; delete the file to retrain"
+            )
         log(f"[teacher] reusing the trained teacher in {folder} (same config and data)")
         fields = {k: cached[k] for k in TeacherReport.__dataclass_fields__ if k in cached}
         fields.setdefault("score", cached.get("map50"))  # teacher.json written before scores had a metric
@@ -103,9 +105,11 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
     elif spec.teacher.epochs > 0 and (kept := teacher_cache.lookup(digest)) is not None:
         source, record = kept
         target = folder / "teacher.pt"
-        teacher_cache.copy_kept(source, target)
-        log(f"[teacher] reusing the teacher trained for run {record.get('run')!r}, kept in {source.parent} "
-            "(same config and data; 'rkd cache prune' frees it)")
+        atomic_copy(source, target)
+        log(
+            f"[teacher] reusing the teacher trained for run {record.get('run')!r}, kept in {source.parent} "
+            "(same config and data; 'rkd cache prune' frees it)"
+        )
         fields = {k: record[k] for k in TeacherReport.__dataclass_fields__ if k in record}
         report = TeacherReport(**{**fields, "checkpoint": str(target), "source": "cached"})
     elif spec.teacher.epochs == 0:
@@ -117,16 +121,23 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
         target = folder / "teacher.pt"
         # the rkd checkpoint holds every weight: loading it must not need the original file
         saved_spec = {**spec.teacher.model, "checkpoint": None}
-        save_model(target, task.build_model(spec.teacher.model, len(names)), saved_spec, names, size,
-                   kind=task.checkpoint_kind)
+        save_model(
+            target, task.build_model(spec.teacher.model, len(names)), saved_spec, names, size, kind=task.checkpoint_kind
+        )
         report = loaded(target)
     else:
         log(f"[teacher] training {spec.teacher.epochs} epochs on {spec.resources.workers} worker(s)")
-        loop_config = task.make_loop_config(spec.data, spec.teacher.to_dict(), spec.seed, spec.resources.cpus_per_worker)
+        loop_config = task.make_loop_config(
+            spec.data, spec.teacher.to_dict(), spec.seed, spec.resources.cpus_per_worker
+        )
         # The Ray run is named by the config hash: re-running after a crash resumes it.
         outcome = run_training(
-            loop_config, spec.resources, spec.ray_storage, f"teacher-{digest}",
-            on_epoch=epoch_line("teacher"), loop=task.loop, local_dir=spec.run_dir / "ray",
+            loop_config,
+            spec.resources,
+            spec.ray_storage,
+            f"teacher-{digest}",
+            on_epoch=epoch_line("teacher"),
+            local_dir=spec.run_dir / "ray",
         )
         collect_stage(outcome, folder)
         target = folder / "teacher.pt"
@@ -134,8 +145,14 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
         model, _ = task.load_model(target)
         flops = count_flops(model, size)
         report = TeacherReport(
-            str(target), float(outcome.metrics[task.metric]), float(flops.gflops), int(flops.params), "trained",
-            digest, 0.0, task.metric,
+            str(target),
+            float(outcome.metrics[task.metric]),
+            float(flops.gflops),
+            int(flops.params),
+            "trained",
+            digest,
+            0.0,
+            task.metric,
         )
     report.wall_s = round(time.perf_counter() - start, 1)
     atomic_write_json(record_path, report.to_dict())

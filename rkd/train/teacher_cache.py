@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from rkd import storage
-from rkd.atomic import atomic_write_bytes
 from rkd.errors import RkdError
 
 ENV = "RKD_TEACHER_CACHE"
@@ -29,12 +28,6 @@ CHECKPOINT, RECORD = "teacher.pt", "teacher.json"
 
 def cache_dir() -> Path:
     return Path(os.environ.get(ENV) or storage.cache_root() / "teachers")
-
-
-def copy_kept(source: Path, target: Path) -> None:
-    """A kept checkpoint copied into a run folder atomically (a reader never sees half a file)."""
-    with open(source, "rb") as src:
-        atomic_write_bytes(target, lambda fh: shutil.copyfileobj(src, fh))
 
 
 def lookup(digest: str) -> tuple[Path, dict[str, Any]] | None:

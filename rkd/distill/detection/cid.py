@@ -1,8 +1,9 @@
 """CID + Light-ML: centerness-based instance-aware distillation with task-wise mutual lifting.
 
-Du et al., "Centerness-based Instance-aware Knowledge Distillation with Task-wise Mutual
-Lifting for Object Detection on Drone Imagery" (no public code; only the abstract is on file,
-so equation numbers refer to the formulas below, rebuilt from the method's description).
+B. Du, Z. Liao, Y. Zhang, Z. Cai, J. Chen, D. Huang, "Centerness-based Instance-aware Knowledge
+Distillation with Task-wise Mutual Lifting for Object Detection on Drone Imagery", arXiv:2411.02861,
+2024 (preprint, no DOI; no public code). Only the abstract is on file, so the equation numbers
+(1)-(4) are this module's own, for the formulas below, rebuilt from the method's description.
 
 (1) Instance mask. For GT box ``r`` and a location whose centre has box-frame coordinates
     ``(u, v)``, ``l, r = w/2 +- u`` and ``t, b = h/2 +- v``; the FCOS centerness
@@ -43,7 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from rkd.distill.base import KDComponent, Param, register
-from rkd.distill.fitnet import check_same_anchors, check_same_grid, conv_adapters
+from rkd.distill.checks import check_same_anchors, check_same_box_dim, check_same_grid
+from rkd.distill.connectors import conv_adapters
 from rkd.distill.functional import binary_kl_with_logits
 from rkd.distill.masks import centerness_instance_masks
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
@@ -100,11 +102,7 @@ class CID(KDComponent):
         check_same_grid(cls.name, student, teacher)
         if hparams["head"]:
             check_same_anchors(cls.name, student, teacher)
-            if student.box_dim != teacher.box_dim:
-                raise ValueError(
-                    f"KD method 'cid' (head: true) compares box regressions, but the student regresses "
-                    f"{student.box_dim} values and the teacher {teacher.box_dim}"
-                )
+            check_same_box_dim(cls.name, student, teacher, "head: true")
 
     def __init__(self, student: DetectorInfo, teacher: DetectorInfo, **hparams: Any) -> None:
         super().__init__(student, teacher, **hparams)
@@ -130,8 +128,9 @@ class CID(KDComponent):
             terms["feat"] = hp["feat_weight"] * total / n_ins
         if hp["head"]:
             cls_total, reg_total = 0.0, 0.0
-            for cs, rs, ct, rt, m in zip(student.cls_logits, student.box_regs, teacher.cls_logits,
-                                         teacher.box_regs, masks):
+            for cs, rs, ct, rt, m in zip(
+                student.cls_logits, student.box_regs, teacher.cls_logits, teacher.box_regs, masks
+            ):
                 if hasattr(self, "lightml"):
                     cs, rs = self.lightml(cs, rs)  # eq. 3
                 bce = binary_kl_with_logits(cs, ct)  # the BCE's gradient, 0 at a match (see functional)

@@ -1,6 +1,7 @@
 """FGD: focal and global knowledge distillation for detectors.
 
-Yang et al., "Focal and Global Knowledge Distillation for Detectors", CVPR 2022. Per FPN
+Z. Yang, Z. Li, X. Jiang, Y. Gong, Z. Yuan, D. Zhao, C. Yuan, "Focal and Global Knowledge
+Distillation for Detectors", CVPR 2022, arXiv:2111.11837 (no DOI here). Per FPN
 level, with ``F_s`` the student feature after the align conv (1x1, only where channels differ):
 
 * masks from the GT boxes: ``M`` = 1 on every cell a box overlaps (oriented boxes, see ``masks.py``);
@@ -29,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rkd.distill.base import KDComponent, Param, register
-from rkd.distill.fitnet import align_adapters, check_same_grid
+from rkd.distill.base import Param, register
+from rkd.distill.connectors import AlignedFeatureKD
 from rkd.distill.masks import box_cells
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
 
@@ -107,7 +108,7 @@ def fgd_level_losses(
 
 
 @register("fgd")
-class FGD(KDComponent):
+class FGD(AlignedFeatureKD):
     """Focal (fg/bg + attention) and global distillation of FPN features."""
 
     params = {
@@ -118,13 +119,8 @@ class FGD(KDComponent):
         "temperature": Param("float", 0.5, 0.1, 2.0, log=True, help="attention temperature (released 0.5)"),
     }
 
-    @classmethod
-    def check_models(cls, student: DetectorInfo, teacher: DetectorInfo, hparams: dict[str, Any]) -> None:
-        check_same_grid(cls.name, student, teacher)
-
     def __init__(self, student: DetectorInfo, teacher: DetectorInfo, **hparams: Any) -> None:
-        super().__init__(student, teacher, **hparams)
-        self.adapters = align_adapters(student, teacher)
+        super().__init__(student, teacher, **hparams)  # the align adapters
         self.gc_student = nn.ModuleList(GcBlock(c) for c in teacher.level_channels)
         self.gc_teacher = nn.ModuleList(GcBlock(c) for c in teacher.level_channels)
 
@@ -136,8 +132,13 @@ class FGD(KDComponent):
         sums = [0.0, 0.0, 0.0, 0.0]
         for lvl, (fs, ft) in enumerate(zip(student.features, teacher.features)):
             parts = fgd_level_losses(
-                self.adapters[lvl](fs), ft, fgs[lvl], bgs[lvl], hp["temperature"],
-                self.gc_student[lvl], self.gc_teacher[lvl],
+                self.adapters[lvl](fs),
+                ft,
+                fgs[lvl],
+                bgs[lvl],
+                hp["temperature"],
+                self.gc_student[lvl],
+                self.gc_teacher[lvl],
             )
             sums = [acc + p for acc, p in zip(sums, parts)]
         return {

@@ -1,4 +1,7 @@
-"""DKD: decoupled knowledge distillation (Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022).
+"""DKD: decoupled knowledge distillation for scene classifiers.
+
+B. Zhao, Q. Cui, R. Song, Y. Qiu, J. Liang, "Decoupled Knowledge Distillation", CVPR 2022,
+arXiv:2203.08679 (no DOI here).
 
 With ``p = softmax(z / T)`` over K classes and ``t`` the labelled class, DKD splits each
 distribution into a binary one ``b = [p_t, 1 - p_t]`` (target vs. all other classes) and the
@@ -25,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rkd.distill.base import Param, linear_ramp
-from rkd.distill.classifier_kd import ClassifierKDComponent, register_classifier
+from rkd.distill.base import KDComponent, Param, linear_ramp, register
 from rkd.distill.functional import non_target_kd
 from rkd.outputs import ClassifierOutput
 
@@ -74,8 +76,8 @@ def dkd_loss(
     return alpha * t, beta * n
 
 
-@register_classifier("dkd")
-class DKD(ClassifierKDComponent):
+@register("dkd", task="classification")
+class DKD(KDComponent):
     """Decoupled KD of the logits; terms ``tckd`` and ``nckd``."""
 
     params = {

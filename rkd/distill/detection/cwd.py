@@ -1,6 +1,7 @@
 """CWD: channel-wise knowledge distillation.
 
-Shu et al., "Channel-wise Knowledge Distillation for Dense Prediction", ICCV 2021. Each
+C. Shu, Y. Liu, J. Gao, Z. Yan, C. Shen, "Channel-wise Knowledge Distillation for Dense
+Prediction", ICCV 2021, arXiv:2011.13256 (no DOI here). Each
 channel is turned into a distribution over its locations, ``phi(y)_{c,i} = softmax_i(y_{c,i} / tau)``
 (eq. 3), and the student matches the teacher by KL per channel (eq. 4)::
 
@@ -12,15 +13,13 @@ RetinaNet X101 -> R50 on the FPN outputs). A 1x1 adapter aligns channels only wh
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+import torch  # noqa: F401  (the doctests use it)
 import torch.nn.functional as F
 from torch import Tensor
 
-from rkd.distill.base import KDComponent, Param, register
-from rkd.distill.fitnet import align_adapters, check_same_grid
-from rkd.outputs import DetectorInfo, DetectorOutput, Targets
+from rkd.distill.base import Param, register
+from rkd.distill.connectors import AlignedFeatureKD
+from rkd.outputs import DetectorOutput, Targets
 
 
 def cwd_loss(student: Tensor, teacher: Tensor, tau: float) -> Tensor:
@@ -37,7 +36,7 @@ def cwd_loss(student: Tensor, teacher: Tensor, tau: float) -> Tensor:
 
 
 @register("cwd")
-class CWD(KDComponent):
+class CWD(AlignedFeatureKD):
     """Channel-wise distillation over all FPN levels; one term ``feat``."""
 
     params = {
@@ -45,19 +44,9 @@ class CWD(KDComponent):
         "temperature": Param("float", 1.0, 0.5, 8.0, log=True, help="tau (released: 1)"),
     }
 
-    @classmethod
-    def check_models(cls, student: DetectorInfo, teacher: DetectorInfo, hparams: dict[str, Any]) -> None:
-        check_same_grid(cls.name, student, teacher)
-
-    def __init__(self, student: DetectorInfo, teacher: DetectorInfo, **hparams: Any) -> None:
-        super().__init__(student, teacher, **hparams)
-        self.adapters = align_adapters(student, teacher)
-
     def forward(
         self, student: DetectorOutput, teacher: DetectorOutput, targets: Targets, epoch: float = 0.0
     ) -> dict[str, Tensor]:
         tau = self.hparams["temperature"]
-        total = sum(
-            cwd_loss(a(fs), ft, tau) for a, fs, ft in zip(self.adapters, student.features, teacher.features)
-        )
+        total = sum(cwd_loss(fs, ft, tau) for fs, ft in self.aligned_levels(student, teacher))
         return {"feat": self.hparams["weight"] * total}

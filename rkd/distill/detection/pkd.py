@@ -1,8 +1,9 @@
 """PKD: feature distillation with the Pearson correlation coefficient.
 
-Cao et al., "PKD: General Distillation Framework for Object Detectors via Pearson Correlation
-Coefficient", NeurIPS 2022 (arXiv 2207.02039). Each feature map is standardised per channel over
-batch and space, ``F^ = (F - mean) / (std + 1e-6)`` (unbiased std, as MMRazor's ``PKDLoss``), and::
+W. Cao, Y. Zhang, J. Gao, A. Cheng, K. Cheng, J. Cheng, "PKD: General Distillation Framework for
+Object Detectors via Pearson Correlation Coefficient", NeurIPS 2022, arXiv:2207.02039 (no DOI).
+Each feature map is standardised per channel over batch and space, ``F^ = (F - mean) / (std + 1e-6)``
+(unbiased std, as MMRazor's ``PKDLoss``), and::
 
     L_PKD = w * sum_l 1/2 * mean (F^_s - F^_t)^2                                  (eq. 3-4)
 
@@ -17,15 +18,13 @@ std (0) is used, the centred feature is exactly 0 and the level adds 0 with zero
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+import torch  # noqa: F401  (the doctests use it)
 import torch.nn.functional as F
 from torch import Tensor
 
-from rkd.distill.base import KDComponent, Param, register
-from rkd.distill.fitnet import align_adapters, check_same_grid
-from rkd.outputs import DetectorInfo, DetectorOutput, Targets
+from rkd.distill.base import Param, register
+from rkd.distill.connectors import AlignedFeatureKD
+from rkd.outputs import DetectorOutput, Targets
 
 
 def standardise(feature: Tensor, eps: float = 1e-6) -> Tensor:
@@ -46,27 +45,19 @@ def standardise(feature: Tensor, eps: float = 1e-6) -> Tensor:
 
 def pkd_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """``1/2 * mean (F^_s - F^_t)^2`` of one level."""
-    return F.mse_loss(standardise(student), standardise(teacher.detach())) / 2
+    return F.mse_loss(standardise(student), standardise(teacher.detach())) / 2  # eq. 3-4
 
 
 @register("pkd")
-class PKD(KDComponent):
+class PKD(AlignedFeatureKD):
     """Pearson-correlation feature KD over all FPN levels; one term ``feat``."""
 
     params = {
         "weight": Param("float", 10.0, 0.1, 100.0, log=True, help="loss weight per level (MMRazor RetinaNet: 10)"),
     }
 
-    @classmethod
-    def check_models(cls, student: DetectorInfo, teacher: DetectorInfo, hparams: dict[str, Any]) -> None:
-        check_same_grid(cls.name, student, teacher)
-
-    def __init__(self, student: DetectorInfo, teacher: DetectorInfo, **hparams: Any) -> None:
-        super().__init__(student, teacher, **hparams)
-        self.adapters = align_adapters(student, teacher)
-
     def forward(
         self, student: DetectorOutput, teacher: DetectorOutput, targets: Targets, epoch: float = 0.0
     ) -> dict[str, Tensor]:
-        total = sum(pkd_loss(a(fs), ft) for a, fs, ft in zip(self.adapters, student.features, teacher.features))
+        total = sum(pkd_loss(fs, ft) for fs, ft in self.aligned_levels(student, teacher))
         return {"feat": self.hparams["weight"] * total}

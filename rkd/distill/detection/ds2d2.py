@@ -1,8 +1,11 @@
-"""DS2D2: dual-stream spectral decoupling distillation (``papers/001_*.txt``).
+"""DS2D2: dual-stream spectral decoupling distillation.
 
 X. Gao, D. Zhao, B. Yuan, W. Li, "Dual-Stream Spectral Decoupling Distillation for Remote Sensing
-Object Detection", IEEE TGRS 63, 2025, doi:10.1109/TGRS.2025.3600098; released code
-github.com/PolarAid/DS2D2 (``mmdet/models/distillation/ds2d2_retinanet.py``), whose defaults rkd uses.
+Object Detection", IEEE Transactions on Geoscience and Remote Sensing 63, 2025,
+DOI 10.1109/TGRS.2025.3600098 (arXiv:2512.04413); released code github.com/PolarAid/DS2D2
+(``mmdet/models/distillation/ds2d2_retinanet.py``), whose defaults rkd uses. Only the paper's
+abstract was available to this project, so the equation labels (D1)-(D6) below are this
+module's own, not the paper's numbering.
 
 Two streams, both on the FPN features (student features first pass a per-level 1x1
 bias-free adapter to the teacher's channels):
@@ -11,12 +14,12 @@ Explicit stream. A first-order 2-D DWT (:func:`rkd.distill.wavelets.dwt2`, any P
 basis; the released code uses Haar with zero padding) splits each level into the low band
 ``cL = LL`` and the high bands ``cH = (LH, HL, HH)``::
 
-    L_exp = sum_l  w_L * mean((cL_s - cL_t)^2 * W)  +  w_H * mean((cH_s - cH_t)^2 * W)
+    L_exp = sum_l  w_L * mean((cL_s - cL_t)^2 * W)  +  w_H * mean((cH_s - cH_t)^2 * W)        (D1)
 
 (means over batch, channels, bands and wavelet-grid cells). ``W`` is the density-independent
 scale weight (DISW)::
 
-    W = 1 + sum_b 1 / (w_b * h_b) * [cell in footprint of box b]
+    W = 1 + sum_b 1 / (w_b * h_b) * [cell in footprint of box b]                              (D2)
 
 with ``w_b, h_b`` the box size in wavelet-grid cells (one cell = 2 feature cells = 2 x stride
 pixels), so every box adds a total of ~1 however small it is and however many share the
@@ -35,9 +38,9 @@ outputs from the teacher's high bands ``up(LH + HL + HH)`` (bilinear to the leve
 during distillation it is frozen and applied to the high bands of adapted-student and teacher
 features alike. Output loss for both amplifiers (RetinaNet form of the paper)::
 
-    L_cls = sum BCE(s, sigmoid(t)) * |sigmoid(s) - sigmoid(t)|^beta               (quality-focal form)
-    L_box = sum_anchors max_c sigmoid(t) * |r_s - r_t|_1
-    L_amp = (L_cls + L_box) / N,   N = sum_images max(1, positive anchors of the image)
+    L_cls = sum BCE(s, sigmoid(t)) * |sigmoid(s) - sigmoid(t)|^beta    (quality-focal form)  (D3)
+    L_box = sum_anchors max_c sigmoid(t) * |r_s - r_t|_1                                     (D4)
+    L_amp = (L_cls + L_box) / N,   N = sum_images max(1, positive anchors of the image)      (D5)
 
 ``N`` is the released code's ``avg_factor``: the positives of the student's own label assignment
 (MMDetection's ``PseudoSampler`` counts at least one per image), summed over the batch; the
@@ -52,15 +55,15 @@ its Adam steps do not depend on the loss scale, and the heads cached with it sta
 Faster R-CNN form of the full-frequency amplifier (``teacher.roi_head_fn`` present): the frozen
 teacher RoI head runs on the adapted student features at the teacher's RoIs (its proposals: the
 teacher's forward has no targets) and is distilled towards its own outputs on those RoIs, as the
-released Faster R-CNN configuration does (METHODS.md: KL at T 3 with weight 0.5, L1 on the
-teacher's argmax-class deltas)::
+released Faster R-CNN configuration does (KL at T 3 with weight 0.5, L1 on the teacher's
+argmax-class deltas)::
 
     L_roi = 0.5 * T^2 * (1/R) sum_r KL(softmax(z_t,r / T) || softmax(z_s,r / T))
-            + (1/R) sum_{r: k_r < K} |d_s,r[k_r] - d_t,r[k_r]|_1,    k_r = argmax_k z_t,r,  T = 3
+            + (1/R) sum_{r: k_r < K} |d_s,r[k_r] - d_t,r[k_r]|_1,    k_r = argmax_k z_t,r,  T = 3   (D6)
 
 over the ``R`` RoIs of the batch (``K`` object classes plus background, last). The ``T^2`` factor
 keeps the KL's gradient at the scale of T = 1 (Hinton et al.); the released code's normalisation
-is not in METHODS.md, and the loss balance sets the term's strength under ``kd_balance: auto``.
+was not available to this project, and the loss balance sets the term's strength under ``kd_balance: auto``.
 This form replaces the dense one for a two-stage teacher (its dense head is the RPN, whose
 single objectness class is not the detector's prediction); the HF amplifier stays dense and
 reproduces the teacher's RPN outputs (the paper does not give its two-stage form). The released
@@ -79,9 +82,9 @@ it DS2D2 is below the student alone in every balance tried (-0.037 mAP50 at rkd'
 at the published weights), without it above on the mean (+0.014 at rkd's balance); on the same
 seed the HF amplifier alone with the explicit stream (0.062) is far below the FF amplifier alone
 (0.171). Searches may still switch it on (the ``ds2d2`` space has it as a choice), and the
-published-defaults point runs it. Note
-the digest's ``mean`` normalisation of the explicit terms; with it those weights are small,
-which is why the search ranges for ``w_low``/``w_high`` reach up to 1.
+published-defaults point runs it. The
+explicit terms (D1) are means over their elements; with that normalisation the released weights
+are small, which is why the search ranges for ``w_low``/``w_high`` reach up to 1.
 
 Terms: ``low``, ``high`` (explicit), ``ff``, ``hf`` (amplifiers, when enabled).
 """
@@ -97,7 +100,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rkd.distill.base import PRIOR_STAGE_OPTIONS, KDComponent, Param, number_option, register
-from rkd.distill.fitnet import AdapterScaleInit, adapter_init_param
+from rkd.distill.checks import check_same_grid, check_same_shapes
+from rkd.distill.connectors import AdapterScaleInit, adapter_init_param, conv_adapters
 from rkd.distill.functional import bce_values, softmax_kd
 from rkd.distill.masks import as_rotated, box_frame_coords
 from rkd.distill.wavelets import check_wavelet, coefficient_centres, dwt2_stacked
@@ -117,7 +121,7 @@ def disw_map(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """DISW weight ``(B, 1, H', W')`` on the wavelet grid of a level (see the module doc).
+    """DISW weight (D2) ``(B, 1, H', W')`` on the wavelet grid of a level (see the module doc).
 
     ``boxes``: per image ``(N, 5)`` le90 or ``(N, 4)`` xyxy in input pixels; ``feature_hw`` the
     level's feature size and ``stride`` its stride; the wavelet grid has ``H' x W'`` cells of
@@ -153,9 +157,14 @@ def _disw_grid(
             counts.append(cy.numel() * cx.numel())
         level_of_cell = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(device)
         return (
-            torch.cat(points), torch.tensor(strides, device=device), torch.tensor(heights, device=device),
-            torch.tensor(widths, device=device), torch.tensor(starts, device=device), level_of_cell,
-            2 - check_wavelet(wavelet).dec_len / 2, tuple(zip(heights, widths)),
+            torch.cat(points),
+            torch.tensor(strides, device=device),
+            torch.tensor(heights, device=device),
+            torch.tensor(widths, device=device),
+            torch.tensor(starts, device=device),
+            level_of_cell,
+            2 - check_wavelet(wavelet).dec_len / 2,
+            tuple(zip(heights, widths)),
         )
 
 
@@ -201,10 +210,8 @@ def disw_maps(
     return [level.reshape(len(boxes), 1, gh, gw) for level, (gh, gw) in zip(levels, grids)]
 
 
-def explicit_loss(
-    student: Tensor, teacher: Tensor, weight: Tensor | None, wavelet: str
-) -> tuple[Tensor, Tensor]:
-    """Unweighted ``(mean((cL_s-cL_t)^2 W), mean((cH_s-cH_t)^2 W))`` of one level.
+def explicit_loss(student: Tensor, teacher: Tensor, weight: Tensor | None, wavelet: str) -> tuple[Tensor, Tensor]:
+    """Unweighted ``(mean((cL_s-cL_t)^2 W), mean((cH_s-cH_t)^2 W))`` of one level (the two terms of (D1)).
 
     ``weight`` is the DISW map ``(B, 1, H', W')`` or ``None`` (all ones).
 
@@ -266,10 +273,14 @@ class _BandErrors(torch.autograd.Function):
 
 
 def amplifier_loss(
-    cls_s: Tensor, box_s: Tensor, cls_t: Tensor, box_t: Tensor, beta: float = 1.0,
+    cls_s: Tensor,
+    box_s: Tensor,
+    cls_t: Tensor,
+    box_t: Tensor,
+    beta: float = 1.0,
     avg_factor: Tensor | float | None = None,
 ) -> Tensor:
-    """Output distillation of one amplifier on flattened ``(B, N, K)`` logits and ``(B, N, D)`` deltas.
+    """Output distillation (D3)-(D5) of one amplifier on flattened ``(B, N, K)`` logits and ``(B, N, D)`` deltas.
 
     ``(sum BCE(s, p_t) |sigmoid(s) - p_t|^beta + sum_n max_c p_t |r_s - r_t|_1) / avg_factor`` with
     ``p_t = sigmoid(t)``; ``avg_factor`` is the released normaliser (:func:`amplifier_avg_factor`),
@@ -288,15 +299,19 @@ def amplifier_loss(
     return (cls_term + box_term) / avg_factor
 
 
-ROI_TEMPERATURE = 3.0  # released Faster R-CNN form (METHODS.md)
+ROI_TEMPERATURE = 3.0  # released Faster R-CNN form
 ROI_KL_WEIGHT = 0.5
 
 
 def roi_amplifier_loss(
-    cls_s: Tensor, box_s: Tensor, cls_t: Tensor, box_t: Tensor,
-    temperature: float = ROI_TEMPERATURE, kl_weight: float = ROI_KL_WEIGHT,
+    cls_s: Tensor,
+    box_s: Tensor,
+    cls_t: Tensor,
+    box_t: Tensor,
+    temperature: float = ROI_TEMPERATURE,
+    kl_weight: float = ROI_KL_WEIGHT,
 ) -> Tensor:
-    """The Faster R-CNN amplifier on ``(R, K + 1)`` RoI logits (background last) and ``(R, K * 4)``
+    """The Faster R-CNN amplifier (D6) on ``(R, K + 1)`` RoI logits (background last) and ``(R, K * 4)``
     class-specific deltas (see the module doc): ``kl_weight * T^2 * mean KL + mean L1`` of the
     teacher's argmax-class deltas (0 on RoIs the teacher calls background).
 
@@ -393,8 +408,10 @@ class HFHead(nn.Module):
         self.reduce = nn.Conv2d(channels, hidden, 1)
         self.trunk = nn.Sequential(
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.ReLU(inplace=True),
         )
         self.cls = nn.Conv2d(hidden, num_anchors * num_classes, 3, padding=1)
         self.box = nn.Conv2d(hidden, num_anchors * box_dim, 3, padding=1)
@@ -427,7 +444,10 @@ class DS2D2(KDComponent):
         "ff_weight": Param("float", 1.0, 0.1, 10.0, log=True, help="weight of the full-frequency amplifier"),
         # off by default: measured on UCAS-AOD it is what pulled DS2D2 below the student alone (see the module doc)
         "hf_amplifier": Param(
-            "bool", False, published=True, help="distil through a head trained on the teacher's high bands (released: on)"
+            "bool",
+            False,
+            published=True,
+            help="distil through a head trained on the teacher's high bands (released: on)",
         ),
         "hf_weight": Param("float", 1.0, 0.1, 10.0, log=True, help="weight of the high-frequency amplifier"),
         "beta": Param("float", 1.0, 0.5, 2.0, help="exponent of the quality-focal factor |p_s - p_t|^beta"),
@@ -457,11 +477,7 @@ class DS2D2(KDComponent):
 
     @classmethod
     def check_models(cls, student: DetectorInfo, teacher: DetectorInfo, hparams: dict[str, Any]) -> None:
-        if tuple(student.strides) != tuple(teacher.strides):
-            raise ValueError(
-                f"KD method 'ds2d2' compares feature maps location by location, but the student's strides "
-                f"{list(student.strides)} differ from the teacher's {list(teacher.strides)}"
-            )
+        check_same_grid(cls.name, student, teacher)
         if hparams.get("hf_amplifier", True) and len(set(teacher.level_channels)) != 1:
             raise ValueError(
                 "KD method 'ds2d2': the high-frequency amplifier is a head shared over levels and needs the "
@@ -471,9 +487,7 @@ class DS2D2(KDComponent):
     def __init__(self, student: DetectorInfo, teacher: DetectorInfo, **hparams: Any) -> None:
         super().__init__(student, teacher, **hparams)
         type(self).check_models(student, teacher, self.hparams)
-        self.adapters = nn.ModuleList(
-            nn.Conv2d(cs, ct, 1, bias=False) for cs, ct in zip(student.level_channels, teacher.level_channels)
-        )
+        self.adapters = conv_adapters(student, teacher, kernel_size=1, bias=False)
         # the full-frequency amplifier runs the teacher's head on the adapted features: they must
         # arrive at the teacher's scale (measured on UCAS-AOD: without it the amplifier loss stayed flat)
         self.adapter_scale = AdapterScaleInit(self.hparams["adapter_init"])
@@ -481,7 +495,10 @@ class DS2D2(KDComponent):
         self.hf_head: HFHead | None = None
         if self.hparams["hf_amplifier"]:
             self.hf_head = HFHead(
-                teacher.level_channels[0], self.hparams["hf_channels"], teacher.num_anchors, teacher.num_classes,
+                teacher.level_channels[0],
+                self.hparams["hf_channels"],
+                teacher.num_anchors,
+                teacher.num_classes,
                 teacher.box_dim,
             )
 
@@ -500,7 +517,10 @@ class DS2D2(KDComponent):
         cls, box = self.hf_head(highs, [tuple(f.shape[-2:]) for f in teacher.features])
         a = teacher.info.num_anchors
         return amplifier_loss(
-            flatten_levels(cls, a), flatten_levels(box, a), teacher.flat_cls().detach(), teacher.flat_box().detach(),
+            flatten_levels(cls, a),
+            flatten_levels(box, a),
+            teacher.flat_cls().detach(),
+            teacher.flat_box().detach(),
             self.hparams["beta"],
         )
 
@@ -519,12 +539,7 @@ class DS2D2(KDComponent):
         self.adapter_scale(self.adapters, student.features, teacher.features)
         adapted = [a(f) for a, f in zip(self.adapters, student.features)]
         t_feats = [f.detach() for f in teacher.features]
-        for lvl, (s, t) in enumerate(zip(adapted, t_feats)):
-            if s.shape != t.shape:
-                raise ValueError(
-                    f"ds2d2: adapted student features {tuple(s.shape)} and teacher features {tuple(t.shape)} "
-                    f"differ at level {lvl}"
-                )
+        check_same_shapes(self.name, adapted, t_feats)
         # each level is transformed once; the HF amplifier reuses the bands of the explicit stream
         s_bands = [dwt2_stacked(s, wav) for s in adapted]
         with torch.no_grad():
@@ -540,7 +555,7 @@ class DS2D2(KDComponent):
             low.append(lo)
             high.append(hi)
             s_highs.append(s_high)
-        terms = {"low": hp["w_low"] * sum(low), "high": hp["w_high"] * sum(high)}
+        terms = {"low": hp["w_low"] * sum(low), "high": hp["w_high"] * sum(high)}  # (D1)
         a = teacher.info.num_anchors
         if (hp["ff_amplifier"] and teacher.roi_head_fn is None) or self.hf_head is not None:
             avg_factor = amplifier_avg_factor(student, teacher, targets)
@@ -566,14 +581,26 @@ class DS2D2(KDComponent):
             with torch.no_grad():
                 cls_h, box_h = self._frozen_hf([_high_sum(b) for b in t_bands], sizes)
             amp = amplifier_loss(
-                flatten_levels(cls_s, a), flatten_levels(box_s, a), flatten_levels(cls_h, a),
-                flatten_levels(box_h, a), hp["beta"], avg_factor,
+                flatten_levels(cls_s, a),
+                flatten_levels(box_s, a),
+                flatten_levels(cls_h, a),
+                flatten_levels(box_h, a),
+                hp["beta"],
+                avg_factor,
             )
             terms["hf"] = hp["hf_weight"] * amp
         return terms
 
 
 __all__ = [
-    "DS2D2", "HFHead", "amplifier_avg_factor", "amplifier_loss", "disw_map", "disw_maps", "explicit_loss", "high_bands",
-    "roi_amplifier_loss", "WAVELETS",
+    "DS2D2",
+    "HFHead",
+    "amplifier_avg_factor",
+    "amplifier_loss",
+    "disw_map",
+    "disw_maps",
+    "explicit_loss",
+    "high_bands",
+    "roi_amplifier_loss",
+    "WAVELETS",
 ]

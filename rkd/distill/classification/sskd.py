@@ -1,8 +1,8 @@
 """SSKDNet: self-supervised knowledge distillation for scene classification.
 
-Zhao, Liu, Yang & Wu, "Remote Sensing Image Scene Classification via Self-Supervised Learning and
-Knowledge Distillation", Remote Sensing 14(19):4813, 2022, DOI 10.3390/rs14194813. No public code.
-The text available to this project (``shared/papers/004_*.txt``) is the abstract only, so the
+Y. Zhao, J. Liu, J. Yang, Z. Wu, "Remote Sensing Image Scene Classification via Self-Supervised
+Learning and Knowledge Distillation", Remote Sensing 14(19):4813, 2022, DOI 10.3390/rs14194813.
+No public code. Only the paper's abstract was available to this project, so the
 equation labels below (S1)-(S5) are this module's own, written from the abstract's description;
 where the abstract leaves a choice open, the choice made here is stated next to it.
 
@@ -65,8 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rkd.distill.base import Param, linear_ramp
-from rkd.distill.classifier_kd import ClassifierKDComponent, register_classifier
+from rkd.distill.base import KDComponent, Param, linear_ramp, register
 from rkd.distill.functional import mse, softmax_kd
 from rkd.outputs import ClassifierInfo, ClassifierOutput
 
@@ -270,8 +269,8 @@ class SSKDBranch(nn.Module):
         return self.fc(fused), weights
 
 
-@register_classifier("sskd")
-class SSKD(ClassifierKDComponent):
+@register("sskd", task="classification")
+class SSKD(KDComponent):
     """SSKDNet self-distillation (see module doc); terms ``restore``, ``branch_cls``, ``distill``."""
 
     needs_teacher = False
@@ -282,7 +281,9 @@ class SSKD(ClassifierKDComponent):
         "mask_ratio": Param("float", 0.3, 0.0, 0.75, help="share of level-0 patches hidden by the mask token"),
         "patch": Param("choice", 2, choices=PATCH_SIZES, help="side of a masked/shuffled patch, in level-0 cells"),
         "mask_mode": Param(
-            "choice", "background", choices=("random", "background"),
+            "choice",
+            "background",
+            choices=("random", "background"),
             help="which patches are hidden: the least salient (the paper's background masking) or random ones",
         ),
         "temperature": Param("float", 4.0, 1.0, 8.0, help="softening temperature T of (S4)"),
@@ -291,20 +292,25 @@ class SSKD(ClassifierKDComponent):
         "distill_weight": Param("float", 1.0, 1e-2, 10.0, log=True, help="w_d of (S5)"),
         "fusion": Param("bool", True, help="dynamic multi-level fusion (S3) in the branch"),
         "branch_grad": Param(
-            "choice", "joint", choices=("joint", "detached"),
+            "choice",
+            "joint",
+            choices=("joint", "detached"),
             help="whether the restoration and branch losses also train the backbone (joint, the paper's "
-                 "one-stage optimisation) or only the branch (detached: the backbone learns from (S4) alone)",
+            "one-stage optimisation) or only the branch (detached: the backbone learns from (S4) alone)",
         ),
         "warmup_epochs": Param(
-            "float", 4.0, 0.0, 8.0, published=0.0,
+            "float",
+            4.0,
+            0.0,
+            8.0,
+            published=0.0,
             help="(S4) ramps up as min(epoch / E, 1) while the branch, trained from scratch, learns; 0 = none "
-                 "(the paper's one stage has none; rkd's 4 measured on AID, docs/benchmarks.md)",
+            "(the paper's one stage has none; rkd's 4 measured on AID, docs/benchmarks.md)",
         ),
     }
 
     @classmethod
     def check_models(cls, student: ClassifierInfo, teacher: ClassifierInfo | None, hparams: dict[str, Any]) -> None:
-        super().check_models(student, teacher, hparams)
         strides = student.strides
         if any(strides[i] % strides[i - 1] for i in range(1, len(strides))):
             raise ValueError(f"KD method 'sskd' needs each backbone stride to divide the next, got {list(strides)}")

@@ -1,11 +1,12 @@
 """NSD: negative-core sample knowledge distillation for oriented detection.
 
-Zhang et al., "Negative-Core Sample Knowledge Distillation for Oriented Object Detection in
-Remote Sensing Image", IEEE TGRS 62, 2024, doi:10.1109/TGRS.2024.3492046 (code:
-github.com/Changan00/NSD, mmrotate 0.3.4, rotated RetinaNet le90). The released repository lacks
-its head class, so this is a rebuild from the paper's description and the released configuration
-(the paper's full text and equation numbers were not available here); where this file departs from
-the released code it says so.
+W. Zhang, Y. Zhang, F. Huang, X. Qi, L. Wang, X. Liu, "Negative-Core Sample Knowledge Distillation
+for Oriented Object Detection in Remote Sensing Image", IEEE Transactions on Geoscience and Remote
+Sensing 62, pp. 1-18, 2024, DOI 10.1109/TGRS.2024.3492046 (code: github.com/Changan00/NSD,
+mmrotate 0.3.4, rotated RetinaNet le90). The released repository lacks its head class, so this is
+a rebuild from the paper's description and the released configuration; where this file departs
+from the released code it says so. Only the paper's abstract was available to this project, so
+the equation labels (N1)-(N7) below are this module's own, not the paper's numbering.
 
 Four switchable parts (``pixel``, ``logit``, ``box``, ``angle``; any non-empty subset):
 
@@ -15,9 +16,9 @@ Four switchable parts (``pixel``, ``logit``, ``box``, ``angle``; any non-empty s
   the GT foreground mask ``m`` (a location is foreground if its cell overlaps a GT box), each
   a mean over the masked elements (locations x the teacher's ``C`` channels)::
 
-      L_fg = sum((phi(s) - t)^2 * m) / max(1, 2 * C * sum(m))
+      L_fg = sum((phi(s) - t)^2 * m) / max(1, 2 * C * sum(m))                       (N1)
       L_bg = sum((phi(s) - t)^2 * (1 - m)) / max(1, 2 * C * sum(1 - m))
-      L_pixel = 1/L * sum_levels (w_fg * L_fg + w_bg * L_bg)     released: w_fg 0, w_bg 12
+      L_pixel = 1/L * sum_levels (w_fg * L_fg + w_bg * L_bg)     released: w_fg 0, w_bg 12   (N2)
 
   The released detector repeats the mask over the channels before summing it, so its
   normaliser counts location x channel elements, and divides by the number of levels; a
@@ -32,16 +33,16 @@ Four switchable parts (``pixel``, ``logit``, ``box``, ``angle``; any non-empty s
   scores - the background knowledge of a negative - are distilled; with ``p = sigmoid(z_t/T)``,
   ``q = sigmoid(z_s/T)`` per class::
 
-      KL_i = sum_k [p log(p / q) + (1 - p) log((1 - p) / (1 - q))]
+      KL_i = sum_k [p log(p / q) + (1 - p) log((1 - p) / (1 - q))]                  (N3)
 
   ``logit_form: softmax`` is the released code's NCKD of decoupled KD over the K classes,
   ``KL_i = KL(softmax(z_t,i/T) || softmax(z_s,i/T))``; it only sees score ratios between
   classes, so it is identically 0 for K = 1 (refused) and blind to absolute scores for K = 2::
 
-      L_logit = w * min(epoch / E_warm, 1) * beta * T^2 / |S| * sum_{i in S} KL_i
+      L_logit = w * min(epoch / E_warm, 1) * beta * T^2 / |S| * sum_{i in S} KL_i    (N4)
       released: w 1.8, beta 8, T 4, E_warm 3
 
-* box - ``L_box = w / (|S| * D) * sum_{i in S} |r_s,i - r_t,i|_1`` on the encoded regressions, w 0.9.
+* box - ``L_box = w / (|S| * D) * sum_{i in S} |r_s,i - r_t,i|_1`` (N5) on the encoded regressions, w 0.9.
 
 * angle - the angle branch classifies the angle into bins. With ``p_i = softmax(a_t,i / T)``
   the teacher's angle distribution on sample ``i``:
@@ -51,10 +52,10 @@ Four switchable parts (``pixel``, ``logit``, ``box``, ``angle``; any non-empty s
   2. category direction estimation (CE): with ``c_i = argmax_k z_t,i`` the teacher's predicted
      class and ``s_i`` its score, the class direction prior
      ``pi_c = sum_{i in S, c_i = c} s_i p~_i / sum_{i in S, c_i = c} s_i`` (over the batch);
-     the target is ``q_i = (1 - lambda) p~_i + lambda pi_{c_i}`` (``ce_mix`` = lambda);
+     the target is ``q_i = (1 - lambda) p~_i + lambda pi_{c_i}`` (``ce_mix`` = lambda)     (N6);
   3. NCKD on the bins with the estimated direction ``j_i = argmax q_i`` as the target bin::
 
-       L_angle = w * beta * T^2 / |S| * sum_{i in S} KL(q^_i || p^_s,i)
+       L_angle = w * beta * T^2 / |S| * sum_{i in S} KL(q^_i || p^_s,i)                (N7)
 
      where ``^`` drops bin ``j_i`` and renormalises (student: softmax of ``a_s,i/T`` over the
      other bins). Released: w 1.0, beta 8, T 4 (shared with the logit part). Fewer than 3 bins
@@ -76,7 +77,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rkd.distill.base import KDComponent, Param, linear_ramp, register
-from rkd.distill.fitnet import AdapterScaleInit, adapter_init_param, check_same_anchors, check_same_grid, conv_adapters
+from rkd.distill.checks import check_same_anchors, check_same_box_dim, check_same_grid
+from rkd.distill.connectors import AdapterScaleInit, adapter_init_param, conv_adapters
 from rkd.distill.functional import binary_kl_with_logits, masked_sq_error, non_target_kd
 from rkd.distill.masks import foreground_masks
 from rkd.outputs import Assignment, DetectorInfo, DetectorOutput, Targets, flatten_levels
@@ -88,7 +90,7 @@ PARTS = ("pixel", "logit", "box", "angle")
 
 
 def pixel_fg_bg_loss(student: Tensor, teacher: Tensor, fg: Tensor) -> tuple[Tensor, Tensor]:
-    """``(L_fg, L_bg)`` of one level; ``fg`` is the ``(B, 1, H, W)`` foreground mask.
+    """``(L_fg, L_bg)`` (N1) of one level; ``fg`` is the ``(B, 1, H, W)`` foreground mask.
 
     Half the mean squared error over the masked elements (locations x channels).
 
@@ -103,7 +105,7 @@ def pixel_fg_bg_loss(student: Tensor, teacher: Tensor, fg: Tensor) -> tuple[Tens
 
 
 def binary_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """Per-sample ``T^2 * sum_k KL(Bern(sigmoid(z_t/T)) || Bern(sigmoid(z_s/T)))`` of ``(N, K)`` logits: ``(N,)``.
+    """Per-sample ``T^2 * sum_k KL(Bern(sigmoid(z_t/T)) || Bern(sigmoid(z_s/T)))`` (N3) of ``(N, K)`` logits.
 
     The binary cross-entropy to the teacher's tempered score minus the teacher's (constant)
     binary entropy; the gradient is ``T (sigmoid(z_s/T) - sigmoid(z_t/T))``.
@@ -156,7 +158,7 @@ def circular_gaussian(bins: int, sigma: float, device=None, dtype=torch.float32)
 def category_direction_target(
     teacher_angle_logits: Tensor, teacher_cls_logits: Tensor, temperature: float, csl_sigma: float, ce_mix: float
 ) -> Tensor:
-    """Target angle distributions ``q`` ``(n, bins)`` for ``n`` selected samples (steps 1-2 above)."""
+    """Target angle distributions ``q`` ``(n, bins)`` for ``n`` selected samples (steps 1-2 above, (N6))."""
     bins = teacher_angle_logits.shape[-1]
     p = F.softmax(teacher_angle_logits / temperature, dim=-1)
     p = p @ circular_gaussian(bins, csl_sigma, p.device, p.dtype).T
@@ -170,7 +172,7 @@ def category_direction_target(
 
 
 def non_target_kl_probs(target: Tensor, student_logits: Tensor, target_bin: Tensor, temperature: float) -> Tensor:
-    """Per-sample ``T^2 * KL(q^ || p^_s)`` with bin ``target_bin`` dropped and both renormalised.
+    """Per-sample ``T^2 * KL(q^ || p^_s)`` with bin ``target_bin`` dropped and both renormalised (N7).
 
     >>> q = torch.softmax(torch.randn(3, 5), -1)
     >>> non_target_kl_probs(q, torch.log(q) * 2.0, torch.tensor([0, 2, 4]), 2.0).abs().max().item() < 1e-5
@@ -221,11 +223,16 @@ class NSD(KDComponent):
         "temperature": Param("float", 4.0, 1.0, 8.0, help="temperature for logit and angle KD (released 4)"),
         "warmup_epochs": Param("float", 3.0, 0.0, 10.0, help="logit KD ramps up as min(epoch / E, 1); 0 = none"),
         "logit_form": Param(
-            "choice", "binary", choices=("binary", "softmax"), published="softmax",
+            "choice",
+            "binary",
+            choices=("binary", "softmax"),
+            published="softmax",
             help="logit KD: per-class binary KL (sigmoid heads) or the released softmax NCKD over the classes",
         ),
         "ncs": Param(
-            "choice", "topk", choices=("all", "topk", "threshold"),
+            "choice",
+            "topk",
+            choices=("all", "topk", "threshold"),
             help="negative-core samples: the teacher's hard negatives (topk, threshold) or all negatives",
         ),
         "k": Param("int", 100, 10, 2000, log=True, help="negatives per image kept by ncs=topk"),
@@ -250,11 +257,8 @@ class NSD(KDComponent):
                 f"{student.num_classes} class the distribution is always 1 and the logit term identically 0; set "
                 "nsd.logit_form: binary (per-class sigmoid KL) or nsd.logit: false"
             )
-        if hparams["box"] and student.box_dim != teacher.box_dim:
-            raise ValueError(
-                f"KD method 'nsd' (box: true) compares box regressions, but the student regresses "
-                f"{student.box_dim} values and the teacher {teacher.box_dim}"
-            )
+        if hparams["box"]:
+            check_same_box_dim(cls.name, student, teacher, "box: true")
         if hparams["angle"]:
             for info, role in ((student, "student"), (teacher, "teacher")):
                 if not info.oriented:
@@ -300,7 +304,7 @@ class NSD(KDComponent):
             for adapter, fs, ft, fg in zip(self.adapters, student.features, teacher.features, fg_masks):
                 l_fg, l_bg = pixel_fg_bg_loss(adapter(fs), ft.detach(), fg)
                 total = total + hp["fg_weight"] * l_fg + hp["bg_weight"] * l_bg  # pixel-level loss
-            terms["pixel"] = total / len(fg_masks)  # mean over levels, as the released detector
+            terms["pixel"] = total / len(fg_masks)  # (N2): mean over levels, as the released detector
         if not (hp["logit"] or hp["box"] or hp["angle"]):
             return terms
 
@@ -316,10 +320,10 @@ class NSD(KDComponent):
                 kl = binary_kl(zs, zt[sel], t)
             else:
                 kl = non_target_kd(zs, zt[sel], None, t)  # NCKD over the K classes
-            terms["logit"] = hp["logit_weight"] * hp["beta"] * kl.sum() / n  # warm-up: ramps()
+            terms["logit"] = hp["logit_weight"] * hp["beta"] * kl.sum() / n  # (N4); warm-up: ramps()
         if hp["box"]:
             bs, bt = student.flat_box()[sel], teacher.flat_box().detach()[sel]
-            terms["box"] = hp["box_weight"] * (bs - bt).abs().sum() / (n * bs.shape[-1])
+            terms["box"] = hp["box_weight"] * (bs - bt).abs().sum() / (n * bs.shape[-1])  # (N5)
         if hp["angle"]:
             a = self.student_info.num_anchors
             if student.angle_logits is None or teacher.angle_logits is None:
@@ -328,6 +332,5 @@ class NSD(KDComponent):
             at = flatten_levels([x.detach() for x in teacher.angle_logits], a)[sel]
             q = category_direction_target(at, zt[sel], t, hp["csl_sigma"], hp["ce_mix"])
             kl = non_target_kl_probs(q, as_, q.argmax(-1), t)
-            terms["angle"] = hp["angle_weight"] * hp["beta"] * kl.sum() / n
+            terms["angle"] = hp["angle_weight"] * hp["beta"] * kl.sum() / n  # (N7)
         return terms
-

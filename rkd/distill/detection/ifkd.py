@@ -1,7 +1,9 @@
-"""IFKD: information fusion knowledge distillation (ACM MM 2024, ``papers/002_*.txt``).
+"""IFKD: information fusion knowledge distillation.
 
 "Information Fusion with Knowledge Distillation for Fine-grained Remote Sensing Object Detection",
-ACM Multimedia 2024 (the stored text is the anonymous submission: no authors or DOI in it).
+Proceedings of the 32nd ACM International Conference on Multimedia (MM '24), 2024,
+DOI 10.1145/3664647.3681684. The full text available to this project is the anonymous submission,
+which names no authors; the equation numbers below are that text's.
 
 ``L = L_GT + alpha * L_feat + beta * L_head`` (eq. 14), per FPN level ``l`` with adapted student
 features ``s = phi_adapt(F^s)`` (a 1x1 conv per level)::
@@ -68,6 +70,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rkd.distill.base import KDComponent, Option, Param, register
+from rkd.distill.checks import check_same_anchors, check_same_shapes
+from rkd.distill.connectors import conv_adapters
 from rkd.distill.functional import binary_kl_with_logits
 from rkd.distill.priors import build_prior, check_prior_option
 from rkd.outputs import DetectorInfo, DetectorOutput, Targets
@@ -266,54 +270,68 @@ class IFKD(KDComponent):
     """
 
     params = {
-        "alpha": Param("float", 0.06, 1e-5, 1.0, log=True,
-                       help="weight of L_feat (paper 0.06; released 1e-4 with a sum over channels)"),
-        "beta": Param("float", 0.5, 1e-4, 5.0, log=True,
-                      help="weight of L_head (paper 0.5; released 1e-3 with a sum over channels)"),
+        "alpha": Param(
+            "float",
+            0.06,
+            1e-5,
+            1.0,
+            log=True,
+            help="weight of L_feat (paper 0.06; released 1e-4 with a sum over channels)",
+        ),
+        "beta": Param(
+            "float",
+            0.5,
+            1e-4,
+            5.0,
+            log=True,
+            help="weight of L_head (paper 0.5; released 1e-3 with a sum over channels)",
+        ),
         "ede": Param("bool", True, help="external disturbance enhancement from a frozen prior encoder"),
-        "ede_mode": Param("choice", "add", choices=("add", "released"),
-                          help="add: paper eq. 1-2; released: F^t + conv-ReLU-conv(F^t * M) on deeper levels"),
+        "ede_mode": Param(
+            "choice",
+            "add",
+            choices=("add", "released"),
+            help="add: paper eq. 1-2; released: F^t + conv-ReLU-conv(F^t * M) on deeper levels",
+        ),
         "fdr": Param("bool", True, help="frequency domain reconstruction of the teacher features"),
         "r": Param("float", 0.1, 0.02, 0.5, help="low-pass square side as a fraction of min(H, W)"),
         "p": Param("float", 0.5, 0.0, 1.0, help="probability of applying FDR in a training step"),
         "fdr_output": Param("choice", "real", choices=("real", "abs"), help="real part or magnitude of the IFFT"),
-        "fdr_init": Param("choice", "identity", choices=("small", "identity"), published="small",
-                          help="W_filter init: identity (1 + 0j) or small (released code's N(0, 0.02^2))"),
+        "fdr_init": Param(
+            "choice",
+            "identity",
+            choices=("small", "identity"),
+            published="small",
+            help="W_filter init: identity (1 + 0j) or small (released code's N(0, 0.02^2))",
+        ),
         "hsm": Param("bool", True, help="hyperbolic similarity mask"),
         "c": Param("float", 1.0, 1e-3, 2.0, log=True, help="curvature of the Poincare ball"),
         "ball_map": Param("choice", "expmap", choices=("expmap", "scale"), help="how features enter the ball"),
     }
     options = {
-        "prior": Option({"kind": "builtin", "stride": 4}, check_prior_option,
-                        help="the frozen EDE encoder: {kind: builtin | module | sam, ...its arguments}"),
+        "prior": Option(
+            {"kind": "builtin", "stride": 4},
+            check_prior_option,
+            help="the frozen EDE encoder: {kind: builtin | module | sam, ...its arguments}",
+        ),
     }
 
     @classmethod
     def check_models(cls, student: DetectorInfo, teacher: DetectorInfo, hparams: dict[str, Any]) -> None:
-        if tuple(student.strides) != tuple(teacher.strides):
-            raise ValueError(
-                f"KD method 'ifkd' compares maps location by location, but the student's strides "
-                f"{list(student.strides)} differ from the teacher's {list(teacher.strides)}"
-            )
-        if student.num_anchors != teacher.num_anchors:
-            raise ValueError(
-                f"KD method 'ifkd' compares classification maps channel by channel, but the student has "
-                f"{student.num_anchors} anchors per location and the teacher {teacher.num_anchors}"
-            )
+        check_same_anchors(cls.name, student, teacher, "classification maps channel by channel", grid="maps")
 
     def __init__(self, student: DetectorInfo, teacher: DetectorInfo, **hparams: Any) -> None:
         super().__init__(student, teacher, **hparams)
         type(self).check_models(student, teacher, self.hparams)
         hp = self.hparams
-        self.adapters = nn.ModuleList(
-            nn.Conv2d(cs, ct, 1) for cs, ct in zip(student.level_channels, teacher.level_channels)
-        )
+        self.adapters = conv_adapters(student, teacher, kernel_size=1)
         self.filters = (
             nn.ModuleList(FrequencyFilter(ct, hp["fdr_init"]) for ct in teacher.level_channels) if hp["fdr"] else None
         )
         self.fusion = (
             nn.ModuleList(fusion_block(ct) for ct in teacher.level_channels[1:])
-            if hp["ede"] and hp["ede_mode"] == "released" else None
+            if hp["ede"] and hp["ede_mode"] == "released"
+            else None
         )
         object.__setattr__(self, "_prior", None)  # not a submodule: frozen, never saved
         if hp["ede"]:
@@ -355,18 +373,14 @@ class IFKD(KDComponent):
         hp = self.hparams
         t_feats = [f.detach() for f in teacher.features]
         adapted = [a(f) for a, f in zip(self.adapters, student.features)]
-        for lvl, (s, t) in enumerate(zip(adapted, t_feats)):
-            if s.shape != t.shape:
-                raise ValueError(
-                    f"ifkd: adapted student features {tuple(s.shape)} and teacher features {tuple(t.shape)} "
-                    f"differ at level {lvl}"
-                )
+        check_same_shapes(self.name, adapted, t_feats)
         ede = None
         if hp["ede"]:
             if teacher.inputs is None:
                 raise ValueError("ifkd: EDE needs teacher_output.inputs (the normalised input batch)")
-            ede = self.ede_maps(teacher.inputs.detach(), [tuple(t.shape[-2:]) for t in t_feats],
-                                [t.shape[1] for t in t_feats])
+            ede = self.ede_maps(
+                teacher.inputs.detach(), [tuple(t.shape[-2:]) for t in t_feats], [t.shape[1] for t in t_feats]
+            )
         apply_fdr = self.filters is not None and self._fdr_now()
         feat_terms, head_terms = [], []
         for lvl, (s, t) in enumerate(zip(adapted, t_feats)):
@@ -375,8 +389,7 @@ class IFKD(KDComponent):
                 base = t + self.fusion[lvl - 1](t * ede[lvl])
             if apply_fdr:
                 filt = self.filters[lvl](t.shape[-2], t.shape[-1])
-                base = fdr(base, frs_mask(teacher.cls_logits[lvl]).to(t.dtype), filt, hp["r"],
-                           hp["fdr_output"])
+                base = fdr(base, frs_mask(teacher.cls_logits[lvl]).to(t.dtype), filt, hp["r"], hp["fdr_output"])
             target = base + ede[lvl] if ede is not None and self.fusion is None else base
             if hp["hsm"]:
                 mask = hsm_mask(t, s, hp["c"], hp["ball_map"])
@@ -395,6 +408,16 @@ class IFKD(KDComponent):
 
 
 __all__ = [
-    "IFKD", "FrequencyFilter", "expmap0", "fdr", "feat_loss", "frs_mask", "head_loss", "hsm_mask",
-    "low_pass_mask", "mobius_add", "poincare_distance", "project",
+    "IFKD",
+    "FrequencyFilter",
+    "expmap0",
+    "fdr",
+    "feat_loss",
+    "frs_mask",
+    "head_loss",
+    "hsm_mask",
+    "low_pass_mask",
+    "mobius_add",
+    "poincare_distance",
+    "project",
 ]
