@@ -31,7 +31,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from rkd.search.preflight import check_inputs, check_resources
+    from rkd.search.preflight import check_inputs, check_resources, fill_data_caches
     from rkd.train.runner import ensure_ray
     from rkd.train.spec import load_spec
     from rkd.train.stages import run_stages
@@ -40,6 +40,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.output_dir is not None:
         spec.output_dir = Path(args.output_dir).resolve()
     check_inputs(spec)  # every label file and image is read (and checked) before Ray starts
+    fill_data_caches(spec)
     ensure_ray(spec.resources.ray_address)
     check_resources(spec)
     run_stages(spec, args.stage)

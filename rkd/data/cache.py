@@ -17,8 +17,10 @@ is remembered by (path, size, mtime_ns, ctime_ns, inode); ctime changes on every
 cannot be set back (unlike mtime), so an in-place rewrite is hashed again. The window is in the
 entry's name; nothing is resized before caching (letterboxing happens after), so no other
 parameter enters the key. On a miss the whole scene is decoded once and all its windows in the
-dataset are kept, by the loader process that asked: the cache is built during the first epoch
-(already 8-15x today's loading on the benchmark, docs/benchmarks.md), with no pass before training.
+dataset are kept, by the loader process that asked, so the cache fills during the first epoch
+(already 8-15x today's loading on the benchmark, docs/benchmarks.md). Where the trials run on the
+machine that starts them, :func:`rkd.data.cache_build.fill_patch_cache` fills it before training,
+once for all trials, with progress lines.
 ``v1`` names the decoding rules of :func:`rkd.data.images.to_rgb8`; bump it when they change.
 
 Entries are written with :func:`rkd.atomic.atomic_write_bytes`: two processes that build the

@@ -243,10 +243,11 @@ class PatchCrop:
             w = self.window
             return self.source.load_image()[:, w.y0 : w.y1, w.x0 : w.x1].contiguous()
         array = cache.load_patch(path, self.window) if self.cached else None
-        return torch.from_numpy(self._decode() if array is None else array)
+        return torch.from_numpy(self.decode() if array is None else array)
 
-    def _decode(self) -> np.ndarray:
-        """The window's ``(3, H, W)`` pixels, read from the scene file (and cached when ``cached``)."""
+    def decode(self) -> np.ndarray:
+        """The window's ``(3, H, W)`` pixels, read from the scene file (with ``cached``, every window of
+        ``siblings`` is kept too)."""
         from PIL import Image
 
         from rkd.data.images import to_rgb8

@@ -7,6 +7,7 @@ input stops with exit code 2 and the place named, not with a traceback after the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from rkd.data.images import pixel_problems
@@ -79,13 +80,25 @@ def _without_path(err: Exception, path: Any) -> str:
     return str(err).removeprefix(f"{path}: ")
 
 
-def check_resources(spec: RunSpec) -> None:
-    """On the embedded local Ray: every worker must fit (Ray would wait for a bigger node forever)."""
+def trials_run_here(spec: RunSpec) -> bool:
+    """Whether the run's workers run on this machine (the embedded local Ray), not on a cluster."""
     import os
 
+    return spec.resources.ray_address is None and not os.environ.get("RAY_ADDRESS")
+
+
+def fill_data_caches(spec: RunSpec, log: Callable[[str], None] = print) -> None:
+    """Fill the data's caches of decoded pixels once, before any trial starts, where the trials will
+    read them; on a cluster each node fills its own in its first epoch (or reads a shared folder)."""
+    if trials_run_here(spec):
+        TASKS[spec.task].fill_caches(spec.data, log)
+
+
+def check_resources(spec: RunSpec) -> None:
+    """On the embedded local Ray: every worker must fit (Ray would wait for a bigger node forever)."""
     import ray
 
-    if spec.resources.ray_address is not None or os.environ.get("RAY_ADDRESS"):
+    if not trials_run_here(spec):
         return  # a cluster may add nodes on demand
     res = spec.resources
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]

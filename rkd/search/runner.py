@@ -30,7 +30,7 @@ from rkd import storage
 from rkd.search import confirm as confirm_stage
 from rkd.search.config import first_points, load_search_space, parse_search, reference_points
 from rkd.search.confirm import confirm_report
-from rkd.search.preflight import check_inputs, check_resources
+from rkd.search.preflight import check_inputs, check_resources, fill_data_caches
 from rkd.search.progress import ProgressPrinter
 from rkd.search.results import OBJECTIVES, format_table, front_columns, front_rows
 from rkd.search.resume import prepare_resume, start_afresh
@@ -100,6 +100,7 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
     # Read every label file and decode every image now: a line that does not parse must fail
     # here, with its file:line, not inside a Ray worker after the teacher has trained.
     record_skipped_lines(spec, check_inputs(spec), log)
+    fill_data_caches(spec, log)
     if spec.run_uri:  # what an earlier run left there: its identity, teacher, priors, results
         storage.pull(spec.run_uri, spec.run_dir, exclude=("ray",))
     resuming = prepare_resume(spec, search, resume)

@@ -6,6 +6,7 @@ KD methods, batches and val score.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,10 @@ class TaskBase:
             files += split_files
             skipped += split_skipped
         return files, list(dict.fromkeys(skipped))  # a split read twice (train == val) lists a line once
+
+    def fill_caches(self, data: dict[str, Any], log: Callable[[str], None] = print) -> None:
+        """Fill the data's caches of decoded pixels before training, when trials run on this machine
+        (the patch cache of tiled scenes: :func:`rkd.data.cache_build.fill_patch_cache`); nothing by default."""
 
     def split_files(self, data: dict[str, Any], split: str) -> tuple[list[Path], list[str]]:
         """The image files of one split and the label lines it skipped (see :meth:`check_data`)."""

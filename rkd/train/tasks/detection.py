@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from rkd import storage
+from rkd.data.cache_build import fill_patch_cache
 from rkd.data.dataset import build_dataset, collate_detection, validate_data_spec
 from rkd.data.dataset import class_names as detection_class_names
 from rkd.distill.distiller import build_distiller
@@ -43,6 +44,9 @@ class DetectionTask(TaskBase):
 
     def dataset(self, data: dict[str, Any], split: str, train: bool) -> Any:
         return build_dataset(data, split, train=train)
+
+    def fill_caches(self, data: dict[str, Any], log: Callable[[str], None] = print) -> None:
+        fill_patch_cache(data, log)
 
     def split_files(self, data: dict[str, Any], split: str) -> tuple[list[Path], list[str]]:
         dataset = build_dataset(data, split, train=False)
