@@ -40,9 +40,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.output_dir is not None:
         spec.output_dir = Path(args.output_dir).resolve()
     check_inputs(spec)  # every label file and image is read (and checked) before Ray starts
-    fill_data_caches(spec)
     ensure_ray(spec.resources.ray_address)
     check_resources(spec)
+    fill_data_caches(spec)
     run_stages(spec, args.stage)
     return 0
 

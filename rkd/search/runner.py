@@ -100,7 +100,6 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
     # Read every label file and decode every image now: a line that does not parse must fail
     # here, with its file:line, not inside a Ray worker after the teacher has trained.
     record_skipped_lines(spec, check_inputs(spec), log)
-    fill_data_caches(spec, log)
     if spec.run_uri:  # what an earlier run left there: its identity, teacher, priors, results
         storage.pull(spec.run_uri, spec.run_dir, exclude=("ray",))
     resuming = prepare_resume(spec, search, resume)
@@ -111,6 +110,7 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     ensure_ray(spec.resources.ray_address)
     check_resources(spec)
+    fill_data_caches(spec, log)  # last before training: a bad setup fails before a long fill
     teacher = prepare_teacher(spec, log)
 
     ctx = TrialContext(
