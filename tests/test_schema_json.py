@@ -94,6 +94,20 @@ def test_a_misspelt_key_is_refused_by_the_schema(mutate, where):
     assert any(e.startswith(f"{where}:") and "not allowed" in e for e in found), found
 
 
+@pytest.mark.parametrize(
+    "task, method, allowed",
+    [(None, "nsd", True), (None, "sskd", False), ("classification", "sskd", True), ("classification", "nsd", False)],
+)
+def test_the_student_methods_are_those_of_the_spec_task(task, method, allowed):
+    spec = minimal_spec()
+    if task is not None:
+        spec["task"] = task
+    spec["student"]["methods"] = {method: {}, "hinton": {}}  # hinton: a method of both tasks
+    found = errors(spec_json_schema(), spec)
+    refused = any(e.startswith("student.methods:") and repr(method) in e and "not allowed" in e for e in found)
+    assert refused != allowed and (found == []) == allowed, found
+
+
 def test_a_misspelt_space_entry_is_refused_by_the_schema():
     good = {
         "methods": {"hinton": {"weight": "default", "enabled": True}},

@@ -121,7 +121,7 @@ def methods_model(task: str | None) -> type[BaseModel]:
                 known[pname] = field if pname not in known or known[pname][0] == field[0] else (Any, field[1])
     entries = {
         name: (
-            Optional[create_model(f"Method_{name}", __base__=Closed, **fields)],
+            Optional[create_model(f"Method_{task or 'any'}_{name}", __base__=Closed, **fields)],
             Field(None, description=f"the KD method {name}"),
         )
         for name, fields in merged.items()
@@ -255,7 +255,20 @@ def space_model() -> type[BaseModel]:
 
 
 def spec_json_schema() -> dict[str, Any]:
-    return _draft_2020(spec_model(None).model_json_schema(), "rkd-spec")
+    """The spec's schema; ``student.methods`` are those of the spec's ``task`` (an if/then/else on
+    ``task``: a detection method in a classification spec is refused, and the other way round)."""
+    schemas = {task: spec_model(task).model_json_schema() for task in METHOD_TASKS}
+    schema = schemas["detection"]
+    for other in schemas.values():
+        for name, definition in other.get("$defs", {}).items():
+            if schema["$defs"].setdefault(name, definition) != definition:
+                raise AssertionError(f"JSON Schema definition {name!r} differs between tasks")  # a naming slip
+    student = {task: other["properties"]["student"] for task, other in schemas.items()}
+    schema["properties"]["student"] = {"description": student["detection"].get("description", "")}
+    schema["if"] = {"properties": {"task": {"const": "classification"}}, "required": ["task"]}
+    schema["then"] = {"properties": {"student": student["classification"]}}
+    schema["else"] = {"properties": {"student": student["detection"]}}
+    return _draft_2020(schema, "rkd-spec")
 
 
 def space_json_schema() -> dict[str, Any]:
