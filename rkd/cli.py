@@ -99,13 +99,18 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
     from rkd.data import cache as patch_cache
     from rkd.metrics import metric_label
-    from rkd.train import teacher_cache
+    from rkd.train import teacher_cache, teacher_outputs
 
     if args.cache_action == "ls":
         patches = patch_cache.scenes()
         print(
             f"{sum(s.patches for s in patches)} decoded patch(es) of {len(patches)} scene(s), "
             f"{sum(s.bytes for s in patches) / 1e6:.1f} MB, in {patch_cache.cache_dir()}"
+        )
+        outputs = teacher_outputs.kept()
+        print(
+            f"teacher outputs of {len(outputs)} input(s), {sum(f.stat().st_size for f in outputs) / 1e6:.1f} MB, "
+            f"in {teacher_outputs.cache_dir()}"
         )
         kept = teacher_cache.entries()
         print(f"{len(kept)} trained teacher(s) kept in {teacher_cache.cache_dir()}")
@@ -116,6 +121,12 @@ def _cmd_cache(args: argparse.Namespace) -> int:
                 f"{e['hash'][:12]}  {when}  run {e.get('run')!r}  {metric_label(metric)} {e.get(metric, float('nan')):.3f}"
                 f"  {e['bytes'] / 1e6:.1f} MB"
             )
+        return 0
+    if args.outputs:
+        if args.hashes or args.all or args.patches or args.older_than is not None:
+            raise RkdError("rkd cache prune --outputs: takes nothing (every kept teacher output)")
+        gone = teacher_outputs.prune()
+        print(f"deleted the kept teacher outputs of {gone} input(s)")
         return 0
     if args.patches:
         if args.hashes or args.all:
@@ -180,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="the run folder, runs/<name>, or its storage URI (s3://..., gs://...)")
     p.set_defaults(func=_cmd_results)
 
-    p = sub.add_parser("cache", help="trained teachers and decoded patches kept for reuse by any run")
+    p = sub.add_parser("cache", help="trained teachers, teacher outputs and decoded patches kept for reuse by any run")
     actions = p.add_subparsers(dest="cache_action", required=True)
     actions.add_parser(
         "ls", help="the patch cache's size, and the kept teachers: hash, date, the run that trained them, score, size"
@@ -194,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="delete decoded patches instead of teachers (every scene's, or with --older-than those "
         "built more than DAYS ago)",
+    )
+    prune.add_argument(
+        "--outputs", action="store_true", help="delete the kept teacher outputs instead (teacher.cache; all of them)"
     )
     p.set_defaults(func=_cmd_cache)
 

@@ -49,6 +49,12 @@ def _own_patch_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RKD_PATCH_CACHE", str(tmp_path_factory.mktemp("patch-cache")))
 
 
+@pytest.fixture(autouse=True)
+def _own_teacher_outputs(tmp_path_factory, monkeypatch):
+    """Each test its own cache of teacher outputs (in-process trainings and the cache's own tests)."""
+    monkeypatch.setenv("RKD_TEACHER_OUTPUTS", str(tmp_path_factory.mktemp("teacher-outputs")))
+
+
 @pytest.fixture(scope="session")
 def two_node_ray():
     """One real two-node Ray cluster on 127.0.0.1 for every test that needs several nodes

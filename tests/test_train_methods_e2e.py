@@ -13,8 +13,10 @@ made is checked there.
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -139,6 +141,10 @@ def test_every_method_through_rkd_train(tmp_path, s3, monkeypatch):
     logged = {k for k in rows[0] if k.startswith("kd.")}
     assert logged == {f"kd.{m}.{t}" for m, terms in TERMS.items() for t in terms}
     first, last = rows[0], rows[-1]
+    # the teacher's outputs were kept per input (flips only: 4 variants of 16 images) and read back
+    assert last["teacher_cache_hits"] + last["teacher_cache_misses"] == 16 * STUDENT_EPOCHS
+    kept = list(Path(os.environ["RKD_TEACHER_OUTPUTS"]).rglob("*.pt"))  # conftest: this test's own folder
+    assert last["teacher_cache_hits"] > last["teacher_cache_misses"] == len(kept)
     for name in sorted(logged):
         values = [r[name] for r in rows]
         assert all(math.isfinite(v) for v in values), (name, values)

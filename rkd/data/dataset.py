@@ -382,6 +382,19 @@ def write_skipped(lines: list[str], run_dir: Path) -> Path | None:
     return path
 
 
+def pixel_key(image: Tensor) -> str:
+    """A key of one ``(3, H, W)`` uint8 input: a hash of its shape and pixels (what a frozen
+    teacher's outputs depend on; the key of :mod:`rkd.train.teacher_outputs`).
+
+    >>> a = torch.zeros(3, 2, 2, dtype=torch.uint8)
+    >>> pixel_key(a) == pixel_key(a.clone()), pixel_key(a) == pixel_key(a.view(3, 4, 1))
+    (True, False)
+    """
+    h = hashlib.blake2b(repr(tuple(image.shape)).encode(), digest_size=16)
+    h.update(image.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def collate_detection(samples: list[Sample]) -> tuple[Tensor, Targets, list[dict[str, Any]]]:
     """``(images (B,3,S,S) float normalised, Targets, metas)`` of letterboxed samples."""
     images = torch.stack([s.image for s in samples]).float().div_(255.0)
@@ -391,7 +404,14 @@ def collate_detection(samples: list[Sample]) -> tuple[Tensor, Targets, list[dict
     size = (images.shape[-2], images.shape[-1])
     targets = Targets([s.boxes.float() for s in samples], [s.labels.long() for s in samples], size)
     metas = [
-        {"image_id": s.image_id, "scale": s.scale, "orig_size": s.orig_size, "difficult": s.difficult} for s in samples
+        {
+            "image_id": s.image_id,
+            "scale": s.scale,
+            "orig_size": s.orig_size,
+            "difficult": s.difficult,
+            "pixels": pixel_key(s.image),  # the teacher-output cache's key
+        }
+        for s in samples
     ]
     return images, targets, metas
 

@@ -123,6 +123,7 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
         seed=spec.seed,
         resources=spec.resources,
         teacher_checkpoint=shared_checkpoint(spec, teacher),
+        teacher_cache=spec.teacher_cache,
         max_gflops=search.max_gflops,
         storage=storage.join(spec.ray_storage, "trials"),
         local_storage=str(spec.run_dir / "ray" / "trials"),

@@ -43,6 +43,7 @@ class TrialContext:
     priors_remote: str | None  # their storage URI, for a run on shared storage
     eval_each_epoch: bool  # a scheduler or stopper compares val accuracy between epochs
     objectives: tuple[str, ...]
+    teacher_cache: dict[str, Any] | None = None  # the spec's teacher.cache settings
 
 
 class TrialError(RuntimeError):
@@ -89,6 +90,7 @@ def _distill_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         teacher_checkpoint=ctx.teacher_checkpoint if student.methods else None,
         extra_metrics=extra,
         prior_states=prior_states,
+        teacher_cache=ctx.teacher_cache,
     )
     in_process = single_cpu_worker(ctx.resources)  # this trial holds the worker's CPUs (launcher_resources)
     trainer = build_trainer(

@@ -78,6 +78,7 @@ class LoopConfig:
     extra_metrics: dict[str, Any] = field(default_factory=dict)
     progress_file: str | None = None
     prior_states: dict[str, str] = field(default_factory=dict)
+    teacher_cache: dict[str, Any] = field(default_factory=lambda: {"mode": "off"})
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> LoopConfig:
@@ -91,6 +92,7 @@ class LoopConfig:
             extra_metrics=cfg.get("extra_metrics") or {},
             progress_file=cfg.get("progress_file"),
             prior_states=dict(cfg.get("prior_states") or {}),
+            teacher_cache=dict(cfg.get("teacher_cache") or {"mode": "off"}),
         )
 
 
@@ -104,6 +106,7 @@ def make_loop_config(
     progress_file: str | None = None,
     prior_states: dict[str, str] | None = None,
     task: str = "detection",
+    teacher_cache: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The config :func:`rkd.train.loop.train_loop` takes (plain data only, so Ray can ship it).
 
@@ -115,6 +118,7 @@ def make_loop_config(
     the driver to show (workers' stdout is not forwarded: Ray's own logs drown it).
     ``prior_states``: per KD method with a prior stage, the cached file of its trained
     prior modules (:func:`rkd.train.prior.prepare_priors`); they are loaded and frozen.
+    ``teacher_cache``: ``{mode: auto|off, limit_gb}`` (:mod:`rkd.train.teacher_outputs`; absent: off).
     """
     return {
         "task": task,
@@ -126,6 +130,7 @@ def make_loop_config(
         "extra_metrics": extra_metrics or {},
         "progress_file": progress_file,
         "prior_states": dict(prior_states or {}),
+        "teacher_cache": dict(teacher_cache or {"mode": "off"}),
     }
 
 

@@ -43,6 +43,7 @@ from rkd.train.checkpoint import (
 )
 from rkd.train.config import LoopConfig, TrainConfig
 from rkd.train.tasks import TASKS, Task
+from rkd.train.teacher_outputs import TeacherOutputCache, build_cache
 
 MAX_NONFINITE_STEPS = 5
 
@@ -197,6 +198,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     base_lr: float
     steps_per_epoch: int
+    teacher_cache: TeacherOutputCache | None = None  # teacher outputs kept per input (teacher.cache)
 
     @property
     def settings(self) -> TrainConfig:
@@ -301,6 +303,9 @@ def build_training(run: session.Session, cfg: LoopConfig) -> Training:
         scheduler=scheduler,
         base_lr=base_lr,
         steps_per_epoch=steps_per_epoch,
+        teacher_cache=build_cache(cfg, task.caches_teacher_outputs)
+        if task.needs_teacher_output(teacher, distiller)
+        else None,
     )
 
 
@@ -432,7 +437,10 @@ def train_step(t: Training, progress: Progress, sums: EpochSums, batch: Any) -> 
         teacher_out = None
         if t.teacher_output_needed:
             with torch.no_grad():
-                teacher_out = t.teacher(images)  # type: ignore[misc]
+                if t.teacher_cache is not None:
+                    teacher_out = t.teacher_cache.outputs(t.teacher, images, t.task.sample_keys(batch))  # type: ignore[arg-type]
+                else:
+                    teacher_out = t.teacher(images)  # type: ignore[misc]
         terms = t.model(images, targets, teacher_out, epoch_progress(progress.step, t.steps_per_epoch))
     bad = nonfinite_terms(terms)
     if bad:
@@ -505,6 +513,8 @@ def epoch_metrics(
         **t.cfg.extra_metrics,
     )
     metrics.update(balance_metrics(t.distiller))
+    if t.teacher_cache is not None:  # batches whose teacher outputs came from the cache, so far
+        metrics.update(teacher_cache_hits=t.teacher_cache.hits, teacher_cache_misses=t.teacher_cache.misses)
     if progress.resume_warning and epoch == progress.start_epoch:
         metrics["resume_warning"] = progress.resume_warning
     return metrics

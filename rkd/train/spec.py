@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,8 @@ class RunSpec:
     search: dict[str, Any]
     source: SourceMap
     task: str = "detection"  # or "classification" (rkd.train.tasks)
+    # teacher.cache / cache_gb: the teacher-output cache of the student stage (rkd.train.teacher_outputs)
+    teacher_cache: dict[str, Any] = field(default_factory=lambda: {"mode": "auto", "limit_gb": 20.0})
     # When `output_dir` is a storage URI (s3://, gs://, ...): that URI; output_dir is then
     # this node's local mirror of it (rkd.storage).
     output_uri: str | None = None
@@ -257,7 +259,18 @@ def parse_spec(data: Any, spec_path: Path, source: SourceMap) -> RunSpec:
         source=source,
         task=task,
         output_uri=output_uri,
+        teacher_cache=_teacher_cache(teacher_sec),
     )
+
+
+def _teacher_cache(sec: Section) -> dict[str, Any]:
+    mode = sec.raw("cache", "auto")
+    mode = (
+        {True: "auto", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
+    )  # YAML 1.1 reads off as false
+    if mode not in ("auto", "off"):
+        raise SpecError("cache", f"expected auto or off, got {mode!r}").within("teacher")
+    return {"mode": mode, "limit_gb": sec.float("cache_gb", 20.0, low=0.0)}
 
 
 def _output_location(root: Section, base: Path) -> tuple[Path, str | None]:

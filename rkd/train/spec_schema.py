@@ -132,6 +132,10 @@ def methods_model(task: str | None) -> type[BaseModel]:
 class Teacher(Training):
     checkpoint: str | None = Field(None, description="weights of a teacher trained elsewhere (then not trained here)")
     min_map: float | None = Field(None, description="refuse to distil from a teacher below this val mAP50")
+    cache: Literal["auto", "off"] | bool | None = Field(
+        None, description="auto (default): keep the teacher's outputs per input and reuse them in every trial; off"
+    )
+    cache_gb: float | None = Field(None, description="the most disk the kept teacher outputs may take (default 20)")
 
 
 @cache

@@ -70,6 +70,7 @@ def distil_student(spec: RunSpec, teacher: TeacherReport, log: Callable[[str], N
         spec.resources.cpus_per_worker,
         teacher_checkpoint=teacher_path if methods else None,
         prior_states=prior_states,
+        teacher_cache=spec.teacher_cache,
     )
     outcome = run_training(
         loop_config,

@@ -31,6 +31,11 @@ class TaskBase:
     excluded_kinds: tuple[str, ...]
     default_model_kind: str  # the ``kind`` of a model spec that names none
     teacher_hash_parts: tuple[str, ...]  # what a teacher's content hash adds for this task
+    caches_teacher_outputs = False  # whether rkd.train.teacher_outputs can keep its teacher's outputs
+
+    def sample_keys(self, batch: Any) -> list[str] | None:
+        """The teacher-output cache's key of each sample of a training batch (None: not cacheable)."""
+        return None
 
     def method_registry(self) -> dict[str, Any]:
         """Name -> component class: what a search space's ``methods:`` refers to."""

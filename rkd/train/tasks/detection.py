@@ -86,6 +86,11 @@ class DetectionTask(TaskBase):
                 attach_prior_states(distiller, cfg.prior_states)
         return student, teacher, distiller
 
+    caches_teacher_outputs = True
+
+    def sample_keys(self, batch: Any) -> list[str] | None:
+        return [meta["pixels"] for meta in batch[2]]
+
     def needs_teacher_output(self, teacher: nn.Module | None, distiller: Any) -> bool:
         return teacher is not None and distiller is not None
 
