@@ -53,13 +53,8 @@ def model_spec(variant: str, channels: int, convs: int) -> dict:
     )
 
 
-@pytest.fixture(scope="module", params=sorted(VARIANTS))
-def pair(request):
-    """``(variant, student, teacher, images, targets)``: a 2-conv 16-channel teacher, a 1-conv 8-channel student."""
-    variant = request.param
-    torch.manual_seed(0)
-    teacher = build_detector(model_spec(variant, 16, 2), 3).eval().requires_grad_(False)
-    student = build_detector(model_spec(variant, 8, 1), 3).train()
+def zoo_batch(variant: str) -> tuple[torch.Tensor, Targets]:
+    """Two 96 px images with three objects (oriented or horizontal boxes, as the variant predicts)."""
     images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
     if VARIANTS[variant][1] == "obb":
         boxes = [
@@ -68,7 +63,17 @@ def pair(request):
         ]
     else:
         boxes = [torch.tensor([[16.0, 24, 44, 36], [60, 55, 80, 65]]), torch.tensor([[28.0, 38, 68, 58]])]
-    targets = Targets(boxes, [torch.tensor([0, 2]), torch.tensor([1])], (96, 96))
+    return images, Targets(boxes, [torch.tensor([0, 2]), torch.tensor([1])], (96, 96))
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def pair(request):
+    """``(variant, student, teacher, images, targets)``: a 2-conv 16-channel teacher, a 1-conv 8-channel student."""
+    variant = request.param
+    torch.manual_seed(0)
+    teacher = build_detector(model_spec(variant, 16, 2), 3).eval().requires_grad_(False)
+    student = build_detector(model_spec(variant, 8, 1), 3).train()
+    images, targets = zoo_batch(variant)
     return variant, student, teacher, images, targets
 
 

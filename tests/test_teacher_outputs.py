@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_distill_zoo import VARIANTS, model_spec
+from test_distill_zoo import zoo_batch as batch
 
 from rkd.data.dataset import pixel_key
 from rkd.distill import KD_METHODS, build_distiller
@@ -15,20 +16,6 @@ from rkd.train.teacher_outputs import TeacherOutputCache, cache_dir, cache_refus
 
 ONE_STAGE = sorted(v for v in VARIANTS if not v.startswith("faster_rcnn"))
 CASES = [(name, {}) for name in sorted(KD_METHODS)] + [("nsd", {"angle": False})]
-
-
-def batch(variant: str):
-    from rkd.outputs import Targets
-
-    images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
-    if VARIANTS[variant][1] == "obb":
-        boxes = [
-            torch.tensor([[30.0, 30, 28, 12, 0.3], [70, 60, 20, 10, -0.5]]),
-            torch.tensor([[48.0, 48, 40, 20, 1.0]]),
-        ]
-    else:
-        boxes = [torch.tensor([[16.0, 24, 44, 36], [60, 55, 80, 65]]), torch.tensor([[28.0, 38, 68, 58]])]
-    return images, Targets(boxes, [torch.tensor([0, 2]), torch.tensor([1])], (96, 96))
 
 
 def kd_terms(method, hparams, student, teacher_out, images, targets):
