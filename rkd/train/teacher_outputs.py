@@ -111,16 +111,18 @@ class TeacherOutputCache:
                 self.live_only = True
                 return out
             self.template = self.template or out
-            self.store(keys, out)
+            if not self.full:
+                self.store(keys, [sample_outputs(out, i) for i in range(len(keys))])
             # rounded as a kept entry is: a run's results do not depend on what was kept before it
             return replace(
                 out, **{name: [level.half().float() for level in levels] for name, levels in cached_maps(out)}
             )
         if missing:
             out = teacher(images[missing])
-            self.store([keys[i] for i in missing], out)
-            for j, i in enumerate(missing):
-                kept[i] = sample_outputs(out, j)
+            computed = [sample_outputs(out, j) for j in range(len(missing))]
+            self.store([keys[i] for i in missing], computed)
+            for i, parts in zip(missing, computed):
+                kept[i] = parts
         return self.assemble(kept, images)  # type: ignore[arg-type]
 
     def load(self, key: str) -> dict[str, list[Tensor]] | None:
@@ -129,14 +131,14 @@ class TeacherOutputCache:
         except (OSError, RuntimeError, EOFError):  # absent, or unreadable: computed again
             return None
 
-    def store(self, keys: list[str], out: DetectorOutput) -> None:
+    def store(self, keys: list[str], samples: list[dict[str, list[Tensor]]]) -> None:
+        """Keep each sample's outputs (:func:`sample_outputs`) under its key, until the limit."""
         if self.entries is None:
             self.entries = sum(1 for _ in self.folder.glob("*/*.pt"))
-        for i, key in enumerate(keys):
+        for key, parts in zip(keys, samples):
             path = self.entry(key)
             if path.is_file() or self.full:
                 continue
-            parts = sample_outputs(out, i)
             atomic_write_bytes(path, lambda fh, parts=parts: torch.save(parts, fh))
             self.entries += 1
             # entries of one teacher and input size are all alike: the size is count x this one's
