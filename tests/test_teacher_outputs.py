@@ -12,7 +12,16 @@ from rkd.data.dataset import pixel_key
 from rkd.distill import KD_METHODS, build_distiller
 from rkd.errors import SpecError
 from rkd.models import build_detector
-from rkd.train.teacher_outputs import TeacherOutputCache, cache_dir, cache_refusal
+from rkd.train.teacher_outputs import (
+    TeacherOutputCache,
+    augmented_variants,
+    cache_dir,
+    cache_refusal,
+    input_bytes,
+    keeps_outputs,
+    readable_size,
+    size_line,
+)
 
 ONE_STAGE = sorted(v for v in VARIANTS if not v.startswith("faster_rcnn"))
 CASES = [(name, {}) for name in sorted(KD_METHODS)] + [("nsd", {"angle": False})]
@@ -55,11 +64,15 @@ def test_every_method_computes_the_same_losses_from_kept_outputs(variant):
     assert checked >= len(KD_METHODS) - 2
 
 
-def test_a_two_stage_teacher_is_never_kept():
+def frozen_teacher(variant):
+    """A frozen zoo teacher, its batch's images and an empty cache at the batch's input size."""
     torch.manual_seed(0)
-    teacher = build_detector(model_spec("faster_rcnn-hbb", 16, 2), 3).eval().requires_grad_(False)
-    images, _ = batch("faster_rcnn-hbb")
-    cache = TeacherOutputCache("t" * 64, 96, limit_bytes=1e9)
+    teacher = build_detector(model_spec(variant, 16, 2), 3).eval().requires_grad_(False)
+    return teacher, batch(variant)[0], TeacherOutputCache("t" * 64, 96, limit_bytes=1e9)
+
+
+def test_a_two_stage_teacher_is_never_kept():
+    teacher, images, cache = frozen_teacher("faster_rcnn-hbb")
     with torch.no_grad():
         for _ in range(2):
             assert cache.outputs(teacher, images, ["a" * 32, "b" * 32]).rois
@@ -100,14 +113,62 @@ def test_continuous_augmentations_turn_the_cache_off():
     assert "augment.color" in cache_refusal({"color": 0.2})
 
 
+def test_only_a_training_that_keeps_teacher_outputs_hashes_its_samples():
+    from rkd.data.dataset import build_dataset, collate_detection, validate_data_spec
+    from rkd.train.config import LoopConfig, make_loop_config
+    from rkd.train.tasks import TASKS
+
+    data = {"format": "synthetic", "num_classes": 2, "num_train": 2, "num_val": 1, "input_size": 64}
+    train_set = build_dataset(validate_data_spec(data), "train", train=False)
+    samples = [train_set[i] for i in range(2)]
+    assert all("pixels" not in meta for meta in collate_detection(samples)[2])
+    keyed = collate_detection(samples, keyed=True)[2]
+    assert [meta["pixels"] for meta in keyed] == [pixel_key(s.image) for s in samples]
+
+    def keeps(methods, mode="auto", teacher="teacher.pt", augment=None, task="detection"):
+        cfg = make_loop_config(
+            {**data, "augment": augment or {}},
+            {"model": {}, "epochs": 1, "batch_size": 2, "lr": 1e-3, "methods": methods},
+            0,
+            1,
+            teacher,
+            teacher_cache={"mode": mode},
+            task=task,
+        )
+        return keeps_outputs(LoopConfig.from_dict(cfg), TASKS[task].caches_teacher_outputs)
+
+    assert keeps({"hinton": {}})
+    assert not keeps({})  # no KD method reads the teacher
+    assert not keeps({"hinton": {}}, mode="off")
+    assert not keeps({"hinton": {}}, teacher=None)
+    assert not keeps({"hinton": {}}, augment={"scale": [0.5, 1.5]})
+    assert not keeps({"hinton": {}}, task="classification")  # its teacher is live
+
+
+def test_the_cache_size_is_said_before_it_is_built():
+    teacher, images, cache = frozen_teacher("retinanet-obb")
+    with torch.no_grad():
+        cache.outputs(teacher, images, ["a" * 32, "b" * 32])
+    kept = torch.load(cache.entry("a" * 32), weights_only=True)
+    stored = sum(t.numel() * t.element_size() for levels in kept.values() for t in levels)
+    assert input_bytes(teacher, 96) == stored  # what one kept entry holds, to the byte
+    assert [augmented_variants({"flip": f, "rot90": r}) for f, r in ((0, 0), (1, 0), (0, 1), (1, 1))] == [1, 4, 4, 8]
+    line = size_line(teacher, 96, 100, {"flip": True, "rot90": False}, limit_gb=1.0)
+    assert f"{stored / 1e6:.3g} MB per input x 100 training input(s) x 4 augmented variant(s)" in line
+    assert f"at most {readable_size(stored * 400)} in" in line and "limit 1 GB" in line
+    over = size_line(teacher, 96, 100, {"flip": True, "rot90": False}, limit_gb=stored * 10 / 1e9)
+    assert "over the" in over and "the first 10 input(s) are kept" in over, over
+    assert size_line(teacher, 96, 100, {"scale": [0.5, 1.5]}, 1.0).startswith("not kept: data.augment.scale")
+    two_stage = build_detector(model_spec("faster_rcnn-hbb", 16, 2), 3)
+    assert "two-stage" in size_line(two_stage, 96, 100, {}, 1.0)
+
+
 def test_rkd_cache_lists_and_prunes_the_kept_outputs(capsys):
     from rkd.cli import main
 
-    torch.manual_seed(0)
-    teacher = build_detector(model_spec("retinanet-obb", 16, 2), 3).eval().requires_grad_(False)
-    images, _ = batch("retinanet-obb")
+    teacher, images, cache = frozen_teacher("retinanet-obb")
     with torch.no_grad():
-        TeacherOutputCache("t" * 64, 96, limit_bytes=1e9).outputs(teacher, images, ["a" * 32, "b" * 32])
+        cache.outputs(teacher, images, ["a" * 32, "b" * 32])
     size = sum(f.stat().st_size for f in cache_dir().rglob("*.pt")) / 1e6
     assert main(["cache", "ls"]) == 0
     assert f"teacher outputs of 2 input(s), {size:.1f} MB, in {cache_dir()}" in capsys.readouterr().out

@@ -40,7 +40,7 @@ from rkd.search.trial import TrialContext, distill_trial
 from rkd.train.runner import ensure_ray, launcher_resources, reuse_trial_processes
 from rkd.train.spec import RunSpec
 from rkd.train.tasks import TASKS
-from rkd.train.teacher import prepare_teacher, shared_checkpoint
+from rkd.train.teacher import announce_output_cache, prepare_teacher, shared_checkpoint
 
 
 class FloorStopper(tune.Stopper):
@@ -112,6 +112,7 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
     check_resources(spec)
     fill_data_caches(spec, log)  # last before training: a bad setup fails before a long fill
     teacher = prepare_teacher(spec, log)
+    announce_output_cache(spec, teacher, log)
 
     ctx = TrialContext(
         student=spec.student,

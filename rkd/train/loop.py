@@ -18,6 +18,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from rkd.train.checkpoint import (
 )
 from rkd.train.config import LoopConfig, TrainConfig
 from rkd.train.tasks import TASKS, Task
-from rkd.train.teacher_outputs import TeacherOutputCache, build_cache
+from rkd.train.teacher_outputs import TeacherOutputCache, build_cache, keeps_outputs
 
 MAX_NONFINITE_STEPS = 5
 
@@ -274,7 +275,8 @@ def build_training(run: session.Session, cfg: LoopConfig) -> Training:
     # the datasets share their memory budget over the loader's worker processes
     train_set, val_set, class_names = task.datasets({**cfg.data, "workers": workers})
     mark("data_loaded", run.run_name)
-    sampler, loader = build_loader(train_set, task, cfg, run, generator, workers, device)
+    keyed = keeps_outputs(cfg, task.caches_teacher_outputs)  # the loader then keys each sample's pixels
+    sampler, loader = build_loader(train_set, task, cfg, run, generator, workers, device, keyed)
     student, teacher, distiller = task.models(cfg, len(class_names))
     mark("models_loaded", run.run_name)
     model, channels_last, amp_dtype = place_models(run, cfg.train, device, student, teacher, distiller)
@@ -303,9 +305,7 @@ def build_training(run: session.Session, cfg: LoopConfig) -> Training:
         scheduler=scheduler,
         base_lr=base_lr,
         steps_per_epoch=steps_per_epoch,
-        teacher_cache=build_cache(cfg, task.caches_teacher_outputs)
-        if task.needs_teacher_output(teacher, distiller)
-        else None,
+        teacher_cache=build_cache(cfg, task.caches_teacher_outputs) if keyed else None,
     )
 
 
@@ -317,8 +317,11 @@ def build_loader(
     generator: torch.Generator,
     workers: int,
     device: torch.device,
+    keyed: bool = False,
 ) -> tuple[Sampler[int], DataLoader]:
-    """The training batches of this rank: its shard of a shuffled epoch with several workers."""
+    """The training batches of this rank: its shard of a shuffled epoch with several workers;
+    ``keyed``: each sample's meta holds its teacher-output cache key (the task's ``collate`` takes
+    ``keyed=True``)."""
     world, rank = run.world_size, run.world_rank
     sampler: Sampler[int]
     if world > 1:
@@ -332,7 +335,7 @@ def build_loader(
         loaded,
         batch_size=int(cfg.train.batch_size),
         sampler=indices,
-        collate_fn=task.collate,
+        collate_fn=partial(task.collate, keyed=True) if keyed else task.collate,
         drop_last=False,
         **loader_options(workers, device),
     )

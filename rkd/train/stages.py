@@ -24,7 +24,7 @@ from rkd.train.config import config_hash
 from rkd.train.runner import epoch_line, run_training
 from rkd.train.spec import RunSpec
 from rkd.train.tasks import TASKS
-from rkd.train.teacher import TeacherReport, prepare_teacher, shared_checkpoint
+from rkd.train.teacher import TeacherReport, announce_output_cache, prepare_teacher, shared_checkpoint
 
 
 @dataclass
@@ -53,6 +53,8 @@ def distil_student(spec: RunSpec, teacher: TeacherReport, log: Callable[[str], N
     methods = sorted(student.methods)
     teacher_path = shared_checkpoint(spec, teacher)
     log(f"[student] distilling {student.epochs} epochs with {', '.join(methods) or 'no KD (plain training)'}")
+    if methods:
+        announce_output_cache(spec, teacher, log)
     # Prior stages of KD methods (DS2D2's HF amplifier) train once on the teacher; cached in runs/<name>/priors.
     prior_states = task.prepare_priors(
         student.methods,

@@ -29,6 +29,7 @@ from rkd.train.config import config_hash
 from rkd.train.runner import epoch_line, run_training
 from rkd.train.spec import RunSpec
 from rkd.train.tasks import TASKS
+from rkd.train.teacher_outputs import size_line
 
 
 @dataclass
@@ -169,3 +170,16 @@ def prepare_teacher(spec: RunSpec, log: Callable[[str], None] = print) -> Teache
             "students its mistakes. Train it longer (teacher.epochs), check the data, or lower teacher.min_map."
         )
     return report
+
+
+def announce_output_cache(spec: RunSpec, report: TeacherReport, log: Callable[[str], None] = print) -> None:
+    """Say, before any student trains, what keeping the teacher's outputs (``teacher.cache: auto``)
+    will take on disk and whether it fits ``teacher.cache_gb``; nothing when the cache is off."""
+    task = TASKS[spec.task]
+    if spec.teacher_cache.get("mode") != "auto" or not task.caches_teacher_outputs:
+        return
+    teacher, _ = task.load_model(Path(report.checkpoint))
+    inputs = len(task.dataset(spec.data, "train", train=True))
+    augment = spec.data.get("augment") or {}
+    size = int(spec.data["input_size"])
+    log(f"[teacher] outputs cache: {size_line(teacher, size, inputs, augment, spec.teacher_cache['limit_gb'])}")

@@ -10,7 +10,7 @@ where ``<cache>`` is ``$RKD_TEACHER_OUTPUTS``, else ``teacher-outputs`` in rkd's
 
 The key is the hash of the sample's input pixels (after letterboxing and augmentation, before
 normalisation: :func:`rkd.data.dataset.collate_detection` puts it in each sample's meta as
-``pixels``), so an augmentation from a finite set (flips, quarter turns) hits from its second
+``pixels`` when the training's loader is keyed, :func:`keeps_outputs`), so an augmentation from a finite set (flips, quarter turns) hits from its second
 draw on, and a changed image or teacher can never hit a stale entry. Continuous augmentations
 (random scale, colour jitter) would only fill the disk with entries drawn once: the cache is then
 off (:func:`cache_refusal`). What is not an activation is taken from a live forward of the
@@ -161,14 +161,70 @@ class TeacherOutputCache:
         return replace(template, inputs=images, assignment=None, losses={}, **fields)
 
 
-def build_cache(cfg: Any, caches: bool) -> TeacherOutputCache | None:
-    """The cache of a loop config (:class:`rkd.train.config.LoopConfig`) whose task ``caches`` teacher
-    outputs, or None: ``teacher_cache.mode`` off, no teacher, or continuous augmentations."""
-    settings = cfg.teacher_cache or {}
-    if settings.get("mode", "off") != "auto" or not caches or not cfg.teacher_checkpoint:
+def augmented_variants(augment: dict[str, Any]) -> int:
+    """How many different inputs the finite augmentations make of one image: flips (none,
+    horizontal, vertical, both = a half turn) and quarter turns, together the square's 8 symmetries."""
+    flips = 4 if augment.get("flip") else 1
+    turns = 4 if augment.get("rot90") else 1
+    return min(8, flips * turns)
+
+
+def input_bytes(teacher: torch.nn.Module, input_size: int) -> int | None:
+    """The bytes one input's kept outputs take (fp16 maps; None: a two-stage teacher, never kept)."""
+    with torch.no_grad():
+        out = teacher.eval()(torch.zeros(1, 3, input_size, input_size))
+    if out.rois:
         return None
-    if cache_refusal(cfg.data.get("augment") or {}) is not None:
+    return sum(2 * level[0].numel() for _, levels in cached_maps(out) for level in levels)
+
+
+def readable_size(size: float) -> str:
+    """``size`` bytes in MB below a GB, else in GB, to 3 significant digits.
+
+    >>> readable_size(2.5e6), readable_size(31.25e9)
+    ('2.5 MB', '31.2 GB')
+    """
+    return f"{size / 1e6:.3g} MB" if size < 1e9 else f"{size / 1e9:.3g} GB"
+
+
+def size_line(teacher: torch.nn.Module, input_size: int, inputs: int, augment: dict[str, Any], limit_gb: float) -> str:
+    """What the cache of ``teacher``'s outputs on ``inputs`` training inputs will take, said before
+    it is built: per input, at most in all, and against the limit (``teacher.cache_gb``)."""
+    if (refusal := cache_refusal(augment)) is not None:
+        return f"not kept: {refusal} (each step runs the teacher)"
+    each = input_bytes(teacher, input_size)
+    if each is None:
+        return "not kept: a two-stage teacher samples its RoIs per batch (each step runs the teacher)"
+    variants = augmented_variants(augment)
+    total = each * inputs * variants
+    line = (
+        f"{each / 1e6:.3g} MB per input x {inputs} training input(s) x {variants} augmented variant(s)"
+        f" = at most {readable_size(total)} in {cache_dir()}"
+    )
+    limit = limit_gb * 1e9
+    if total <= limit:
+        return f"{line} (limit {limit_gb:g} GB, teacher.cache_gb)"
+    kept = int(limit // each)
+    return (
+        f"{line}: over the {limit_gb:g} GB limit (teacher.cache_gb), so the first {kept} input(s) are kept "
+        f"and the others run the teacher at each step"
+    )
+
+
+def keeps_outputs(cfg: Any, caches: bool) -> bool:
+    """Whether a loop config (:class:`rkd.train.config.LoopConfig`) of a task that ``caches`` teacher
+    outputs keeps them: ``teacher_cache.mode`` auto, a teacher and KD methods that read it, and no
+    continuous augmentation. Known before the loader is built, which then keys its samples."""
+    settings = cfg.teacher_cache or {}
+    if settings.get("mode", "off") != "auto" or not caches or not cfg.teacher_checkpoint or not cfg.train.methods:
+        return False
+    return cache_refusal(cfg.data.get("augment") or {}) is None
+
+
+def build_cache(cfg: Any, caches: bool) -> TeacherOutputCache | None:
+    """The cache of a loop config whose task ``caches`` teacher outputs, or None (:func:`keeps_outputs`)."""
+    if not keeps_outputs(cfg, caches):
         return None
     digest = file_digest(storage.local_copy(cfg.teacher_checkpoint))
-    limit = float(settings.get("limit_gb", DEFAULT_LIMIT_GB)) * 1e9
+    limit = float((cfg.teacher_cache or {}).get("limit_gb", DEFAULT_LIMIT_GB)) * 1e9
     return TeacherOutputCache(digest, int(cfg.data["input_size"]), limit)

@@ -29,7 +29,8 @@ class Task(Protocol):
     reports and the search maximises) and its ``metric_label``; ``checkpoint_kind`` (the ``kind`` of
     its checkpoints and exports); ``model_kinds`` / ``excluded_kinds`` (the ``model.kind`` values it
     takes); ``default_model_kind``; ``teacher_hash_parts`` (what a teacher's content hash adds for the
-    task); ``collate`` (its batches' collate function)."""
+    task); ``collate`` (its batches' collate function; where ``caches_teacher_outputs``, it takes
+    ``keyed=True`` to put each sample's cache key in its meta)."""
 
     name: str
     metric: str
