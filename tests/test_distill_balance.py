@@ -204,3 +204,30 @@ def test_a_methods_balance_share_sets_its_pull_against_the_others():
     assert distiller.balance.shares == {"nsd": 0.3, "hinton": 1.0}
     assert float(terms["nsd.logit"]) == pytest.approx(0.15 * 2.0, rel=1e-5)
     assert float(terms["hinton.cls"]) == pytest.approx(0.5 * 2.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("part_balance", [True, False])
+def test_nsd_parts_are_balanced_one_by_one_or_together(part_balance):
+    # With part_balance each enabled part starts at ratio x share / parts of the task loss (value rule:
+    # no parameters watched); without it the parts keep their weights' proportions, summing to ratio x share.
+    info = make_info()
+    student = make_output(info, requires_grad=True)
+    teacher = make_output(info, gen=torch.Generator().manual_seed(1))
+    hp = {"angle": False, "warmup_epochs": 0.0, "fg_weight": 1.0, "part_balance": part_balance}
+    torch.manual_seed(0)  # the same adapters in both distillers
+    raw = build_distiller({"nsd": hp}, info, info).train()(student, teacher, make_targets())
+    torch.manual_seed(0)
+    distiller = build_distiller({"nsd": hp}, info, info, balance={"steps": 1}).train()
+    terms = distiller(student, teacher, make_targets(), task_loss=torch.tensor(2.0))
+    assert set(terms) == {"nsd.pixel", "nsd.logit", "nsd.box"}
+    if part_balance:
+        assert distiller.balance.shares == pytest.approx({f"nsd.{p}": 0.1 for p in ("pixel", "logit", "box")})
+        for name, value in terms.items():
+            assert float(value) == pytest.approx(0.1 * 2.0, rel=1e-5), name
+    else:
+        assert distiller.balance.shares == {"nsd": 0.3}
+        assert float(sum(terms.values())) == pytest.approx(0.3 * 2.0, rel=1e-5)
+        for name in terms:
+            assert float(terms[name] / terms["nsd.logit"]) == pytest.approx(
+                float(raw[name] / raw["nsd.logit"]), rel=1e-5
+            )

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 BALANCE_MODES = ("auto", "off")
 BALANCE_DEFAULTS: dict[str, Any] = {"mode": "auto", "ratio": 1.0, "steps": 10, "every": 0}
+ZERO = torch.zeros(())  # the loss of a unit that gave no term this step: nothing to measure
 # A KD method that starts this many times larger than the task loss is named in a warning.
 DOMINANT_RATIO = 100.0
 
@@ -78,7 +79,8 @@ def check_balance(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 class LossBalance(nn.Module):
-    """Per-method scales fitted over the first steps, then frozen or re-measured (see the module doc)."""
+    """Per-method scales fitted over the first steps, then frozen or re-measured (see the module doc).
+    ``methods`` are the balanced units: method names, or ``<method>.<term>`` (:func:`build_balance`)."""
 
     def __init__(
         self,
@@ -152,10 +154,10 @@ class LossBalance(nn.Module):
     def _ratios(self, method_losses: Mapping[str, Tensor], task_loss: Tensor) -> Tensor:
         if self.by_gradient:
             task = self._grad_norm(task_loss)
-            sizes = [self._grad_norm(method_losses[m]) for m in self.methods]
+            sizes = [self._grad_norm(method_losses.get(m, ZERO)) for m in self.methods]
         else:
             task = task_loss.detach().double().reshape(()).cpu()
-            sizes = [method_losses[m].detach().double().reshape(()).cpu() for m in self.methods]
+            sizes = [method_losses.get(m, ZERO).detach().double().reshape(()).cpu() for m in self.methods]
         ratios = torch.stack(sizes) / task.clamp_min(1e-12)
         ratios = torch.nan_to_num(ratios, nan=0.0, posinf=0.0)  # a non-finite step is skipped by the loop
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -188,11 +190,19 @@ class LossBalance(nn.Module):
 
 def build_balance(components: Mapping[str, Any], balance: Mapping[str, Any] | None) -> LossBalance | None:
     """The loss balance of a distiller's ``components`` (their ``balance_share`` each) under the
-    ``kd_balance`` settings; None (weights as given, nothing measured) when ``balance`` is None."""
+    ``kd_balance`` settings; None (weights as given, nothing measured) when ``balance`` is None.
+
+    A balanced unit is a method, or ``<method>.<term>`` for each term a component names in its
+    ``balance_units()``, each with an equal part of the method's share: a method whose published
+    weights were tuned for another feature scale then cannot let one term crowd out the others."""
     if balance is None:
         return None
-    shares = {name: c.balance_share for name, c in components.items()}
-    return LossBalance(list(components), **check_balance(balance), shares=shares)
+    shares: dict[str, float] = {}
+    for name, component in components.items():
+        units = component.balance_units()
+        for unit in units or ("",):
+            shares[f"{name}.{unit}" if unit else name] = component.balance_share / max(1, len(units))
+    return LossBalance(list(shares), **check_balance(balance), shares=shares)
 
 
 def balanced_terms(
@@ -212,14 +222,23 @@ def balanced_terms(
     logit term, ramped over 3 epochs, was balanced on ~0.1 of its strength and drove the
     student's classification loss from 1.2 to 5.2 in its second epoch).
     """
-    scales = {name: 1.0 for name in per_method}
+    units = set(balance.methods) if balance is not None else set()
+
+    def unit(method: str, term: str) -> str:  # what scales a term: its own unit, else its method's
+        return f"{method}.{term}" if f"{method}.{term}" in units else method
+
+    scales: dict[str, float] = {}
     if balance is not None:
         if training and task_loss is not None:
-            balance.observe({m: _sum(t) for m, t in per_method.items()}, task_loss)
+            grouped: dict[str, list[Tensor]] = {}
+            for m, terms in per_method.items():
+                for term, v in terms.items():
+                    grouped.setdefault(unit(m, term), []).append(v)
+            balance.observe({u: _sum(dict(enumerate(vs))) for u, vs in grouped.items()}, task_loss)
         scales = balance.scales()
     ramps = ramps or {}
     return {
-        f"{m}.{term}": v * (scales[m] * ramps.get(m, {}).get(term, 1.0))
+        f"{m}.{term}": v * (scales.get(unit(m, term), 1.0) * ramps.get(m, {}).get(term, 1.0))
         for m, terms in per_method.items()
         for term, v in terms.items()
     }

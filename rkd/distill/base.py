@@ -232,6 +232,12 @@ class KDComponent(nn.Module):
     ) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def balance_units(self) -> tuple[str, ...]:
+        """The terms the loss balance scales one by one, each to its equal part of
+        ``balance_share`` (:func:`rkd.distill.balance.build_balance`); empty (the default): the
+        method's terms are scaled together, at their own relative weights."""
+        return ()
+
     def ramps(self, epoch: float) -> dict[str, float]:
         """Factors of named terms at ``epoch``, applied after the loss balance (none by default).
 

@@ -214,6 +214,13 @@ class NSD(KDComponent):
         "logit": Param("bool", True, help="logit-level NCKD on negative-core samples"),
         "box": Param("bool", True, help="box-regression L1 on negative-core samples"),
         "angle": Param("bool", True, help="angle-bin NCKD with category direction estimation"),
+        "part_balance": Param(
+            "bool",
+            False,
+            help="under kd_balance auto, balance each part on its own, each an equal share of NSD's strength "
+            "(false: the parts keep the released weights' proportions; on UCAS-AOD the pixel part's gradient is "
+            "~70x the logit part's; balanced per part, 10 seeds: no better, docs/benchmarks.md)",
+        ),
         "fg_weight": Param("float", 0.0, 0.0, 12.0, help="pixel KD weight on GT foreground (released 0)"),
         "bg_weight": Param("float", 12.0, 1.0, 50.0, log=True, help="pixel KD weight on background (released 12)"),
         "logit_weight": Param("float", 1.8, 0.1, 10.0, log=True, help="logit KD weight (released 1.8)"),
@@ -288,6 +295,11 @@ class NSD(KDComponent):
         if self.hparams["pixel"]:
             self.adapters = conv_adapters(student, teacher, kernel_size=3, init_std=1e-4)
             self.adapter_scale = AdapterScaleInit(self.hparams["adapter_init"])
+
+    def balance_units(self) -> tuple[str, ...]:
+        if not self.hparams["part_balance"]:
+            return ()
+        return tuple(part for part in ("pixel", "logit", "box", "angle") if self.hparams[part])
 
     def ramps(self, epoch: float) -> dict[str, float]:
         return {"logit": linear_ramp(epoch, self.hparams["warmup_epochs"])}  # min(epoch / E_warm, 1)
