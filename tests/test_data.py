@@ -193,3 +193,16 @@ def test_validate_data_spec_names_the_entry(spec, path, needle):
     with pytest.raises(SpecError) as err:
         validate_data_spec(spec)
     assert err.value.path == path and needle in err.value.message
+
+
+def test_synthetic_data_takes_the_specs_augmentations():
+    spec = {"format": "synthetic", "num_classes": 2, "num_train": 3, "num_val": 1, "input_size": 64}
+    off = {"flip": False, "rot90": False, "scale": None, "color": 0.0}
+    plain = build_dataset(validate_data_spec(spec), "train", train=False)
+    unaugmented = build_dataset(validate_data_spec({**spec, "augment": off}), "train", train=True)
+    assert unaugmented.augment == off
+    torch.manual_seed(0)
+    assert all(torch.equal(unaugmented[i].image, plain[i].image) for i in range(3))
+    turned = build_dataset(validate_data_spec({**spec, "augment": {**off, "rot90": True}}), "train", train=True)
+    torch.manual_seed(0)
+    assert any(not torch.equal(turned[i].image, plain[i].image) for i in range(3))  # 3 draws of 4 turns

@@ -12,7 +12,7 @@ import torch
 from test_distill_core import make_info, make_output, make_targets
 
 from rkd.distill import build_distiller
-from rkd.distill.balance import LossBalance, check_balance
+from rkd.distill.balance import LossBalance, build_balance, check_balance
 from rkd.errors import SpecError
 from rkd.schema import Section
 from rkd.train.loop import epoch_progress
@@ -231,3 +231,14 @@ def test_nsd_parts_are_balanced_one_by_one_or_together(part_balance):
             assert float(terms[name] / terms["nsd.logit"]) == pytest.approx(
                 float(raw[name] / raw["nsd.logit"]), rel=1e-5
             )
+
+
+def test_a_term_left_out_of_its_components_balance_units_is_refused():
+    info = make_info()
+    distiller = build_distiller({"nsd": {"angle": False, "part_balance": True}}, info, info, balance={"steps": 1})
+    distiller.components["nsd"].balance_units = lambda: ("pixel", "logit")  # box: in no unit
+    distiller.balance = build_balance(distiller.components, {"steps": 1})
+    student = make_output(info, requires_grad=True)
+    teacher = make_output(info, gen=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"KD term nsd.box is in no balanced unit"):
+        distiller.train()(student, teacher, make_targets(), task_loss=torch.tensor(2.0))

@@ -155,9 +155,9 @@ def test_the_cache_size_is_said_before_it_is_built():
     assert [augmented_variants({"flip": f, "rot90": r}) for f, r in ((0, 0), (1, 0), (0, 1), (1, 1))] == [1, 4, 4, 8]
     line = size_line(teacher, 96, 100, {"flip": True, "rot90": False}, limit_gb=1.0)
     assert f"{stored / 1e6:.3g} MB per input x 100 training input(s) x 4 augmented variant(s)" in line
-    assert f"at most {readable_size(stored * 400)} in" in line and "limit 1 GB" in line
+    assert f"about {readable_size(stored * 400)} at most in" in line and "limit 1 GB" in line
     over = size_line(teacher, 96, 100, {"flip": True, "rot90": False}, limit_gb=stored * 10 / 1e9)
-    assert "over the" in over and "the first 10 input(s) are kept" in over, over
+    assert "over the" in over and "about 10 of these 400 augmented inputs are kept" in over, over
     assert size_line(teacher, 96, 100, {"scale": [0.5, 1.5]}, 1.0).startswith("not kept: data.augment.scale")
     two_stage = build_detector(model_spec("faster_rcnn-hbb", 16, 2), 3)
     assert "two-stage" in size_line(two_stage, 96, 100, {}, 1.0)

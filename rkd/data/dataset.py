@@ -325,7 +325,8 @@ def build_dataset(data_spec: dict[str, Any], split: str, train: bool) -> Detecti
         seed = data_spec["seed"] * 2 + (0 if split == "train" else 1)
         source = SyntheticAerial(n, data_spec["input_size"], data_spec["num_classes"], seed=seed)
         memory = memory_budget(data_spec, train)
-        return DetectionDataset(source.records, data_spec["input_size"], train, source.class_names, memory_bytes=memory)
+        names = source.class_names
+        return DetectionDataset(source.records, data_spec["input_size"], train, names, data_spec.get("augment"), memory)
     records, names, report = _read(data_spec, split)
     log_skipped(report, f"{data_spec['root']} split {split!r}")
     if not records:

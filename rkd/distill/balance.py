@@ -8,7 +8,8 @@ a floor the student cannot go below (the teacher's feature variance it cannot re
 teacher's entropy), so two terms of equal value can differ 30x in gradient (measured on UCAS-AOD:
 FitNet's MSE started 28x the detection loss and fell 10% in 8 epochs). What moves the student
 is the gradient, so ``mode: auto`` measures, over the first ``steps`` training steps, the norm of
-each method's gradient on the student's parameters against the task loss's,
+each method's gradient on the student's parameters against the task loss's (or each of its terms', for
+a component that names them in ``balance_units()``: one extra backward pass per unit),
 
     r_m = mean_{first steps} ||grad_theta L_m|| / ||grad_theta L_task||
 
@@ -225,7 +226,10 @@ def balanced_terms(
     units = set(balance.methods) if balance is not None else set()
 
     def unit(method: str, term: str) -> str:  # what scales a term: its own unit, else its method's
-        return f"{method}.{term}" if f"{method}.{term}" in units else method
+        name = f"{method}.{term}" if f"{method}.{term}" in units else method
+        if balance is not None and name not in units:  # a term its component's balance_units() left out
+            raise ValueError(f"KD term {method}.{term} is in no balanced unit of {sorted(units)}")
+        return name
 
     scales: dict[str, float] = {}
     if balance is not None:

@@ -112,7 +112,8 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
     check_resources(spec)
     fill_data_caches(spec, log)  # last before training: a bad setup fails before a long fill
     teacher = prepare_teacher(spec, log)
-    announce_output_cache(spec, teacher, log)
+    if space.methods() or spec.student.methods:  # some trial distils: it reads the teacher's outputs
+        announce_output_cache(spec, teacher, log)
 
     ctx = TrialContext(
         student=spec.student,

@@ -189,7 +189,8 @@ def readable_size(size: float) -> str:
 
 def size_line(teacher: torch.nn.Module, input_size: int, inputs: int, augment: dict[str, Any], limit_gb: float) -> str:
     """What the cache of ``teacher``'s outputs on ``inputs`` training inputs will take, said before
-    it is built: per input, at most in all, and against the limit (``teacher.cache_gb``)."""
+    it is built: per input, at most in all, and against the limit (``teacher.cache_gb``). The sizes
+    count the kept maps' bytes; each file adds ``torch.save``'s few kB of framing."""
     if (refusal := cache_refusal(augment)) is not None:
         return f"not kept: {refusal} (each step runs the teacher)"
     each = input_bytes(teacher, input_size)
@@ -199,15 +200,15 @@ def size_line(teacher: torch.nn.Module, input_size: int, inputs: int, augment: d
     total = each * inputs * variants
     line = (
         f"{each / 1e6:.3g} MB per input x {inputs} training input(s) x {variants} augmented variant(s)"
-        f" = at most {readable_size(total)} in {cache_dir()}"
+        f" = about {readable_size(total)} at most in {cache_dir()}"
     )
     limit = limit_gb * 1e9
     if total <= limit:
         return f"{line} (limit {limit_gb:g} GB, teacher.cache_gb)"
     kept = int(limit // each)
     return (
-        f"{line}: over the {limit_gb:g} GB limit (teacher.cache_gb), so the first {kept} input(s) are kept "
-        f"and the others run the teacher at each step"
+        f"{line}: over the {limit_gb:g} GB limit (teacher.cache_gb), so about {kept} of these "
+        f"{inputs * variants} augmented inputs are kept, the first drawn, and the others run the teacher at each step"
     )
 
 
