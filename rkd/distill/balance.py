@@ -238,7 +238,7 @@ def balanced_terms(
             for m, terms in per_method.items():
                 for term, v in terms.items():
                     grouped.setdefault(unit(m, term), []).append(v)
-            balance.observe({u: _sum(dict(enumerate(vs))) for u, vs in grouped.items()}, task_loss)
+            balance.observe({u: _sum(vs) for u, vs in grouped.items()}, task_loss)
         scales = balance.scales()
     ramps = ramps or {}
     return {
@@ -248,8 +248,8 @@ def balanced_terms(
     }
 
 
-def _sum(terms: Mapping[str, Tensor]) -> Tensor:
-    return torch.stack([t.reshape(()) for t in terms.values()]).sum() if terms else torch.zeros(())
+def _sum(terms: Sequence[Tensor]) -> Tensor:
+    return torch.stack([t.reshape(()) for t in terms]).sum() if terms else torch.zeros(())
 
 
 def collective_device() -> torch.device:

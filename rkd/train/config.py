@@ -14,6 +14,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+# teacher.cache and teacher.cache_gb of a spec that does not set them (rkd.train.teacher_outputs)
+TEACHER_CACHE_DEFAULTS: dict[str, Any] = {"mode": "auto", "limit_gb": 20.0}
+
 
 @dataclass
 class TrainConfig:

@@ -21,7 +21,7 @@ from rkd.models import validate_model_spec
 from rkd.models.factory import backbone_keys
 from rkd.schema import Section, join, refuse_code, set_dotted
 from rkd.train import spec_schema
-from rkd.train.config import TrainConfig, train_default
+from rkd.train.config import TEACHER_CACHE_DEFAULTS, TrainConfig, train_default
 from rkd.train.spec_errors import check_structure
 from rkd.train.tasks import TASKS
 from rkd.yamlio import SourceMap, load_yaml
@@ -58,7 +58,7 @@ class RunSpec:
     source: SourceMap
     task: str = "detection"  # or "classification" (rkd.train.tasks)
     # teacher.cache / cache_gb: the teacher-output cache of the student stage (rkd.train.teacher_outputs)
-    teacher_cache: dict[str, Any] = field(default_factory=lambda: {"mode": "auto", "limit_gb": 20.0})
+    teacher_cache: dict[str, Any] = field(default_factory=lambda: dict(TEACHER_CACHE_DEFAULTS))
     # When `output_dir` is a storage URI (s3://, gs://, ...): that URI; output_dir is then
     # this node's local mirror of it (rkd.storage).
     output_uri: str | None = None
@@ -264,13 +264,12 @@ def parse_spec(data: Any, spec_path: Path, source: SourceMap) -> RunSpec:
 
 
 def _teacher_cache(sec: Section) -> dict[str, Any]:
-    mode = sec.raw("cache", "auto")
-    mode = (
-        {True: "auto", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
-    )  # YAML 1.1 reads off as false
+    mode = sec.raw("cache", TEACHER_CACHE_DEFAULTS["mode"])
+    if isinstance(mode, bool):  # YAML 1.1 reads off as false
+        mode = "auto" if mode else "off"
     if mode not in ("auto", "off"):
         raise SpecError("cache", f"expected auto or off, got {mode!r}").within("teacher")
-    return {"mode": mode, "limit_gb": sec.float("cache_gb", 20.0, low=0.0)}
+    return {"mode": mode, "limit_gb": sec.float("cache_gb", TEACHER_CACHE_DEFAULTS["limit_gb"], low=0.0)}
 
 
 def _output_location(root: Section, base: Path) -> tuple[Path, str | None]:

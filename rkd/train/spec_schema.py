@@ -26,7 +26,7 @@ from rkd.atomic import atomic_write_json
 from rkd.distill.balance import BALANCE_DEFAULTS, BALANCE_MODES
 from rkd.distill.base import TASKS as METHOD_TASKS
 from rkd.distill.base import Param, methods_of
-from rkd.train.config import train_default
+from rkd.train.config import TEACHER_CACHE_DEFAULTS, train_default
 
 DEFAULT = Literal["default"]  # "default" stands for a parameter's declared default (Param.resolve)
 
@@ -135,7 +135,10 @@ class Teacher(Training):
     cache: Literal["auto", "off"] | bool | None = Field(
         None, description="auto (default): keep the teacher's outputs per input and reuse them in every trial; off"
     )
-    cache_gb: float | None = Field(None, description="the most disk the kept teacher outputs may take (default 20)")
+    cache_gb: float | None = Field(
+        None,
+        description=f"the most disk the kept teacher outputs may take (default {TEACHER_CACHE_DEFAULTS['limit_gb']:g})",
+    )
 
 
 @cache

@@ -34,12 +34,12 @@ from rkd import storage
 from rkd.atomic import atomic_write_bytes
 from rkd.data.cache import file_digest
 from rkd.outputs import DetectorOutput
+from rkd.train.config import TEACHER_CACHE_DEFAULTS
 
 ENV = "RKD_TEACHER_OUTPUTS"
 FORMAT = "v1"
 # The DetectorOutput fields kept per sample: lists of per-level (B, ...) maps.
 CACHED_FIELDS = ("features", "cls_logits", "box_regs", "centerness", "angle_logits")
-DEFAULT_LIMIT_GB = 20.0
 
 
 def cache_dir() -> Path:
@@ -227,5 +227,5 @@ def build_cache(cfg: Any, caches: bool) -> TeacherOutputCache | None:
     if not keeps_outputs(cfg, caches):
         return None
     digest = file_digest(storage.local_copy(cfg.teacher_checkpoint))
-    limit = float((cfg.teacher_cache or {}).get("limit_gb", DEFAULT_LIMIT_GB)) * 1e9
+    limit = float((cfg.teacher_cache or {}).get("limit_gb", TEACHER_CACHE_DEFAULTS["limit_gb"])) * 1e9
     return TeacherOutputCache(digest, int(cfg.data["input_size"]), limit)
