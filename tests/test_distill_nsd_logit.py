@@ -10,6 +10,7 @@ from test_distill_nsd import flat_np
 
 from rkd.distill import build_distiller
 from rkd.distill.detection.nsd import NSD, select_ncs
+from rkd.distill.masks import foreground_masks
 from rkd.errors import SpecError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
@@ -145,3 +146,44 @@ def test_pixel_term_is_a_per_element_mean():
                 conv.bias.zero_()
         pixel = float(d(s, t, make_targets(), epoch=5.0)["nsd.pixel"])
         assert pixel == pytest.approx((3.0 + 12.0) / 2, rel=1e-6), channels  # mean over levels of w_fg/2 + w_bg/2
+
+
+def standardise_np(f: np.ndarray) -> np.ndarray:
+    """Per channel over (B, H, W), Bessel-corrected std (the reference of ``pixel_norm: standardise``)."""
+    mean = f.mean(axis=(0, 2, 3), keepdims=True)
+    return (f - mean) / (f.std(axis=(0, 2, 3), ddof=1, keepdims=True) + 1e-6)
+
+
+def test_standardised_pixel_term_matches_reference_and_ignores_the_students_scale():
+    s_info = make_info(channels=(4, 4), angle_bins=0)
+    t_info = make_info(channels=(8, 8), angle_bins=0)
+    hp = {"logit": False, "box": False, "angle": False, "fg_weight": 2.0, "pixel_norm": "standardise"}
+    d = build_distiller({"nsd": hp}, s_info, t_info, balance={"mode": "off"}).double()
+    comp = d.components["nsd"]
+    s, t, targets = make_output(s_info), make_output(t_info), make_targets()
+    s.features = [f.double() * 3.0 + 1.0 for f in s.features]
+    t.features = [f.double() * 5.0 - 2.0 for f in t.features]
+    with torch.no_grad():
+        for conv in comp.adapters:
+            conv.bias.zero_()  # the adapter is then linear: scaling its input scales its output
+        pixel = float(d(s, t, targets, epoch=5.0)["nsd.pixel"])
+        fgs = foreground_masks(targets, s)
+        expected = 0.0
+        for conv, fs, ft, fg in zip(comp.adapters, s.features, t.features, fgs):
+            a, b, m = standardise_np(np64(conv(fs))), standardise_np(np64(ft)), np64(fg)
+            sq = ((a - b) ** 2).sum(axis=1, keepdims=True)  # over channels
+            c = b.shape[1]
+            l_fg = (sq * m).sum() / max(2 * c * m.sum(), 1.0)
+            l_bg = (sq * (1 - m)).sum() / max(2 * c * (1 - m).sum(), 1.0)
+            expected += 2.0 * l_fg + 12.0 * l_bg
+        assert pixel == pytest.approx(expected / len(fgs), rel=1e-6)
+        # the released form grows with the student's feature scale; the standardised one does not
+        s.features = [f * 7.0 for f in s.features]
+        assert float(d(s, t, targets, epoch=5.0)["nsd.pixel"]) == pytest.approx(
+            pixel, rel=1e-5
+        )  # up to the 1e-6 in std + eps
+        raw = build_distiller({"nsd": {**hp, "pixel_norm": "none"}}, s_info, t_info, balance={"mode": "off"}).double()
+        raw.load_state_dict(d.state_dict())
+        big = float(raw(s, t, targets, epoch=5.0)["nsd.pixel"])
+        s.features = [f / 7.0 for f in s.features]
+        assert big > 2 * float(raw(s, t, targets, epoch=5.0)["nsd.pixel"])

@@ -198,6 +198,51 @@ def test_losses_match_float64_references(fusion):
     assert torch.allclose(terms["distill"], 2.0 * ref_distill, rtol=1e-10, atol=0)
 
 
+def test_teacher_guided_branch_term_matches_its_float64_reference():
+    # (S6): with teacher_weight > 0 the branch also learns the teacher's softened predictions
+    torch.manual_seed(1)
+    comp = SSKD(INFO, INFO, patch=2, temperature=2.5, teacher_weight=0.6).double()
+    assert comp.needs_teacher and not SSKD(INFO, INFO).needs_teacher  # default: self-distillation alone
+    b = 3
+    feats = [torch.randn(b, 6, 8, 8, dtype=torch.float64), torch.randn(b, 10, 4, 4, dtype=torch.float64)]
+    feats.append(torch.randn(b, 12, 2, 2, dtype=torch.float64))
+    out = ClassifierOutput(features=feats, pooled=feats[-1].mean((2, 3)), logits=torch.randn(b, 5, dtype=torch.float64))
+    zt = torch.randn(b, 5, dtype=torch.float64)
+    teacher = ClassifierOutput(features=feats, pooled=feats[-1].mean((2, 3)), logits=zt)
+    labels = torch.tensor([0, 4, 2])
+    torch.manual_seed(7)
+    terms = comp(out, teacher, labels)
+    torch.manual_seed(7)
+    corrupted, _, _ = comp.corrupt(feats[0], feats[-1])
+    zb, _ = comp.branch.classify(comp.branch.restorer(corrupted))
+    t = 2.5
+    pt, pb = _reference_softmax(zt / t), _reference_softmax(zb / t)
+    ref = t * t * (pt * (torch.log(pt) - torch.log(pb))).sum(1).mean()  # (S6)
+    assert set(terms) == {"restore", "branch_cls", "distill", "teacher"}
+    assert torch.allclose(terms["teacher"], 0.6 * ref, rtol=1e-10, atol=0)
+    # it trains the branch, never the teacher's logits
+    zt.requires_grad_(True)
+    comp(out, ClassifierOutput(features=feats, pooled=feats[-1].mean((2, 3)), logits=zt), labels)["teacher"].backward()
+    assert zt.grad is None
+    assert comp.branch.fc.weight.grad is not None and comp.branch.fc.weight.grad.abs().sum() > 0
+
+
+def test_teacher_guided_branch_needs_a_teacher_and_reads_its_output():
+    student = build_classifier({"backbone": {"width": 0.25}}, num_classes=4)
+    with pytest.raises(SpecError, match="teacher_weight > 0 distils a teacher's predictions into the branch"):
+        build_distiller({"sskd": {"teacher_weight": 1.0}}, student.info, None)
+    teacher = build_classifier({"backbone": {"width": 0.25}}, num_classes=4)
+    d = build_distiller({"sskd": {"teacher_weight": 1.0}}, student.info, teacher.info)
+    assert d.needs_teacher  # the loop runs the teacher's forward pass for this distiller
+    assert not build_distiller({"sskd": {}}, student.info, teacher.info).needs_teacher
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    with torch.no_grad():
+        teacher_out = teacher(x)
+    assert "sskd.teacher" in d(student(x, y), teacher_out, y)
+    with pytest.raises(ValueError, match="needs the teacher's output"):
+        d(student(x, y), None, y)
+
+
 def test_gradients_reach_student_backbone_and_branch_never_the_teacher():
     torch.manual_seed(0)
     student = build_classifier({"backbone": {"width": 0.25}}, num_classes=4)

@@ -115,6 +115,22 @@ def softmax_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
     return kl.mean() * t * t
 
 
+def standardise(feature: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-channel standardisation over (B, H, W); all zeros where B x H x W is 1.
+
+    >>> f = standardise(torch.randn(2, 3, 4, 4) * 5 + 2)
+    >>> bool(f.mean((0, 2, 3)).abs().max() < 1e-5), bool((f.std((0, 2, 3)) - 1).abs().max() < 1e-4)
+    (True, True)
+    >>> standardise(torch.randn(1, 3, 1, 1)).abs().max().item()
+    0.0
+    """
+    n = feature.numel() // max(feature.shape[1], 1)
+    mean = feature.mean(dim=(0, 2, 3), keepdim=True)
+    # Bessel's correction needs two values; with one, n - 1 = 0 would give std NaN.
+    std = feature.std(dim=(0, 2, 3), keepdim=True, correction=1 if n > 1 else 0)
+    return (feature - mean) / (std + eps)
+
+
 def masked_sq_error(student: Tensor, teacher: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """``(sum((s - t)^2 * mask), sum(mask))``; ``mask`` ``(B, 1, H, W)`` broadcasts over channels.
 

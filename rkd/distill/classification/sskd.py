@@ -46,14 +46,21 @@ both optimised together in one stage, no pre-training:
 
       L_distill = T^2 * mean_b KL(softmax(sg(z_b)/T) || softmax(z_s/T))                   (S4)
 
-* **Total (S5):** ``w_r * L_restore + w_b * L_branch + w_d * r(e) * L_distill`` (the student's own
-  cross-entropy is the training loop's ``gt.cls``). Terms: ``restore``, ``branch_cls``, ``distill``.
+* **Teacher-guided branch (S6, rkd's, not the paper's; ``teacher_weight > 0``).** The branch also
+  learns the teacher's softened predictions, so the knowledge (S4) hands to the backbone is the
+  teacher's as well as the labels' and the restoration's; the teacher side is detached::
+
+      L_teacher = T^2 * mean_b KL(softmax(sg(z_t)/T) || softmax(z_b/T))                   (S6)
+
+* **Total (S5):** ``w_r * L_restore + w_b * L_branch + w_d * r(e) * L_distill + w_t * L_teacher``
+  (the student's own cross-entropy is the training loop's ``gt.cls``). Terms: ``restore``,
+  ``branch_cls``, ``distill`` and, with ``w_t > 0``, ``teacher``.
   ``r(e) = min(e / warmup_epochs, 1)`` is rkd's, not the paper's: the branch starts from scratch, and
   its early predictions are noise the backbone should not imitate (applied after the loss balance).
   ``branch_grad: detached`` keeps (S1) and (S2) off the backbone (an ablation: measured far worse).
 
-The branch is a set of KD parts: it trains with the student and is never exported. A teacher,
-when one is given, is ignored (this is self-distillation).
+The branch is a set of KD parts: it trains with the student and is never exported. With
+``teacher_weight: 0`` a teacher, when one is given, is ignored (self-distillation, the paper's method).
 """
 
 from __future__ import annotations
@@ -173,6 +180,11 @@ def branch_cls_loss(branch_logits: Tensor, labels: Tensor) -> Tensor:
 def self_distill_loss(student_logits: Tensor, branch_logits: Tensor, temperature: float) -> Tensor:
     """(S4) ``T^2 * mean_b KL(softmax(sg(z_b)/T) || softmax(z_s/T))``; the branch side is detached."""
     return softmax_kd(student_logits, branch_logits.detach(), temperature)
+
+
+def teacher_branch_loss(branch_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """(S6) ``T^2 * mean_b KL(softmax(sg(z_t)/T) || softmax(z_b/T))``: the teacher teaches the branch."""
+    return softmax_kd(branch_logits, teacher_logits.detach(), temperature)
 
 
 def fusion_weights(gate_logits: Tensor) -> Tensor:
@@ -298,6 +310,15 @@ class SSKD(KDComponent):
             help="whether the restoration and branch losses also train the backbone (joint, the paper's "
             "one-stage optimisation) or only the branch (detached: the backbone learns from (S4) alone)",
         ),
+        "teacher_weight": Param(
+            "float",
+            0.0,
+            0.0,
+            10.0,
+            published=0.0,
+            help="w_t of (S6): the branch also learns the teacher's softened predictions (rkd's; 0 = "
+            "self-distillation alone, the paper's)",
+        ),
         "warmup_epochs": Param(
             "float",
             4.0,
@@ -312,6 +333,11 @@ class SSKD(KDComponent):
     @classmethod
     def check_models(cls, student: ClassifierInfo, teacher: ClassifierInfo | None, hparams: dict[str, Any]) -> None:
         strides = student.strides
+        if hparams["teacher_weight"] > 0 and teacher is None:
+            raise ValueError(
+                "KD method 'sskd': teacher_weight > 0 distils a teacher's predictions into the branch, but no "
+                "teacher was given; train or name a teacher, or set sskd.teacher_weight: 0"
+            )
         if any(strides[i] % strides[i - 1] for i in range(1, len(strides))):
             raise ValueError(f"KD method 'sskd' needs each backbone stride to divide the next, got {list(strides)}")
         # Inputs are multiples of 32 px, so level 0 has a multiple of 32 / stride_0 cells per side.
@@ -323,6 +349,8 @@ class SSKD(KDComponent):
 
     def __init__(self, student: ClassifierInfo, teacher: ClassifierInfo | None, **hparams: Any) -> None:
         super().__init__(student, teacher, **hparams)
+        # (S6) reads the teacher's logits; without it the teacher's forward pass is skipped
+        self.needs_teacher = self.hparams["teacher_weight"] > 0
         self.branch = SSKDBranch(student, self.hparams["fusion"], self.hparams["patch"])
 
     def corrupt(self, low: Tensor, deepest: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -350,11 +378,18 @@ class SSKD(KDComponent):
         corrupted, _, _ = self.corrupt(low, student.features[-1])
         restored = self.branch.restorer(corrupted)  # (S1): the permutation stays out of reach
         branch_logits, _ = self.branch.classify(restored)
-        return {
+        terms = {
             "restore": hp["restore_weight"] * restore_loss(restored, low),
             "branch_cls": hp["branch_weight"] * branch_cls_loss(branch_logits, labels),
             "distill": hp["distill_weight"] * self_distill_loss(student.logits, branch_logits, hp["temperature"]),
         }
+        if self.needs_teacher:
+            if teacher is None:
+                raise ValueError("KD method 'sskd' with teacher_weight > 0 needs the teacher's output for this batch")
+            terms["teacher"] = hp["teacher_weight"] * teacher_branch_loss(
+                branch_logits, teacher.logits, hp["temperature"]
+            )
+        return terms
 
     def ramps(self, epoch: float) -> dict[str, float]:
         return {"distill": linear_ramp(epoch, self.hparams["warmup_epochs"])}

@@ -79,7 +79,7 @@ from torch import Tensor
 from rkd.distill.base import KDComponent, Param, linear_ramp, register
 from rkd.distill.checks import check_same_anchors, check_same_box_dim, check_same_grid
 from rkd.distill.connectors import AdapterScaleInit, adapter_init_param, conv_adapters
-from rkd.distill.functional import binary_kl_with_logits, masked_sq_error, non_target_kd
+from rkd.distill.functional import binary_kl_with_logits, masked_sq_error, non_target_kd, standardise
 from rkd.distill.masks import foreground_masks
 from rkd.outputs import Assignment, DetectorInfo, DetectorOutput, Targets, flatten_levels
 
@@ -221,6 +221,14 @@ class NSD(KDComponent):
             "(false: the parts keep the released weights' proportions; on UCAS-AOD the pixel part's gradient is "
             "~70x the logit part's; balanced per part, 10 seeds: no better, docs/benchmarks.md)",
         ),
+        "pixel_norm": Param(
+            "choice",
+            "none",
+            choices=("none", "standardise"),
+            published="none",
+            help="pixel KD on the raw maps (released) or on maps standardised per channel (scale-free: the "
+            "student cannot lower the term by rescaling its own features)",
+        ),
         "fg_weight": Param("float", 0.0, 0.0, 12.0, help="pixel KD weight on GT foreground (released 0)"),
         "bg_weight": Param("float", 12.0, 1.0, 50.0, log=True, help="pixel KD weight on background (released 12)"),
         "logit_weight": Param("float", 1.8, 0.1, 10.0, log=True, help="logit KD weight (released 1.8)"),
@@ -314,7 +322,10 @@ class NSD(KDComponent):
             self.adapter_scale(self.adapters, student.features, teacher.features)
             total = student.features[0].new_zeros(())
             for adapter, fs, ft, fg in zip(self.adapters, student.features, teacher.features, fg_masks):
-                l_fg, l_bg = pixel_fg_bg_loss(adapter(fs), ft.detach(), fg)
+                fs, ft = adapter(fs), ft.detach()
+                if hp["pixel_norm"] == "standardise":
+                    fs, ft = standardise(fs), standardise(ft)
+                l_fg, l_bg = pixel_fg_bg_loss(fs, ft, fg)
                 total = total + hp["fg_weight"] * l_fg + hp["bg_weight"] * l_bg  # pixel-level loss
             terms["pixel"] = total / len(fg_masks)  # (N2): mean over levels, as the released detector
         if not (hp["logit"] or hp["box"] or hp["angle"]):

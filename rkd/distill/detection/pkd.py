@@ -18,29 +18,13 @@ std (0) is used, the centred feature is exactly 0 and the level adds 0 with zero
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (the doctests use it)
 import torch.nn.functional as F
 from torch import Tensor
 
 from rkd.distill.base import Param, register
 from rkd.distill.connectors import AlignedFeatureKD
+from rkd.distill.functional import standardise
 from rkd.outputs import DetectorOutput, Targets
-
-
-def standardise(feature: Tensor, eps: float = 1e-6) -> Tensor:
-    """Per-channel standardisation over (B, H, W); all zeros where B x H x W is 1.
-
-    >>> f = standardise(torch.randn(2, 3, 4, 4) * 5 + 2)
-    >>> bool(f.mean((0, 2, 3)).abs().max() < 1e-5), bool((f.std((0, 2, 3)) - 1).abs().max() < 1e-4)
-    (True, True)
-    >>> standardise(torch.randn(1, 3, 1, 1)).abs().max().item()
-    0.0
-    """
-    n = feature.numel() // max(feature.shape[1], 1)
-    mean = feature.mean(dim=(0, 2, 3), keepdim=True)
-    # Bessel's correction needs two values; with one, n - 1 = 0 would give std NaN.
-    std = feature.std(dim=(0, 2, 3), keepdim=True, correction=1 if n > 1 else 0)
-    return (feature - mean) / (std + eps)
 
 
 def pkd_loss(student: Tensor, teacher: Tensor) -> Tensor:
