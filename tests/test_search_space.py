@@ -293,6 +293,11 @@ MEMBER_NAMES = ("SpaceRange", "SpaceChoices", "SpaceMethod", "SpaceEntry", "func
             "unknown parameter of hinton (did you mean 'temperature'?); it has ",
         ),
         ({"studnet": {}}, "studnet", "unknown section (did you mean 'student'?)"),
+        (
+            {"student": {"modle.backbone.width": {"choices": [0.5, 1.0]}}},
+            "student.modle.backbone.width",
+            "unknown student setting (did you mean 'model'?)",
+        ),
         ({"student": {"lr": {"low": 1e-3, "hihg": 1e-2}}}, "student.lr.hihg", "did you mean 'high'?"),
         ({"methods": {"hinton": {"weight": {"low": 1, "high": 2, "setp": 1}}}}, "methods.hinton.weight.setp", "'step'"),
         ({"methods": {"hinton": {"weight": {"choices": []}}}}, "methods.hinton.weight.choices", "non-empty list"),

@@ -25,13 +25,14 @@ from pydantic import (
     StrictBool,
     Tag,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 from typing_extensions import TypeAliasType
 
 from rkd.distill.base import Param, check_declared_sign, resolve_options
 from rkd.errors import SpecError
-from rkd.schema import refuse_code
+from rkd.schema import refuse_code, unknown_key
 from rkd.train.spec_errors import ENTRY_ERROR, Closed, entry_error
 
 # The shapes of an entry, as pydantic's errors name them (rkd's messages drop them: they are not keys).
@@ -200,10 +201,22 @@ class SpaceMethod(Closed):
 
 class SpaceFile(Closed):
     key_noun: ClassVar[str] = "section"
+    student_settings: ClassVar[tuple[str, ...]] = ()  # the keys of a spec's student section (space_model)
 
     student: Optional[dict[str, Annotated[Optional[SpaceEntry], AfterValidator(check_student_entry)]]] = Field(
         None, description="dotted paths into the spec's student section"
     )
+
+    @field_validator("student")
+    @classmethod
+    def _student_settings(cls, student: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A student path starts at a setting of the student (the rest of it: ``student_check``)."""
+        for path in student or {}:
+            setting = path.split(".")[0]
+            if cls.student_settings and setting not in cls.student_settings:
+                err = unknown_key(path, setting, cls.student_settings, "student setting")
+                raise entry_error(err.path, err.message)
+        return student
 
     @model_validator(mode="before")
     @classmethod

@@ -233,11 +233,13 @@ def space_model(task: str | None = None) -> type[BaseModel]:
         methods[name] = (Optional[model | DEFAULT], None)
     entries = create_model("SpaceMethods", __base__=Closed, **methods)
     entries.key_noun, entries.keys_lead = METHOD_LABELS[task or "detection"], "known:"
-    return create_model(
+    model = create_model(
         "SearchSpace",
         __base__=SpaceFile,
         methods=(Optional[entries], Field(None, description="KD methods the search may switch on")),
     )
+    model.student_settings = tuple(student_model(task).model_fields)
+    return model
 
 
 def spec_json_schema() -> dict[str, Any]:
