@@ -60,11 +60,18 @@ def set_dotted(target: dict[str, Any], path: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def unknown_key(where: str, key: str, allowed: set[str] | list[str]) -> SpecError:
-    """The error for a key a mapping does not allow: the closest allowed key, then all of them."""
+def unknown_key(
+    where: str, key: str, allowed: set[str] | list[str], noun: str = "key", lead: str = "allowed:"
+) -> SpecError:
+    """The error for a key a mapping does not allow: the closest allowed key, then all of them.
+    ``noun`` names what the key should be (``KD method``), ``lead`` introduces the list.
+
+    >>> print(unknown_key("methods.fitnett", "fitnett", ["fitnet", "hinton"], "KD method", "known:"))
+    methods.fitnett: unknown KD method (did you mean 'fitnet'?); known: fitnet, hinton
+    """
     hint = difflib.get_close_matches(key, list(allowed), n=1)
     did = f" (did you mean {hint[0]!r}?)" if hint else ""
-    return SpecError(where, f"unknown key{did}; allowed: {', '.join(sorted(allowed))}")
+    return SpecError(where, f"unknown {noun}{did}; {lead} {', '.join(sorted(allowed))}")
 
 
 class Section:

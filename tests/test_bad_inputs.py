@@ -137,6 +137,11 @@ SPEC_CASES = [
         ["methods.hinton.temperature: must be > 0"],
     ),
     (
+        "space-misspelt-method",
+        lambda t, s: set_space(t, s, {"methods": {"hintn": {"weight": "default"}}}),
+        [":2: methods.hintn: unknown KD method (did you mean 'hinton'?)"],
+    ),
+    (
         "initial-point-outside",
         lambda t, s: s["search"].update(initial_points=[{"student.lr": 0.5}]),
         ["search.initial_points.0.student.lr: 0.5 is outside the space's [0.001, 0.005] log float"],

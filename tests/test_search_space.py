@@ -277,3 +277,73 @@ def test_published_points_carry_published_values_the_space_does_not_search(tmp_p
     assert methods["nsd"]["logit_form"] == "softmax" and methods["nsd"]["adapter_init"] == "plain"
     with pytest.raises(ValueError, match="published: expected one of"):
         Param("choice", "a", choices=("a", "b"), published="c")
+
+
+# Names pydantic gives the members of a union (and rkd gives an entry's shapes): never part of a path.
+MEMBER_NAMES = ("SpaceRange", "SpaceChoices", "SpaceMethod", "SpaceEntry", "function-", "literal[", "{low, high}")
+
+
+@pytest.mark.parametrize(
+    "doc, path, needle",
+    [
+        ({"methods": {"fitnett": {}}}, "methods.fitnett", "unknown KD method (did you mean 'fitnet'?); known: "),
+        (
+            {"methods": {"hinton": {"temprature": 4}}},
+            "methods.hinton.temprature",
+            "unknown parameter of hinton (did you mean 'temperature'?); it has ",
+        ),
+        ({"studnet": {}}, "studnet", "unknown section (did you mean 'student'?)"),
+        (
+            {"student": {"modle.backbone.width": {"choices": [0.5, 1.0]}}},
+            "student.modle.backbone.width",
+            "unknown student setting (did you mean 'model'?)",
+        ),
+        ({"student": {"lr": {"low": 1e-3, "hihg": 1e-2}}}, "student.lr.hihg", "did you mean 'high'?"),
+        ({"methods": {"hinton": {"weight": {"low": 1, "high": 2, "setp": 1}}}}, "methods.hinton.weight.setp", "'step'"),
+        ({"methods": {"hinton": {"weight": {"choices": []}}}}, "methods.hinton.weight.choices", "non-empty list"),
+        ({"methods": {"hinton": {"weight": {"choices": [1.0, -1.0]}}}}, "methods.hinton.weight", "must be > 0"),
+        ({"methods": {"hinton": {"weight": [1, 2]}}}, "methods.hinton.weight", "a list is ambiguous"),
+        ({"methods": {"hinton": {"weight": None}}}, "methods.hinton.weight", "expected a number, got None"),
+        ({"methods": {"hinton": {"weight": {"low": True, "high": 2}}}}, "methods.hinton.weight.low", "got True"),
+        (  # an int parameter's range is an int range
+            {"methods": {"ds2d2": {"hf_channels": {"low": 8, "high": 64, "step": 0.5}}}},
+            "methods.ds2d2.hf_channels.step",
+            "whole step",
+        ),
+        ({"student": {"lr": {"low": 1, "high": 9, "type": "int", "step": 0.5}}}, "student.lr.step", "whole step"),
+        ({"student": {"lr": "default"}}, "student.lr", "only meaningful for a KD method"),
+        ({"methods": {"hinton": {"enabled": [True, "no"]}}}, "methods.hinton.enabled", "[true, false]"),
+        ({"methods": {"hinton": 3}}, "methods.hinton", "expected a mapping"),
+        (
+            {"methods": {"ifkd": {"prior": {"kind": "module", "target": "os:system"}}}},
+            "methods.ifkd.prior.target",
+            "--allow-code",
+        ),
+    ],
+)
+def test_the_space_model_names_the_entry_as_written_in_the_file(doc, path, needle, monkeypatch):
+    """Every error comes from the space's pydantic model: the path is the entry's in the file (no
+    union-member name in it or in the message), an unknown key says what it should be and suggests one."""
+    monkeypatch.delenv("RKD_ALLOW_CODE", raising=False)
+    with pytest.raises(SpecError) as err:
+        compile_space(doc, "s.yaml")
+    assert err.value.path == path and needle in err.value.message, err.value
+    assert not any(name in str(err.value) for name in MEMBER_NAMES), err.value
+
+
+def test_a_space_of_classification_names_its_methods_so():
+    from rkd.distill.base import CLASSIFIER_KD_METHODS
+
+    with pytest.raises(SpecError, match=r"methods.nsd: unknown classification KD method; known: .*sskd"):
+        compile_space({"methods": {"nsd": {}}}, "s.yaml", registry=CLASSIFIER_KD_METHODS)
+
+
+def test_a_misspelt_parameter_in_a_space_file_stops_the_cli_with_file_line_and_a_suggestion(tmp_path, capsys):
+    from rkd.cli import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("student:\n  lr: {low: 1.0e-3, high: 1.0e-2}\nmethods:\n  hinton:\n    temprature: default\n")
+    assert main(["space", "show", str(space)]) == 2
+    err = capsys.readouterr().err
+    assert f"{space}:5: methods.hinton.temprature: unknown parameter of hinton (did you mean 'temperature'?)" in err
+    assert "Traceback" not in err

@@ -16,8 +16,10 @@ A space file has two sections::
 A method's parameters are sampled only when the method is on (conditional
 parameters, which is why TPE runs with ``multivariate=True, group=True``).
 Parameters named in the space are the searched ones; the rest keep the
-method's defaults. Entries are validated when the space is loaded: an unknown
-method, parameter or student path fails with the file and line of the entry.
+method's defaults. Entries are validated when the space is loaded, by the space's pydantic model
+(:func:`rkd.train.spec_schema.space_model`, the one ``rkd schema`` writes as JSON Schema): an
+unknown method or parameter, a bad range or a value a method's parameter does not admit fails
+with the file and line of the entry; a student path, with the spec's student (``student_check``).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import rkd.distill  # noqa: F401  (importing the package registers every method)
-from rkd.distill.base import KD_METHODS, Param, check_declared_sign, resolve_options
+from rkd.distill.base import KD_METHODS, TASKS, Param, methods_of
 from rkd.errors import SpecError
-from rkd.schema import join, refuse_code
+from rkd.train.space_schema import SpaceChoices, SpaceMethod, SpaceRange
+from rkd.train.spec_errors import validated
+from rkd.train.spec_schema import space_model
 from rkd.yamlio import load_yaml
 
 METHOD_SWITCH = "enabled"
@@ -165,78 +169,42 @@ class SearchSpace:
         return points
 
 
-def _dim_from_entry(name: str, entry: Any, where: str, declared: Param | None, condition: str | None) -> Dim:
-    if entry == "default":
-        if declared is None:
-            raise SpecError(where, "'default' is only meaningful for a KD method's declared parameters")
+def _dim(name: str, entry: Any, declared: Param | None, condition: str | None) -> Dim:
+    """The dim of a validated entry (:func:`~rkd.train.spec_schema.space_model`)."""
+    if isinstance(entry, SpaceRange):
+        kind = entry.type or "float"
+        return Dim(
+            name, kind, low=entry.low, high=entry.high, log=bool(entry.log), step=entry.step, condition=condition
+        )
+    if isinstance(entry, SpaceChoices):
+        return Dim(name, "choice", choices=tuple(entry.choices), condition=condition)
+    if declared is not None and isinstance(entry, str) and entry == "default":
         if declared.kind in ("bool", "choice"):
             choices = (False, True) if declared.kind == "bool" else tuple(declared.choices)
             return Dim(name, "choice", choices=choices, condition=condition)
         return Dim(name, declared.kind, low=declared.low, high=declared.high, log=declared.log, condition=condition)
-    if isinstance(entry, dict):
-        keys = set(entry)
-        if "choices" in keys:
-            if keys - {"choices"}:
-                raise SpecError(where, f"'choices' cannot be combined with {sorted(keys - {'choices'})}")
-            choices = entry["choices"]
-            if not isinstance(choices, list) or not choices:
-                raise SpecError(join(where, "choices"), f"expected a non-empty list, got {choices!r}")
-            return Dim(name, "choice", choices=tuple(choices), condition=condition)
-        allowed = {"low", "high", "log", "step", "type"}
-        if not keys or keys - allowed:
-            raise SpecError(
-                where, f"expected {{choices: [...]}} or {{low, high[, log, step, type]}}, got keys {sorted(keys)}"
-            )
-        for bound in ("low", "high"):
-            if bound not in entry:
-                raise SpecError(where, f"'{bound}' is required for a range")
-            value = entry[bound]
-            if isinstance(value, str):
-                try:
-                    entry = {**entry, bound: float(value)}
-                except ValueError:
-                    raise SpecError(join(where, bound), f"expected a number, got {value!r}") from None
-            elif isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise SpecError(join(where, bound), f"expected a number, got {value!r}")
-        kind = entry.get("type") or ("int" if declared is not None and declared.kind == "int" else "float")
-        if kind not in ("int", "float"):
-            raise SpecError(join(where, "type"), f"expected int or float, got {kind!r}")
-        low, high, log = float(entry["low"]), float(entry["high"]), entry.get("log", False)
-        if not isinstance(log, bool):  # the string 'false' is truthy
-            raise SpecError(join(where, "log"), f"expected true or false, got {log!r}")
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise SpecError(where, f"needs finite low < high, got low={low:g}, high={high:g}")
-        if log and low <= 0:
-            raise SpecError(join(where, "log"), f"a log range needs low > 0, got {low:g}")
-        step = _step(entry.get("step"), log, kind, high - low, join(where, "step"))
-        if declared is not None:
-            _check_value(name, low, join(where, "low"), declared)
-        return Dim(name, kind, low=low, high=high, log=log, step=step, condition=condition)
-    if isinstance(entry, list):
-        raise SpecError(where, "a list is ambiguous here: write {choices: [...]} to search over it")
     return Dim(name, "fixed", value=entry, condition=condition)
 
 
-def _step(step: Any, log: bool, kind: str, width: float, where: str) -> float | None:
-    """A range's ``step``: a positive number no wider than the range, never with ``log`` (Optuna refuses both)."""
-    if step is None:
-        return None
-    if log:
-        raise SpecError(where, "a range cannot have both step and log: true (Optuna samples one or the other)")
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= width:
-        raise SpecError(where, f"expected a number > 0 and <= high - low ({width:g}), got {step!r}")
-    if kind == "int" and not float(step).is_integer():
-        raise SpecError(where, f"an int range needs a whole step, got {step!r}")
-    return step
+def _task_of(registry: dict[str, Any] | None) -> str:
+    """The task whose KD methods ``registry`` holds (detection's when None)."""
+    if registry is None:
+        return "detection"
+    task = next((t for t in TASKS if methods_of(t) is registry), None)
+    if task is None:
+        raise ValueError("a search space's methods are those of a task (rkd.distill.base.methods_of)")
+    return task
 
 
-def _check_value(name: str, value: Any, where: str, declared: Param | None) -> None:
-    if declared is not None:
+def _check_student(student_check: Any, dim: Dim, path: str) -> None:
+    """Every value ``dim`` can give the student at ``path`` makes a valid student (a range: its ends)."""
+    probes = dim.choices if dim.kind == "choice" else (dim.value,) if dim.kind == "fixed" else (dim.low, dim.high)
+    for probe in probes:
+        probe = int(probe) if dim.kind == "int" else probe
         try:
-            declared.validate(value, where)
-        except ValueError as err:
-            raise SpecError(where, str(err).split(": ", 1)[-1]) from None
-        check_declared_sign(declared, value, where)
+            student_check({path: probe})
+        except SpecError as err:
+            raise SpecError(f"student.{path}", f"value {probe!r} gives an invalid student: {err}") from None
 
 
 def compile_space(
@@ -244,74 +212,31 @@ def compile_space(
 ) -> SearchSpace:
     """Validate a parsed space document and compile it.
 
-    ``student_check(params)`` (optional) validates a student configuration
-    with the given dotted-path values applied; it is called with the ends of
-    each range and each choice so a typo in a path fails here, not in a trial.
+    What a valid space is, its model says (:func:`~rkd.train.spec_schema.space_model`, with the
+    checks of :mod:`rkd.train.space_schema`); this turns the validated entries into dims, in the
+    file's order. ``student_check(params)`` (optional) validates a student configuration with the
+    given dotted-path values applied; it is called with the ends of each range and each choice so
+    a typo in a path fails here, not in a trial.
     """
+    space = validated(space_model(_task_of(registry)), data, {"base_dir": Path(file).parent})
     known = KD_METHODS if registry is None else registry  # classification has its own methods
-    if not isinstance(data, dict):
-        raise SpecError("", f"a search space is a mapping with 'student' and/or 'methods', got {type(data).__name__}")
-    unknown = set(data) - {"student", "methods"}
-    if unknown:
-        raise SpecError(sorted(unknown)[0], "unknown section; a search space has 'student' and 'methods'")
     dims: list[Dim] = []
-    student = data.get("student") or {}
-    if not isinstance(student, dict):
-        raise SpecError("student", "expected a mapping of dotted student paths to ranges")
-    for path, entry in student.items():
-        where = join("student", str(path))
-        dim = _dim_from_entry(f"student.{path}", entry, where, None, None)
+    for path in data.get("student") or {}:
+        dims.append(_dim(f"student.{path}", space.student[path], None, None))
         if student_check is not None:
-            probes = (
-                dim.choices if dim.kind == "choice" else (dim.value,) if dim.kind == "fixed" else (dim.low, dim.high)
-            )
-            for probe in probes:
-                probe = int(probe) if dim.kind == "int" else probe
-                try:
-                    student_check({str(path): probe})
-                except SpecError as err:
-                    raise SpecError(where, f"value {probe!r} gives an invalid student: {err}") from None
-        dims.append(dim)
-    methods = data.get("methods") or {}
-    if not isinstance(methods, dict):
-        raise SpecError("methods", "expected a mapping of KD method names to their parameters")
-    refuse_code(methods, "methods")
-    for method, params in methods.items():
-        where = join("methods", str(method))
-        if method not in known:
-            raise SpecError(where, f"unknown KD method; known: {', '.join(sorted(known))}")
-        params = {} if params in (None, "default") else params
-        if not isinstance(params, dict):
-            raise SpecError(where, f"expected a mapping of parameters (or 'default'), got {params!r}")
+            _check_student(student_check, dims[-1], str(path))
+    for method, given in (data.get("methods") or {}).items():
+        entry, declared = getattr(space.methods, method), known[method].params
         switch = f"methods.{method}"
-        enabled = params.get(METHOD_SWITCH, [True, False])
-        if enabled is True:
-            dims.append(Dim(switch, "fixed", value=True))
-        elif isinstance(enabled, list) and set(enabled) <= {True, False} and enabled:
-            dims.append(Dim(switch, "choice", choices=tuple(enabled)))
-        else:
-            raise SpecError(join(where, METHOD_SWITCH), f"expected true or a list like [true, false], got {enabled!r}")
-        declared = known[method].params
-        names = list(declared) if params == {} else [p for p in params if p != METHOD_SWITCH]
+        enabled = entry.enabled if isinstance(entry, SpaceMethod) and entry.enabled is not None else [True, False]
+        dims.append(
+            Dim(switch, "fixed", value=True) if enabled is True else Dim(switch, "choice", choices=tuple(enabled))
+        )
+        # no parameters named: the method's declared ones, each over its declared range
+        names = [p for p in given if p != METHOD_SWITCH] if isinstance(given, dict) and given else list(declared)
         for pname in names:
-            pwhere = join(where, pname)
-            options = getattr(known[method], "options", {})
-            if pname in options:  # a method's option is never searched: a fixed, validated value
-                try:
-                    value = resolve_options(known[method], {pname: params[pname]}, Path(file).parent)[pname]
-                except SpecError as err:
-                    raise err.within(where) from None
-                dims.append(Dim(f"{switch}.{pname}", "fixed", value=value, condition=switch))
-                continue
-            if pname not in declared:
-                raise SpecError(pwhere, f"unknown parameter of {method}; it has {', '.join(sorted(declared))}")
-            entry = params.get(pname, "default")
-            dim = _dim_from_entry(f"{switch}.{pname}", entry, pwhere, declared[pname], switch)
-            for probe in dim.choices if dim.kind == "choice" else (dim.value,) if dim.kind == "fixed" else ():
-                _check_value(pname, probe, pwhere, declared[pname])
-            dims.append(dim)
-    if not dims:
-        raise SpecError("", "the search space is empty")
+            value = getattr(entry, pname) if isinstance(entry, SpaceMethod) else "default"
+            dims.append(_dim(f"{switch}.{pname}", value, declared.get(pname), switch))
     return SearchSpace(dims, file, registry)
 
 

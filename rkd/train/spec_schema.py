@@ -1,7 +1,9 @@
 """Pydantic models of the run spec and of a search-space file: their structure written once.
 
-They serve twice: :func:`check_spec_structure` runs the spec's model when a spec is loaded
-(unknown keys, wrong types, missing sections; errors in rkd's ``path: message`` form), and
+They serve twice: :func:`~rkd.train.spec_errors.check_structure` runs the spec's model when a
+spec is loaded (unknown keys, wrong types, missing sections; errors in rkd's ``path: message``
+form), :func:`rkd.search.space.compile_space` runs the space's model (its parts and their checks
+of ranges, values and options are in :mod:`rkd.train.space_schema`), and
 ``rkd schema`` writes their JSON Schema (:func:`spec_json_schema`, :func:`space_json_schema`)
 so editors validate and complete spec files. The training settings take their defaults from
 :class:`~rkd.train.config.TrainConfig`; a KD method's entry is generated from the parameters its
@@ -19,22 +21,18 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, Field, create_model
 
 import rkd.distill  # noqa: F401  (importing the package registers every method)
 from rkd.atomic import atomic_write_json
 from rkd.distill.balance import BALANCE_DEFAULTS, BALANCE_MODES
+from rkd.distill.base import METHOD_LABELS, Param, methods_of
 from rkd.distill.base import TASKS as METHOD_TASKS
-from rkd.distill.base import Param, methods_of
 from rkd.train.config import TEACHER_CACHE_DEFAULTS, train_default
+from rkd.train.space_schema import SpaceFile, SpaceMethod, declared_entry
+from rkd.train.spec_errors import Closed
 
 DEFAULT = Literal["default"]  # "default" stands for a parameter's declared default (Param.resolve)
-
-
-class Closed(BaseModel):
-    """A mapping whose keys are all known: any other key is an error (a misspelt one, mostly)."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 def _setting(name: str, description: str) -> Any:
@@ -211,54 +209,37 @@ def spec_model(task: str | None = None) -> type[BaseModel]:
 
 
 # A search-space file (rkd.search.space): searched or fixed values of student settings and KD methods.
-
-
-class SpaceRange(Closed):
-    low: float = Field(description="lowest value")
-    high: float = Field(description="highest value")
-    log: bool | None = Field(None, description="sample on a log scale")
-    step: float | None = Field(None, description="grid step (not with log)")
-    type: Literal["int", "float"] | None = None
-
-
-class SpaceChoices(Closed):
-    choices: list[Any] = Field(min_length=1, description="the values the sampler picks from")
-
-
-SPACE_ENTRY = Union[
-    SpaceRange, SpaceChoices, str, bool, int, float
-]  # a string or scalar: a fixed value ('default': the declared range)
+# Its model is what a valid space file is: its entries' shapes and checks are in rkd.train.space_schema.
 
 
 @cache
-def space_model() -> type[BaseModel]:
-    """A search-space file: ``student`` (dotted student paths) and ``methods`` (per method, ``enabled``
-    and its declared parameters)."""
+def space_model(task: str | None = None) -> type[BaseModel]:
+    """A search-space file of ``task`` (``None``: of any task, for the JSON Schema): ``student``
+    (dotted student paths) and ``methods`` (per method, ``enabled`` and its declared parameters)."""
+    tasks = METHOD_TASKS if task is None else (task,)
     methods: dict[str, Any] = {}
-    for name, fields in methods_model(None).model_fields.items():
-        entry_model = fields.annotation.__args__[0]  # Optional[Method_x]
+    for name, fields in methods_model(task).model_fields.items():
+        component = next(methods_of(t)[name] for t in tasks if name in methods_of(t))
+        described = fields.annotation.__args__[0].model_fields  # Optional[Method_x]: its descriptions
         params = {
-            p: (Optional[SPACE_ENTRY], Field(None, description=f.description))
-            for p, f in entry_model.model_fields.items()
+            p: (
+                declared_entry(component.params[p]) if p in component.params else Any,
+                Field(None, description=f.description),
+            )
+            for p, f in described.items()
         }
-        params["enabled"] = (
-            Optional[Literal[True] | list[bool]],
-            Field(None, description="true: always on; [true, false] (default): searched"),
-        )
-        model = create_model(f"SpaceMethod_{name}", __base__=Closed, **params)
+        model = create_model(f"SpaceMethod_{name}", __base__=SpaceMethod, **params)
+        model.component, model.key_noun = component, f"parameter of {name}"
         methods[name] = (Optional[model | DEFAULT], None)
-    return create_model(
+    entries = create_model("SpaceMethods", __base__=Closed, **methods)
+    entries.key_noun, entries.keys_lead = METHOD_LABELS[task or "detection"], "known:"
+    model = create_model(
         "SearchSpace",
-        __base__=Closed,
-        student=(
-            Optional[dict[str, SPACE_ENTRY]],
-            Field(None, description="dotted paths into the spec's student section"),
-        ),
-        methods=(
-            Optional[create_model("SpaceMethods", __base__=Closed, **methods)],
-            Field(None, description="KD methods the search may switch on"),
-        ),
+        __base__=SpaceFile,
+        methods=(Optional[entries], Field(None, description="KD methods the search may switch on")),
     )
+    model.student_settings = tuple(student_model(task).model_fields)
+    return model
 
 
 def spec_json_schema() -> dict[str, Any]:
