@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_distill_core import make_info, make_output, make_targets
+from distill_helpers import make_info, make_output, make_targets
 
 from rkd.distill import build_distiller
 from rkd.distill.balance import LossBalance, build_balance, check_balance

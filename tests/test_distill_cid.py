@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from distill_helpers import corners, make_info, make_output, make_targets, np64, set_conv_weights, touches_cell
 from shapely.geometry import Polygon
-from test_distill_core import make_info, make_output, make_targets, np64, set_conv_weights
-from test_distill_nsd import corners, touches_cell
 
 from rkd.distill import build_distiller, validate_methods
 from rkd.distill.detection.cid import LightML

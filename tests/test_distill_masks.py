@@ -8,9 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from distill_helpers import corners, make_info, make_output, make_targets, touches_cell
 from shapely.geometry import Polygon
-from test_distill_core import make_info, make_output, make_targets
-from test_distill_nsd import corners, touches_cell
 
 from rkd.distill.detection.fgd import fgd_masks
 from rkd.distill.masks import cells_touching_boxes, centerness_instance_masks, foreground_masks

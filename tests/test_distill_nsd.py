@@ -13,9 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from distill_helpers import (
+    conv3x3_np,
+    corners,
+    flat_np,
+    make_info,
+    make_output,
+    make_targets,
+    np64,
+    set_conv_weights,
+    touches_cell,
+)
 from shapely.geometry import Point, Polygon
-from shapely.geometry import box as shapely_box
-from test_distill_core import make_info, make_output, make_targets, np64, set_conv_weights
 
 from rkd.distill import build_distiller, validate_methods
 from rkd.distill.masks import foreground_masks, points_in_boxes
@@ -28,21 +37,6 @@ BINS = 12
 
 
 # ----------------------------------------------------------------------------- references
-
-
-def corners(box) -> list[tuple[float, float]]:
-    cx, cy, w, h, a = (float(v) for v in box)
-    ux, uy = math.cos(a), math.sin(a)  # w-axis
-    vx, vy = -math.sin(a), math.cos(a)  # h-axis
-    return [
-        (cx + sx * w / 2 * ux + sy * h / 2 * vx, cy + sx * w / 2 * uy + sy * h / 2 * vy)
-        for sx, sy in ((1, 1), (-1, 1), (-1, -1), (1, -1))
-    ]
-
-
-def touches_cell(poly: Polygon, x: int, y: int, s: float) -> bool:
-    """The cell ``[x s, (x+1) s] x [y s, (y+1) s]`` overlaps the polygon with positive area."""
-    return poly.intersection(shapely_box(x * s, y * s, (x + 1) * s, (y + 1) * s)).area > 0
 
 
 def ref_fg_masks(targets: Targets, out) -> list[np.ndarray]:
@@ -58,28 +52,6 @@ def ref_fg_masks(targets: Targets, out) -> list[np.ndarray]:
                     m[i, 0, y, x] = float(any(touches_cell(poly, x, y, s) for poly in polys))
         masks.append(m)
     return masks
-
-
-def conv3x3_np(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """Zero-padded 3x3 convolution as nine shifted einsums."""
-    b, c, h, w = x.shape
-    xp = np.zeros((b, c, h + 2, w + 2))
-    xp[:, :, 1:-1, 1:-1] = x
-    out = np.zeros((b, weight.shape[0], h, w)) + bias[None, :, None, None]
-    for dy in range(3):
-        for dx in range(3):
-            out += np.einsum("oc,bchw->bohw", weight[:, :, dy, dx], xp[:, :, dy : dy + h, dx : dx + w])
-    return out
-
-
-def flat_np(maps, a: int) -> np.ndarray:
-    """(B, N, D) with N ordered level, y, x, anchor; channels a * D + d."""
-    rows = []
-    for m in maps:
-        x = np64(m)
-        b, ad, h, w = x.shape
-        rows.append(x.reshape(b, a, ad // a, h, w).transpose(0, 3, 4, 1, 2).reshape(b, h * w * a, ad // a))
-    return np.concatenate(rows, 1)
 
 
 def softmax_np(z: np.ndarray) -> np.ndarray:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_distill_core import make_info, make_output, make_targets, np64
-from test_distill_nsd import flat_np
+from distill_helpers import flat_np, make_info, make_output, make_targets, np64
 
 from rkd.distill import build_distiller
 from rkd.distill.detection.nsd import NSD, select_ncs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_distill_core import make_info, make_output, make_targets, np64
+from distill_helpers import make_info, make_output, make_targets, np64
 
 from rkd.distill import build_distiller
 from rkd.distill.detection.pkd import pkd_loss

@@ -6,14 +6,13 @@ them, a ``trials.parquet`` written by ``rkd.search.results`` and a ``summary.jso
 
 from __future__ import annotations
 
-import inspect
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import CLASSES, SIZE, make_run, model_spec, rkd_main, rows_of
 from safetensors.torch import load_file
 
 import rkd.cli
@@ -33,95 +32,6 @@ from rkd.deploy.select import pick_trial
 from rkd.errors import RkdError
 from rkd.models import build_detector
 from rkd.search.results import trials_table, write_parquet
-from rkd.train.checkpoint import atomic_torch_save, save_detector
-
-SIZE = 128
-CLASSES = ["ship", "plane"]
-
-
-def model_spec(width: float, kind: str = "retinanet") -> dict:
-    return {
-        "kind": kind,
-        "boxes": "obb",
-        "backbone": {"name": "convnet", "width": width, "depth": 1},
-        "neck": {"channels": 16},
-        "head": {"convs": 1},
-    }
-
-
-def rkd_main(argv: list[str]) -> int:
-    """``rkd.cli.main``, or the deploy commands alone until the lead wires them into rkd.cli."""
-    if "add_commands" in inspect.getsource(rkd.cli):
-        return rkd.cli.main(argv)
-    import argparse
-
-    from rkd.deploy.cli import add_commands
-
-    parser = argparse.ArgumentParser(prog="rkd")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except RkdError as err:
-        print(f"rkd: error: {err}", file=sys.stderr)
-        return err.exit_code
-
-
-# (trial id, status, mAP50, GFLOPs, width, kind); c and d are dominated or not complete
-TRIALS = [
-    ("t_small", "complete", 0.30, 0.10, 0.25, "retinanet"),
-    ("t_mid", "complete", 0.50, 0.20, 0.5, "fcos"),
-    ("t_big", "complete", 0.60, 0.40, 0.75, "retinanet"),
-    ("t_dominated", "complete", 0.20, 0.30, 0.5, "retinanet"),
-    ("t_failed", "failed", None, 0.15, 0.5, "retinanet"),
-]
-
-
-def make_run(root: Path) -> Path:
-    run = root / "runs" / "demo"
-    rows = []
-    torch.manual_seed(0)
-    teacher_ckpt = run / "teacher" / "teacher.pt"
-    save_detector(teacher_ckpt, build_detector(model_spec(1.0), 2), model_spec(1.0), CLASSES, SIZE)
-    for trial_id, status, map50, gflops, width, kind in TRIALS:
-        ckpt = run / "ray" / "trials" / f"trial-{trial_id}" / "checkpoint_000000" / "student.pt"
-        model = build_detector(model_spec(width, kind), len(CLASSES))
-        save_detector(ckpt, model, model_spec(width, kind), CLASSES, SIZE, meta={"map50": map50})
-        # the KD-only parts a distilled student leaves beside it
-        atomic_torch_save({"adapters.0.weight": torch.randn(16, 16, 1, 1)}, ckpt.parent / "kd_parts.pt")
-        params = {"student.model.backbone.width": width, "methods.fitnet": True, "methods.fitnet.weight": 2.0}
-        rows.append(
-            {
-                "trial_id": trial_id,
-                "status": status,
-                "reason": None if status == "complete" else "boom",
-                "map50": map50,
-                "gflops": gflops,
-                "params_m": 0.1,
-                "epochs_done": 1,
-                "epochs": 1,
-                "kd_methods": "fitnet",
-                "wall_s": 1.0,
-                "checkpoint": str(ckpt) if status == "complete" else None,
-                "config_json": json.dumps(params, sort_keys=True),
-                "params": params,
-            }
-        )
-    write_parquet(trials_table(rows), run / "trials.parquet")
-    summary = {
-        "name": "demo",
-        "teacher": {
-            "checkpoint": str(teacher_ckpt),
-            "map50": 0.7,
-            "gflops": 1.5,
-            "params": 1,
-            "source": "trained",
-            "config_hash": "abc",
-            "wall_s": 1.0,
-        },
-    }
-    (run / "summary.json").write_text(json.dumps(summary))
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -154,12 +64,6 @@ def exported_raw(run, tmp_path_factory) -> Path:
     ]
     assert rkd_main(argv) == 0
     return out
-
-
-def rows_of(run: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(run / "trials.parquet").to_pylist()
 
 
 def test_pick_best_and_knee_honour_constraints(run):

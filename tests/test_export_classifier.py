@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 from aid_images import AID, load_aid
+from cli_helpers import rkd_main, rows_of
 from safetensors.torch import load_file
-from test_export import rkd_main, rows_of
 
 from rkd.deploy.files import (  # noqa: I001
     CARD_FILE,

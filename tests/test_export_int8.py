@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cli_helpers import rkd_main
 from PIL import Image
-from test_export import rkd_main
-from test_export_e2e import spec, trained
+from ucas_detectors import spec, trained
 
 from rkd.data.dataset import build_dataset, collate_detection, validate_data_spec
 from rkd.deploy.files import CARD_FILE, INT8_FILE, README_FILE
@@ -116,7 +116,7 @@ def test_int8_export_runs_in_onnxruntime_and_keeps_the_float_models_detections(t
 
 
 def test_int8_needs_the_end_to_end_onnx_graph_and_a_detector(tmp_path, capsys):
-    from test_export import make_run
+    from cli_helpers import make_run
 
     run = make_run(tmp_path)  # a run without search_identity.json
     assert rkd_main(["export", str(run), "--out", str(tmp_path / "m"), "--int8", "--raw"]) == 2

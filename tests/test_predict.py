@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_export import CLASSES, make_run, rkd_main, rows_of
+from cli_helpers import CLASSES, make_run, rkd_main, rows_of
 
 from rkd.data.images import read_image, read_rgb
 from rkd.data.sample import Sample
@@ -59,7 +59,7 @@ def exported(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported_trained(tmp_path_factory) -> Path:
     """t_small as a RetinaNet OBB trained briefly on UCAS-AOD (distinct scores, no ties), with its ONNX."""
-    from test_export_e2e import trained, ucas_batches
+    from ucas_detectors import trained, ucas_batches
 
     state = trained("retinanet", "obb", ucas_batches()).state_dict()  # the same architecture as t_small
     return export_t_small(tmp_path_factory.mktemp("predict_trained"), state, ["safetensors", "onnx"])
@@ -246,7 +246,7 @@ def test_predict_errors_are_clear(exported, tmp_path, capsys):
 
 @pytest.mark.parametrize("tile", [None, 512])
 def test_onnxruntime_backend_equals_torch_on_ucas_scenes(exported_trained, tile):
-    from test_export_e2e import same_detections
+    from ucas_detectors import same_detections
 
     torch_detect, _ = load_detector(exported_trained, "torch", 0.05, 0.1)
     ort_detect, _ = load_detector(exported_trained, "onnxruntime", 0.05, 0.1)
@@ -340,7 +340,7 @@ def test_the_readme_snippet_runs_with_onnxruntime_alone_and_finds_what_predict_f
     # predict also drops what lies on the letterbox padding; the snippet keeps it
     image_h, image_w = read_rgb(scene).shape[:2]
     inside = (got["boxes"][:, 0] < image_w) & (got["boxes"][:, 1] < image_h)
-    from test_export_e2e import same_detections
+    from ucas_detectors import same_detections
 
     same_detections({k: v[inside] for k, v in got.items()}, want, True)
     assert len(want["boxes"]) > 0

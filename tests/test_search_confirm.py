@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from cli_helpers import base_spec, line_of, make_run, rkd_main, rows_of, run_cli, write
 from scipy import stats
-from test_export import make_run, rkd_main, rows_of
-from test_spec_cli import base_spec, line_of, run_cli, write
 
 from rkd.cli import main
 from rkd.deploy.select import pick_trial

@@ -2,43 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
+from cli_helpers import REPO, base_spec, line_of, run_cli, write
 
-from rkd.cli import main
 from rkd.errors import SpecError
 from rkd.train.spec import load_spec
 
-REPO = Path(__file__).resolve().parents[1]
 UCAS = REPO.parent / "shared" / "data" / "ucas50"
-
-
-def base_spec(tmp_path: Path) -> dict:
-    return {
-        "name": "t",
-        "data": {"format": "synthetic", "num_classes": 2, "num_train": 4, "num_val": 2, "input_size": 128},
-        "teacher": {"model": {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.5}}, "epochs": 1},
-        "student": {"model": {"kind": "retinanet", "backbone": {"name": "convnet", "width": 0.25}}, "epochs": 1},
-        "search": {"space": str(REPO / "search_spaces" / "skeleton.yaml"), "trials": 2},
-        "output_dir": str(tmp_path / "runs"),
-    }
-
-
-def write(tmp_path: Path, spec: dict, text: str | None = None) -> Path:
-    path = tmp_path / "spec.yaml"
-    path.write_text(text if text is not None else yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
-def line_of(path: Path, needle: str) -> int:
-    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if needle in line)
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str]:
-    code = main(list(args))
-    return code, capsys.readouterr().err
 
 
 def test_valid_spec_loads_with_defaults(tmp_path):

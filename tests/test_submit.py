@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import rkd_main
 from ray_cluster import free_port
-from test_export import rkd_main
 
 from rkd.deploy.submit import alive_nodes, client, finish, follow_logs, start_job
 from rkd.errors import RkdError

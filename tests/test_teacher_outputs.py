@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_distill_zoo import VARIANTS, model_spec
-from test_distill_zoo import zoo_batch as batch
+from detector_zoo import VARIANTS, model_spec
+from detector_zoo import zoo_batch as batch
 
 from rkd.data.dataset import pixel_key
 from rkd.distill import KD_METHODS, build_distiller
