@@ -30,9 +30,9 @@ def cwd_loss(student: Tensor, teacher: Tensor, tau: float) -> Tensor:
     True
     """
     b, c = student.shape[:2]
-    log_s = F.log_softmax(student.flatten(2) / tau, dim=-1)
+    log_s = F.log_softmax(student.flatten(2) / tau, dim=-1)  # eq. 3: phi(y_s), per channel over locations
     log_t = F.log_softmax(teacher.detach().flatten(2) / tau, dim=-1)
-    return (log_t.exp() * (log_t - log_s)).sum() * tau**2 / (b * c)
+    return (log_t.exp() * (log_t - log_s)).sum() * tau**2 / (b * c)  # eq. 4
 
 
 @register("cwd")

@@ -61,9 +61,9 @@ def fgd_masks(targets: Targets, out: DetectorOutput) -> tuple[list[Tensor], list
     for inside, f in zip(touched, out.features):
         b, _, h, w = f.shape
         count = inside.sum(1, keepdim=True).clamp(min=1)
-        fg = (inside / count).amax(-1)  # (B, HW)
+        fg = (inside / count).amax(-1)  # (B, HW): the scale mask S on the boxes (eq. 3-4)
         bg = (fg == 0).to(fg.dtype)
-        bg = bg / bg.sum(1, keepdim=True).clamp(min=1)
+        bg = bg / bg.sum(1, keepdim=True).clamp(min=1)  # (1 - M) / N_bg off every box (eq. 3-4)
         fgs.append(fg.view(b, 1, h, w).to(f.dtype))
         bgs.append(bg.view(b, 1, h, w).to(f.dtype))
     return fgs, bgs
@@ -88,7 +88,7 @@ class GcBlock(nn.Module):
         b, c, h, w = x.shape
         weights = F.softmax(self.mask(x).view(b, 1, h * w), dim=-1)  # (B, 1, HW)
         context = torch.bmm(x.view(b, c, h * w), weights.transpose(1, 2)).view(b, c, 1, 1)
-        return x + self.transform(context)
+        return x + self.transform(context)  # R(F) of L_global (eq. 9-10)
 
 
 def fgd_level_losses(
@@ -100,10 +100,10 @@ def fgd_level_losses(
     s_t, c_t = spatial_attention(ft, temperature), channel_attention(ft, temperature)
     s_s, c_s = spatial_attention(fs, temperature), channel_attention(fs, temperature)
     d2 = (fs - ft) ** 2 * s_t * c_t
-    l_fg = (d2 * fg).sum() / b
-    l_bg = (d2 * bg).sum() / b
-    l_at = ((c_s - c_t).abs().sum() + (s_s - s_t).abs().sum()) / b
-    l_gl = ((gc_t(ft) - gc_s(fs)) ** 2).sum() / b
+    l_fg = (d2 * fg).sum() / b  # eq. 7, foreground half
+    l_bg = (d2 * bg).sum() / b  # eq. 7, background half
+    l_at = ((c_s - c_t).abs().sum() + (s_s - s_t).abs().sum()) / b  # eq. 8
+    l_gl = ((gc_t(ft) - gc_s(fs)) ** 2).sum() / b  # L_global (eq. 9-10)
     return l_fg, l_bg, l_at, l_gl
 
 
