@@ -186,3 +186,39 @@ def test_standardised_pixel_term_matches_reference_and_ignores_the_students_scal
         big = float(raw(s, t, targets, epoch=5.0)["nsd.pixel"])
         s.features = [f / 7.0 for f in s.features]
         assert big > 2 * float(raw(s, t, targets, epoch=5.0)["nsd.pixel"])
+
+
+@pytest.mark.parametrize("ncs, positives", [("gap", False), ("topk", True), ("gap", True)])
+def test_gap_selection_and_positives_match_float64_reference(ncs, positives):
+    """``ncs: gap`` keeps the k negatives with the largest max-class |sigmoid(z_s) - sigmoid(z_t)|;
+    ``positives: true`` adds the assignment's positives to S for the logit and box terms."""
+    info = make_info(num_classes=2)
+    s = make_output(info, gen=torch.Generator().manual_seed(21))
+    t = make_output(info, gen=torch.Generator().manual_seed(22))
+    k = 7
+    hp = {"pixel": False, "angle": False, "ncs": ncs, "positives": positives, "k": k}
+    d = build_distiller({"nsd": hp}, info, info)
+    terms = d(s, t, make_targets(), epoch=5.0)
+    a = info.num_anchors
+    zs, zt = flat_np(s.cls_logits, a), flat_np(t.cls_logits, a)
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    score = np.abs(sig(zs) - sig(zt)).max(-1) if ncs == "gap" else sig(zt).max(-1)
+    neg, pos = s.assignment.neg_mask.numpy(), s.assignment.pos_mask.numpy()
+    sel = np.zeros_like(neg)
+    for i in range(neg.shape[0]):
+        idx = np.nonzero(neg[i])[0]
+        sel[i, idx[np.argsort(-score[i, idx], kind="stable")[:k]]] = True
+    if positives:
+        sel |= pos
+    assert sel.sum() == neg.shape[0] * k + (pos.sum() if positives else 0)
+    hpr = d.components["nsd"].hparams
+    want_logit = (
+        hpr["logit_weight"] * hpr["beta"] * binary_kl_np(zs[sel], zt[sel], hpr["temperature"]).sum() / sel.sum()
+    )
+    bs, bt = flat_np(s.box_regs, a), flat_np(t.box_regs, a)
+    want_box = hpr["box_weight"] * np.abs(bs[sel] - bt[sel]).sum() / (sel.sum() * info.box_dim)
+    assert float(terms["nsd.logit"]) == pytest.approx(want_logit, rel=2e-5)
+    assert float(terms["nsd.box"]) == pytest.approx(want_box, rel=2e-5)
+    # the selection changes the value: the same outputs under the teacher's hard negatives, positives off
+    base = build_distiller({"nsd": {**hp, "ncs": "topk", "positives": False}}, info, info)
+    assert float(base(s, t, make_targets(), epoch=5.0)["nsd.logit"]) != pytest.approx(want_logit, rel=1e-3)
