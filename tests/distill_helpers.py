@@ -149,6 +149,11 @@ def conv3x3_np(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarra
     return out
 
 
+def sigmoid(x):
+    """Float64 logistic function of a numpy array."""
+    return 1 / (1 + np.exp(-x))
+
+
 def flat_np(maps, a: int) -> np.ndarray:
     """(B, N, D) with N ordered level, y, x, anchor; channels a * D + d."""
     rows = []

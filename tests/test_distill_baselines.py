@@ -20,6 +20,7 @@ from distill_helpers import (
     make_targets,
     np64,
     set_conv_weights,
+    sigmoid,
     touches_cell,
 )
 from shapely.geometry import Polygon
@@ -33,10 +34,6 @@ GOLDEN = Path(__file__).parent / "fixtures" / "kd_golden_core.json"
 
 
 # ----------------------------------------------------------------------------- references
-
-
-def sigmoid(x):
-    return 1 / (1 + np.exp(-x))
 
 
 def align_np(adapter, x: np.ndarray) -> np.ndarray:

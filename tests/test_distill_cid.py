@@ -13,7 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distill_helpers import corners, make_info, make_output, make_targets, np64, set_conv_weights, touches_cell
+from distill_helpers import (
+    corners,
+    make_info,
+    make_output,
+    make_targets,
+    np64,
+    set_conv_weights,
+    sigmoid,
+    touches_cell,
+)
 from shapely.geometry import Polygon
 
 from rkd.distill import build_distiller, validate_methods
@@ -75,10 +84,6 @@ def ref_cid_masks(targets: Targets, out, gamma: float) -> list[np.ndarray]:
                 for lvl, m in enumerate(per_level):
                     masks[lvl][i, 0] += m / total
     return masks
-
-
-def sigmoid(x):
-    return 1 / (1 + np.exp(-x))
 
 
 def conv1x1_np(x, conv) -> np.ndarray:

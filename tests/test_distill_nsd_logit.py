@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from distill_helpers import flat_np, make_info, make_output, make_targets, np64
+from distill_helpers import flat_np, make_info, make_output, make_targets, np64, sigmoid
 
 from rkd.distill import build_distiller
 from rkd.distill.detection.nsd import NSD, select_ncs
@@ -201,8 +201,7 @@ def test_gap_selection_and_positives_match_float64_reference(ncs, positives):
     terms = d(s, t, make_targets(), epoch=5.0)
     a = info.num_anchors
     zs, zt = flat_np(s.cls_logits, a), flat_np(t.cls_logits, a)
-    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
-    score = np.abs(sig(zs) - sig(zt)).max(-1) if ncs == "gap" else sig(zt).max(-1)
+    score = np.abs(sigmoid(zs) - sigmoid(zt)).max(-1) if ncs == "gap" else sigmoid(zt).max(-1)
     neg, pos = s.assignment.neg_mask.numpy(), s.assignment.pos_mask.numpy()
     sel = np.zeros_like(neg)
     for i in range(neg.shape[0]):

@@ -345,12 +345,12 @@ class NSD(KDComponent):
         if not (hp["logit"] or hp["box"] or hp["angle"]):
             return terms
 
-        zt = teacher.flat_cls().detach()
+        zt, zs_all = teacher.flat_cls().detach(), student.flat_cls()
         assignment = _assignment(student, teacher)
         neg = assignment.neg_mask.to(zt.device)
         score = torch.sigmoid(zt)
         if hp["ncs"] == "gap":  # where the student's scores are furthest from the teacher's
-            score = (torch.sigmoid(student.flat_cls().detach()) - score).abs()
+            score = (torch.sigmoid(zs_all.detach()) - score).abs()
         mode = "topk" if hp["ncs"] == "gap" else hp["ncs"]
         sel = select_ncs(neg, score.amax(-1), mode, hp["k"], hp["threshold"])
         if hp["positives"]:
@@ -358,7 +358,7 @@ class NSD(KDComponent):
         n = sel.sum().clamp(min=1)
         t = hp["temperature"]
         if hp["logit"]:
-            zs = student.flat_cls()[sel]
+            zs = zs_all[sel]
             if hp["logit_form"] == "binary":
                 kl = binary_kl(zs, zt[sel], t)
             else:
