@@ -22,7 +22,6 @@ and images lazily; the synthetic set renders its images on access.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +33,7 @@ from torch.utils.data import Dataset
 
 from rkd.data.cache import MemoryCache
 from rkd.data.dota import named_classes
+from rkd.data.fingerprint import dataset_fingerprint
 from rkd.data.formats import READERS
 from rkd.data.sample import DetectionRecord, ReadReport, Sample
 from rkd.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
@@ -246,7 +246,7 @@ def class_names(data_spec: dict[str, Any]) -> list[str]:
 
 
 # The splits read in this process, by split and data fingerprint (spec, and every file's name, size
-# and mtime): trials that one process runs in turn (Tune reuses a trial's process for the next) parse
+# and content digest): trials that one process runs in turn (Tune reuses a trial's process for the next) parse
 # the labels once. Sharing them is safe because records are never changed after reading: every epoch
 # of a run already reuses the same ones.
 _READ: dict[tuple[str, str], tuple[list[DetectionRecord], list[str], ReadReport]] = {}
@@ -413,14 +413,3 @@ def collate_detection(samples: list[Sample], keyed: bool = False) -> tuple[Tenso
         for meta, s in zip(metas, samples):
             meta["pixels"] = pixel_key(s.image)  # the teacher-output cache's key
     return images, targets, metas
-
-
-def dataset_fingerprint(data_spec: dict[str, Any]) -> str:
-    """A stable hash of the spec and, for file formats, of every file's name, size and mtime."""
-    h = hashlib.sha256(json.dumps(data_spec, sort_keys=True, default=str).encode())
-    if data_spec.get("root"):
-        for path in sorted(Path(data_spec["root"]).rglob("*")):
-            if path.is_file():
-                stat = path.stat()
-                h.update(f"{path.relative_to(data_spec['root'])}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]

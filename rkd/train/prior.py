@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from rkd import storage
 from rkd.atomic import atomic_copy
-from rkd.data.dataset import build_dataset, collate_detection, dataset_fingerprint
+from rkd.data.dataset import build_dataset, collate_detection
+from rkd.data.fingerprint import dataset_fingerprint
 from rkd.distill.base import KD_METHODS, KDComponent
 from rkd.distill.distiller import Distiller, build_distiller, validate_methods
 from rkd.errors import RkdError

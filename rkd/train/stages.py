@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from rkd import storage
-from rkd.data.dataset import dataset_fingerprint
+from rkd.data.fingerprint import dataset_fingerprint
 from rkd.models.flops import count_flops
 from rkd.train.artifacts import collect_stage
 from rkd.train.checkpoint import STUDENT_FILE, atomic_write_json

@@ -19,7 +19,7 @@ from typing import Any
 
 from rkd import storage
 from rkd.atomic import atomic_copy
-from rkd.data.dataset import dataset_fingerprint
+from rkd.data.fingerprint import dataset_fingerprint
 from rkd.errors import RkdError, TeacherError
 from rkd.models.flops import count_flops
 from rkd.train import teacher_cache
