@@ -66,7 +66,7 @@ def _imitate(adapter_init: str, steps: int = 60) -> float:
     torch.manual_seed(0)
     student_info, teacher_info = _info(8), _info(16)
     distiller = build_distiller(
-        {"nsd": {"logit": False, "box": False, "angle": False, "adapter_init": adapter_init}},
+        {"nsd": {"pixel": True, "logit": False, "box": False, "angle": False, "adapter_init": adapter_init}},
         student_info,
         teacher_info,
     )

@@ -11,7 +11,7 @@ import pytest
 import torch
 from distill_helpers import make_info, make_output, make_targets
 
-from rkd.distill import build_distiller
+from rkd.distill import KD_METHODS, build_distiller
 from rkd.distill.balance import LossBalance, build_balance, check_balance
 from rkd.errors import SpecError
 from rkd.schema import Section
@@ -185,16 +185,17 @@ def test_a_warm_up_multiplies_its_term_after_the_balance_which_measures_it_at_fu
     early = ramped(student, teacher, targets, epoch=0.3, task_loss=task)  # ramp 0.1, in the balance's window
     full = flat(student, teacher, targets, epoch=0.3, task_loss=task)
     assert ramped.balance.scales()["nsd"] == pytest.approx(flat.balance.scales()["nsd"], rel=1e-6)
-    share = 0.1  # NSD's balance_share: ratio 1 x 0.1 x the task loss (value rule)
+    share = KD_METHODS["nsd"].balance_share  # ratio 1 x share x the task loss (value rule)
     assert float(full["nsd.logit"]) == pytest.approx(share * 2.0, rel=1e-5)
     assert float(early["nsd.logit"]) == pytest.approx(0.1 * share * 2.0, rel=1e-5)
     after = ramped(student, teacher, targets, epoch=3.0, task_loss=task)
     assert float(after["nsd.logit"]) == pytest.approx(share * 2.0, rel=1e-5)
 
 
-def test_a_methods_balance_share_sets_its_pull_against_the_others():
-    # NSD's default share 0.1 (measured on UCAS-AOD); Hinton KD's is 1: with ratio 0.5 they start at
-    # 0.05 and 0.5 x the task loss.
+def test_a_methods_balance_share_sets_its_pull_against_the_others(monkeypatch):
+    # A method declaring share 0.1 (as SSKD does; here NSD, so that both are detection methods) beside
+    # Hinton KD's 1: with ratio 0.5 they start at 0.05 and 0.5 x the task loss.
+    monkeypatch.setattr(KD_METHODS["nsd"], "balance_share", 0.1)
     info = make_info()
     student = make_output(info, requires_grad=True)
     teacher = make_output(info, gen=torch.Generator().manual_seed(1))
@@ -213,7 +214,9 @@ def test_nsd_parts_are_balanced_one_by_one_or_together(part_balance):
     info = make_info()
     student = make_output(info, requires_grad=True)
     teacher = make_output(info, gen=torch.Generator().manual_seed(1))
-    hp = {"angle": False, "warmup_epochs": 0.0, "fg_weight": 1.0, "part_balance": part_balance}
+    hp = {"pixel": True, "box": True, "angle": False, "warmup_epochs": 0.0, "fg_weight": 1.0}
+    hp["part_balance"] = part_balance
+    share = KD_METHODS["nsd"].balance_share
     torch.manual_seed(0)  # the same adapters in both distillers
     raw = build_distiller({"nsd": hp}, info, info).train()(student, teacher, make_targets())
     torch.manual_seed(0)
@@ -221,13 +224,13 @@ def test_nsd_parts_are_balanced_one_by_one_or_together(part_balance):
     terms = distiller(student, teacher, make_targets(), task_loss=torch.tensor(2.0))
     assert set(terms) == {"nsd.pixel", "nsd.logit", "nsd.box"}
     if part_balance:
-        third = 0.1 / 3  # NSD's share 0.1, an equal part to each of its three enabled parts
+        third = share / 3  # NSD's share, an equal part to each of its three enabled parts
         assert distiller.balance.shares == pytest.approx({f"nsd.{p}": third for p in ("pixel", "logit", "box")})
         for name, value in terms.items():
             assert float(value) == pytest.approx(third * 2.0, rel=1e-5), name
     else:
-        assert distiller.balance.shares == {"nsd": 0.1}
-        assert float(sum(terms.values())) == pytest.approx(0.1 * 2.0, rel=1e-5)
+        assert distiller.balance.shares == {"nsd": share}
+        assert float(sum(terms.values())) == pytest.approx(share * 2.0, rel=1e-5)
         for name in terms:
             assert float(terms[name] / terms["nsd.logit"]) == pytest.approx(
                 float(raw[name] / raw["nsd.logit"]), rel=1e-5
@@ -236,7 +239,8 @@ def test_nsd_parts_are_balanced_one_by_one_or_together(part_balance):
 
 def test_a_term_left_out_of_its_components_balance_units_is_refused():
     info = make_info()
-    distiller = build_distiller({"nsd": {"angle": False, "part_balance": True}}, info, info, balance={"steps": 1})
+    hp = {"pixel": True, "box": True, "angle": False, "part_balance": True}
+    distiller = build_distiller({"nsd": hp}, info, info, balance={"steps": 1})
     distiller.components["nsd"].balance_units = lambda: ("pixel", "logit")  # box: in no unit
     distiller.balance = build_balance(distiller.components, {"steps": 1})
     student = make_output(info, requires_grad=True)

@@ -19,7 +19,7 @@ STUDENT = {"backbone": {"width": 0.25}, "neck": {"channels": 16}, "head": {"conv
 METHODS = {
     "fitnet": {},
     "hinton": {"temperature": 2.0},
-    "nsd": {"angle": False, "ncs": "topk", "k": 50},
+    "nsd": {"pixel": True, "box": True, "angle": False, "ncs": "topk", "k": 50},
     "cid": {},
     "fgd": {},
     "pkd": {},

@@ -144,10 +144,14 @@ def infos():
     return s_info, t_info
 
 
+# The released configuration's four parts (rkd's defaults switch pixel and box off) on the paper's core.
+FOUR = {"pixel": True, "box": True}
 CASES = {
     "nsd_default": {},
-    "nsd_topk": {"ncs": "topk", "k": 10, "fg_weight": 2.0, "csl_sigma": 0.0},
+    "nsd_four_parts": {**FOUR, "ncs": "topk"},
+    "nsd_topk": {**FOUR, "ncs": "topk", "k": 10, "fg_weight": 2.0, "csl_sigma": 0.0},
     "nsd_threshold": {
+        **FOUR,
         "ncs": "threshold",
         "threshold": 0.6,
         "ce_mix": 0.0,
@@ -155,8 +159,8 @@ CASES = {
         "beta": 4.0,
         "logit_form": "softmax",
     },
-    "nsd_all": {"ncs": "all", "bg_weight": 3.0},
-    "nsd_box_angle": {"pixel": False, "logit": False, "ce_mix": 1.0, "csl_sigma": 2.0},
+    "nsd_all": {**FOUR, "ncs": "all", "bg_weight": 3.0},
+    "nsd_box_angle": {"box": True, "logit": False, "ce_mix": 1.0, "csl_sigma": 2.0},
 }
 
 
@@ -244,7 +248,7 @@ def test_nsd_matches_golden(name):
 
 
 def test_logit_warmup():
-    d, s, t, tg, _ = case("nsd_default")
+    d, s, t, tg, _ = case("nsd_four_parts")
     full = float(d(s, t, tg, epoch=3.0)["nsd.logit"])
     assert float(d(s, t, tg, epoch=1.5)["nsd.logit"]) == pytest.approx(full / 2, rel=1e-6)
     assert float(d(s, t, tg, epoch=0.0)["nsd.logit"]) == 0.0
@@ -272,7 +276,7 @@ def test_gradients_student_and_adapters_never_teacher():
     s_info, t_info = infos()
     s = make_output(s_info, gen=torch.Generator().manual_seed(5), requires_grad=True)
     t = make_output(t_info, gen=torch.Generator().manual_seed(6), requires_grad=True)
-    d = build_distiller({"nsd": {}}, s_info, t_info)
+    d = build_distiller({"nsd": FOUR}, s_info, t_info)
     d.total(d(s, t, make_targets(), epoch=4.0)).backward()
     for group in (s.features, s.cls_logits, s.box_regs, s.angle_logits):
         assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in group)
@@ -284,7 +288,7 @@ def test_gradients_student_and_adapters_never_teacher():
 def test_zero_when_student_equals_teacher():
     info, _ = infos()
     s = make_output(info, gen=torch.Generator().manual_seed(8))
-    d = build_distiller({"nsd": {"csl_sigma": 0.0, "ce_mix": 0.0, "fg_weight": 1.0}}, info, info)
+    d = build_distiller({"nsd": {**FOUR, "csl_sigma": 0.0, "ce_mix": 0.0, "fg_weight": 1.0}}, info, info)
     with torch.no_grad():
         for conv, c in zip(d.components["nsd"].adapters, info.level_channels):
             conv.weight.zero_()
@@ -313,7 +317,7 @@ def test_nsd_refuses_hbb_and_missing_angle_bins():
         build_distiller({"nsd": {p: False for p in ("pixel", "logit", "box", "angle")}}, obb, obb)
     assert "at least one" in err.value.message
     # without the angle part, horizontal-box detectors are fine
-    d = build_distiller({"nsd": {"angle": False}}, hbb, hbb)
+    d = build_distiller({"nsd": {**FOUR, "angle": False}}, hbb, hbb)
     terms = d(make_output(hbb), make_output(hbb, gen=torch.Generator().manual_seed(3)), make_targets(), epoch=5)
     assert sorted(terms) == ["nsd.box", "nsd.logit", "nsd.pixel"]
 
@@ -323,7 +327,7 @@ def test_nsd_with_no_selected_negatives_is_zero_and_finite():
     s = make_output(s_info, requires_grad=True)
     t = make_output(t_info, gen=torch.Generator().manual_seed(2))
     t.cls_logits = [torch.full_like(x, -20.0) for x in t.cls_logits]  # teacher scores ~2e-9 < threshold
-    d = build_distiller({"nsd": {"pixel": False, "ncs": "threshold", "threshold": 0.01}}, s_info, t_info)
+    d = build_distiller({"nsd": {"box": True, "ncs": "threshold", "threshold": 0.01}}, s_info, t_info)
     terms = d(s, t, make_targets(), epoch=5.0)
     assert sorted(terms) == ["nsd.angle", "nsd.box", "nsd.logit"]
     assert all(float(v) == 0.0 for v in terms.values())

@@ -37,7 +37,7 @@ STUDENT_EPOCHS = 8
 METHODS = {
     "fitnet": {"weight": 10.0},
     "hinton": {"weight": 10.0, "form": "softmax"},
-    "nsd": {"angle": False, "warmup_epochs": 0.0, "logit_weight": 10.0, "box_weight": 10.0},
+    "nsd": {"pixel": True, "box": True, "angle": False, "warmup_epochs": 0.0, "logit_weight": 10.0, "box_weight": 10.0},
     "ds2d2": {
         "w_low": 1.0,
         "w_high": 1.0,

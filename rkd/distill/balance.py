@@ -16,7 +16,7 @@ a component that names them in ``balance_units()``: one extra backward pass per 
 (theta: the student's parameters, not the KD parts' own), multiplies the method's terms (at
 their own relative weights) by ``s_m = ratio / r_m`` and freezes ``s_m`` for the rest of the
 run: each method starts pulling on the student ``ratio`` times as hard as the task loss (times the
-method's ``balance_share``, 1 unless its measurements say otherwise: NSD's is 0.1). This is
+method's ``balance_share``, 1 unless its measurements say otherwise: SSKD's is 0.1). This is
 the initial balancing of GradNorm (Chen et al., "GradNorm: Gradient Normalization for Adaptive
 Loss Balancing in Deep Multitask Networks", ICML 2018, PMLR 80:794-803), fixed after a window
 instead of adapted, so the run stays an ordinary fixed-weight training. While the window is open
