@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from rkd.data import fingerprint
-from rkd.data.fingerprint import dataset_fingerprint, file_digest
+from rkd.data.fingerprint import dataset_fingerprint, sampled_digest
 
 
 def _dataset(root: Path) -> dict:
@@ -49,12 +49,12 @@ def test_content_names_and_spec_change_the_fingerprint(tmp_path):
     assert len(seen) == 5
 
 
-def test_file_digest_matches_blake2b_of_the_hashed_bytes(tmp_path):
+def test_sampled_digest_matches_blake2b_of_the_hashed_bytes(tmp_path):
     small, large = tmp_path / "small", tmp_path / "large"
     small.write_bytes(b"abc" * 1000)
     payload = os.urandom(fingerprint.WHOLE_FILE_BYTES + 12345)
     large.write_bytes(payload)
     n = fingerprint.SAMPLE_BYTES
-    assert file_digest(small, 3000) == hashlib.blake2b(b"abc" * 1000, digest_size=16).hexdigest()
+    assert sampled_digest(small, 3000) == hashlib.blake2b(b"abc" * 1000, digest_size=16).hexdigest()
     expected = hashlib.blake2b(payload[:n] + payload[-n:], digest_size=16).hexdigest()
-    assert file_digest(large, len(payload)) == expected
+    assert sampled_digest(large, len(payload)) == expected

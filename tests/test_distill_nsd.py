@@ -144,7 +144,7 @@ def infos():
     return s_info, t_info
 
 
-# The released configuration's four parts (rkd's defaults switch pixel and box off) on the paper's core.
+# The two parts rkd's defaults switch off: with them the released configuration's four parts.
 FOUR = {"pixel": True, "box": True}
 CASES = {
     "nsd_default": {},

@@ -48,7 +48,10 @@ from rkd.errors import DataError
 ENV = "RKD_PATCH_CACHE"
 FORMAT = "v1"
 
-_digests: dict[tuple[str, int, int, int, int], str] = {}
+# File digests by (kind, path, size, mtime_ns, ctime_ns, inode): one entry (~200 bytes) per file
+# and kind; cleared when full, which only costs hashing again.
+_digests: dict[tuple[str, str, int, int, int, int], str] = {}
+DIGESTS_KEPT = 1 << 20
 
 
 def cache_dir() -> Path:
@@ -60,19 +63,30 @@ def _stat_key(path: Path) -> tuple[str, int, int, int, int]:
     return str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of the file's bytes, remembered in this process until the file's stat changes."""
-    key = _stat_key(path)
+def remembered_digest(path: Path, kind: str, compute: Callable[[Path, int], str]) -> str:
+    """``compute(path, size)``, remembered in this process by ``kind`` until the file's stat changes."""
+    key = (kind, *_stat_key(path))
     digest = _digests.get(key)
     if digest is None:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-        digest = h.hexdigest()
-        if _stat_key(path) == key:  # not remembered when the file changed while it was read
+        digest = compute(path, key[2])
+        if (kind, *_stat_key(path)) == key:  # not remembered when the file changed while it was read
+            if len(_digests) >= DIGESTS_KEPT:
+                _digests.clear()
             _digests[key] = digest
     return digest
+
+
+def _sha256(path: Path, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of the file's bytes, remembered in this process until the file's stat changes."""
+    return remembered_digest(path, "sha256", _sha256)
 
 
 def entry_path(digest: str, window: tuple[int, int, int, int]) -> Path:

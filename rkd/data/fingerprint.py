@@ -7,25 +7,24 @@ not retrain a teacher that took hours. Hashing every byte of a large dataset on 
 cost minutes, so each file contributes its relative name, its size and a digest of its content:
 the whole file up to ``WHOLE_FILE_BYTES`` (label files, small chips), else its first and last
 ``SAMPLE_BYTES`` (a re-encoded or replaced image changes its header or its tail, and almost
-always its size). Digests are memoised in the process by (path, size, mtime): a file changed in
-place gets a new mtime and is read again.
+always its size). Digests are remembered in the process as the patch cache's are
+(:func:`rkd.data.cache.remembered_digest`, by path and stat): a file changed in place is read again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from rkd.data.cache import remembered_digest
+
 WHOLE_FILE_BYTES = 1 << 20
 SAMPLE_BYTES = 1 << 16
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-DIGESTS_KEPT = 1 << 20  # bound the memo: one entry per file, ~200 bytes each
 
 
-def file_digest(path: Path, size: int) -> str:
+def sampled_digest(path: Path, size: int) -> str:
     """blake2b of the whole file when it has at most ``WHOLE_FILE_BYTES``, else of its first and last ``SAMPLE_BYTES``."""
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as fh:
@@ -38,16 +37,6 @@ def file_digest(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
-def _memoised_digest(path: Path, stat: os.stat_result) -> str:
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    digest = _DIGESTS.get(key)
-    if digest is None:
-        if len(_DIGESTS) >= DIGESTS_KEPT:
-            _DIGESTS.clear()
-        digest = _DIGESTS[key] = file_digest(path, stat.st_size)
-    return digest
-
-
 def dataset_fingerprint(data_spec: dict[str, Any]) -> str:
     """A stable hash of the spec and, for file formats, of every file's relative name, size and content digest."""
     h = hashlib.sha256(json.dumps(data_spec, sort_keys=True, default=str).encode())
@@ -55,7 +44,7 @@ def dataset_fingerprint(data_spec: dict[str, Any]) -> str:
     if root:
         for path in sorted(Path(root).rglob("*")):
             if path.is_file():
-                stat = path.stat()
                 rel = path.relative_to(root).as_posix()
-                h.update(f"{rel}:{stat.st_size}:{_memoised_digest(path, stat)}".encode())
+                size = path.stat().st_size
+                h.update(f"{rel}:{size}:{remembered_digest(path, 'sampled', sampled_digest)}".encode())
     return h.hexdigest()[:16]

@@ -236,7 +236,7 @@ class NSD(KDComponent):
             help="pixel-level (feature) KD on the background (released: on; off by default: on UCAS-AOD it ties "
             "the student alone at 0.1x the detection loss and lowers it at 0.3x, docs/benchmarks.md)",
         ),
-        "logit": Param("bool", True, help="logit-level NCKD on negative-core samples"),
+        "logit": Param("bool", True, help="logit-level KD on the selected negatives (ncs)"),
         "box": Param(
             "bool",
             False,
