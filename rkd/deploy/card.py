@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rkd import __version__
+from rkd.data.cache import file_digest
 from rkd.data.transforms import PAD_RGB
 from rkd.deploy.graphs import DetectionNetwork, network_output_names
 from rkd.inputs import IMAGENET_MEAN, IMAGENET_STD
@@ -21,7 +22,6 @@ from rkd.metrics import metric_label
 from rkd.models import Classifier, count_flops, measure_latency
 from rkd.models.detector import Detector
 from rkd.search.results import DEFAULT_OBJECTIVES, front_rows
-from rkd.train.prior import file_digest
 
 EXPORT_FORMAT_VERSION = 2  # 2: end-to-end detector graphs, model.pt2
 

@@ -17,7 +17,6 @@ freezes the modules (no gradients, so no optimiser updates).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from rkd import storage
 from rkd.atomic import atomic_copy
+from rkd.data.cache import file_digest
 from rkd.data.dataset import build_dataset, collate_detection
 from rkd.data.fingerprint import dataset_fingerprint
 from rkd.distill.base import KD_METHODS, KDComponent
@@ -50,15 +50,6 @@ class PriorResult:
     path: str
     trained: bool  # False: reused from the cache
     losses: list[float] = field(default_factory=list)  # mean prior-stage loss per epoch (when trained)
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (the teacher's identity, whether trained by rkd or loaded)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def prior_key(method: str, component: KDComponent, teacher_digest: str, data_fingerprint: str, seed: int) -> str:
@@ -243,7 +234,6 @@ __all__ = [
     "PRIOR_BATCH_SIZE",
     "PriorResult",
     "attach_prior_states",
-    "file_digest",
     "prepare_priors",
     "prior_key",
     "read_prior_state",
