@@ -70,6 +70,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
     from rkd import storage
     from rkd.metrics import metric_label
     from rkd.search.confirm import confirm_report
+    from rkd.search.headroom import headroom_line
     from rkd.search.results import format_table, front_columns, front_rows, knee, run_objectives, trials_path
 
     run = storage.local_run(args.run)
@@ -83,6 +84,8 @@ def _cmd_results(args: argparse.Namespace) -> int:
     if summary:
         teacher = summary["teacher"]
         print(f"teacher: {label} {teacher[accuracy]:.3f}, {teacher['gflops']:.3f} GFLOPs")
+        if summary.get("teacher_headroom") is not None:  # summaries before 2026-12-06 lack it
+            print(headroom_line(summary["teacher_headroom"]))
     counts = {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})}
     print(f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     print(format_table(front, front_columns(objectives)) if front else "(no complete trial on the front)")

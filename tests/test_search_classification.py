@@ -81,12 +81,18 @@ def test_a_classification_search_fronts_top1_against_gflops(run, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["objectives"] == ["top1", "gflops"] and summary["teacher"]["metric"] == "top1"
     assert 0.0 <= summary["teacher"]["top1"] <= 1.0
+    # the width-0.25 point has every KD method off: the student alone the teacher is compared with
+    headroom = summary["teacher_headroom"]
+    assert headroom["trial_id"] == by_width[0.25]["trial_id"] and headroom["student_alone"] == by_width[0.25]["top1"]
+    assert headroom["headroom"] == pytest.approx(summary["teacher"]["top1"] - by_width[0.25]["top1"], abs=1e-12)
     assert main(["results", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert "teacher: top-1 " in out and "top-1" in out.splitlines()[2]
+    assert "teacher: top-1 " in out and "top-1" in out.splitlines()[3]
+    assert f"teacher headroom {headroom['headroom']:+.3f} top-1" in out.splitlines()[1]
     assert main(["report", str(run_dir)]) == 0
     page = (run_dir / "report.html").read_text()
     assert "Parameter importance for top-1" in page and "Teacher: top-1 " in page and "mAP50" not in page
+    assert f"Teacher headroom {headroom['headroom']:+.3f} top-1" in page
 
 
 def test_rkd_train_distils_a_classifier_with_sskd_from_the_cached_teacher(run, capsys):

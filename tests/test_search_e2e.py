@@ -92,6 +92,11 @@ def test_search_writes_trials_front_and_plot(search_run, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["teacher"]["source"] == "trained" and summary["teacher"]["gflops"] > 0
     assert summary["front"] == [r["trial_id"] for r in front]
+    # the width-0.25 trial is the student without KD, the one the teacher's headroom is measured over
+    assert summary["teacher_headroom"]["trial_id"] == by_width[0.25]["trial_id"]
+    assert summary["teacher_headroom"]["headroom"] == pytest.approx(
+        summary["teacher"]["map50"] - by_width[0.25]["map50"], abs=1e-12
+    )
     # latency is the third objective: measured for every trial, and the front is over all three
     assert summary["objectives"] == ["map50", "gflops", "latency_ms"] and len(summary["hypervolume_ref"]) == 3
     assert all(t["latency_ms"] > 0 for t in trials)

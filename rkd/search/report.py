@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from rkd.atomic import atomic_write_text
 from rkd.errors import RkdError
 from rkd.metrics import metric_label
+from rkd.search.headroom import headroom_line
 from rkd.search.results import DEFAULT_OBJECTIVES, front_rows, hypervolume, knee, trials_path
 
 W, H = 640, 380  # chart size in px
@@ -495,6 +496,9 @@ def build_html(run_dir: Path) -> str:
     intro = f"{len(rows)} trials: " + ", ".join(f"{n} {html.escape(s)}" for s, n in counts.items()) + ". "
     if teacher:
         intro += f"Teacher: {metric_label(acc)} {_cell(teacher.get(acc))}, {_cell(teacher.get('gflops'))} GFLOPs. "
+    headroom = headroom_line(summary.get("teacher_headroom"))
+    if headroom:
+        intro += html.escape(headroom[0].upper() + headroom[1:]) + ". "
     intro += (
         f"Front: {len(front)} trials; knee: {html.escape(str(knee_id or '-'))}; hypervolume "
         f"{curve[-1] if curve else 0.0:.6g} (reference: {metric_label(acc)} 0, {ref:.6g} GFLOPs)."

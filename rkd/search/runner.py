@@ -30,6 +30,7 @@ from rkd import storage
 from rkd.search import confirm as confirm_stage
 from rkd.search.config import first_points, load_search_space, parse_search, reference_points
 from rkd.search.confirm import confirm_report
+from rkd.search.headroom import headroom_line
 from rkd.search.preflight import check_inputs, check_resources, fill_data_caches
 from rkd.search.progress import ProgressPrinter
 from rkd.search.results import OBJECTIVES, format_table, front_columns, front_rows
@@ -204,6 +205,8 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
         f"{teacher.gflops:.3f} GFLOPs)"
     )
     log(format_table(front, front_columns(search.objectives)) if front else "(no complete trial: nothing on the front)")
+    if summary["teacher_headroom"] is not None:
+        log(headroom_line(summary["teacher_headroom"]))
     if confirmed is not None:
         log(confirm_report(confirmed))
     log(

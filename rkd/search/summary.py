@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rkd.data.dataset import SKIPPED_FILE, write_skipped
+from rkd.search.headroom import teacher_headroom
 from rkd.search.plot import plot_front
 from rkd.search.results import DEFAULT_OBJECTIVES, front_rows, hypervolume_of, knee, trials_table, write_parquet
 from rkd.train.checkpoint import atomic_write_json
@@ -48,6 +49,7 @@ def write_results(
     summary = {
         "name": spec.name,
         "teacher": teacher,
+        "teacher_headroom": teacher_headroom(teacher, rows, objectives[0]),
         "objectives": list(objectives),
         "trials": len(rows),
         "status_counts": {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})},

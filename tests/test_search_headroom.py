@@ -1,0 +1,43 @@
+"""The teacher's headroom over the best student trained without KD (``summary.json: teacher_headroom``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rkd.search.headroom import headroom_line, teacher_headroom
+
+
+def row(trial_id: str, top1: float | None, reference: str | None = "no KD", status: str = "complete") -> dict:
+    return {"trial_id": trial_id, "top1": top1, "gflops": 0.2, "reference": reference, "status": status}
+
+
+ROWS = [
+    row("small", 0.70),
+    row("wide", 0.80),
+    row("lost", None, status="failed"),
+    row("broke", 0.99, status="diverged"),  # not a finished student: never the reference
+    row("kd", 0.95, reference=None),  # distilled: not a student alone
+    row("hinton-defaults", 0.97, reference="hinton defaults"),
+]
+
+
+def test_headroom_is_the_teacher_minus_the_best_complete_student_alone():
+    h = teacher_headroom({"top1": 0.85, "gflops": 1.0}, ROWS, "top1")
+    assert h["trial_id"] == "wide" and h["student_alone"] == 0.80 and h["teacher"] == 0.85
+    assert h["headroom"] == pytest.approx(0.85 - 0.80, abs=1e-15)
+    line = headroom_line(h)
+    assert line.startswith("teacher headroom +0.050 top-1: teacher 0.850, best student without KD 0.800 (trial wide)")
+    assert "no higher" not in line
+
+
+def test_a_teacher_no_better_than_the_student_alone_is_said_to_leave_kd_little():
+    h = teacher_headroom({"top1": 0.80}, ROWS, "top1")
+    assert h["headroom"] == 0.0
+    assert "teacher scores no higher than the student alone" in headroom_line(h)
+    assert "no higher" in headroom_line(teacher_headroom({"top1": 0.79}, ROWS, "top1"))
+
+
+def test_no_headroom_without_a_finished_student_alone_or_a_teacher_score():
+    assert teacher_headroom({"top1": 0.85}, [r for r in ROWS if r["trial_id"] not in ("small", "wide")], "top1") is None
+    assert teacher_headroom({"map50": 0.5}, ROWS, "top1") is None
+    assert headroom_line(None) == ""
