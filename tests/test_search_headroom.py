@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rkd.search.headroom import headroom_line, teacher_headroom
+from rkd.search.rows import mark_collapsed
 
 
 def row(trial_id: str, top1: float | None, reference: str | None = "no KD", status: str = "complete") -> dict:
@@ -41,3 +42,27 @@ def test_no_headroom_without_a_finished_student_alone_or_a_teacher_score():
     assert teacher_headroom({"top1": 0.85}, [r for r in ROWS if r["trial_id"] not in ("small", "wide")], "top1") is None
     assert teacher_headroom({"map50": 0.5}, ROWS, "top1") is None
     assert headroom_line(None) == ""
+
+
+def test_collapsed_trials_are_marked_against_the_first_scored_student_alone():
+    # mark_collapsed and teacher_headroom read the no-KD reference through one filter (rows.no_kd_rows):
+    # the unscored and unfinished no-KD trials are skipped by both
+    rows = [
+        row("lost", None, status="failed"),
+        row("first", 0.40),
+        row("second", 0.60),
+        row("zero", 0.0, reference=None),
+        row("fine", 0.30, reference=None),
+    ]
+    mark_collapsed(rows, "top1")
+    zero = rows[3]
+    assert zero["status"] == "diverged" and zero["checkpoint"] is None
+    assert zero["reason"] == "diverged: val top-1 0 after training, the no-KD reference first reaches 0.400"
+    assert rows[4]["status"] == "complete" and rows[1]["status"] == "complete"
+    assert teacher_headroom({"top1": 0.7}, rows, "top1")["trial_id"] == "second"
+
+
+def test_nothing_is_marked_collapsed_when_the_student_alone_scores_0_too():
+    rows = [row("alone", 0.0), row("kd", 0.0, reference=None)]
+    mark_collapsed(rows, "top1")
+    assert [r["status"] for r in rows] == ["complete", "complete"]

@@ -14,6 +14,7 @@ from typing import Any
 from rkd.errors import SpecError
 from rkd.schema import Section, join
 from rkd.search.confirm import parse_confirm
+from rkd.search.rows import NO_KD
 from rkd.search.space import SearchSpace, load_space
 from rkd.train import spec_schema
 from rkd.train.spec import RunSpec, with_overrides
@@ -121,7 +122,7 @@ def load_search_space(spec: RunSpec, search: SearchConfig) -> SearchSpace:
 def reference_points(space: SearchSpace, search: SearchConfig) -> dict[str, dict[str, Any]]:
     """Named configurations every user wants to compare with: the student without KD and, with
     ``published_defaults``, each method of the space alone at its published defaults."""
-    points = {"no KD": space.baseline_point()} if space.baseline_point() else {}
+    points = {NO_KD: space.baseline_point()} if space.baseline_point() else {}
     if search.published_defaults:
         points.update({f"{m} defaults": p for m, p in space.published_default_points().items()})
     return points

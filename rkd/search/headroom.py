@@ -17,16 +17,13 @@ from __future__ import annotations
 from typing import Any
 
 from rkd.metrics import metric_label
+from rkd.search.rows import no_kd_rows
 
 
 def teacher_headroom(teacher: dict[str, Any], rows: list[dict[str, Any]], accuracy: str) -> dict[str, Any] | None:
     """``teacher score - best no-KD student score`` with both sides, or ``None`` without a complete
     no-KD trial or a teacher score (``summary.json: teacher_headroom``)."""
-    alone = [
-        r
-        for r in rows
-        if r.get("reference") == "no KD" and r.get("status") == "complete" and r.get(accuracy) is not None
-    ]
+    alone = no_kd_rows(rows, accuracy)
     if not alone or teacher.get(accuracy) is None:
         return None
     best = max(alone, key=lambda r: r[accuracy])

@@ -15,6 +15,15 @@ from rkd.metrics import metric_label
 from rkd.search.results import error_reason, loss_growth
 from rkd.train.checkpoint import STUDENT_FILE
 
+NO_KD = "no KD"  # the reference label of the student trained without KD (search.reference_points)
+
+
+def no_kd_rows(rows: list[dict[str, Any]], accuracy: str) -> list[dict[str, Any]]:
+    """The complete trials of the no-KD reference point that have a score, in trial order."""
+    return [
+        r for r in rows if r.get("reference") == NO_KD and r.get("status") == "complete" and r.get(accuracy) is not None
+    ]
+
 
 def label_references(rows: list[dict[str, Any]], references: dict[str, dict[str, Any]]) -> None:
     """Set ``reference`` on the rows whose configuration is one of the named reference points."""
@@ -44,8 +53,8 @@ def trial_status(result: Any) -> tuple[str, str | None]:
 
 def mark_collapsed(rows: list[dict[str, Any]], accuracy: str) -> None:
     """A trained trial scoring 0 where the student without KD scores above it did not learn: diverged."""
-    reference = next((r for r in rows if r.get("reference") == "no KD" and r["status"] == "complete"), None)
-    if reference is None or not (reference.get(accuracy) or 0) > 0:
+    reference = next(iter(no_kd_rows(rows, accuracy)), None)
+    if reference is None or not reference[accuracy] > 0:
         return
     for row in rows:
         if row["status"] == "complete" and row.get(accuracy) == 0:
