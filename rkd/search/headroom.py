@@ -6,7 +6,7 @@ the teacher has no measured knowledge to add, and the KD methods that imitate it
 tie the student alone: a stronger teacher (a larger backbone, more epochs) is then the lever, not
 the methods' parameters. Measured on AID with a pretrained EfficientNet-Lite0 student (0.884 top-1 alone, 10 seeds): a Lite0
 teacher of 0.883 left every method tried within seed noise; with a Lite2 teacher of 0.910 Hinton KD
-gained +0.014 [+0.002, +0.026] and Hinton KD + SSKD +0.019 [+0.009, +0.029] over 10 seeds
+gained +0.016 [+0.007, +0.026] and Hinton KD + SSKD +0.021 [+0.013, +0.029] over 14 seeds
 (bench/results/kd_gain_aid_lite2.json, docs/benchmarks.md).
 
 The search's no-KD trials are its reference points labelled ``no KD`` (every KD method off);
