@@ -14,7 +14,7 @@ from typing import Any
 from rkd.errors import SpecError
 from rkd.schema import Section, join
 from rkd.search.confirm import parse_confirm
-from rkd.search.rows import NO_KD
+from rkd.search.results import NO_KD
 from rkd.search.space import SearchSpace, load_space
 from rkd.train import spec_schema
 from rkd.train.spec import RunSpec, with_overrides

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from rkd.metrics import metric_label
-from rkd.search.rows import no_kd_rows
+from rkd.search.results import no_kd_rows
 
 
 def teacher_headroom(teacher: dict[str, Any], rows: list[dict[str, Any]], accuracy: str) -> dict[str, Any] | None:

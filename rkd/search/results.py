@@ -46,6 +46,14 @@ BASE_COLUMNS = [
 # What a search can optimise, and which way (True: maximise).
 OBJECTIVES = {"map50": True, "top1": True, "gflops": False, "latency_ms": False}
 DEFAULT_OBJECTIVES = ("map50", "gflops")
+NO_KD = "no KD"  # the reference label of the student trained without KD (search.reference_points)
+
+
+def no_kd_rows(rows: list[dict[str, Any]], accuracy: str) -> list[dict[str, Any]]:
+    """The complete trials of the no-KD reference point that have a score, in trial order."""
+    return [
+        r for r in rows if r.get("reference") == NO_KD and r.get("status") == "complete" and r.get(accuracy) is not None
+    ]
 
 
 LOSS_GROWTH = 1e3  # a finite loss this many times its start: the run diverged even without a NaN

@@ -12,17 +12,8 @@ from typing import Any
 
 from rkd import storage
 from rkd.metrics import metric_label
-from rkd.search.results import error_reason, loss_growth
+from rkd.search.results import error_reason, loss_growth, no_kd_rows
 from rkd.train.checkpoint import STUDENT_FILE
-
-NO_KD = "no KD"  # the reference label of the student trained without KD (search.reference_points)
-
-
-def no_kd_rows(rows: list[dict[str, Any]], accuracy: str) -> list[dict[str, Any]]:
-    """The complete trials of the no-KD reference point that have a score, in trial order."""
-    return [
-        r for r in rows if r.get("reference") == NO_KD and r.get("status") == "complete" and r.get(accuracy) is not None
-    ]
 
 
 def label_references(rows: list[dict[str, Any]], references: dict[str, dict[str, Any]]) -> None:
