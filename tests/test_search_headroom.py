@@ -45,7 +45,7 @@ def test_no_headroom_without_a_finished_student_alone_or_a_teacher_score():
 
 
 def test_collapsed_trials_are_marked_against_the_first_scored_student_alone():
-    # mark_collapsed and teacher_headroom read the no-KD reference through one filter (rows.no_kd_rows):
+    # mark_collapsed and teacher_headroom read the no-KD reference through one filter (results.no_kd_rows):
     # the unscored and unfinished no-KD trials are skipped by both
     rows = [
         row("lost", None, status="failed"),
