@@ -18,6 +18,12 @@ from rkd.train.spec import load_spec, with_overrides
 REPO = Path(__file__).resolve().parents[1]
 SPACES = REPO / "search_spaces"
 SHIPPED = ["nsd", "ds2d2", "ifkd", "cid", "baselines", "combined"]
+# The scene-classification spaces and the student each is written for (a convnet trained from scratch;
+# an EfficientNet-Lite whose pretrained weights the test leaves unloaded).
+CLASSIFICATION = {
+    "sskd": {"name": "convnet", "width": 0.5},
+    "scenes_pretrained": {"name": "efficientnet_lite0", "pretrained": False},
+}
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -36,25 +42,27 @@ def compile_shipped(name: str, student):
 
 def test_every_shipped_space_is_listed_here():
     # A new space file must be added to SHIPPED, so it is compiled and sampled below.
-    assert sorted(p.stem for p in SPACES.glob("*.yaml")) == sorted(SHIPPED + ["skeleton", "sskd"])
+    assert sorted(p.stem for p in SPACES.glob("*.yaml")) == sorted(SHIPPED + ["skeleton"] + list(CLASSIFICATION))
 
 
-def test_the_classification_space_produces_valid_classifier_students():
+@pytest.mark.parametrize("name", sorted(CLASSIFICATION))
+def test_the_classification_spaces_produce_valid_classifier_students(name):
     from rkd.distill import CLASSIFIER_KD_METHODS, build_distiller
     from rkd.models import build_classifier
     from rkd.train.config import TrainConfig
 
     student = TrainConfig(
-        model={"kind": "classifier", "backbone": {"name": "convnet", "width": 0.5}}, epochs=1, batch_size=4, lr=1e-3
+        model={"kind": "classifier", "backbone": dict(CLASSIFICATION[name])}, epochs=1, batch_size=4, lr=1e-3
     )
     space = load_space(
-        SPACES / "sskd.yaml",
+        SPACES / f"{name}.yaml",
         student_check=lambda o: with_overrides(student, o, task="classification"),
         registry=CLASSIFIER_KD_METHODS,
     )
     assert set(space.methods()) == {"sskd", "dkd", "hinton"}
     teacher_info = build_classifier({"backbone": {"width": 1.0}}, 5).info
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    sizes = set()
     for _ in range(12):
         trial = study.ask()
         params = {**space.define_by_run(trial), **trial.params}
@@ -62,7 +70,9 @@ def test_the_classification_space_produces_valid_classifier_students():
         cfg = with_overrides(student, overrides, methods, task="classification")
         model = build_classifier(cfg.model, 5)
         build_distiller(cfg.methods, model.info, teacher_info)
+        sizes.add(sum(p.numel() for p in model.parameters()))
         study.tell(trial, [0.0, 0.0])
+    assert len(sizes) > 1, "the student's size is searched, so the front spans several GFLOPs"
 
 
 def test_the_spaces_cover_every_registered_method(quickstart):
