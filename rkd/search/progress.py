@@ -13,6 +13,7 @@ from ray import tune
 
 from rkd.metrics import metric_label
 from rkd.search.results import error_reason, loss_growth
+from rkd.train.runner import epoch_score
 
 
 def _fmt_elapsed(seconds: float) -> str:
@@ -91,7 +92,7 @@ class ProgressPrinter(tune.Callback):
         if "epoch" in result and "epochs" in result:
             self._say(
                 f"{self._n(trial, trials)} epoch {result['epoch']}/{result['epochs']} loss {result.get('loss', float('nan')):.4f}"
-                f" {self.label} {result.get(self.metric, float('nan')):.3f} ({result.get('images_per_s', 0):.1f} img/s)"
+                f" {epoch_score(result, self.metric)} ({result.get('images_per_s', 0):.1f} img/s)"
             )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

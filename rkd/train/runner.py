@@ -326,18 +326,28 @@ def run_training(
     return TrainOutcome(metrics=dict(result.metrics or {}), checkpoint_dir=checkpoint)
 
 
+def epoch_score(m: dict[str, Any], key: str | None = None) -> str:
+    """An epoch's score as its progress lines show it: ``val top-1 0.897``, or ``not evaluated``.
+
+    Epochs between evaluations (``eval_every``; by default all but the last) report a score of 0
+    that is no score at all: printed as a number it reads as a collapsed model.
+
+    >>> epoch_score({"top1": 0.0, SCORE_METRIC: UNSCORED}), epoch_score({"map50": 0.4567, SCORE_METRIC: 0.4567})
+    ('not evaluated', 'val mAP50 0.457')
+    """
+    key = key or ("top1" if "top1" in m else "map50")
+    if m.get(SCORE_METRIC) == UNSCORED:
+        return "not evaluated"
+    return f"val {metric_label(key)} {m.get(key, float('nan')):.3f}"
+
+
 def epoch_line(label: str) -> Callable[[dict[str, Any]], None]:
     """An ``on_epoch`` that prints one line per epoch under ``label``."""
 
     def show(m: dict[str, Any]) -> None:
-        key = "top1" if "top1" in m else "map50"
-        name = metric_label(key)
-        # Epochs between evaluations (eval_every) carry no new score: say so rather than print 0.
-        evaluated = m.get(SCORE_METRIC) != UNSCORED
-        score = f"val {name} {m.get(key, float('nan')):.3f}" if evaluated else "not evaluated"
         print(
             f"[{label}] epoch {m.get('epoch')}/{m.get('epochs')} loss {m.get('loss', float('nan')):.4f} "
-            f"{score} ({m.get('images_per_s', 0.0):.1f} img/s, {m.get('epoch_s', 0.0):.0f}s/epoch)",
+            f"{epoch_score(m)} ({m.get('images_per_s', 0.0):.1f} img/s, {m.get('epoch_s', 0.0):.0f}s/epoch)",
             flush=True,
         )
         if m.get("resume_warning"):
