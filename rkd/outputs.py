@@ -179,6 +179,8 @@ class ClassifierInfo:
         level_channels: channels of each backbone feature map, finest first.
         strides: stride of each of those maps relative to the input, finest first.
         num_classes: number of scene classes.
+        resize_to: the side the classifier resizes its input to before the backbone (``None``: none);
+            ``strides`` are then relative to that resized input.
 
     >>> ClassifierInfo(level_channels=(8, 16), strides=(8, 16), num_classes=3).num_levels
     2
@@ -187,6 +189,7 @@ class ClassifierInfo:
     level_channels: tuple[int, ...]
     strides: tuple[int, ...]
     num_classes: int
+    resize_to: int | None = None
 
     @property
     def num_levels(self) -> int:

@@ -142,6 +142,27 @@ def test_registry_is_separate_and_checks_models():
         build_distiller({"fitnet": {"level": "last"}}, S_INFO, coarse)
     with pytest.raises(SpecError, match="nsd: unknown classification KD method"):
         build_distiller({"nsd": {}}, S_INFO, T_INFO)
+
+
+def test_a_teacher_that_resizes_its_input_pairs_with_logit_methods_only():
+    # Same strides, but the teacher's maps lie on the grid of a 224 px input: location-by-location
+    # methods are refused before training, logit methods (and SSKD's logit-only teacher branch) built.
+    upsampled = ClassifierInfo(level_channels=(5, 7, 9), strides=(8, 16, 32), num_classes=K, resize_to=224)
+    with pytest.raises(
+        SpecError,
+        match=r"at: KD method 'at' compares attention maps location by location, but the student sees the input "
+        r"as given and the teacher its input resized to 224 px: give both the same model.resize_to",
+    ):
+        build_distiller({"at": {}}, S_INFO, upsampled)
+    with pytest.raises(
+        SpecError,
+        match="fitnet: KD method 'fitnet' compares the last level location by location, but the student sees the input as given",
+    ):
+        build_distiller({"fitnet": {"level": "last"}}, S_INFO, upsampled)
+    distiller = build_distiller({"hinton": {}, "dkd": {}, "sskd": {"teacher_weight": 1.0}}, S_INFO, upsampled)
+    assert sorted(distiller.components) == ["dkd", "hinton", "sskd"]
+    same = ClassifierInfo(level_channels=(4, 6, 8), strides=(8, 16, 32), num_classes=K, resize_to=224)
+    build_distiller({"at": {}}, same, upsampled)  # both resized alike: one grid
     with pytest.raises(SpecError, match="dkd.beta: expected a number, got 'x'"):
         build_distiller({"dkd": {"beta": "x"}}, S_INFO, T_INFO)
 

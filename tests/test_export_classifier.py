@@ -255,3 +255,22 @@ def test_predict_errors(exported, tmp_path, capsys):
     assert rkd_main(["predict", str(tmp_path), str(image), "--out", str(tmp_path / "p")]) == 2
     assert "model_spec.json: missing" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_onnx_of_a_classifier_that_resizes_its_input_matches_eager(tmp_path):
+    # resize_to is part of the network: the ONNX graph takes the data's size and upsamples inside.
+    import onnxruntime
+
+    from rkd.deploy.graphs import inference_network
+    from rkd.deploy.writers import write_onnx
+
+    torch.manual_seed(0)
+    clf = build_classifier({"backbone": {"width": 0.25}, "resize_to": 64}, len(CLASSES)).eval()
+    path = tmp_path / "resized.onnx"
+    write_onnx(inference_network(clf, 32), 32, path, ["logits"])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    (logits,) = session.run(None, {"images": x})
+    with torch.no_grad():
+        eager = clf.eval()(torch.from_numpy(x)).logits.numpy()  # the exporter restores the wrapper's train mode
+    np.testing.assert_allclose(logits, eager, atol=1e-4)

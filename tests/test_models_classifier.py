@@ -56,6 +56,33 @@ def test_flops_hand_count():
     assert rep.params == sum(p.numel() for p in clf.parameters())
 
 
+def test_resize_to_runs_the_backbone_at_that_size_and_counts_its_flops():
+    spec = {"backbone": {"width": 0.25}}
+    with pytest.raises(SpecError, match="resize_to: must be a multiple of 32 .* got 100"):
+        validate_model_spec({"kind": "classifier", "resize_to": 100})
+    with pytest.raises(SpecError, match="resize_to: expected an integer, got"):
+        validate_model_spec({"kind": "classifier", "resize_to": "big"})
+    with pytest.raises(SpecError, match="resize_to: must be >= 32, got 0"):
+        validate_model_spec({"kind": "classifier", "resize_to": 0})
+    assert "resize_to" not in validate_model_spec({"kind": "classifier"})  # absent: specs (and teacher keys) as before
+    torch.manual_seed(0)
+    plain = build_classifier(spec, num_classes=3).eval()
+    resized = build_classifier({**spec, "resize_to": 64}, num_classes=3).eval()
+    resized.load_state_dict(plain.state_dict())  # no weights of its own
+    assert resized.info.resize_to == 64 and plain.info.resize_to is None
+    x = torch.randn(2, 3, 32, 32)
+    out = resized(x)
+    # The backbone ran on the bilinear upsampling of x: the plain model fed that upsampling agrees.
+    up = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+    assert [tuple(f.shape[-2:]) for f in out.features] == [(8, 8), (4, 4), (2, 2)]
+    assert torch.allclose(out.logits, plain(up).logits, atol=1e-6)
+    # An input already at resize_to passes as it is.
+    assert torch.equal(resized(up).logits, plain(up).logits)
+    # FLOPs: those of the plain model at 64 px (the resize itself is not charged), 4x those at 32 px.
+    assert count_flops(resized, 32).gflops == pytest.approx(count_flops(plain, 64).gflops, rel=1e-3)
+    assert count_flops(resized, 32).gflops == pytest.approx(4 * count_flops(plain, 32).gflops, rel=0.02)
+
+
 def test_pretrained_efficientnet_classifier_loads_imagenet_weights():
     clf = build_classifier({"backbone": {"name": "efficientnet_lite0", "pretrained": True}}, num_classes=30)
     assert torch.equal(clf.backbone.stages[0][0][0].weight, pretrained_checkpoint(0)["_conv_stem.weight"])

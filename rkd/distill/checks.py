@@ -23,8 +23,23 @@ from typing import Any
 from torch import Tensor
 
 
+def check_same_input_scale(name: str, student: Any, teacher: Any, compares: str) -> None:
+    """``ValueError`` unless both models see the input at one scale: a classifier's ``resize_to``
+    puts its maps on another grid than the strides alone say (detectors never resize)."""
+    s_size, t_size = getattr(student, "resize_to", None), getattr(teacher, "resize_to", None)
+    if s_size != t_size:
+        seen = {None: "the input as given"}
+        raise ValueError(
+            f"KD method {name!r} compares {compares} location by location, but the student sees "
+            f"{seen.get(s_size, f'its input resized to {s_size} px')} and the teacher "
+            f"{seen.get(t_size, f'its input resized to {t_size} px')}: give both the same model.resize_to, "
+            "or use a logit method (hinton, dkd)"
+        )
+
+
 def check_same_grid(name: str, student: Any, teacher: Any, compares: str = "feature maps") -> None:
-    """``ValueError`` unless student and teacher feature maps share strides (hence spatial sizes)."""
+    """``ValueError`` unless student and teacher feature maps share strides and input scale (hence spatial sizes)."""
+    check_same_input_scale(name, student, teacher, compares)
     if tuple(student.strides) != tuple(teacher.strides):
         raise ValueError(
             f"KD method {name!r} compares {compares} location by location, but the student's strides "
@@ -64,6 +79,7 @@ def check_same_levels(name: str, student: Any, teacher: Any) -> None:
 
 def check_level_stride(name: str, student: Any, teacher: Any, index: int, level: str) -> None:
     """``ValueError`` unless level ``index`` (called ``level`` in the message) has one stride in both models."""
+    check_same_input_scale(name, student, teacher, f"the {level} level")
     if student.strides[index] != teacher.strides[index]:
         raise ValueError(
             f"KD method {name!r} compares the {level} level location by location, but its stride "
@@ -86,6 +102,7 @@ __all__ = [
     "check_same_anchors",
     "check_same_box_dim",
     "check_same_grid",
+    "check_same_input_scale",
     "check_same_levels",
     "check_same_shapes",
 ]

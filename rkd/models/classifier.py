@@ -6,8 +6,18 @@ Built from a model spec of ``kind: classifier`` (validated by
     kind: classifier
     backbone: {name: efficientnet_lite0, width: 1.0, pretrained: true}
     head: {dropout: 0.2}
+    resize_to: 224          # optional: the side the input is resized to (bilinear) before the backbone
 
 Inputs are ImageNet-normalised like the detectors' (``rkd.data.dataset.MEAN`` / ``STD``).
+
+``resize_to`` lets a teacher see the scene larger than the data's ``input_size`` its student runs at:
+an ImageNet-pretrained backbone recognises objects best near the apparent size it was trained at, and
+a small aerial chip upsampled to it scores higher (Touvron et al., "Fixing the train-test resolution
+discrepancy", NeurIPS 2019, arXiv:1906.06423, on the effect of apparent object size). The resize is
+part of the model, so its FLOPs count, training, evaluation and export all include it. Its feature
+maps are then on another grid than a student's at the data's size: KD methods that compare maps
+location by location refuse such a pair (:func:`rkd.distill.checks.check_same_grid`); logit methods
+(Hinton KD, DKD) do not care.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ class Classifier(nn.Module):
 
     def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.0, spec: dict[str, Any] | None = None):
         super().__init__()
+        self.resize_to = (spec or {}).get("resize_to")
         self.backbone = backbone
         self.num_classes = num_classes
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -41,15 +52,19 @@ class Classifier(nn.Module):
         """What classification KD components need to build their parts (channels, strides, classes).
 
         >>> build_classifier({"backbone": {"width": 0.25}}, num_classes=4).info
-        ClassifierInfo(level_channels=(32, 64, 128), strides=(8, 16, 32), num_classes=4)
+        ClassifierInfo(level_channels=(32, 64, 128), strides=(8, 16, 32), num_classes=4, resize_to=None)
         """
         return ClassifierInfo(
             level_channels=tuple(int(c) for c in self.backbone.out_channels),
             strides=tuple(int(s) for s in self.backbone.out_strides),
             num_classes=int(self.num_classes),
+            resize_to=self.resize_to,
         )
 
     def forward(self, images: Tensor, labels: Tensor | None = None) -> ClassifierOutput:
+        if self.resize_to is not None and images.shape[-2:] != (self.resize_to, self.resize_to):
+            size = (self.resize_to, self.resize_to)
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         features = self.backbone(images)
         pooled = features[-1].mean(dim=(2, 3))
         logits = self.fc(self.dropout(pooled))

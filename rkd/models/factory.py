@@ -279,11 +279,16 @@ def _validate_openmmlab_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _validate_classifier_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """``{kind: classifier, backbone, head: {dropout}}`` with defaults; boxes and neck do not apply."""
+    """``{kind: classifier, backbone, head: {dropout}, resize_to}`` with defaults; boxes and neck do not apply."""
     for key in spec:
         if key in ("boxes", "neck"):
             raise SpecError(key, "does not apply to kind classifier (it pools the last backbone stage)")
-    _check_keys(spec, ["kind", "backbone", "head"], "")
+    _check_keys(spec, ["kind", "backbone", "head", "resize_to"], "")
+    resize_to = spec.get("resize_to")
+    if resize_to is not None:
+        resize_to = _int(resize_to, "resize_to", low=32)
+        if resize_to % 32:
+            raise SpecError("resize_to", f"must be a multiple of 32 (the backbone's coarsest stride), got {resize_to}")
     head_in = _mapping(spec.get("head"), "head")
     _check_keys(head_in, list(HEAD_DEFAULTS["classifier"]), "head.")
     head = {**HEAD_DEFAULTS["classifier"], **head_in}
@@ -291,7 +296,8 @@ def _validate_classifier_spec(spec: dict[str, Any]) -> dict[str, Any]:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise SpecError("head.dropout", f"expected a number in [0, 1), got {_type_name(dropout)}")
     head["dropout"] = float(dropout)
-    return {"kind": "classifier", "backbone": _validate_backbone(spec.get("backbone")), "head": head}
+    out = {"kind": "classifier", "backbone": _validate_backbone(spec.get("backbone")), "head": head}
+    return out if resize_to is None else {**out, "resize_to": resize_to}
 
 
 def build_backbone(section: dict[str, Any]) -> torch.nn.Module:
