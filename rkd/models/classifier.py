@@ -13,7 +13,7 @@ Inputs are ImageNet-normalised like the detectors' (``rkd.data.dataset.MEAN`` / 
 ``resize_to`` lets a teacher see the scene larger than the data's ``input_size`` its student runs at:
 an ImageNet-pretrained backbone recognises objects best near the apparent size it was trained at, and
 a small aerial chip upsampled to it scores higher (Touvron et al., "Fixing the train-test resolution
-discrepancy", NeurIPS 2019, arXiv:1906.06423, on the effect of apparent object size). The resize is
+discrepancy", NeurIPS 2019, DOI 10.48550/arXiv.1906.06423, on the effect of apparent object size). The resize is
 part of the model, so its FLOPs count, training, evaluation and export all include it. Its feature
 maps are then on another grid than a student's at the data's size: KD methods that compare maps
 location by location refuse such a pair (:func:`rkd.distill.checks.check_same_grid`); logit methods

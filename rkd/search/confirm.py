@@ -280,7 +280,11 @@ def run_confirm(
                 run_config=tune.RunConfig(
                     name=EXPERIMENT,
                     storage_path=spec.ray_storage,
-                    callbacks=[ProgressPrinter(len(todo), metric=accuracy, describe=partial(describe_job, jobs))],
+                    callbacks=[
+                        ProgressPrinter(
+                            len(todo), metric=accuracy, describe=partial(describe_job, jobs), stage="confirm"
+                        )
+                    ],
                     verbose=0,
                     failure_config=tune.FailureConfig(max_failures=0),
                 ),

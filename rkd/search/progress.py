@@ -52,8 +52,10 @@ class ProgressPrinter(tune.Callback):
         stream: TextIO | None = None,
         metric: str = "map50",
         describe: Callable[[dict[str, Any]], str] = describe_params,
+        stage: str = "search",
     ) -> None:
         self.total, self.describe = total, describe  # describe: a trial's config in its start line
+        self.stage = stage  # the lines' prefix: the search's trials, or the confirm stage's trainings
         self.metric, self.label = metric, metric_label(metric)
         self.stream = stream  # None: sys.stdout at print time (Tune pickles callbacks; streams do not pickle)
         self.start = time.perf_counter()
@@ -63,7 +65,7 @@ class ProgressPrinter(tune.Callback):
 
     def _say(self, text: str) -> None:
         stream = self.stream or sys.stdout
-        print(f"[search {_fmt_elapsed(time.perf_counter() - self.start)}] {text}", file=stream, flush=True)
+        print(f"[{self.stage} {_fmt_elapsed(time.perf_counter() - self.start)}] {text}", file=stream, flush=True)
 
     def _n(self, trial: Any, trials: list) -> str:
         # Numbered as Tune numbered it when it created it (its experiment tag starts with that number),
