@@ -9,9 +9,9 @@ from rkd.search.progress import ProgressPrinter
 from rkd.train.checkpoint import SCORE_METRIC, UNSCORED
 
 
-def epoch_lines(results: list[dict], stage: str = "search") -> list[str]:
+def epoch_lines(results: list[dict]) -> list[str]:
     out = io.StringIO()
-    printer = ProgressPrinter(total=2, stream=out, metric="top1", stage=stage)
+    printer = ProgressPrinter(total=2, stream=out, metric="top1")
     # What the callback reads of a Tune trial: its id and the tag that carries Tune's trial number.
     trial = SimpleNamespace(trial_id="a1", experiment_tag="2_lr=0.001", config={})
     for result in results:
@@ -33,6 +33,13 @@ def test_an_epoch_between_evaluations_says_not_evaluated_and_the_last_gives_its_
     assert lines[1].endswith("trial 2/2 epoch 4/4 loss 0.2500 val top-1 0.897 (30.0 img/s)"), lines[1]
 
 
-def test_the_confirm_stage_names_itself():
-    (line,) = epoch_lines([{"epoch": 1, "epochs": 4, "loss": 1.0, "top1": 0.0, SCORE_METRIC: UNSCORED}], "confirm")
-    assert line.startswith("[confirm 0m00s] trial 2/2 epoch 1/4"), line
+def test_the_confirm_stage_names_itself_and_numbers_its_grid_from_one():
+    # The confirm stage's trainings are a tune.grid_search: Tune tags its variants 0_..., 1_..., 2_...
+    out = io.StringIO()
+    printer = ProgressPrinter(total=3, stream=out, metric="top1", stage="confirm", first_tag=0)
+    for i in range(3):
+        trial = SimpleNamespace(trial_id=f"t{i}", experiment_tag=f"{i}_job=kd-s{i + 1}", config={})
+        printer.on_trial_start(0, [trial], trial)
+    starts = out.getvalue().splitlines()
+    assert [line.split("] ", 1)[1].split(" started")[0] for line in starts] == ["trial 1/3", "trial 2/3", "trial 3/3"]
+    assert all(line.startswith("[confirm ") for line in starts), starts

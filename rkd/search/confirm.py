@@ -282,7 +282,11 @@ def run_confirm(
                     storage_path=spec.ray_storage,
                     callbacks=[
                         ProgressPrinter(
-                            len(todo), metric=accuracy, describe=partial(describe_job, jobs), stage="confirm"
+                            len(todo),
+                            metric=accuracy,
+                            describe=partial(describe_job, jobs),
+                            stage="confirm",
+                            first_tag=0,  # tune.grid_search's variants are tagged 0, 1, ...
                         )
                     ],
                     verbose=0,

@@ -53,9 +53,13 @@ class ProgressPrinter(tune.Callback):
         metric: str = "map50",
         describe: Callable[[dict[str, Any]], str] = describe_params,
         stage: str = "search",
+        first_tag: int = 1,
     ) -> None:
         self.total, self.describe = total, describe  # describe: a trial's config in its start line
         self.stage = stage  # the lines' prefix: the search's trials, or the confirm stage's trainings
+        # The number in the experiment tag of the first trial: a searcher's (the search) counts from 1,
+        # a grid of variants (the confirm stage's jobs) from 0.
+        self.first_tag = first_tag
         self.metric, self.label = metric, metric_label(metric)
         self.stream = stream  # None: sys.stdout at print time (Tune pickles callbacks; streams do not pickle)
         self.start = time.perf_counter()
@@ -74,7 +78,7 @@ class ProgressPrinter(tune.Callback):
         # latest-reporting first, so a trial that was running comes before the finished ones.
         created = re.match(r"(\d+)(_|$)", str(getattr(trial, "experiment_tag", "") or ""))
         n = (
-            int(created.group(1))
+            int(created.group(1)) - self.first_tag + 1
             if created
             else next((i + 1 for i, t in enumerate(trials) if t.trial_id == trial.trial_id), None)
         )
