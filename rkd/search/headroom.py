@@ -6,8 +6,9 @@ the teacher has no measured knowledge to add, and the KD methods that imitate it
 tie the student alone: a stronger teacher (a larger backbone, more epochs) is then the lever, not
 the methods' parameters. Measured on AID with a pretrained EfficientNet-Lite0 student (0.884 top-1 alone, 10 seeds): a Lite0
 teacher of 0.883 left every method tried within seed noise; with a Lite2 teacher of 0.910 Hinton KD
-gained +0.016 [+0.007, +0.026] and Hinton KD + SSKD +0.021 [+0.013, +0.029] over 14 seeds
-(bench/results/kd_gain_aid_lite2.json, docs/benchmarks.md).
+gained +0.016 [+0.007, +0.026] and Hinton KD + SSKD +0.021 [+0.013, +0.029] over 14 seeds at lr 1e-3
+(bench/results/kd_gain_aid_lite2.json), and +0.012 [-0.004, +0.028] over the student at a better lr
+(5 seeds, bench/results/kd_gain_aid_lite2_lr.json; docs/benchmarks.md).
 
 The search's no-KD trials are its reference points labelled ``no KD`` (every KD method off);
 each is one seed, so a headroom within a point or two of 0 is itself noisy.
