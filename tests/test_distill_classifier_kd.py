@@ -142,6 +142,8 @@ def test_registry_is_separate_and_checks_models():
         build_distiller({"fitnet": {"level": "last"}}, S_INFO, coarse)
     with pytest.raises(SpecError, match="nsd: unknown classification KD method"):
         build_distiller({"nsd": {}}, S_INFO, T_INFO)
+    with pytest.raises(SpecError, match="dkd.beta: expected a number, got 'x'"):
+        build_distiller({"dkd": {"beta": "x"}}, S_INFO, T_INFO)
 
 
 def test_a_teacher_that_resizes_its_input_pairs_with_logit_methods_only():
@@ -163,8 +165,6 @@ def test_a_teacher_that_resizes_its_input_pairs_with_logit_methods_only():
     assert sorted(distiller.components) == ["dkd", "hinton", "sskd"]
     same = ClassifierInfo(level_channels=(4, 6, 8), strides=(8, 16, 32), num_classes=K, resize_to=224)
     build_distiller({"at": {}}, same, upsampled)  # both resized alike: one grid
-    with pytest.raises(SpecError, match="dkd.beta: expected a number, got 'x'"):
-        build_distiller({"dkd": {"beta": "x"}}, S_INFO, T_INFO)
 
 
 @pytest.mark.parametrize("task", ["classification", "detection"])
