@@ -15,10 +15,16 @@ once. Configurations:
   e.g. the best configuration of a search.
 
 Every run is appended to ``--out`` (JSON) as it finishes, so a stopped benchmark resumes where
-it stopped. Each configuration's gain is the paired difference with ``nokd`` of the same seed
-(same initialisation and data order): mean, sample std and the 95% Student-t interval; the table
-is printed as Markdown for ``docs/benchmarks.md``. Runs take the lock file ``/tmp/rkd-train.lock``
-so they never overlap another training on the machine.
+it stopped. Each configuration's gain is the paired difference with ``nokd`` (or ``--baseline``) of
+the same seed (same initialisation and data order): mean, sample std, the 95% Student-t interval,
+the seeds won and the Wilcoxon signed-rank p; the table is printed as Markdown for
+``docs/benchmarks.md``. ``--baseline-from`` pairs with the student alone recorded in other files
+(it does not depend on the teacher), e.g. another teacher's KD runs with the same no-KD seeds:
+
+    .venv/bin/python bench/kd_gain.py --summary --out bench/results/kd_gain_aid_lite2_r224.json \
+        --baseline nokd-lr17 --baseline-from bench/results/kd_gain_aid_lite2_lr.json
+
+Runs take the lock file ``/tmp/rkd-train.lock`` so they never overlap another training on the machine.
 
     .venv/bin/python bench/kd_gain.py --seeds 0 1 2 --configs nokd hinton hinton@published fitnet
 """
@@ -126,11 +132,21 @@ def _last_metrics(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def wilcoxon_p(gains: list[float]) -> float | None:
+    """Two-sided Wilcoxon signed-rank p of paired gains (scipy); None where it is undefined."""
+    if len(gains) < 2 or not any(gains):
+        return None
+    from scipy.stats import wilcoxon
+
+    return float(wilcoxon(gains).pvalue)
+
+
+def summarise(runs: list[dict[str, Any]], baseline: str = "nokd") -> list[dict[str, Any]]:
+    """One row per configuration; each is paired, seed by seed, with ``baseline``'s runs."""
     by: dict[str, dict[int, float]] = {}
     for r in runs:
         by.setdefault(r["config"], {})[r["seed"]] = r["map50"]
-    base = by.get("nokd", {})
+    base = by.get(baseline, {})
     rows = []
     for config, scores in by.items():
         values = list(scores.values())
@@ -141,16 +157,36 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "std": statistics.stdev(values) if len(values) > 1 else None,
         }
         seeds = [s for s in scores if s in base]
-        if config != "nokd" and seeds:
+        if config != baseline and seeds:
             row["gain"] = paired_gain([scores[s] for s in seeds], [base[s] for s in seeds])
+            diffs = [scores[s] - base[s] for s in seeds]
+            row["wins"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+            row["p"] = wilcoxon_p(diffs)
         rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], metric: str = "mAP50") -> str:
+def with_baseline_from(
+    own: list[dict[str, Any]], others: list[list[dict[str, Any]]], baseline: str
+) -> list[dict[str, Any]]:
+    """``own`` plus the ``baseline`` runs of ``others`` on a (seed, epochs) that ``own`` lacks.
+
+    Only the baseline is taken: the student alone does not depend on the teacher, so one record of
+    it pairs with every teacher's KD runs of the same student, data and seeds; KD runs do not.
+    """
+    have = {(r["seed"], r.get("epochs")) for r in own if r["config"] == baseline}
+    extra = []
+    for r in (r for runs in others for r in runs if r["config"] == baseline):
+        if (r["seed"], r.get("epochs")) not in have:
+            have.add((r["seed"], r.get("epochs")))
+            extra.append(r)
+    return own + extra
+
+
+def markdown(rows: list[dict[str, Any]], metric: str = "mAP50", baseline: str = "nokd") -> str:
     lines = [
-        f"| configuration | seeds | val {metric} mean | std | paired gain over no KD | 95% interval |",
-        "|---|---:|---:|---:|---:|---|",
+        f"| configuration | seeds | val {metric} mean | std | paired gain over {baseline} | 95% interval | wins | p |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         g = r.get("gain")
@@ -159,7 +195,10 @@ def markdown(rows: list[dict[str, Any]], metric: str = "mAP50") -> str:
         ci = "-"
         if g and g["low"] is not None:
             ci = f"[{g['low']:+.3f}, {g['high']:+.3f}]" + (" includes 0" if g["includes_zero"] else "")
-        lines.append(f"| {r['config']} | {r['n']} | {r['mean']:.3f} | {std} | {gain} | {ci} |")
+        p = f"{r['p']:.2f}" if r.get("p") is not None else "-"
+        lines.append(
+            f"| {r['config']} | {r['n']} | {r['mean']:.3f} | {std} | {gain} | {ci} | {r.get('wins', '-')} | {p} |"
+        )
     return "\n".join(lines)
 
 
@@ -175,6 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         "--tag", default="v1", help="names this code version's run folders (change it when the code changes)"
     )
     parser.add_argument("--summary", action="store_true", help="print the table of --out and stop")
+    parser.add_argument("--baseline", default="nokd", help="the configuration every other one is paired with")
+    parser.add_argument(
+        "--baseline-from",
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="pair with --baseline runs recorded in other --out files too (same student, data and seeds, "
+        "any teacher); --out's own runs win on (seed, epochs)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     record = json.loads(out.read_text()) if out.is_file() else {"runs": []}
@@ -215,10 +263,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
     teacher_record = record.get("teacher", {})
     metric = {"top1": "top-1"}.get(teacher_record.get("metric"), "mAP50")
-    for epochs in sorted({r.get("epochs") for r in record["runs"]}):
-        rows = summarise([r for r in record["runs"] if r.get("epochs") == epochs])
+    others = [json.loads(Path(f).read_text())["runs"] for f in args.baseline_from]
+    runs = with_baseline_from(record["runs"], others, args.baseline)
+    for epochs in sorted({r.get("epochs") for r in runs}):
+        rows = summarise([r for r in runs if r.get("epochs") == epochs], args.baseline)
         print(f"\nstudent epochs {epochs}, teacher {metric} {teacher_record.get('map50', float('nan')):.3f}")
-        print(markdown(rows, metric))
+        print(markdown(rows, metric, args.baseline))
     return 0
 
 
