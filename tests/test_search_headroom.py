@@ -62,6 +62,17 @@ def test_collapsed_trials_are_marked_against_the_first_scored_student_alone():
     assert teacher_headroom({"top1": 0.7}, rows, "top1")["trial_id"] == "second"
 
 
+def test_a_sampled_trial_with_every_kd_method_off_is_a_student_alone_too():
+    # the searcher may switch every method off (e.g. at a better lr than the reference's): the best
+    # student without KD is then that trial, and the headroom is measured over it
+    rows = [*ROWS, {**row("sampled-alone", 0.83, reference=None), "kd_methods": ""}]
+    h = teacher_headroom({"top1": 0.85}, rows, "top1")
+    assert h["trial_id"] == "sampled-alone" and h["headroom"] == pytest.approx(0.85 - 0.83, abs=1e-15)
+    # a distilled trial (kd_methods named) is not, whatever its reference label
+    rows = [*ROWS, {**row("sampled-kd", 0.83, reference=None), "kd_methods": "hinton"}]
+    assert teacher_headroom({"top1": 0.85}, rows, "top1")["trial_id"] == "wide"
+
+
 def test_nothing_is_marked_collapsed_when_the_student_alone_scores_0_too():
     rows = [row("alone", 0.0), row("kd", 0.0, reference=None)]
     mark_collapsed(rows, "top1")

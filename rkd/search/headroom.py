@@ -8,10 +8,13 @@ the methods' parameters. Measured on AID with a pretrained EfficientNet-Lite0 st
 teacher of 0.883 left every method tried within seed noise; with a Lite2 teacher of 0.910 Hinton KD
 gained +0.016 [+0.007, +0.026] and Hinton KD + SSKD +0.021 [+0.013, +0.029] over 14 seeds at lr 1e-3
 (bench/results/kd_gain_aid_lite2.json), and +0.012 [-0.004, +0.028] over the student at a better lr
-(5 seeds, bench/results/kd_gain_aid_lite2_lr.json; docs/benchmarks.md).
+(5 seeds, bench/results/kd_gain_aid_lite2_lr.json; docs/benchmarks.md). The converse does not hold:
+the same Lite2 teacher seeing 224 px (0.938) passed on less than at 128 px (+0.007 against +0.016,
+3 seeds): a margin the student cannot match is not knowledge it can take.
 
-The search's no-KD trials are its reference points labelled ``no KD`` (every KD method off);
-each is one seed, so a headroom within a point or two of 0 is itself noisy.
+The search's no-KD trials are its reference point labelled ``no KD`` and any trial sampled with
+every KD method off (:func:`rkd.search.results.no_kd_rows`); each is one seed, so a headroom within
+a point or two of 0 is itself noisy.
 """
 
 from __future__ import annotations

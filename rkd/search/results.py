@@ -50,9 +50,15 @@ NO_KD = "no KD"  # the reference label of the student trained without KD (search
 
 
 def no_kd_rows(rows: list[dict[str, Any]], accuracy: str) -> list[dict[str, Any]]:
-    """The complete trials of the no-KD reference point that have a score, in trial order."""
+    """The complete, scored trials of the student without KD, in trial order: the ``no KD`` reference
+    point and any trial the searcher sampled with every KD method off (``kd_methods == ""``), which
+    is the student alone too, often at another lr or size than the reference's."""
     return [
-        r for r in rows if r.get("reference") == NO_KD and r.get("status") == "complete" and r.get(accuracy) is not None
+        r
+        for r in rows
+        if (r.get("reference") == NO_KD or r.get("kd_methods") == "")
+        and r.get("status") == "complete"
+        and r.get(accuracy) is not None
     ]
 
 
