@@ -68,7 +68,7 @@ def test_a_sampled_trial_with_every_kd_method_off_is_a_student_alone_too():
     rows = [*ROWS, {**row("sampled-alone", 0.83, reference=None), "kd_methods": ""}]
     h = teacher_headroom({"top1": 0.85}, rows, "top1")
     assert h["trial_id"] == "sampled-alone" and h["headroom"] == pytest.approx(0.85 - 0.83, abs=1e-15)
-    # a distilled trial (kd_methods named) is not, whatever its reference label
+    # a sampled trial that distils (kd_methods named) is not
     rows = [*ROWS, {**row("sampled-kd", 0.83, reference=None), "kd_methods": "hinton"}]
     assert teacher_headroom({"top1": 0.85}, rows, "top1")["trial_id"] == "wide"
 
