@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rkd-installed
 
-.PHONY: install quickstart test lint ucas50 aid clean-runs openmmlab test-openmmlab
+.PHONY: install quickstart test lint ucas50 aid aid-resolution clean-runs openmmlab test-openmmlab
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ ucas50: install
 
 aid: install
 	$(BIN)/rkd search examples/aid.yaml
+
+aid-resolution: install
+	$(BIN)/rkd search examples/aid_resolution.yaml
 
 test: install
 	$(BIN)/python -m pytest
