@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rkd-installed
 
-.PHONY: install quickstart test lint ucas50 aid aid-resolution clean-runs openmmlab test-openmmlab
+.PHONY: install quickstart test lint ucas50 aid aid-resolution aid-edge clean-runs openmmlab test-openmmlab
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ aid: install
 
 aid-resolution: install
 	$(BIN)/rkd search examples/aid_resolution.yaml
+
+aid-edge: install
+	$(BIN)/rkd search examples/aid_edge.yaml
 
 test: install
 	$(BIN)/python -m pytest
