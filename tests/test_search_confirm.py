@@ -106,6 +106,30 @@ def test_candidates_twins_and_seeds():
     assert plan_jobs(candidates(rows, ("map50", "gflops"), 2), [8, 9]) == (jobs, pairs)  # keys are stable
 
 
+def test_candidates_spread_over_the_front_from_the_most_accurate_to_the_fewest_gflops():
+    # A front of five KD points (accuracy grows with GFLOPs) and a dominated one.
+    rows = [
+        {"trial_id": t, "status": "complete", "top1": acc, "gflops": g, "kd_methods": "hinton", "params": {}}
+        for t, acc, g in [
+            ("p1", 0.80, 0.06),
+            ("p2", 0.84, 0.10),
+            ("p3", 0.86, 0.13),
+            ("p4", 0.88, 0.20),
+            ("p5", 0.89, 0.24),
+            ("x", 0.81, 0.13),
+        ]
+    ]
+    ids = lambda top: [r["trial_id"] for r in candidates(rows, ("top1", "gflops"), top)]  # noqa: E731
+    assert ids(1) == ["p5"]
+    assert ids(2) == ["p5", "p1"]  # the most accurate and the cheapest, not the two most accurate
+    assert ids(3) == ["p5", "p3", "p1"]  # and the middle of the front by GFLOPs
+    assert ids(4) == ["p5", "p4", "p2", "p1"]
+    assert ids(9) == ["p5", "p4", "p3", "p2", "p1"]  # "x" is dominated by p3
+    # A third objective (latency): the front is the same five points here, and the pick is too.
+    rows3 = [dict(r, latency_ms=lat) for r, lat in zip(rows, [9.0, 1.0, 5.0, 2.0, 8.0, 9.5])]
+    assert [r["trial_id"] for r in candidates(rows3, ("top1", "gflops", "latency_ms"), 2)] == ["p5", "p1"]
+
+
 # ---------------------------------------------------------------- spec validation
 
 

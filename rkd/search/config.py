@@ -129,11 +129,14 @@ def reference_points(space: SearchSpace, search: SearchConfig) -> dict[str, dict
 
 
 def first_points(space: SearchSpace, search: SearchConfig) -> list[dict[str, Any]] | None:
-    """Configurations tried first: the user's, else the reference points."""
+    """Configurations tried first: the user's, else the reference points; with every value of the
+    student's size choices among them (:meth:`~rkd.search.space.SearchSpace.span_sizes`)."""
     if search.initial_points:
         points = [dict(p) for p in search.initial_points]
         if search.published_defaults:
             points += list(reference_points(space, search).values())[1:]
     else:
         points = list(reference_points(space, search).values())
+    # The first trials span the student's sizes; at most half the budget goes to that.
+    points = space.span_sizes(points, limit=-(-search.trials // 2))
     return points[: search.trials] or None

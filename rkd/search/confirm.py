@@ -2,9 +2,10 @@
 
 A search keeps the best of many noisy trainings, so the front's scores are optimistic, and a KD
 point a little above the student without KD may owe its place to a lucky seed. With
-``search.confirm: {top: K, seeds: N}`` the K most accurate front points that use KD are trained
-again with N fresh seeds, and so is each one's *twin*: the same student (architecture, lr, epochs,
-data, every ``student.*`` parameter of the point) with every KD method off. Candidate and twin share
+``search.confirm: {top: K, seeds: N}`` K front points that use KD (the most accurate, the one of
+fewest GFLOPs, then points between them) are trained again with N fresh seeds, and so is each one's
+*twin*: the same student (architecture, lr, epochs, data, every ``student.*`` parameter of the point)
+with every KD method off. Candidate and twin share
 each seed, so they share the data order and, where the architecture is the same, the initial
 weights; the gain is judged on the paired differences ``d_s = score(candidate, s) - score(twin, s)``:
 
@@ -129,12 +130,27 @@ def format_gain(gain: dict[str, Any] | None) -> str:
 def candidates(
     rows: list[dict[str, Any]], objectives: tuple[str, ...], top: int, spec_methods: bool = False
 ) -> list[dict[str, Any]]:
-    """The ``top`` most accurate front points that use KD (a point without KD is its own twin).
+    """``top`` front points that use KD (a point without KD is its own twin), spread over the front:
+    the most accurate, the one of fewest GFLOPs, then points evenly between them by GFLOPs rank;
+    returned most accurate first.
 
+    The most accurate point is usually the largest student, where the teacher has the least left to
+    teach; a user with a FLOPs budget deploys a smaller one, so its gain is confirmed too.
     ``spec_methods``: the spec's student has methods of its own, which every trial uses.
     """
     front = [r for r in front_rows(rows, objectives) if r.get("kd_methods") or spec_methods]
-    return sorted(front, key=lambda r: (-r[objectives[0]], r["gflops"], r["trial_id"]))[:top]
+    accuracy = objectives[0]
+    best_first = sorted(front, key=lambda r: (-r[accuracy], r["gflops"], r["trial_id"]))
+    if top >= len(front) or top == 1:
+        return best_first[:top]
+    cheap_first = sorted(front, key=lambda r: (r["gflops"], -r[accuracy], r["trial_id"]))
+    n = len(cheap_first)
+    picked = [best_first[0]]
+    for i in range(top - 1):  # ranks 0, ..., n - 1 in even steps, the most accurate's place kept
+        row = cheap_first[round(i * (n - 1) / max(1, top - 1))]
+        picked += [] if row in picked else [row]
+    picked += [r for r in cheap_first if r not in picked][: top - len(picked)]  # ranks that coincided
+    return sorted(picked, key=best_first.index)
 
 
 def twin_params(params: dict[str, Any]) -> dict[str, Any]:

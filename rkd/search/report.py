@@ -430,8 +430,9 @@ def confirm_html(confirm: dict[str, Any] | None) -> str:
 
     label = metric_label(confirm["metric"])
     out = (
-        f"<h2>Confirmed gains over the student without KD</h2><p>The {confirm['top']} most accurate front points "
-        f"that use KD and their no-KD twins (same student, lr, epochs and data; KD off), each re-trained with seeds "
+        f"<h2>Confirmed gains over the student without KD</h2><p>Up to {confirm['top']} front points that use KD "
+        "(the most accurate, the one of fewest GFLOPs, then points between) and their no-KD twins "
+        "(same student, lr, epochs and data; KD off), each re-trained with seeds "
         f"{html.escape(str(confirm['seed_list']))}. Gain: the mean of the per-seed differences, with its "
         f"{confirm['level']:.0%} Student-t interval; where the interval includes 0 the gain is not told apart "
         "from seed noise.</p>"

@@ -73,7 +73,7 @@ class Dim:
         if self.kind == "fixed":
             return value == self.value
         if self.kind == "choice":
-            return any(value == c and type(value) is type(c) for c in self.choices)
+            return any(_same(value, c) for c in self.choices)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         on_grid = (
@@ -124,6 +124,36 @@ class SearchSpace:
             if d.condition is None and d.name.startswith("methods.") and d.kind == "choice"
         }
 
+    def size_dims(self) -> list[Dim]:
+        """The space's choices of the student's model (``student.model.*``: width, depth, input
+        resolution, backbone, ...), which set its GFLOPs, the front's other axis."""
+        return [d for d in self.dims if d.name.startswith("student.model.") and d.kind == "choice" and d.size() > 1]
+
+    def span_sizes(self, points: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+        """``points`` (copied), with the values of each size dim given to those that leave it to the
+        sampler, in order, and padded with partial points (up to ``limit`` points in all) until every
+        value is tried once: the first value, the last, then those between, in the space's order.
+
+        A multi-objective sampler's few random start-up trials may all land on one size (6 TPE trials
+        on AID kept to 96 px and never tried 64, the size KD helps most: docs/benchmarks.md), and the
+        front then misses the small students a FLOPs budget asks for. Values a point fixes count as
+        tried; every other parameter stays with the sampler. Where choices run from small to large, as
+        in the repository's spaces, the first free point is the smallest student, the next the largest.
+        """
+        points = [dict(p) for p in points]
+        dims = self.size_dims()
+        needed = max((len(d.choices) for d in dims), default=0)
+        points += [{} for _ in range(min(needed, limit) - len(points))]
+        for d in dims:
+            ordered = [d.choices[0], d.choices[-1], *d.choices[1:-1]]
+            left = [v for v in ordered if not any(d.name in p and _same(p[d.name], v) for p in points)]
+            for point in points:
+                if not left:
+                    break
+                if d.name not in point:
+                    point[d.name] = left.pop(0)
+        return points
+
     def with_published_choices(self) -> SearchSpace:
         """This space with what published-defaults points need as choices the sampler may take too:
         the KD loss balance mode (auto | off), so they run the published weights as they are, and,
@@ -167,6 +197,10 @@ class SearchSpace:
                     point[d.name] = declared[param].published_value
             points[method] = point
         return points
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b and type(a) is type(b)  # a choice of 1 is not a choice of True
 
 
 def _dim(name: str, entry: Any, declared: Param | None, condition: str | None) -> Dim:
