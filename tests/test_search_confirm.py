@@ -128,6 +128,16 @@ def test_candidates_spread_over_the_front_from_the_most_accurate_to_the_fewest_g
     # A third objective (latency): the front is the same five points here, and the pick is too.
     rows3 = [dict(r, latency_ms=lat) for r, lat in zip(rows, [9.0, 1.0, 5.0, 2.0, 8.0, 9.5])]
     assert [r["trial_id"] for r in candidates(rows3, ("top1", "gflops", "latency_ms"), 2)] == ["p5", "p1"]
+    # Three objectives, the most accurate in the middle by GFLOPs (p4, p5 stay on the front by their
+    # latency): the points between are spread below it, and the rest come cheapest first.
+    mid = [
+        dict(r, top1=acc, latency_ms=lat)
+        for r, acc, lat in zip(rows[:5], [0.80, 0.84, 0.90, 0.85, 0.86], [9, 8, 7, 1, 2])
+    ]
+    ids3 = lambda top: [r["trial_id"] for r in candidates(mid, ("top1", "gflops", "latency_ms"), top)]  # noqa: E731
+    assert ids3(2) == ["p3", "p1"]
+    assert ids3(3) == ["p3", "p2", "p1"]
+    assert ids3(4) == ["p3", "p4", "p2", "p1"]  # steps at ranks 0, 1, 1: the cheapest point left, p4, makes up
 
 
 # ---------------------------------------------------------------- spec validation

@@ -9,7 +9,7 @@ import pytest
 
 from rkd.distill.base import CLASSIFIER_KD_METHODS
 from rkd.search.config import SearchConfig, first_points
-from rkd.search.space import load_space
+from rkd.search.space import compile_space, load_space
 
 REPO = Path(__file__).resolve().parents[1]
 RESOLUTION = REPO / "search_spaces" / "scenes_resolution.yaml"
@@ -51,12 +51,20 @@ def test_a_size_the_user_fixes_counts_as_tried_and_other_parameters_stay_theirs(
     assert "student.lr" not in points[1] and "student.lr" not in points[2]
 
 
-def test_at_most_half_the_trials_are_spent_on_spanning_and_never_more_than_the_trials():
+def test_points_are_added_for_at_most_half_the_trials_and_only_points_that_run_count():
     assert [p[RESIZE] for p in first_points(resolution_space(), config(trials=2))] == [64]
     assert len(first_points(resolution_space(), config(trials=4))) == 2
-    # The published-defaults points (no KD + one per method) already exceed half of 3 trials: they take sizes.
+    # The published-defaults points (no KD + one per method) run anyway: the first three take sizes.
     points = first_points(resolution_space(), config(trials=3, published_defaults=True))
     assert [p[RESIZE] for p in points] == [64, 128, 96]
+    # A size fixed only by a point the trial budget cuts off is not tried: it is given again.
+    user = [{"student.lr": 2e-3}, {"student.lr": 3e-3}, {RESIZE: 64}]
+    assert [p[RESIZE] for p in first_points(resolution_space(), config(trials=2, initial_points=user))] == [64, 128]
+
+
+def test_a_value_listed_twice_is_tried_once():
+    space = compile_space({"student": {"model.resize_to": {"choices": [64, 96, 64]}}}, "s.yaml")
+    assert [p["student.model.resize_to"] for p in space.span_sizes([], limit=3)] == [64, 96]
 
 
 def test_every_size_dim_is_spanned_side_by_side_and_only_the_students_architecture():

@@ -137,6 +137,7 @@ def first_points(space: SearchSpace, search: SearchConfig) -> list[dict[str, Any
             points += list(reference_points(space, search).values())[1:]
     else:
         points = list(reference_points(space, search).values())
-    # The first trials span the student's sizes; at most half the budget goes to that.
-    points = space.span_sizes(points, limit=-(-search.trials // 2))
+    # The first trials span the student's sizes: the points that run take them first, and points
+    # are added for the rest up to half the trials.
+    points = space.span_sizes(points[: search.trials], limit=-(-search.trials // 2))
     return points[: search.trials] or None

@@ -131,8 +131,9 @@ def candidates(
     rows: list[dict[str, Any]], objectives: tuple[str, ...], top: int, spec_methods: bool = False
 ) -> list[dict[str, Any]]:
     """``top`` front points that use KD (a point without KD is its own twin), spread over the front:
-    the most accurate, the one of fewest GFLOPs, then points evenly between them by GFLOPs rank;
-    returned most accurate first.
+    the most accurate, the one of fewest GFLOPs, then points evenly between them by GFLOPs rank (of
+    those with no more GFLOPs than the most accurate, on a front of three objectives); returned most
+    accurate first.
 
     The most accurate point is usually the largest student, where the teacher has the least left to
     teach; a user with a FLOPs budget deploys a smaller one, so its gain is confirmed too.
@@ -144,13 +145,18 @@ def candidates(
     if top >= len(front) or top == 1:
         return best_first[:top]
     cheap_first = sorted(front, key=lambda r: (r["gflops"], -r[accuracy], r["trial_id"]))
-    n = len(cheap_first)
-    picked = [best_first[0]]
-    for i in range(top - 1):  # ranks 0, ..., n - 1 in even steps, the most accurate's place kept
-        row = cheap_first[round(i * (n - 1) / max(1, top - 1))]
-        picked += [] if row in picked else [row]
-    picked += [r for r in cheap_first if r not in picked][: top - len(picked)]  # ranks that coincided
-    return sorted(picked, key=best_first.index)
+    # GFLOPs ranks from 0 to the most accurate's (the last on a two-objective front) in even steps;
+    # where two steps round to one rank, the cheapest points not taken make up the number.
+    last = cheap_first.index(best_first[0])
+    picked = {best_first[0]["trial_id"]: best_first[0]}
+    for i in range(top - 1):
+        row = cheap_first[round(i * last / (top - 1))]
+        picked.setdefault(row["trial_id"], row)
+    for row in cheap_first:
+        if len(picked) == top:
+            break
+        picked.setdefault(row["trial_id"], row)
+    return sorted(picked.values(), key=best_first.index)
 
 
 def twin_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -130,9 +130,10 @@ class SearchSpace:
         return [d for d in self.dims if d.name.startswith("student.model.") and d.kind == "choice" and d.size() > 1]
 
     def span_sizes(self, points: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-        """``points`` (copied), with the values of each size dim given to those that leave it to the
-        sampler, in order, and padded with partial points (up to ``limit`` points in all) until every
-        value is tried once: the first value, the last, then those between, in the space's order.
+        """``points`` (copied, all of which run), with the values of each size dim given, in order, to
+        those that leave it to the sampler; where they are too few, partial points are added (up to
+        ``limit`` points in all) until every value is tried once: the first value listed, the last,
+        then those between, in the space's order.
 
         A multi-objective sampler's few random start-up trials may all land on one size (6 TPE trials
         on AID kept to 96 px and never tried 64, the size KD helps most: docs/benchmarks.md), and the
@@ -141,17 +142,19 @@ class SearchSpace:
         in the repository's spaces, the first free point is the smallest student, the next the largest.
         """
         points = [dict(p) for p in points]
-        dims = self.size_dims()
-        needed = max((len(d.choices) for d in dims), default=0)
-        points += [{} for _ in range(min(needed, limit) - len(points))]
-        for d in dims:
+        values = {}
+        for d in self.size_dims():
             ordered = [d.choices[0], d.choices[-1], *d.choices[1:-1]]
-            left = [v for v in ordered if not any(d.name in p and _same(p[d.name], v) for p in points)]
+            values[d.name] = [v for i, v in enumerate(ordered) if not any(_same(v, u) for u in ordered[:i])]
+        needed = max((len(v) for v in values.values()), default=0)
+        points += [{} for _ in range(min(needed, limit) - len(points))]
+        for name, ordered in values.items():
+            left = [v for v in ordered if not any(name in p and _same(p[name], v) for p in points)]
             for point in points:
                 if not left:
                     break
-                if d.name not in point:
-                    point[d.name] = left.pop(0)
+                if name not in point:
+                    point[name] = left.pop(0)
         return points
 
     def with_published_choices(self) -> SearchSpace:
