@@ -112,3 +112,18 @@ def test_a_six_trial_search_through_ray_tries_every_resolution(sampler):
         searcher.on_trial_complete(f"t{i}", {"top1": top1, "gflops": side**2 / 7e4, "epoch": 4, "epochs": 4})
     assert tried[:3] == [64, 128, 96]
     assert set(tried) == {64, 96, 128}
+
+
+def test_the_no_kd_reference_keeps_the_students_size_the_spec_gives():
+    from rkd.train.spec import load_spec
+
+    spec = load_spec(REPO / "examples" / "quickstart.yaml")  # student width 0.5; skeleton space 0.25 / 0.5 / 0.75
+    space = load_space(REPO / "search_spaces" / "skeleton.yaml")
+    cfg = SearchConfig(**{**config(6, published_defaults=True).__dict__, "space_path": space.file})
+    points = first_points(space, cfg, spec.student)
+    width = "student.model.backbone.width"
+    assert points[0] == {"methods.fitnet": False, "methods.hinton": False, width: 0.5}
+    assert [p[width] for p in points] == [0.5, 0.25, 0.75]  # the published points take the other two
+    # A student size the space does not list (aid_resolution's student has no resize_to): spanning as before.
+    aid = load_spec(REPO / "examples" / "aid_resolution.yaml")
+    assert first_points(resolution_space(), config(trials=6), aid.student)[0][RESIZE] == 64

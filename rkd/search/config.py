@@ -128,16 +128,34 @@ def reference_points(space: SearchSpace, search: SearchConfig) -> dict[str, dict
     return points
 
 
-def first_points(space: SearchSpace, search: SearchConfig) -> list[dict[str, Any]] | None:
+def first_points(space: SearchSpace, search: SearchConfig, student: Any = None) -> list[dict[str, Any]] | None:
     """Configurations tried first: the user's, else the reference points; with every value of the
-    student's size choices among them (:meth:`~rkd.search.space.SearchSpace.span_sizes`)."""
+    student's size choices among them (:meth:`~rkd.search.space.SearchSpace.span_sizes`).
+
+    ``student`` (the spec's ``TrainConfig``): the no-KD reference keeps its size where the space
+    lists that value, so "the student without KD" is the student the spec describes.
+    """
     if search.initial_points:
         points = [dict(p) for p in search.initial_points]
         if search.published_defaults:
             points += list(reference_points(space, search).values())[1:]
     else:
         points = list(reference_points(space, search).values())
+        if points and space.baseline_point() and student is not None:
+            points[0] = {**points[0], **spec_sizes(space, student)}
     # The first trials span the student's sizes: the points that run take them first, and points
     # are added for the rest up to half the trials.
     points = space.span_sizes(points[: search.trials], limit=-(-search.trials // 2))
     return points[: search.trials] or None
+
+
+def spec_sizes(space: SearchSpace, student: Any) -> dict[str, Any]:
+    """The spec's student's value of each size dim of ``space`` that lists it."""
+    found = {}
+    for d in space.size_dims():
+        value: Any = student.model
+        for key in d.name.split(".")[2:]:  # student.model.<path>
+            value = value.get(key) if isinstance(value, dict) else None
+        if d.admits(value):
+            found[d.name] = value
+    return found

@@ -140,7 +140,7 @@ def run_search(spec: RunSpec, log: Callable[[str], None] = print, resume: str = 
         metric=list(search.objectives),
         mode=["max" if OBJECTIVES[o] else "min" for o in search.objectives],
         sampler=make_sampler(search.sampler, search.seed, search.trials),
-        points_to_evaluate=first_points(space, search),
+        points_to_evaluate=first_points(space, search, spec.student),
     )
     limited = ConcurrencyLimiter(searcher, max_concurrent=spec.resources.max_concurrent_trials)
     trainable = tune.with_resources(tune.with_parameters(distill_trial, ctx=ctx), launcher_resources(spec.resources))

@@ -139,7 +139,8 @@ class SearchSpace:
         on AID kept to 96 px and never tried 64, the size KD helps most: docs/benchmarks.md), and the
         front then misses the small students a FLOPs budget asks for. Values a point fixes count as
         tried; every other parameter stays with the sampler. Where choices run from small to large, as
-        in the repository's spaces, the first free point is the smallest student, the next the largest.
+        in the repository's spaces, the first free point is the smallest student, the next the largest
+        (the no-KD reference keeps the spec's student: :func:`rkd.search.config.first_points`).
         """
         points = [dict(p) for p in points]
         values = {}
