@@ -60,6 +60,20 @@ def set_dotted(target: dict[str, Any], path: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def get_dotted(source: dict[str, Any], path: str) -> Any:
+    """A nested entry by dotted path (the reader of :func:`set_dotted`); None where a key is missing.
+
+    >>> get_dotted({"model": {"backbone": {"width": 0.5}}}, "model.backbone.width")
+    0.5
+    >>> get_dotted({"model": {"backbone": 1}}, "model.backbone.width") is None
+    True
+    """
+    node: Any = source
+    for key in path.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
 def unknown_key(
     where: str, key: str, allowed: set[str] | list[str], noun: str = "key", lead: str = "allowed:"
 ) -> SpecError:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rkd.errors import SpecError
-from rkd.schema import Section, join
+from rkd.schema import Section, get_dotted, join
 from rkd.search.confirm import parse_confirm
 from rkd.search.results import NO_KD
 from rkd.search.space import SearchSpace, load_space
@@ -141,7 +141,7 @@ def first_points(space: SearchSpace, search: SearchConfig, student: Any = None) 
             points += list(reference_points(space, search).values())[1:]
     else:
         points = list(reference_points(space, search).values())
-        if points and space.baseline_point() and student is not None:
+        if points and student is not None:  # points[0] is the no-KD reference
             points[0] = {**points[0], **spec_sizes(space, student)}
     # The first trials span the student's sizes: the points that run take them first, and points
     # are added for the rest up to half the trials.
@@ -153,9 +153,7 @@ def spec_sizes(space: SearchSpace, student: Any) -> dict[str, Any]:
     """The spec's student's value of each size dim of ``space`` that lists it."""
     found = {}
     for d in space.size_dims():
-        value: Any = student.model
-        for key in d.name.split(".")[2:]:  # student.model.<path>
-            value = value.get(key) if isinstance(value, dict) else None
+        value = get_dotted(student.model, d.name.removeprefix("student.model."))
         if d.admits(value):
             found[d.name] = value
     return found
